@@ -1,0 +1,82 @@
+"""Masked diffusion: the forward (masking) process, its timestep schedule and the ELBO.
+
+A masked-diffusion LM is trained to undo x_t = forward_process(x_0, t): every token is replaced by the
+mask token with probability p(t) = (1 - eps)·t + eps.  The negative ELBO per token is
+E_t[ Σ_masked CE / p(t) ] / L, which is what LLaDA trains on and what we report as perplexity.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_EPS = 1e-3
+
+
+def mask_probability(t: torch.Tensor | float, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    return (1.0 - eps) * torch.as_tensor(t, dtype=torch.float32) + eps
+
+
+def timestep_grid(steps: int = 10) -> list[float]:
+    """The reference's calibration timesteps: t = 1/steps, 2/steps, …, 1."""
+    if steps < 1:
+        raise ValueError(f"timesteps={steps} must be a positive count or a list of values in (0, 1]")
+    return [round((i + 1) / steps, 6) for i in range(steps)]
+
+
+def noise_seed(seed: int, sample_index: int, step: int) -> int:
+    """A seed that depends only on (global seed, the sample's global index, timestep index).
+
+    Hashing rather than arithmetic keeps neighbouring samples' streams unrelated, and makes the noise
+    independent of which rank or batch a sample lands in (DDP determinism).
+    """
+    digest = hashlib.blake2b(f"{seed}:{sample_index}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def per_sample_uniform(shape: tuple[int, int], seeds: list[int]) -> torch.Tensor:
+    """Uniform [B, L] noise whose row b is drawn from its own generator seeded with seeds[b]."""
+    rows = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(s)
+        rows.append(torch.rand(shape[1], generator=g))
+    return torch.stack(rows) if rows else torch.empty(shape)
+
+
+def forward_process(
+    input_ids: torch.Tensor,
+    t: torch.Tensor | float,
+    mask_token_id: int,
+    *,
+    eps: float = DEFAULT_EPS,
+    keep: torch.Tensor | None = None,
+    uniform: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask each token with probability (1 - eps)·t + eps.
+
+    t is a scalar or one value per row.  `keep` marks positions never masked (prompt, BOS).  `uniform`
+    supplies the [B, L] noise explicitly (for per-sample seeds); otherwise it is drawn from `generator`.
+    Returns (noisy ids, bool mask of masked positions, p_mask per row [B, 1]).
+    """
+    b, length = input_ids.shape
+    p_mask = mask_probability(t, eps).reshape(-1, 1).expand(b, 1).to(input_ids.device)
+    if uniform is None:
+        uniform = torch.rand((b, length), generator=generator)
+    masked = uniform.to(input_ids.device) < p_mask
+    if keep is not None:
+        masked &= ~keep.to(torch.bool)
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    return noisy, masked, p_mask
+
+
+def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of cross-entropy over masked positions, [B], in float32."""
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return (ce * masked).sum(dim=1)
+
+
+def stratified_timesteps(n: int, offset: float) -> torch.Tensor:
+    """n timesteps covering (0, 1] in equal strata, shifted by one offset in [0, 1): low-variance ELBO."""
+    return ((torch.arange(n, dtype=torch.float64) + offset) / n).clamp_min(1e-6).float()

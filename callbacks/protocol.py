@@ -1,0 +1,67 @@
+"""The small protocol between a calibrating LightningModule and the sink/prune callbacks.
+
+A module that wants `SinkStatsCallback` and `PruneCallback` provides:
+  * `model`              the network; `calibration_forward(input_ids, attention_mask)` runs it (by default
+                         `model(input_ids=..., attention_mask=...)`);
+  * `mask_token_id`      the id the forward process writes;
+  * in `training_step`,  for every noised version of the batch, `dispatch_noised_batch(trainer, self, nb)`.
+    `noised_batches(...)` builds those NoisedBatch objects with rank-independent noise.
+
+Dispatch has two phases so that sink scores exist before activations are weighted:
+  1. `on_noised_batch_start(trainer, module, nb)`: SinkStatsCallback runs a probed forward and sets
+     `nb.sink_scores` [B, L];
+  2. `on_noised_batch(trainer, module, nb)`: PruneCallback runs a hooked forward that reads them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.diffusion import DEFAULT_EPS, forward_process, noise_seed, per_sample_uniform
+
+
+@dataclass
+class NoisedBatch:
+    input_ids: torch.Tensor          # x_t [B, L]
+    clean_ids: torch.Tensor          # x_0 [B, L]
+    masked: torch.Tensor             # bool [B, L], positions replaced by the mask token
+    t: float                         # the timestep
+    step: int                        # index of t in the schedule
+    sample_ids: list[int]            # global indices of the windows (for seeding and DDP-exact reductions)
+    attention_mask: torch.Tensor | None = None
+    sink_scores: torch.Tensor | None = None   # [B, L], set by SinkStatsCallback
+    extras: dict = field(default_factory=dict)
+
+
+def noised_batches(batch: dict, timesteps: list[float], mask_token_id: int, *, seed: int, eps: float = DEFAULT_EPS):
+    """Yield one NoisedBatch per timestep; noise depends only on (seed, sample index, step)."""
+    x0 = batch["input_ids"]
+    keep = batch.get("keep")
+    sample_ids = [int(i) for i in batch["index"]]
+    for step, t in enumerate(timesteps):
+        uniform = per_sample_uniform(tuple(x0.shape), [noise_seed(seed, i, step) for i in sample_ids])
+        noisy, masked, _ = forward_process(x0, t, mask_token_id, eps=eps, keep=keep, uniform=uniform)
+        yield NoisedBatch(noisy, x0, masked, float(t), step, sample_ids, batch.get("attention_mask"))
+
+
+def calibration_forward(module, input_ids, attention_mask=None):
+    fn = getattr(module, "calibration_forward", None)
+    if fn is not None:
+        return fn(input_ids, attention_mask)
+    kwargs = {"input_ids": input_ids}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    return module.model(**kwargs)
+
+
+def dispatch_noised_batch(trainer, module, nb: NoisedBatch) -> NoisedBatch:
+    for cb in trainer.callbacks:
+        hook = getattr(cb, "on_noised_batch_start", None)
+        if hook is not None:
+            hook(trainer, module, nb)
+    for cb in trainer.callbacks:
+        hook = getattr(cb, "on_noised_batch", None)
+        if hook is not None:
+            hook(trainer, module, nb)
+    return nb

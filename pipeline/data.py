@@ -1,0 +1,182 @@
+"""CalibrationData: text -> token windows for calibration, plus a held-out split for scoring.
+
+Sources: `wiki-embedded` (real Wikipedia from gensim's wheel, offline; the default), the hub datasets the
+reference uses (`wikitext2`, `c4`), or local files (.txt, .json/.jsonl with a "text" field, .parquet).
+Calibration windows are random `seqlen` slices of the concatenated token stream, chosen by `seed`, as in
+Wanda/SparseGPT.  Held-out windows tile the held-out stream without overlap, so scoring is deterministic.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+HUB_SOURCES = {
+    "wikitext2": dict(path="wikitext", name="wikitext-2-raw-v1", train="train", heldout="test", field="text"),
+    "c4": dict(
+        path="allenai/c4",
+        name=None,
+        train="train",
+        heldout="validation",
+        field="text",
+        data_files={"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"},
+    ),
+}
+
+
+def load_texts(source: str, split: str) -> list[str]:
+    """Documents of one split ('train' or 'heldout') of a named source or local file(s)."""
+    if source == "wiki-embedded":
+        from pipeline.corpus import wiki_split
+
+        return wiki_split(split)
+    if source in HUB_SOURCES:
+        from datasets import load_dataset
+
+        spec = HUB_SOURCES[source]
+        kwargs = {"data_files": spec["data_files"]} if "data_files" in spec else {}
+        ds = load_dataset(spec["path"], spec["name"], split=spec[split], **kwargs)
+        if source == "wikitext2":  # the reference joins wikitext lines into one document
+            return ["\n\n".join(ds[spec["field"]])]
+        return list(ds[spec["field"]][:20000])
+    return _local_texts(source, split)
+
+
+def _local_texts(source: str, split: str) -> list[str]:
+    """Local files: 'train.txt' or 'train.txt,heldout.txt'.  With one file, the last 10% of documents is held out."""
+    paths = [Path(p).expanduser() for p in source.split(",")]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"data.dataset: {str(p)!r} is neither a file nor a known source; use wiki-embedded, "
+                f"wikitext2, c4 or an existing .txt/.json/.jsonl/.parquet file"
+            )
+    if len(paths) == 2:
+        return _read_documents(paths[0 if split == "train" else 1])
+    docs = _read_documents(paths[0])
+    cut = max(1, int(len(docs) * 0.9)) if len(docs) > 1 else len(docs)
+    return docs[:cut] if split == "train" else docs[cut:] or docs[-1:]
+
+
+def _read_documents(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl", ".parquet"):
+        from datasets import load_dataset
+
+        ds = load_dataset("parquet" if suffix == ".parquet" else "json", data_files=str(path), split="train")
+        if "text" not in ds.column_names:
+            raise ValueError(f"{path}: no 'text' column (columns: {ds.column_names}); name the text field 'text'")
+        return [t for t in ds["text"] if t]
+    text = path.read_text(encoding="utf-8")
+    return [d for d in text.split("\n\n") if d.strip()] or [text]
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Documents tokenized without special tokens and joined with the EOS/SEP token when there is one."""
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            ids.append(sep)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class WindowDataset(Dataset):
+    """Fixed windows; item i carries its global index so noise can be seeded by it (rank-independent)."""
+
+    def __init__(self, windows: torch.Tensor, n_kept: int):
+        self.windows, self.n_kept = windows, n_kept
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        keep = torch.zeros(self.windows.shape[1], dtype=torch.bool)
+        keep[: self.n_kept] = True
+        return {"input_ids": self.windows[i], "keep": keep, "index": i}
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Rank r gets indices r, r+W, r+2W, …: disjoint, nothing duplicated or dropped.
+
+    torch's DistributedSampler pads uneven shards with repeats, which would count some calibration samples
+    twice in the summed statistics.  Subclassing it keeps Lightning from wrapping it again.
+    """
+
+    def __init__(self, dataset, num_replicas=None, rank=None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self):
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class CalibrationData(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer: str = "minilm-dlm",
+        dataset: str = "wiki-embedded",
+        nsamples: int = 128,
+        seqlen: int = 128,
+        seed: int = 0,
+        batch_size: int = 1,
+        heldout_samples: int = 32,
+        add_bos: bool = True,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.calibration: WindowDataset | None = None
+        self.heldout: WindowDataset | None = None
+
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from pipeline.loading import resolve_path
+
+        return AutoTokenizer.from_pretrained(resolve_path(self.hparams.tokenizer), trust_remote_code=True)
+
+    def setup(self, stage: str | None = None):
+        if self.calibration is not None:
+            return
+        hp = self.hparams
+        tok = self._tokenizer()
+        bos = (tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id) if hp.add_bos else None
+        body = hp.seqlen - (1 if bos is not None else 0)
+        train = token_stream(tok, load_texts(hp.dataset, "train"))
+        held = token_stream(tok, load_texts(hp.dataset, "heldout"))
+        if len(train) <= body:
+            raise ValueError(
+                f"data: the calibration text has {len(train)} tokens, fewer than seqlen={hp.seqlen}; "
+                "lower data.init_args.seqlen or give more text"
+            )
+        g = torch.Generator().manual_seed(hp.seed)
+        starts = torch.randint(0, len(train) - body, (hp.nsamples,), generator=g)
+        self.calibration = WindowDataset(self._windows(train, starts, body, bos), n_kept=int(bos is not None))
+        n_held = min(hp.heldout_samples, len(held) // body)
+        held_starts = torch.arange(n_held) * body
+        self.heldout = WindowDataset(self._windows(held, held_starts, body, bos), n_kept=int(bos is not None))
+
+    @staticmethod
+    def _windows(stream, starts, body, bos):
+        rows = torch.stack([stream[s : s + body] for s in starts.tolist()]) if len(starts) else torch.empty(0, body, dtype=torch.long)
+        if bos is None:
+            return rows
+        return torch.cat([torch.full((len(rows), 1), bos, dtype=torch.long), rows], dim=1)
+
+    def _loader(self, ds):
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = UnpaddedDistributedSampler(ds, self.trainer.world_size, self.trainer.global_rank)
+        return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False, num_workers=self.hparams.num_workers)
+
+    def train_dataloader(self):
+        return self._loader(self.calibration)
+
+    def heldout_dataloader(self):
+        return self._loader(self.heldout)

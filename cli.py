@@ -43,7 +43,7 @@ def main(args=None):
             save_config_callback=None,
             args=args,
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError, ArithmeticError) as exc:
         if os.environ.get("SINKPRUNE_TRACEBACK"):
             raise
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)

@@ -78,7 +78,7 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if sep is not None:
             ids.append(sep)
     return torch.tensor(ids, dtype=torch.long)

@@ -1,0 +1,321 @@
+"""PruneCallback: (sink-aware) Wanda / SparseGPT / magnitude masks, computed from calibration and applied in place.
+
+During calibration it hooks the targeted nn.Linear layers (every Linear inside the transformer blocks by
+default: never embeddings or the LM head) and, for every noised batch, adds per input feature
+Σ_t (w_t·x_tj)² (Wanda) or the Hessian Σ_t (w_t x_t)(w_t x_t)ᵀ (SparseGPT), where the token weight is
+w_t = 1 − sink_score_t for the sink-aware methods and 1 otherwise (0 on padding).  Sums are exact across
+DDP world sizes (callbacks/reduction.py); masks are then computed identically on every rank.
+
+Modes: `oneshot` takes every statistic from the dense model in one epoch.  `sequential` runs one epoch
+per block: block i is calibrated on the outputs of the already-pruned blocks before it (the forward stops
+after block i), so only one block's statistics are alive at a time: less memory, L(L+1)/2 block passes.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from rich.console import Console
+
+from callbacks.protocol import NoisedBatch, calibration_forward
+from callbacks.reduction import SlotSums
+from pipeline import sparsity as sp
+from pipeline.outputs import AtomicDir, prepare_output_dir, run_metadata
+from pipeline.report import sparsity_report
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt")
+
+
+class _StopForward(Exception):
+    """Raised after the block being calibrated: later blocks' outputs are not needed in sequential mode."""
+
+
+def parse_n_m(n_m: str | None) -> tuple[int, int] | None:
+    if n_m in (None, "", "none"):
+        return None
+    try:
+        n, m = (int(v) for v in str(n_m).split(":"))
+    except ValueError:
+        raise ValueError(f"prune n_m={n_m!r} is not of the form 'N:M'; use e.g. '2:4' or '4:8'") from None
+    if not 0 < n < m:
+        raise ValueError(f"prune n_m={n_m!r}: N must be in 1..M-1 (N zeros per group of M); use e.g. '2:4'")
+    return n, m
+
+
+def find_blocks(model) -> list[tuple[str, torch.nn.Module]]:
+    """The transformer blocks: the longest ModuleList whose children hold Linear layers."""
+    best: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
+            if all(any(isinstance(m, torch.nn.Linear) for m in child.modules()) for child in module):
+                best = [(f"{name}.{i}", child) for i, child in enumerate(module)]
+    return best
+
+
+class PruneCallback(Callback):
+    def __init__(
+        self,
+        method: str = "sink_wanda",
+        sparsity: float = 0.5,
+        n_m: str | None = None,
+        targets: list[str] | None = None,
+        ignore: list[str] | None = None,
+        mode: str = "oneshot",
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+        reduction_slots: int = 8,
+        output_dir: str | None = None,
+        overwrite: bool = False,
+        save_model: bool = True,
+        masks_from: str | None = None,
+        score: bool = True,
+        tasks: list[dict] | None = None,
+        eval_kwargs: dict | None = None,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"prune method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+        self.n_m = parse_n_m(n_m)
+        if self.n_m is None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+            raise ValueError(f"prune sparsity={sparsity!r} must be in [0, 1); e.g. 0.5 for 50%")
+        if self.n_m is not None and sparsity not in (None, 0, self.n_m[0] / self.n_m[1]):
+            raise ValueError(
+                f"prune sparsity={sparsity} disagrees with n_m={n_m} (= {self.n_m[0] / self.n_m[1]}); "
+                "drop sparsity or set it to N/M"
+            )
+        if mode not in ("oneshot", "sequential"):
+            raise ValueError(f"prune mode={mode!r} is unknown; use 'oneshot' or 'sequential'")
+        self.method, self.mode = method, mode
+        self.sparsity = self.n_m[0] / self.n_m[1] if self.n_m else float(sparsity)
+        self.targets = [re.compile(p) for p in (targets or [])]
+        self.ignore = [re.compile(p) for p in (ignore or [])]
+        self.blocksize, self.percdamp, self.reduction_slots = blocksize, percdamp, reduction_slots
+        self.output_dir, self.overwrite, self.save_model = output_dir, overwrite, save_model
+        self.masks_from, self.score, self.tasks = masks_from, score, tasks or []
+        self.eval_kwargs = eval_kwargs or {}
+        self.layers: dict[str, torch.nn.Linear] = {}
+        self.block_layers: list[list[str]] = []
+        self.block_modules: list[torch.nn.Module] = []
+        self.masks: dict[str, torch.Tensor] = {}
+        self.sums: SlotSums | None = None
+        self.info: dict = {"timings": {}}
+        self._handles: list = []
+        self._current: NoisedBatch | None = None
+
+    @property
+    def sink_aware(self) -> bool:
+        return self.method.startswith("sink_")
+
+    @property
+    def statistic(self) -> str | None:
+        return {"wanda": "act_sq_sum", "sparsegpt": "hessian"}.get(self.method.replace("sink_", ""))
+
+    # --- setup: find layers, check the output dir, before any heavy work ----------------------------
+    def setup(self, trainer, pl_module, stage=None) -> None:
+        self.out = prepare_output_dir(self.output_dir or Path(trainer.default_root_dir) / "pruned", self.overwrite)
+        blocks = find_blocks(pl_module.model)
+        if not blocks:
+            raise ValueError("prune: found no transformer blocks (a ModuleList of layers with nn.Linear); set targets explicitly")
+        self.layers, self.block_layers, self.block_modules = {}, [], []
+        for prefix, block in blocks:
+            names = []
+            for sub, module in block.named_modules():
+                full = f"{prefix}.{sub}"
+                if not isinstance(module, torch.nn.Linear):
+                    continue
+                if self.targets and not any(p.search(full) for p in self.targets):
+                    continue
+                if any(p.search(full) for p in self.ignore):
+                    continue
+                if self.n_m and module.in_features % self.n_m[1]:
+                    raise ValueError(f"prune n_m={self.n_m[0]}:{self.n_m[1]}: {full} has {module.in_features} inputs, not divisible by {self.n_m[1]}")
+                self.layers[full] = module
+                names.append(full)
+            if names:
+                self.block_layers.append(names)
+                self.block_modules.append(block)
+        if not self.layers:
+            raise ValueError(
+                f"prune targets={[p.pattern for p in self.targets]} ignore={[p.pattern for p in self.ignore]} match no "
+                "Linear layer inside the transformer blocks; fix the patterns (regexes on module names)"
+            )
+        if self.sink_aware and not any(type(cb).__name__ == "SinkStatsCallback" for cb in trainer.callbacks):
+            raise ValueError(f"prune method={self.method} needs a SinkStatsCallback listed before PruneCallback in trainer.callbacks")
+        if self.mode == "sequential" and self.statistic and not self.masks_from:
+            trainer.fit_loop.max_epochs = len(self.block_layers)
+        self.sums = SlotSums(self.reduction_slots)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.info["timings"]["calibration_start"] = time.time()
+        if self.masks_from:
+            self._apply_saved_masks(pl_module)
+
+    # --- calibration --------------------------------------------------------------------------------
+    def _active_layers(self, epoch: int) -> list[str]:
+        if self.masks_from or not self.statistic:
+            return []
+        if self.mode == "sequential":
+            return self.block_layers[epoch] if epoch < len(self.block_layers) else []
+        return list(self.layers)
+
+    def on_noised_batch(self, trainer, pl_module, nb: NoisedBatch) -> None:
+        names = self._active_layers(trainer.current_epoch)
+        if not names:
+            return
+        if self.sink_aware and nb.sink_scores is None:
+            raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")
+        self._current = nb
+        handles = [self.layers[n].register_forward_hook(self._hook(n)) for n in names]
+        if self.mode == "sequential":
+            block = self.block_modules[trainer.current_epoch]
+            handles.append(block.register_forward_hook(_stop_forward))
+        try:
+            calibration_forward(pl_module, nb.input_ids, nb.attention_mask)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+            self._current = None
+
+    def _row_weights(self, nb: NoisedBatch) -> torch.Tensor | None:
+        weights = None
+        if self.sink_aware:
+            weights = 1.0 - nb.sink_scores.float()
+        if nb.attention_mask is not None:
+            pad = nb.attention_mask.float()
+            weights = pad if weights is None else weights * pad
+        return weights
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            nb = self._current
+            x = inputs[0].detach()
+            x = x.reshape(len(nb.sample_ids), -1, x.shape[-1]).float()
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(f"NaN/Inf in the input activations of {name} (samples {nb.sample_ids}, t={nb.t})")
+            weights = self._row_weights(nb)
+            for b, sample_id in enumerate(nb.sample_ids):
+                w = None if weights is None else weights[b]
+                if self.statistic == "hessian":
+                    value = sp.accumulate_hessian(sp.new_hessian(x.shape[-1], device=x.device), x[b], w)
+                else:
+                    value = sp.accumulate_act_sq_sum(sp.new_act_sq_sum(x.shape[-1], device=x.device), x[b], w)
+                self.sums.add(name, sample_id, value)
+        return hook
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch
+        if self.masks_from:
+            return
+        if self.mode == "sequential" and self.statistic:
+            names = self.block_layers[epoch] if epoch < len(self.block_layers) else []
+        elif epoch == 0:
+            names = list(self.layers)
+        else:
+            return
+        t0 = time.time()
+        with torch.no_grad():
+            for name in names:
+                self._prune_layer(name)
+        self.sums.clear()
+        self.info["timings"]["prune_s"] = self.info["timings"].get("prune_s", 0.0) + time.time() - t0
+
+    def _prune_layer(self, name: str) -> None:
+        layer = self.layers[name]
+        weight = layer.weight
+        if not torch.isfinite(weight).all():
+            raise FloatingPointError(f"NaN/Inf in the weight of {name} before pruning")
+        if self.statistic is None:
+            mask = sp.select_mask(sp.magnitude_scores(weight.float()), self.sparsity if not self.n_m else None, self.n_m)
+        else:
+            stat = self.sums.total(name)
+            if stat is None:
+                raise RuntimeError(f"prune: no calibration statistics reached {name}; the layer never ran in the calibration forward")
+            if self.statistic == "act_sq_sum":
+                scores = sp.wanda_scores(weight.float(), stat.to(weight.device))
+                mask = sp.select_mask(scores, self.sparsity if not self.n_m else None, self.n_m)
+            else:
+                new_weight, mask, info = sp.sparsegpt_prune(
+                    weight, stat.to(weight.device), sparsity=self.sparsity if not self.n_m else None, n_m=self.n_m,
+                    blocksize=self.blocksize, percdamp=self.percdamp,
+                )
+                weight.copy_(new_weight)
+                if info.get("retries"):
+                    Console().print(f"[yellow]{name}: Cholesky failed, retried with damping {info.get('percdamp')}[/]")
+                self.info.setdefault("sparsegpt", {})[name] = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
+        sp.apply_mask_(weight, mask.to(weight.device))
+        self.masks[name] = mask.to(torch.bool).cpu()
+
+    def _apply_saved_masks(self, pl_module) -> None:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(Path(self.masks_from).expanduser() / "masks.safetensors"))
+        missing = sorted(set(self.layers) - set(saved))
+        if missing:
+            raise ValueError(f"prune masks_from={self.masks_from}: no mask for {missing[0]} (+{len(missing) - 1} more); was it saved from this model?")
+        with torch.no_grad():
+            for name in self.layers:
+                mask = saved[name].to(torch.bool)
+                sp.apply_mask_(self.layers[name].weight, mask.to(self.layers[name].weight.device))
+                self.masks[name] = mask
+
+    # --- after calibration: report, score, save ----------------------------------------------------
+    def on_train_end(self, trainer, pl_module) -> None:
+        console = Console()
+        self.info["timings"]["calibration_s"] = time.time() - self.info["timings"].pop("calibration_start", time.time())
+        report = sparsity_report(self.layers, self.masks, self.sparsity, self.n_m)
+        results = {"method": self.method, "sparsity": self.sparsity, "n_m": self.n_m, "mode": self.mode, "sparsity_report": report}
+        pruned_scores = {}
+        if self.score and hasattr(pl_module, "score_heldout"):
+            t0 = time.time()
+            pruned_scores["heldout"] = pl_module.score_heldout()
+            self.info["timings"]["score_s"] = time.time() - t0
+        dense_scores = dict(getattr(pl_module, "results", {}).get("dense", {}))
+        if self.tasks:
+            from pipeline.scoring import evaluate_tasks
+
+            kwargs = dict(self.eval_kwargs)
+            pruned_scores["tasks"] = evaluate_tasks(pl_module.model, pl_module.tokenizer, pl_module.mask_token_id, self.tasks, **kwargs)
+        if hasattr(pl_module, "results"):
+            pl_module.results["pruned"] = pruned_scores
+        results.update({"dense": dense_scores, "pruned": pruned_scores, "timings": self.info["timings"], "sparsegpt": self.info.get("sparsegpt", {})})
+        results["run"] = run_metadata(trainer, pl_module, self)
+        self.results = results
+        if trainer.is_global_zero:
+            from pipeline.report import render_scores, render_sparsity
+
+            console.print(render_sparsity(report))
+            console.print(render_scores(dense_scores, pruned_scores, self.method))
+            self._save(pl_module, results)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("prune_saved")
+
+    def _save(self, pl_module, results: dict) -> None:
+        from safetensors.torch import save_file
+
+        with AtomicDir(self.out, overwrite=self.overwrite) as tmp:
+            save_file({n: m.to(torch.uint8).contiguous() for n, m in self.masks.items()}, str(tmp / "masks.safetensors"))
+            if self.save_model:
+                from pipeline.outputs import save_model
+
+                save_model(pl_module.model, getattr(pl_module, "tokenizer", None), tmp / "model")
+            (tmp / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        Console().print(f"saved pruned model, masks and results to [bold]{self.out}[/]")
+
+    # --- checkpointable state ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"masks": self.masks, "sums": self.sums.state_dict() if self.sums else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.masks = state_dict.get("masks", {})
+        if state_dict.get("sums") is not None:
+            self.sums = SlotSums(self.reduction_slots)
+            self.sums.load_state_dict(state_dict["sums"])
+
+
+def _stop_forward(module, inputs, output):
+    raise _StopForward()

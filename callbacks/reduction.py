@@ -1,0 +1,100 @@
+"""Sums over calibration samples that come out bit-identical for any number of DDP ranks.
+
+Float addition is not associative, so "each rank sums its shard, then all-reduce" gives answers that
+depend on the world size, and masks near a tie flip.  Here sample i is added to slot i % G (G fixed,
+default 8) and every slot lives on rank (slot % world_size).  With world_size dividing G, slot g sees the
+same samples in the same order on any world size; the final sum adds slots 0..G-1 in order on every rank.
+Memory: G / world_size copies of the statistic per rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist_ready() else (0, 1)
+
+
+class SlotSums:
+    def __init__(self, slots: int = 8):
+        rank, size = world()
+        if slots % size:
+            raise ValueError(
+                f"reduction_slots={slots} is not a multiple of world_size={size}; set the callback's "
+                f"reduction_slots to a multiple of the number of processes (e.g. {size * ((slots + size - 1) // size)})"
+            )
+        self.slots = slots
+        self.owned = [g for g in range(slots) if g % size == rank]
+        self.sums: dict[str, dict[int, torch.Tensor]] = {}
+
+    def add(self, key: str, sample_id: int, value: torch.Tensor) -> None:
+        slot = sample_id % self.slots
+        if slot not in self.owned:
+            raise RuntimeError(f"sample {sample_id} reached a rank that does not own slot {slot}: use the UnpaddedDistributedSampler")
+        per_key = self.sums.setdefault(key, {})
+        if slot in per_key:
+            per_key[slot] += value
+        else:
+            per_key[slot] = value.to(torch.float64).clone()
+
+    def keys(self) -> list[str]:
+        keys = set(self.sums)
+        if dist_ready():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sorted(keys))
+            keys = set().union(*map(set, gathered))
+        return sorted(keys)
+
+    def total(self, key: str, like: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Σ over slots in slot order; identical on every rank.  Collective: call on all ranks."""
+        per_key = self.sums.get(key, {})
+        if not dist_ready():
+            out = None
+            for g in range(self.slots):
+                if g in per_key:
+                    out = per_key[g].clone() if out is None else out + per_key[g]
+            return out
+        size = dist.get_world_size()
+        template = next(iter(per_key.values()), like)
+        shapes = [None] * size
+        dist.all_gather_object(shapes, None if template is None else (tuple(template.shape), str(template.device)))
+        shape = next(s for s in shapes if s is not None)[0]
+        device = template.device if template is not None else torch.device("cpu")
+        out = None
+        for g in range(self.slots):
+            owner = g % size
+            present = torch.tensor([1 if g in per_key else 0], device=device)
+            dist.broadcast(present, src=owner)
+            if not present.item():
+                continue
+            buf = per_key[g].clone() if g in per_key else torch.empty(shape, dtype=torch.float64, device=device)
+            dist.broadcast(buf, src=owner)
+            out = buf if out is None else out + buf
+        return out
+
+    def clear(self) -> None:
+        self.sums.clear()
+
+    def state_dict(self) -> dict:
+        return {"slots": self.slots, "sums": {k: {g: t.cpu() for g, t in v.items()} for k, v in self.sums.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.slots = state["slots"]
+        self.sums = {k: dict(v) for k, v in state["sums"].items()}
+
+
+def gather_records(records: dict) -> dict:
+    """Merge per-rank dicts keyed by sample id (each key lives on one rank), identically on every rank."""
+    if not dist_ready():
+        return dict(sorted(records.items()))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    return dict(sorted(merged.items()))

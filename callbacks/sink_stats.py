@@ -1,0 +1,162 @@
+"""SinkStatsCallback: attention mass per token at every calibration timestep, and the sink scores.
+
+For each noised batch (see callbacks/protocol.py) it runs one probed forward, sums the attention
+probability each key receives over queries, heads and layers, and publishes
+    nb.sink_scores = sigmoid(alpha · (mass − (mean + k·std)))      (per sample, over positions)
+for PruneCallback to down-weight sink tokens.  During the first epoch it also records per-(sample,
+timestep) diagnostics; at the epoch's end it gathers them across ranks and rank 0 writes
+`sinks.json` (per-timestep table, sink-position variance across timesteps) and `sink_heatmap.png`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from rich.console import Console
+from rich.table import Table
+
+from callbacks.protocol import NoisedBatch, calibration_forward
+from callbacks.reduction import gather_records
+from pipeline.attention import AttentionMassProbe
+from pipeline.sinks import mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
+
+
+class SinkStatsCallback(Callback):
+    def __init__(
+        self,
+        sink_std: float = 2.0,
+        sink_alpha: float = 5.0,
+        per_layer: bool = False,
+        chunk_size: int = 128,
+        out_dir: str | None = None,
+        heatmap: bool = True,
+        record: bool = True,
+    ):
+        for name, value in (("sink_std", sink_std), ("sink_alpha", sink_alpha)):
+            if not math.isfinite(value):
+                raise ValueError(f"SinkStatsCallback.{name}={value} is not finite; use a finite number (defaults: sink_std 2.0, sink_alpha 5.0)")
+        self.sink_std, self.sink_alpha = float(sink_std), float(sink_alpha)
+        self.per_layer, self.chunk_size = per_layer, chunk_size
+        self.out_dir, self.heatmap, self.record = out_dir, heatmap, record
+        self.records: dict[tuple[int, int], dict] = {}
+        self.summary: dict | None = None
+
+    # --- per noised batch --------------------------------------------------------------------------
+    def on_noised_batch_start(self, trainer, pl_module, nb: NoisedBatch) -> None:
+        valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
+        with AttentionMassProbe(per_layer=self.per_layer, chunk_size=self.chunk_size, query_weights=valid) as probe:
+            calibration_forward(pl_module, nb.input_ids, nb.attention_mask)
+        probe.require_attention()
+        mass = probe.mass
+        if not torch.isfinite(mass).all():
+            raise FloatingPointError(
+                f"attention mass has NaN/Inf at timestep t={nb.t} (samples {nb.sample_ids}); check the model's dtype and inputs"
+            )
+        nb.sink_scores = sink_scores(mass, k=self.sink_std, alpha=self.sink_alpha, valid=valid)
+        nb.extras["attention_mass"] = mass
+        if self.per_layer:
+            nb.extras["attention_mass_per_layer"] = probe.per_layer
+        if self.record and trainer.current_epoch == 0:
+            self._record(pl_module, nb, mass, probe.per_layer if self.per_layer else None, valid)
+
+    def _record(self, pl_module, nb, mass, per_layer, valid):
+        stats = mass_statistics(mass, valid=valid)
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        for b, sample_id in enumerate(nb.sample_ids):
+            pos = int(stats["dominant_position"][b])
+            token = int(nb.input_ids[b, pos])
+            rec = {
+                "t": nb.t,
+                "mass": mass[b].float().cpu(),
+                "dominant_position": pos,
+                "top1_share": float(stats["top1_share"][b]),
+                "entropy": float(stats["normalized_entropy"][b]),
+                "dominant_kind": token_kind(token, tokenizer, pl_module.mask_token_id),
+                "n_sinks": int((nb.sink_scores[b] > 0.5).sum()),
+            }
+            if per_layer is not None:
+                rec["layer_dominant"] = [int(m[b].argmax()) for m in per_layer]
+            self.records[(sample_id, nb.step)] = rec
+
+    # --- end of the calibration epoch ----------------------------------------------------------------
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self.record or trainer.current_epoch != 0:
+            return
+        records = gather_records(self.records)
+        if not records:
+            return
+        self.summary = summarize(records)
+        if trainer.is_global_zero:
+            out = Path(self.out_dir or Path(trainer.default_root_dir) / "sinks")
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_json(out / "sinks.json", self.summary)
+            if self.heatmap:
+                heat = torch.tensor(self.summary["mean_mass_by_timestep"])
+                labels = [f"t={row['t']:.2f}" for row in self.summary["timesteps"]]
+                plot_heatmap(heat, out / "sink_heatmap.png", title="attention mass (mean over samples)", ylabels=labels)
+            Console().print(render_table(self.summary))
+
+    def state_dict(self) -> dict:
+        return {"records": self.records, "summary": self.summary}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.records = state_dict.get("records", {})
+        self.summary = state_dict.get("summary")
+
+
+def summarize(records: dict) -> dict:
+    """Per-timestep table and the sink-position variance across timesteps (the paper's metric)."""
+    steps = sorted({step for _, step in records})
+    samples = sorted({sid for sid, _ in records})
+    rows, heat = [], []
+    for step in steps:
+        recs = [records[(sid, step)] for sid in samples if (sid, step) in records]
+        positions = Counter(r["dominant_position"] for r in recs)
+        kinds = Counter(r["dominant_kind"] for r in recs)
+        mass = torch.stack([r["mass"] for r in recs]).double()
+        heat.append((mass / mass.sum(dim=1, keepdim=True)).mean(dim=0).tolist())
+        rows.append({
+            "step": step,
+            "t": recs[0]["t"],
+            "samples": len(recs),
+            "modal_dominant_position": positions.most_common(1)[0][0],
+            "modal_position_fraction": positions.most_common(1)[0][1] / len(recs),
+            "top1_share": sum(r["top1_share"] for r in recs) / len(recs),
+            "normalized_entropy": sum(r["entropy"] for r in recs) / len(recs),
+            "mean_sinks_per_sample": sum(r["n_sinks"] for r in recs) / len(recs),
+            "dominant_kinds": dict(kinds.most_common()),
+        })
+    dominant = {sid: [records[(sid, s)]["dominant_position"] for s in steps if (sid, s) in records] for sid in samples}
+    seqlen = len(next(iter(records.values()))["mass"])
+    return {
+        "sink_position_variance": sink_position_variance(list(dominant.values())),
+        "uniform_share": 1.0 / seqlen,
+        "seqlen": seqlen,
+        "samples": len(samples),
+        "timesteps": rows,
+        "mean_mass_by_timestep": heat,
+    }
+
+
+def render_table(summary: dict) -> Table:
+    table = Table(title=f"attention sinks per timestep (sink-position variance across timesteps: {summary['sink_position_variance']:.2f})")
+    for col in ("t", "top-1 share", "vs uniform", "norm. entropy", "modal sink pos.", "same pos.", "sinks/sample", "sink tokens"):
+        table.add_column(col, justify="right")
+    for r in summary["timesteps"]:
+        kinds = ", ".join(f"{k} {v}" for k, v in list(r["dominant_kinds"].items())[:3])
+        table.add_row(
+            f"{r['t']:.2f}", f"{r['top1_share']:.3f}", f"{r['top1_share'] / summary['uniform_share']:.1f}x",
+            f"{r['normalized_entropy']:.3f}", str(r["modal_dominant_position"]), f"{r['modal_position_fraction']:.0%}",
+            f"{r['mean_sinks_per_sample']:.2f}", kinds,
+        )
+    return table
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)

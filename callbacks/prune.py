@@ -74,6 +74,7 @@ class PruneCallback(Callback):
         masks_from: str | None = None,
         score: bool = True,
         tasks: list[dict] | None = None,
+        score_dense_tasks: bool = True,
         eval_kwargs: dict | None = None,
     ):
         if method not in METHODS:
@@ -96,6 +97,7 @@ class PruneCallback(Callback):
         self.output_dir, self.overwrite, self.save_model = output_dir, overwrite, save_model
         self.masks_from, self.score, self.tasks = masks_from, score, tasks or []
         self.eval_kwargs = eval_kwargs or {}
+        self.score_dense_tasks = score_dense_tasks
         self.layers: dict[str, torch.nn.Linear] = {}
         self.block_layers: list[list[str]] = []
         self.block_modules: list[torch.nn.Module] = []
@@ -149,6 +151,12 @@ class PruneCallback(Callback):
         self.sums = SlotSums(self.reduction_slots)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if self.tasks and self.score_dense_tasks and hasattr(pl_module, "results"):
+            dense = pl_module.results.setdefault("dense", {})
+            if "tasks" not in dense:
+                t0 = time.time()
+                dense["tasks"] = self._evaluate_tasks(pl_module)
+                self.info["timings"]["dense_tasks_s"] = time.time() - t0
         self.info["timings"]["calibration_start"] = time.time()
         if self.masks_from:
             self._apply_saved_masks(pl_module)
@@ -276,10 +284,9 @@ class PruneCallback(Callback):
             self.info["timings"]["score_s"] = time.time() - t0
         dense_scores = dict(getattr(pl_module, "results", {}).get("dense", {}))
         if self.tasks:
-            from pipeline.scoring import evaluate_tasks
-
-            kwargs = dict(self.eval_kwargs)
-            pruned_scores["tasks"] = evaluate_tasks(pl_module.model, pl_module.tokenizer, pl_module.mask_token_id, self.tasks, **kwargs)
+            t0 = time.time()
+            pruned_scores["tasks"] = self._evaluate_tasks(pl_module)
+            self.info["timings"]["tasks_s"] = time.time() - t0
         if hasattr(pl_module, "results"):
             pl_module.results["pruned"] = pruned_scores
         results.update({"dense": dense_scores, "pruned": pruned_scores, "timings": self.info["timings"], "sparsegpt": self.info.get("sparsegpt", {})})
@@ -293,6 +300,11 @@ class PruneCallback(Callback):
             self._save(pl_module, results)
         if trainer.world_size > 1:
             trainer.strategy.barrier("prune_saved")
+
+    def _evaluate_tasks(self, pl_module) -> dict:
+        from pipeline.scoring import evaluate_tasks
+
+        return evaluate_tasks(pl_module.model, pl_module.tokenizer, pl_module.mask_token_id, self.tasks, **self.eval_kwargs)
 
     def _save(self, pl_module, results: dict) -> None:
         from safetensors.torch import save_file

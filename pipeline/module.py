@@ -53,6 +53,10 @@ class DLMModule(L.LightningModule):
             kwargs["attention_mask"] = attention_mask
         return self.model(**kwargs)
 
+    def on_train_epoch_start(self):
+        # Lightning puts the module in train mode for fit; calibration must see the inference network (no dropout).
+        self.model.eval()
+
     def training_step(self, batch, batch_idx):
         with torch.no_grad():
             for nb in noised_batches(batch, self.timesteps, self.mask_token_id, seed=self.hparams.seed, eps=self.hparams.eps):

@@ -1,0 +1,267 @@
+"""Attention mass: how much softmax attention each key position receives, read off a model's forward.
+
+    with AttentionMassProbe(per_layer=True) as probe:
+        model(input_ids=ids)
+    probe.require_attention()          # clear error if the model's attention never reached the probe
+    probe.mass                         # [B, T_k] float32: Σ over layers, heads and queries of softmax(q·kᵀ)
+    probe.per_layer                    # [B, T_k] per attention call, in call order
+
+How it sees attention: while active, the probe replaces `torch.nn.functional.scaled_dot_product_attention`
+(SDPA) with a wrapper that first calls the original function (so the model's outputs are bit-for-bit what
+they would have been) and then, under no_grad and in float32, recomputes the attention probabilities from
+the same q, k, mask, causal flag, scale and GQA layout, chunked over queries so that no [T_q, T_k] matrix
+for all queries is ever held at once (peak O(B·H·chunk·T_k) instead of O(B·H·T_q·T_k)).
+
+What is covered, and what is not:
+  * any code that looks SDPA up as `torch.nn.functional.scaled_dot_product_attention` / `F.scaled_...`
+    at call time: BERT (`attn_implementation="sdpa"`), the LLaDA / Dream remote code, and every native
+    transformers model whose `attn_implementation="sdpa"` goes through the `AttentionInterface` registry
+    (`ALL_ATTENTION_FUNCTIONS["sdpa"]` is `integrations.sdpa_attention.sdpa_attention_forward`, which ends
+    in that very call). So the registry needs no patch of its own for "sdpa".
+  * NOT covered: "eager" (a module-local softmax, never in the registry), "flash_attention_2/3",
+    "flex_attention", paged/kernel-hub entries and any code that bound the function early
+    (`from torch.nn.functional import scaled_dot_product_attention` at import time). Those forwards run
+    untouched and the probe sees zero calls; `require_attention()` then raises NoAttentionSeenError rather
+    than returning an all-zero mass. Load such models with attn_implementation="sdpa".
+  * The mass is that of the probabilities before dropout (dropout_p is ignored); calibration runs in eval.
+  * Only calls from the thread that entered the probe are measured; other threads pass straight through.
+
+Probes nest: an inner probe wraps whatever function is installed (possibly an outer probe), so both see
+every call; exits must be in LIFO order (a `with` block guarantees it), otherwise RuntimeError.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import threading
+
+import torch
+import torch.nn.functional as F
+
+# Cap on one chunk's float32 score tensor; chunk_size is lowered to fit it for huge B·H·T_k.
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+_SDPA_SIGNATURE = inspect.Signature(
+    [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+        for name, default in (
+            ("query", inspect.Parameter.empty), ("key", inspect.Parameter.empty), ("value", inspect.Parameter.empty),
+            ("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False), ("scale", None),
+        )
+    ]
+    + [inspect.Parameter("enable_gqa", inspect.Parameter.KEYWORD_ONLY, default=False)]
+)
+
+
+class NoAttentionSeenError(RuntimeError):
+    """A probed forward made no attention call the probe could see."""
+
+
+def _as_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, *heads, L, D] (or [B, L, D]) -> [B, H, L, D], H the product of the head dims."""
+    if x.dim() < 3:
+        raise ValueError(f"attention inputs must be at least [batch, length, dim]; got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
+
+
+def _mask_as_4d(attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """The mask broadcastable to [B, H, L, S] for the [B, H, L, D] view of q (SDPA broadcasts from the right)."""
+    if attn_mask is None:
+        return None
+    m = attn_mask
+    while m.dim() < q.dim():
+        m = m.unsqueeze(0)
+    if q.dim() == 4:
+        return m
+    if q.dim() == 3:
+        return m.unsqueeze(1)
+    # more than one head dim: materialise the head dims, then fold them (rare, and chunk-free: O(mask))
+    m = m.expand(*q.shape[:-2], m.shape[-2], m.shape[-1])
+    return m.reshape(q.shape[0], -1, m.shape[-2], m.shape[-1])
+
+
+def attention_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    query_weights: torch.Tensor | None = None,
+    chunk_size: int = 128,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """[B, S] float32: softmax attention each key receives, summed over heads and (weighted) queries.
+
+    Same semantics as SDPA: scale defaults to 1/sqrt(head dim); a bool mask marks allowed pairs, a float
+    mask is added to the scores; masks broadcast from the right; is_causal is top-left aligned
+    (query i sees keys j <= i, as SDPA does when L != S); fewer key heads than query heads means GQA with
+    query head h reading key head h // (H_q / H_kv) (enable_gqa's layout, equal to repeat_interleave).
+    Rows with every key masked contribute zero (SDPA's math kernel outputs zeros there too).
+    """
+    q, k = _as_heads(query.detach()), _as_heads(key.detach())
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of key heads ({kv_heads}) for GQA")
+    groups = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    mask = _mask_as_4d(attn_mask, query)
+    # GQA without repeating k: [B, H_kv, 1, D, S] broadcasts against q viewed as [B, H_kv, G, c, D]
+    k_t = k.float().unsqueeze(2).transpose(-1, -2)
+    q_grouped = q.unflatten(1, (kv_heads, groups))
+    if query_weights is not None:
+        query_weights = query_weights.to(device=q.device, dtype=torch.float32).reshape(batch, q_len)
+    rows = max(1, min(int(chunk_size), max_chunk_bytes // max(1, batch * q_heads * k_len * 4)))
+
+    mass = torch.zeros(batch, k_len, dtype=torch.float32, device=q.device)
+    for start in range(0, q_len, rows):
+        stop = min(start + rows, q_len)
+        # a helper call, so that this chunk's [B, H, c, S] buffer is freed before the next one is allocated
+        per_query = _chunk_probabilities_summed_over_heads(q_grouped, k_t, mask, is_causal, scale, start, stop)
+        if query_weights is None:
+            mass += per_query.sum(dim=1)
+        else:
+            mass += torch.einsum("bcs,bc->bs", per_query, query_weights[:, start:stop])
+    return mass
+
+
+def _chunk_probabilities_summed_over_heads(q_grouped, k_t, mask, is_causal, scale, start, stop) -> torch.Tensor:
+    """[B, c, S]: softmax probabilities of queries start..stop, summed over heads, in one float32 buffer."""
+    scores = torch.matmul(q_grouped[:, :, :, start:stop].float() * scale, k_t).flatten(1, 2)  # [B, H, c, S]
+    if mask is not None:
+        m = mask if mask.shape[-2] == 1 else mask[..., start:stop, :]
+        if m.dtype == torch.bool:
+            scores.masked_fill_(~m, float("-inf"))
+        else:
+            scores += m.float()
+    if is_causal:
+        k_len = scores.shape[-1]
+        above = torch.arange(k_len, device=scores.device) > torch.arange(start, stop, device=scores.device)[:, None]
+        scores.masked_fill_(above, float("-inf"))
+    # softmax in place (exp(x - max) / Σ) to hold one buffer; rows with every key masked give NaN -> 0,
+    # which is what SDPA's math kernel outputs for them
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    scores.div_(scores.sum(dim=-1, keepdim=True)).nan_to_num_(0.0)
+    return scores.sum(dim=1)
+
+
+def naive_attention_mass(query, key, attn_mask=None, is_causal=False, scale=None) -> torch.Tensor:
+    """Reference: the full [B, H, L, S] softmax in float64 with repeated key heads. For tests only."""
+    q, k = _as_heads(query).double(), _as_heads(key).double()
+    if q.shape[1] != k.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = q @ k.transpose(-1, -2) * scale
+    mask = _mask_as_4d(attn_mask, query)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    if is_causal:
+        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return probs.sum(dim=(1, 2)).float()
+
+
+class AttentionMassProbe:
+    """Context manager accumulating attention mass over every SDPA call of the forwards run inside it.
+
+    query_weights: [B, T_q] (bool or float) weights of each query's contribution, e.g. the attention
+    mask to leave padding queries out, or a one-hot on the newest token. Set it again with
+    `set_query_weights` between passes. chunk_size: query rows per chunk of the float32 recomputation.
+    """
+
+    def __init__(self, *, per_layer: bool = False, query_weights: torch.Tensor | None = None, chunk_size: int = 128):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be a positive number of query rows")
+        self.keep_per_layer = per_layer
+        self.chunk_size = int(chunk_size)
+        self.query_weights = query_weights
+        self.mass: torch.Tensor | None = None
+        self.per_layer: list[torch.Tensor] = []
+        self.calls = 0
+        self._previous = None
+        self._wrapper = None
+        self._thread = None
+
+    # --- accumulation -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the accumulated mass (call between passes); the probe stays installed."""
+        self.mass = None
+        self.per_layer = []
+        self.calls = 0
+
+    def set_query_weights(self, query_weights: torch.Tensor | None) -> None:
+        self.query_weights = query_weights
+
+    def _record(self, query, key, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *, enable_gqa=False):
+        weights = self.query_weights
+        if weights is not None and tuple(weights.shape) != (query.shape[0], query.shape[-2]):
+            raise ValueError(
+                f"query_weights has shape {tuple(weights.shape)} but this attention call has "
+                f"[batch, queries] = [{query.shape[0]}, {query.shape[-2]}]"
+            )
+        layer_mass = attention_mass(
+            query, key, attn_mask, bool(is_causal), scale, query_weights=weights, chunk_size=self.chunk_size
+        )
+        if self.mass is None:
+            self.mass = layer_mass.clone()
+        elif self.mass.shape != layer_mass.shape:
+            raise ValueError(
+                f"attention call {self.calls} has keys of shape {tuple(layer_mass.shape)} but earlier calls had "
+                f"{tuple(self.mass.shape)}: call probe.reset() between forwards of different lengths"
+            )
+        else:
+            self.mass += layer_mass
+        if self.keep_per_layer:
+            self.per_layer.append(layer_mass)
+        self.calls += 1
+
+    def require_attention(self, model=None) -> None:
+        """Raise NoAttentionSeenError when the probed forward made no attention call the probe could see."""
+        if self.calls:
+            return
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        what = f"{type(model).__name__} (attn_implementation={impl!r})" if model is not None else "the model"
+        raise NoAttentionSeenError(
+            f"{what} has no attention the probe can see: it must call "
+            "torch.nn.functional.scaled_dot_product_attention (looked up at call time) during the forward; "
+            "use attn_implementation='sdpa' (eager, flash_attention_2 and flex_attention are not probed)"
+        )
+
+    # --- installation -----------------------------------------------------------------------------
+    def __enter__(self) -> "AttentionMassProbe":
+        if self._wrapper is not None:
+            raise RuntimeError("this AttentionMassProbe is already active; use a second probe to nest")
+        previous = F.scaled_dot_product_attention
+        thread = threading.get_ident()
+
+        def probed_sdpa(*args, **kwargs):
+            out = previous(*args, **kwargs)  # the real output, untouched
+            if threading.get_ident() == thread:
+                bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
+                bound.apply_defaults()
+                with torch.no_grad():
+                    self._record(**{n: v for n, v in bound.arguments.items() if n != "value"})
+            return out
+
+        self._previous, self._wrapper, self._thread = previous, probed_sdpa, thread
+        F.scaled_dot_product_attention = probed_sdpa
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if F.scaled_dot_product_attention is not self._wrapper:
+            raise RuntimeError(
+                "AttentionMassProbe exited out of order: another probe or patch replaced "
+                "torch.nn.functional.scaled_dot_product_attention inside this one and is still installed"
+            )
+        F.scaled_dot_product_attention = self._previous
+        self._previous = self._wrapper = self._thread = None
+
+
+def probed_forward(model, *args, per_layer: bool = False, query_weights=None, chunk_size: int = 128, **kwargs):
+    """One forward under a fresh probe: returns (model output, probe), raising if no attention was seen."""
+    with AttentionMassProbe(per_layer=per_layer, query_weights=query_weights, chunk_size=chunk_size) as probe:
+        out = model(*args, **kwargs)
+    probe.require_attention(model)
+    return out, probe

@@ -1,0 +1,168 @@
+"""Attention sinks from attention mass: sink scores, per-sample statistics, token kinds and heatmaps.
+
+`mass` is what pipeline.attention.AttentionMassProbe accumulates: [B, T] attention each key position
+receives, summed over queries, heads and layers. Everything here is a pure function of it; `valid`
+([B, T] bool) leaves padding positions out of every statistic.
+
+Run `python -m pipeline.sinks --help` for the DLM-vs-AR measurement (pipeline/sink_report.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import unicodedata
+from pathlib import Path
+
+import torch
+
+
+def _valid_or_all(mass: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return torch.ones_like(mass, dtype=torch.bool)
+    if valid.shape != mass.shape:
+        raise ValueError(f"valid has shape {tuple(valid.shape)} but mass has {tuple(mass.shape)}")
+    return valid.to(device=mass.device, dtype=torch.bool)
+
+
+def sink_scores(
+    mass: torch.Tensor, k: float = 2.0, alpha: float = 5.0, valid: torch.Tensor | None = None, unbiased: bool = False
+) -> torch.Tensor:
+    """s = sigmoid(alpha·(mass − (mean + k·std))) per sample over its valid positions; 0 at invalid ones.
+
+    mean and std are taken per row over valid positions of the raw (unnormalised) mass, as in the
+    reference implementation (VILA-Lab/Sink-Aware-Pruning, lib/prune_llada.py `_compute_sink_mask`:
+    `mass.std(dim=1, unbiased=False)`), i.e. the POPULATION std by default; unbiased=True divides by
+    n − 1 instead. A row whose mass is flat has std 0 and every position scores sigmoid(0) = 0.5.
+    """
+    mass = mass.float()
+    keep = _valid_or_all(mass, valid)
+    n = keep.sum(dim=1, keepdim=True).clamp_min(1)
+    mean = (mass * keep).sum(dim=1, keepdim=True) / n
+    sq_dev = ((mass - mean) ** 2 * keep).sum(dim=1, keepdim=True)
+    std = (sq_dev / (n - 1).clamp_min(1) if unbiased else sq_dev / n).sqrt()
+    scores = torch.sigmoid(alpha * (mass - (mean + k * std)))
+    return torch.where(keep, scores, torch.zeros_like(scores))
+
+
+def mass_statistics(mass: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per sample: dominant_position (argmax), top1_share (its fraction of the row's mass),
+    normalized_entropy (entropy of mass/Σmass divided by log n, n the valid positions: 1 = flat, 0 = one
+    position takes everything) and uniform_share (1/n, what top1_share would be with no sink)."""
+    mass = mass.double()
+    keep = _valid_or_all(mass, valid)
+    masked = torch.where(keep, mass, torch.zeros_like(mass))
+    p = masked / masked.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    n = keep.sum(dim=1)
+    dominant = torch.where(keep, mass, torch.full_like(mass, -math.inf)).argmax(dim=1)
+    entropy = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(dim=1)
+    log_n = n.double().log()
+    return {
+        "dominant_position": dominant,
+        "top1_share": p.gather(1, dominant[:, None])[:, 0].float(),
+        "normalized_entropy": torch.where(n > 1, entropy / log_n.clamp_min(1e-300), torch.zeros_like(entropy)).float(),
+        "uniform_share": (1.0 / n.clamp_min(1).double()).float(),
+    }
+
+
+def sink_position_variance(dominant_positions_by_timestep, per_sample: bool = False):
+    """The paper's temporal-stability metric: variance of the dominant sink position across timesteps.
+
+    Input: one sequence per sample of its dominant (argmax-mass) position at each timestep / step,
+    i.e. [samples, timesteps] (a tensor, or a list of lists that may differ in length). For each sample
+    the POPULATION variance (ddof = 0, mean squared deviation from the sample's own mean position) is
+    taken over its timesteps, in squared positions; the result is the mean over samples (samples with
+    a single timestep contribute 0). per_sample=True returns the per-sample list instead.
+    A sink fixed at one position gives 0; a sink jumping between positions 0 and 10 gives 25.
+    """
+    rows = dominant_positions_by_timestep
+    if isinstance(rows, torch.Tensor):
+        rows = rows.reshape(rows.shape[0], -1).tolist() if rows.dim() else [[rows.item()]]
+    variances = []
+    for positions in rows:
+        values = [float(p) for p in positions]
+        if not values:
+            continue
+        mean = sum(values) / len(values)
+        variances.append(sum((v - mean) ** 2 for v in values) / len(values))
+    if per_sample:
+        return variances
+    return sum(variances) / len(variances) if variances else float("nan")
+
+
+def _is_punctuation(text: str) -> bool:
+    # unicode punctuation (P*) and symbols (S*); whitespace-only pieces (newlines) count here too
+    stripped = text.replace("##", "").replace("\u2581", "").replace("\u0120", "").replace("\u010a", "")
+    stripped = "".join(ch for ch in stripped if not ch.isspace())
+    return not stripped or all(unicodedata.category(ch)[0] in "PS" for ch in stripped)
+
+
+def token_kind(token_id: int, tokenizer, mask_id: int | None) -> str:
+    """'mask', 'bos/cls', 'eos/sep', 'pad', 'punctuation' (incl. whitespace/newline tokens) or 'word'.
+
+    Special ids are read from the tokenizer (cls/bos, sep/eos, pad); without a tokenizer anything but
+    the mask is 'token'. When a tokenizer uses one id for several roles the order above decides.
+    """
+    token_id = int(token_id)
+    if mask_id is not None and token_id == int(mask_id):
+        return "mask"
+    if tokenizer is None:
+        return "token"
+    roles = (("bos/cls", ("cls_token_id", "bos_token_id")), ("eos/sep", ("sep_token_id", "eos_token_id")),
+             ("pad", ("pad_token_id",)))
+    for kind, attrs in roles:
+        if any(getattr(tokenizer, a, None) == token_id for a in attrs):
+            return kind
+    if token_id in set(getattr(tokenizer, "all_special_ids", []) or []):
+        return "special"
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    return "punctuation" if _is_punctuation(piece if isinstance(piece, str) else "") else "word"
+
+
+def causal_baseline_share(n: int) -> float:
+    """H_n / n: position 0's share of all attention when each of n causal queries attends uniformly to
+    its prefix (query i gives 1/i to key 0). The share a "sink" at 0 reaches with no sink at all."""
+    if n < 1:
+        raise ValueError(f"n={n} must be a positive sequence length")
+    return sum(1.0 / i for i in range(1, n + 1)) / n
+
+
+def plot_heatmap(matrix, path, title: str = "", ylabels=None, xlabel: str = "key position") -> Path:
+    """Save `matrix` [timesteps x positions] as a PNG heatmap (NaN cells blank), written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's state
+    from matplotlib.figure import Figure
+
+    data = torch.as_tensor(matrix, dtype=torch.float32).cpu().numpy()
+    if data.ndim != 2:
+        raise ValueError(f"heatmap matrix must be 2-D [timesteps, positions]; got shape {data.shape}")
+    rows, cols = data.shape
+    fig = Figure(figsize=(min(16, 3 + cols * 0.12), min(12, 1.5 + rows * 0.3)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis")
+    fig.colorbar(image, ax=ax, label="share of attention mass")
+    ax.set_xlabel(xlabel)
+    if ylabels is not None:
+        labels = list(ylabels)
+        stride = max(1, math.ceil(len(labels) / 30))
+        ax.set_yticks(range(0, len(labels), stride), labels[::stride])
+    ax.set_title(title)
+    fig.tight_layout()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+if __name__ == "__main__":
+    from pipeline.sink_report import main
+
+    main()

@@ -1,0 +1,201 @@
+"""Benchmark scores of an in-memory diffusion LM through lm-eval, and dense-vs-pruned reporting.
+
+    specs = load_task_specs("configs/eval_offline.yaml")     # [{name: wiki_cloze_offline, mc_num: 16}, ...]
+    dense = evaluate_tasks(model, tokenizer, mask_id, specs, limit=200)
+    pruned = evaluate_tasks(pruned_model, tokenizer, mask_id, specs, limit=200)
+    rich.print(render_comparison(dense, pruned)); save_json("outputs/scores.json", {"dense": dense, ...})
+
+A task is a name or a dict {name, num_fewshot, limit, mc_num, cfg, batch_size, gen_kwargs} (the sampler
+settings gen_length, block_length, steps, temperature, remasking may also sit at the top level, e.g.
+{name: gsm8k, num_fewshot: 4, gen_length: 256, steps: 256, block_length: 32}): its own keys override
+evaluate_tasks' keyword defaults.  Each task runs in its own lm_eval.simple_evaluate call on one
+shared DiffusionLM (the model is never reloaded).  The result, per task:
+
+    {"metrics": {"acc": {"value": 0.41, "stderr": 0.02}, ...}, "n_samples": 200, "settings": {...}}
+
+Task YAMLs are looked up in `include_path` (default configs/tasks); lm-eval's built-in tasks are indexed
+too only when some requested task is not found there (indexing them takes ~25 s), unless
+include_defaults says otherwise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from pipeline.harness import DiffusionLM
+
+DEFAULT_TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
+SAMPLER_KEYS = {"gen_length", "block_length", "steps", "temperature", "remasking"}
+SPEC_KEYS = {"name", "num_fewshot", "limit", "mc_num", "cfg", "batch_size", "gen_kwargs"} | SAMPLER_KEYS
+
+
+def load_task_specs(path: str | Path) -> list[dict]:
+    """Task specs from YAML: a list of names/dicts, or a mapping with a `tasks:` list."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if isinstance(data, dict):
+        data = data.get("tasks")
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of tasks (or `tasks:` holding one)")
+    return [normalize_spec(item) for item in data]
+
+
+def normalize_spec(item: str | dict) -> dict:
+    """A name or dict -> dict; sampler keys given at the top level move into gen_kwargs."""
+    spec = {"name": item} if isinstance(item, str) else dict(item)
+    unknown = set(spec) - SPEC_KEYS
+    if "name" not in spec or unknown:
+        raise ValueError(f"task spec {item!r}: needs `name`; allowed keys {sorted(SPEC_KEYS)}, got {sorted(unknown)}")
+    top_level_sampler = {key: spec.pop(key) for key in SAMPLER_KEYS & set(spec)}
+    if top_level_sampler:
+        spec["gen_kwargs"] = {**(spec.get("gen_kwargs") or {}), **top_level_sampler}
+    return spec
+
+
+def task_manager_for(names: list[str], include_path, include_defaults: bool | None = None):
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(p) for p in (include_path if isinstance(include_path, (list, tuple)) else [include_path])]
+    if include_defaults is None:
+        local = TaskManager(include_path=paths, include_defaults=False)
+        if all(name in local.all_tasks for name in names):
+            return local
+        include_defaults = True
+    return TaskManager(include_path=paths, include_defaults=include_defaults)
+
+
+def metrics_from_results(task_result: dict) -> dict[str, dict[str, float | None]]:
+    """lm-eval's {'acc,none': v, 'acc_stderr,none': s, ...} -> {'acc': {'value': v, 'stderr': s}}."""
+    metrics = {}
+    for key, value in task_result.items():
+        if "," not in key or "_stderr," in key:
+            continue
+        metric, filter_name = key.split(",", 1)
+        name = metric if filter_name == "none" else f"{metric}[{filter_name}]"
+        stderr = task_result.get(f"{metric}_stderr,{filter_name}")
+        metrics[name] = {
+            "value": _as_float(value),
+            "stderr": _as_float(stderr),
+        }
+    return metrics
+
+
+def _as_float(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def evaluate_tasks(
+    model,
+    tokenizer,
+    mask_token_id: int | None,
+    tasks: list[str | dict],
+    *,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    mc_num: int = 128,
+    cfg: float = 0.0,
+    batch_size: int = 32,
+    gen_kwargs: dict | None = None,
+    include_path: str | Path | list = DEFAULT_TASK_DIR,
+    include_defaults: bool | None = None,
+    seed: int = 0,
+    bootstrap_iters: int = 1000,
+    greedy_check: str = "single",
+    show_progress: bool = False,
+) -> dict:
+    """Run lm-eval on `model` (in memory) for each task; return {task: {metrics, n_samples, settings}}.
+
+    gen_kwargs holds the diffusion sampler's settings for generate_until tasks (gen_length, block_length,
+    steps, temperature, remasking); per-task dicts may override any of the keyword defaults.
+    """
+    import lm_eval
+
+    specs = [normalize_spec(t) for t in tasks]
+    manager = task_manager_for([s["name"] for s in specs], include_path, include_defaults)
+    lm = DiffusionLM(model=model, tokenizer=tokenizer, mask_token_id=mask_token_id, seed=seed,
+                     greedy_check=greedy_check, show_progress=show_progress)
+    sampler_defaults = {key: getattr(lm, key) for key in SAMPLER_KEYS}
+    results = {}
+    for spec in specs:
+        settings = {
+            "num_fewshot": spec.get("num_fewshot", num_fewshot),
+            "limit": spec.get("limit", limit),
+            "mc_num": int(spec.get("mc_num", mc_num)),
+            "cfg": float(spec.get("cfg", cfg)),
+            "batch_size": int(spec.get("batch_size", batch_size)),
+            "gen_kwargs": {**(gen_kwargs or {}), **(spec.get("gen_kwargs") or {})},
+            "seed": seed,
+        }
+        unknown = set(settings["gen_kwargs"]) - SAMPLER_KEYS
+        if unknown:
+            raise ValueError(f"gen_kwargs {sorted(unknown)} unknown; sampler settings are {sorted(SAMPLER_KEYS)}")
+        lm.mc_num, lm.cfg, lm.batch_size = settings["mc_num"], settings["cfg"], settings["batch_size"]
+        for key, default in sampler_defaults.items():  # per task: defaults, then this task's overrides
+            setattr(lm, key, type(default)(settings["gen_kwargs"].get(key, default)))
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=[spec["name"]], num_fewshot=settings["num_fewshot"], limit=settings["limit"],
+            task_manager=manager, bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed,
+        )
+        if out is None:  # a non-zero DDP rank: rank 0 holds the results
+            continue
+        for task_name, task_result in out["results"].items():
+            n = out.get("n-samples", {}).get(task_name, {}).get("effective")
+            results[task_name] = {"metrics": metrics_from_results(task_result), "n_samples": n,
+                                  "settings": settings}
+    return results
+
+
+def _fmt(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "—"
+    text = f"{entry['value']:.4f}"
+    if entry.get("stderr") is not None:
+        text += f" ± {entry['stderr']:.4f}"
+    return text
+
+
+def render_comparison(dense: dict, pruned: dict, *, title: str = "dense vs pruned"):
+    """A rich Table: per task and metric, dense ± stderr, pruned ± stderr, and pruned − dense."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column, justify in (("task", "left"), ("metric", "left"), ("dense", "right"), ("pruned", "right"),
+                            ("Δ", "right")):
+        table.add_column(column, justify=justify)
+    for task in list(dict.fromkeys([*dense, *pruned])):
+        dense_metrics = dense.get(task, {}).get("metrics", {})
+        pruned_metrics = pruned.get(task, {}).get("metrics", {})
+        for metric in list(dict.fromkeys([*dense_metrics, *pruned_metrics])):
+            d, p = dense_metrics.get(metric), pruned_metrics.get(metric)
+            delta = "—"
+            if d and p and d.get("value") is not None and p.get("value") is not None:
+                diff = p["value"] - d["value"]
+                style = "green" if diff > 0 else "red" if diff < 0 else ""
+                delta = f"[{style}]{diff:+.4f}[/{style}]" if style else f"{diff:+.4f}"
+            table.add_row(task, metric, _fmt(d), _fmt(p), delta)
+    return table
+
+
+def save_json(path: str | Path, obj) -> Path:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

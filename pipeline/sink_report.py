@@ -23,22 +23,26 @@ from pathlib import Path
 import torch
 
 from pipeline.attention import AttentionMassProbe
-from pipeline.sinks import causal_baseline_share, mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
+from pipeline.sinks import _current_umask, causal_baseline_share, mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
 def heldout_windows(tokenizer, samples: int, length: int) -> torch.Tensor:
-    """[samples, length] token ids (no special tokens): the opening of successive held-out articles."""
+    """[samples, length] token ids (no special tokens): consecutive non-overlapping windows of the held-out
+    articles, taken round-robin (1st window of every article, then 2nd, …) so that samples spread over
+    articles (the held-out split has only a handful of long articles)."""
     from pipeline.corpus import wiki_split
 
-    rows = []
+    per_article = []
     for text in wiki_split("heldout"):
-        ids = tokenizer(text[: length * 12], add_special_tokens=False)["input_ids"]
-        if len(ids) >= length:
-            rows.append(ids[:length])
-        if len(rows) == samples:
-            return torch.tensor(rows)
-    raise ValueError(f"only {len(rows)} held-out articles have {length} tokens; lower --samples or --seqlen")
+        ids = tokenizer(text[: length * 12 * samples], add_special_tokens=False, verbose=False)["input_ids"]  # no max-length warning: never fed whole
+        per_article.append([ids[i: i + length] for i in range(0, len(ids) - length + 1, length)])
+    rows = []
+    for j in range(max((len(w) for w in per_article), default=0)):
+        rows += [windows[j] for windows in per_article if j < len(windows)]
+    if len(rows) < samples:
+        raise ValueError(f"the held-out split has only {len(rows)} windows of {length} tokens; lower --samples or --seqlen")
+    return torch.tensor(rows[:samples])
 
 
 def _prefix_id(tokenizer) -> list[int]:
@@ -135,7 +139,7 @@ def ar_generation_trajectory(model, tokenizer, windows: torch.Tensor, steps: int
 
 # --- statistics -----------------------------------------------------------------------------------------
 def summarize(trajectory, tokenizer, mask_id, causal: bool) -> dict:
-    rows, kinds, heat = [], Counter(), []
+    rows, kinds, content_kinds, heat = [], Counter(), Counter(), []
     dominant_by_sample = [[] for _ in range(trajectory[0][1].shape[0])]
     content_by_sample = [[] for _ in dominant_by_sample]
     # special tokens (CLS/BOS/SEP/EOS/PAD, not the mask) are where fixed sinks live; the content-token
@@ -152,6 +156,7 @@ def summarize(trajectory, tokenizer, mask_id, causal: bool) -> dict:
             content_by_sample[b].append(c)
         step_kinds = Counter(token_kind(tokens[b, d], tokenizer, mask_id) for b, d in enumerate(dominant))
         kinds.update(step_kinds)
+        content_kinds.update(token_kind(tokens[b, c], tokenizer, mask_id) for b, c in enumerate(content))
         share = (mass / mass.sum(dim=1, keepdim=True)).mean(dim=0)
         heat.append(share.tolist() + [float("nan")] * (width - n))
         top1 = float(stats["top1_share"].mean())
@@ -171,6 +176,7 @@ def summarize(trajectory, tokenizer, mask_id, causal: bool) -> dict:
         "dominant_at_position_0": sum(s.count(0) for s in dominant_by_sample) / sum(len(s) for s in dominant_by_sample),
         "content_sink_position_variance": sink_position_variance(content_by_sample),
         "content_distinct_dominant_positions": sum(len(set(s)) for s in content_by_sample) / len(content_by_sample),
+        "content_dominant_kinds": dict(content_kinds.most_common()),
         "top1_share": mean("top1_share"),
         "top1_over_uniform": sum(r["top1_share"] / r["uniform_share"] for r in rows) / len(rows),
         "normalized_entropy": mean("normalized_entropy"),
@@ -239,13 +245,14 @@ def render_table(report: dict):
     table.add_column("metric")
     table.add_column(f"DLM {dlm['model']}", justify="right")
     table.add_column(f"AR {ar['model']}" if ar else f"AR ({report['ar_skipped'] and 'skipped'})", justify="right")
-    kinds = lambda r: ", ".join(f"{k} {v}" for k, v in list(r["dominant_kinds"].items())[:3])  # noqa: E731
+    kinds = lambda r, key="dominant_kinds": ", ".join(f"{k} {v}" for k, v in list(r[key].items())[:3])  # noqa: E731
     get = lambda r, key: r.get(key) if r else None  # noqa: E731
     table.add_row("dominant sink position variance", _fmt(dlm["sink_position_variance"], ".2f"), _fmt(get(ar, "sink_position_variance"), ".2f"))
     table.add_row("distinct dominant positions / sample", _fmt(dlm["distinct_dominant_positions"], ".2f"), _fmt(get(ar, "distinct_dominant_positions"), ".2f"))
     table.add_row("steps with the sink at position 0", _fmt(dlm["dominant_at_position_0"], ".0%"), _fmt(get(ar, "dominant_at_position_0"), ".0%"))
     table.add_row("same, content tokens only (no CLS/BOS/SEP)", _fmt(dlm["content_sink_position_variance"], ".2f"), _fmt(get(ar, "content_sink_position_variance"), ".2f"))
     table.add_row("distinct content sink positions / sample", _fmt(dlm["content_distinct_dominant_positions"], ".2f"), _fmt(get(ar, "content_distinct_dominant_positions"), ".2f"))
+    table.add_row("content sink token kinds", kinds(dlm, "content_dominant_kinds"), kinds(ar, "content_dominant_kinds") if ar else "n/a")
     table.add_row("top-1 share of mass", _fmt(dlm["top1_share"]), _fmt(get(ar, "top1_share")))
     table.add_row("top-1 share / uniform (1/n)", _fmt(dlm["top1_over_uniform"], ".1f") + "x", _fmt(get(ar, "top1_over_uniform"), ".1f") + ("x" if ar else ""))
     table.add_row("top-1 share / causal H_n/n", "n/a (bidirectional)", _fmt(get(ar, "top1_over_causal_baseline"), ".2f") + ("x" if ar else ""))
@@ -269,6 +276,7 @@ def write_output(out: Path, overwrite: bool, report: dict, heatmaps: dict) -> No
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp creates 0700; the result is an ordinary folder
         (tmp / "sinks.json").write_text(json.dumps(report, indent=1, allow_nan=True))
         for name, (matrix, labels, title) in heatmaps.items():
             plot_heatmap(torch.tensor(matrix), tmp / f"{name}.png", title=title, ylabels=labels)

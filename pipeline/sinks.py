@@ -127,6 +127,12 @@ def causal_baseline_share(n: int) -> float:
     return sum(1.0 / i for i in range(1, n + 1)) / n
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def plot_heatmap(matrix, path, title: str = "", ylabels=None, xlabel: str = "key position") -> Path:
     """Save `matrix` [timesteps x positions] as a PNG heatmap (NaN cells blank), written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's state
@@ -155,6 +161,7 @@ def plot_heatmap(matrix, path, title: str = "", ylabels=None, xlabel: str = "key
     try:
         with os.fdopen(fd, "wb") as fh:
             fig.savefig(fh, format="png", dpi=100)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

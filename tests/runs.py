@@ -1,0 +1,39 @@
+"""Small end-to-end runs of `cli.py fit` on the embedded model, as a user would start them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(root: Path, *, method: str | None = "sink_wanda", sparsity=0.5, n_m=None, nsamples=6, seqlen=64,
+                timesteps=3, batch_size=2, pretrained="minilm-dlm", prune_args=None, sink_args=None,
+                model_args=None, data_args=None, trainer_args=None) -> dict:
+    callbacks = []
+    if method is not None and method.startswith("sink_"):
+        callbacks.append({"class_path": "callbacks.sink_stats.SinkStatsCallback",
+                          "init_args": {"out_dir": str(root / "sinks"), **(sink_args or {})}})
+    if method is not None:
+        prune = {"method": method, "output_dir": str(root / "pruned"), **(prune_args or {})}
+        prune.update({"n_m": n_m} if n_m else {"sparsity": sparsity})
+        callbacks.append({"class_path": "callbacks.prune.PruneCallback", "init_args": prune})
+    return {
+        "model": {"class_path": "pipeline.module.DLMModule",
+                  "init_args": {"pretrained": pretrained, "timesteps": timesteps, "heldout_timesteps": 2, **(model_args or {})}},
+        "data": {"class_path": "pipeline.data.CalibrationData",
+                 "init_args": {"nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size, "heldout_samples": 4, **(data_args or {})}},
+        "trainer": {"default_root_dir": str(root), "accelerator": "cpu", "devices": 1, "callbacks": callbacks, **(trainer_args or {})},
+    }
+
+
+def run_cli(config: dict, tmp_path: Path, *extra: str, timeout=900) -> subprocess.CompletedProcess:
+    path = tmp_path / f"config-{abs(hash(str(config)))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "cli.py", "fit", "--config", str(path), *extra], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

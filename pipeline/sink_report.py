@@ -237,30 +237,54 @@ def _fmt(value, spec=".3f"):
     return "n/a" if value is None else format(value, spec)
 
 
+def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the side-by-side comparison, shared by the rich and the Markdown table."""
+    dlm, ar = report["dlm"], report.get("ar")
+    header = ["metric", f"DLM {dlm['model']}", f"AR {ar['model']}" if ar else "AR (skipped)"]
+
+    def both(label, key, spec, suffix=""):
+        ar_value = "n/a" if ar is None or ar.get(key) is None else _fmt(ar[key], spec) + suffix
+        return [label, _fmt(dlm.get(key), spec) + (suffix if dlm.get(key) is not None else ""), ar_value]
+
+    def kinds(r, key):
+        return "n/a" if r is None else ", ".join(f"{k} {v}" for k, v in list(r[key].items())[:3])
+
+    rows = [
+        both("dominant sink position variance", "sink_position_variance", ".2f"),
+        both("distinct dominant positions / sample", "distinct_dominant_positions", ".2f"),
+        both("steps with the sink at position 0", "dominant_at_position_0", ".0%"),
+        ["sink token kinds (sample-steps)", kinds(dlm, "dominant_kinds"), kinds(ar, "dominant_kinds")],
+        both("content-token sink position variance (no CLS/BOS/SEP)", "content_sink_position_variance", ".2f"),
+        both("distinct content sink positions / sample", "content_distinct_dominant_positions", ".2f"),
+        ["content sink token kinds", kinds(dlm, "content_dominant_kinds"), kinds(ar, "content_dominant_kinds")],
+        both("top-1 share of mass", "top1_share", ".3f"),
+        both("top-1 share / uniform (1/n)", "top1_over_uniform", ".1f", "x"),
+        both("top-1 share / causal H_n/n", "top1_over_causal_baseline", ".2f", "x"),
+        both("normalised entropy", "normalized_entropy", ".3f"),
+        both("sinks per sample (s > 0.5)", "sinks_per_sample", ".2f"),
+        ["DLM / AR variance ratio", _fmt(report.get("variance_ratio"), ".2f"), ""],
+    ]
+    return header, rows
+
+
 def render_table(report: dict):
     from rich.table import Table
 
-    dlm, ar = report["dlm"], report.get("ar")
+    header, rows = table_rows(report)
     table = Table(title="attention sinks along the generation trajectory")
-    table.add_column("metric")
-    table.add_column(f"DLM {dlm['model']}", justify="right")
-    table.add_column(f"AR {ar['model']}" if ar else f"AR ({report['ar_skipped'] and 'skipped'})", justify="right")
-    kinds = lambda r, key="dominant_kinds": ", ".join(f"{k} {v}" for k, v in list(r[key].items())[:3])  # noqa: E731
-    get = lambda r, key: r.get(key) if r else None  # noqa: E731
-    table.add_row("dominant sink position variance", _fmt(dlm["sink_position_variance"], ".2f"), _fmt(get(ar, "sink_position_variance"), ".2f"))
-    table.add_row("distinct dominant positions / sample", _fmt(dlm["distinct_dominant_positions"], ".2f"), _fmt(get(ar, "distinct_dominant_positions"), ".2f"))
-    table.add_row("steps with the sink at position 0", _fmt(dlm["dominant_at_position_0"], ".0%"), _fmt(get(ar, "dominant_at_position_0"), ".0%"))
-    table.add_row("same, content tokens only (no CLS/BOS/SEP)", _fmt(dlm["content_sink_position_variance"], ".2f"), _fmt(get(ar, "content_sink_position_variance"), ".2f"))
-    table.add_row("distinct content sink positions / sample", _fmt(dlm["content_distinct_dominant_positions"], ".2f"), _fmt(get(ar, "content_distinct_dominant_positions"), ".2f"))
-    table.add_row("content sink token kinds", kinds(dlm, "content_dominant_kinds"), kinds(ar, "content_dominant_kinds") if ar else "n/a")
-    table.add_row("top-1 share of mass", _fmt(dlm["top1_share"]), _fmt(get(ar, "top1_share")))
-    table.add_row("top-1 share / uniform (1/n)", _fmt(dlm["top1_over_uniform"], ".1f") + "x", _fmt(get(ar, "top1_over_uniform"), ".1f") + ("x" if ar else ""))
-    table.add_row("top-1 share / causal H_n/n", "n/a (bidirectional)", _fmt(get(ar, "top1_over_causal_baseline"), ".2f") + ("x" if ar else ""))
-    table.add_row("normalised entropy", _fmt(dlm["normalized_entropy"]), _fmt(get(ar, "normalized_entropy")))
-    table.add_row("sinks per sample (s > 0.5)", _fmt(dlm["sinks_per_sample"], ".2f"), _fmt(get(ar, "sinks_per_sample"), ".2f"))
-    table.add_row("sink token kinds", kinds(dlm), kinds(ar) if ar else "n/a")
-    table.add_row("DLM / AR variance ratio", _fmt(report.get("variance_ratio"), ".2f"), "")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
     return table
+
+
+def markdown_table(report: dict) -> str:
+    """The same table in Markdown (written to <out>/table.md for docs)."""
+    header, rows = table_rows(report)
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def variance_ratio(dlm: dict, ar: dict | None):
@@ -278,6 +302,7 @@ def write_output(out: Path, overwrite: bool, report: dict, heatmaps: dict) -> No
     try:
         os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp creates 0700; the result is an ordinary folder
         (tmp / "sinks.json").write_text(json.dumps(report, indent=1, allow_nan=True))
+        (tmp / "table.md").write_text(markdown_table(report))
         for name, (matrix, labels, title) in heatmaps.items():
             plot_heatmap(torch.tensor(matrix), tmp / f"{name}.png", title=title, ylabels=labels)
         if out.exists():
@@ -312,7 +337,7 @@ def main(argv=None) -> dict:
     from rich.console import Console
 
     args = parse_args(argv)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=140)  # logs: no 80-column wrapping
     if args.out.exists() and not args.overwrite:
         console.print(f"[red]{args.out} already exists; pass --overwrite to replace it[/red]", soft_wrap=True)
         sys.exit(2)

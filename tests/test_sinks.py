@@ -115,7 +115,8 @@ def test_command_writes_report_and_refuses_an_existing_folder(tmp_path, capsys):
     args = ["--samples", "2", "--seqlen", "16", "--steps", "3", "--ar", "none", "--out", str(out)]
     report = main(args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sinks"]  # no temp folder left behind
-    assert sorted(p.name for p in out.iterdir()) == ["dlm_heatmap.png", "sinks.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["dlm_heatmap.png", "sinks.json", "table.md"]
+    assert "| dominant sink position variance |" in (out / "table.md").read_text()
     saved = json.loads((out / "sinks.json").read_text())
     assert saved["ar"] is None and "disabled" in saved["ar_skipped"]
     assert len(saved["dlm"]["steps"]) == 3 and saved["dlm"]["sink_position_variance"] == report["dlm"]["sink_position_variance"]

@@ -40,16 +40,24 @@ Requests:
                          preceding text as fits.
   generate_until         pipeline.sampler.diffusion_generate (block-wise semi-autoregressive): gen_length
                          (a request's max_gen_toks wins; steps then scale with it), block_length, steps,
-                         remasking, temperature (a
-                         request's temperature wins; do_sample=False is greedy); output cut at the first
-                         EOS/[SEP]/pad token and at the first stop string.
+                         remasking, temperature (a request's temperature wins; do_sample=False is
+                         greedy); output cut at the first EOS/[SEP]/pad token and at the first stop string.
+
 DDP: with torch.distributed initialised, rank/world_size come from it and lm-eval's evaluator shards the
-documents across ranks; all_gather / gather_object / barrier use torch.distributed.
+documents across ranks; all_gather / gather_object / barrier use torch.distributed.  Under torchrun
+(WORLD_SIZE > 1 in the environment) the constructor initialises the process group itself (NCCL with
+CUDA, else gloo) and puts the model on cuda:LOCAL_RANK:
+
+    torchrun --nproc_per_node 8 -m pipeline.harness --model dlm --model_args pretrained=GSAI-ML/LLaDA-8B-Base,mc_num=128,cfg=0.5,dtype=bfloat16 \\
+        --tasks arc_challenge --batch_size 32 --device cuda
+
+The offline task YAMLs import `pipeline.offline_tasks`: run from the repository root, or `pip install -e .`.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 
 import lm_eval.models  # noqa: F401  fills lm-eval's lazy model registry before `dlm` joins it
 import torch
@@ -122,10 +130,23 @@ def _usable_device(device: str | None) -> str | None:
     if kind == "cuda" and not torch.cuda.is_available():
         log.warning("device %r requested but CUDA is not available; staying on the model's device", device)
         return None
+    if str(device) == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process under torchrun
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         log.warning("device %r requested but MPS is not available; staying on the model's device", device)
         return None
     return str(device)
+
+
+def init_distributed_from_env() -> None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), unless one is already initialised."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+        return
+    if torch.distributed.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _distributed() -> bool:
@@ -163,6 +184,8 @@ class DiffusionLM(LM):
     ):
         super().__init__()
         from pipeline.loading import load_dlm, resolve_mask_token_id
+
+        init_distributed_from_env()
 
         if model is None:
             if pretrained is None:

@@ -6,10 +6,12 @@ Tasks (YAMLs in configs/tasks/):
   mmlu_dev_offline    the 282 real MMLU dev questions (57 subjects) that lm-eval's wheel ships in
                       tasks/mmlu/flan_cot_fewshot/_cot_prompts.json, parsed back into multiple choice
                       (281 have 4 options; one college_chemistry question has 5, kept as given).
-  wiki_cloze_offline  next-word cloze on the held-out Wikipedia articles (pipeline.corpus): a passage of
-                      60-100 words, the word that follows it, and 3 distractors drawn from the same
-                      article's words with their frequencies and matching capitalisation (so a unigram
-                      prior scores chance, 25%: beating it takes the context).  Fixed seed.
+  wiki_cloze_offline  next-word cloze on the held-out Wikipedia articles (pipeline.corpus): a prose passage
+                      of 60-100 words (list/table passages skipped), the plain word of 4+ letters that
+                      follows it, and 3 distractors drawn from the same article's words with their
+                      frequencies and matching capitalisation (so a unigram prior scores chance, 25%:
+                      beating it takes the context).  Fixed seed; documents shuffled across articles so
+                      that --limit N is a fair sample.
 
 How a YAML finds its data: the YAML says `dataset_path: json` and
 `custom_dataset: !function pipeline.offline_tasks.<task name>`; lm-eval 0.4.13 resolves the `!function`
@@ -30,11 +32,14 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 WIKI_CLOZE_SEED = 1234
 WIKI_PASSAGE_WORDS = (60, 100)
 N_CHOICES = 4
-CLOZE_WORD = re.compile(r"^[A-Za-z]{4,}$")
+# a plain word: lowercase, or capitalised once (not "GibbonsUrie", which list markup leaves behind)
+CLOZE_WORD = re.compile(r"^(?:[A-Z][a-z]{3,}|[a-z]{4,})$")
+PROSE_WORD = re.compile(r"^[a-z]+[,.;:]?$")
+MIN_PROSE_FRACTION = 0.5  # passages of lists and tables (mostly names, numbers) are skipped
 TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 
 
@@ -121,13 +126,17 @@ def article_cloze_items(words: list[str], rng: random.Random, article_index: int
         if end is None:
             start += hi + 1
             continue
+        passage = words[start:end]
+        if sum(bool(PROSE_WORD.match(w)) for w in passage) < MIN_PROSE_FRACTION * len(passage):
+            start = end + 1
+            continue
         target = words[end]
         distractors = _sample_distractors(rng, pools[target[0].isupper()], target, N_CHOICES - 1)
         if distractors is not None:
             choices = [target, *distractors]
             rng.shuffle(choices)
             items.append({
-                "passage": " ".join(words[start:end]),
+                "passage": " ".join(passage),
                 "choices": choices,
                 "label": choices.index(target),
                 "article": article_index,
@@ -143,6 +152,7 @@ def wiki_cloze_records(seed: int = WIKI_CLOZE_SEED) -> list[dict]:
     records = []
     for index, text in enumerate(wiki_split("heldout")):
         records.extend(article_cloze_items(text.split(), rng, index))
+    rng.shuffle(records)  # so that lm-eval's --limit N takes a sample of all articles, not the first one
     return records
 
 
@@ -156,7 +166,7 @@ def _source_digest(name: str) -> str:
     else:
         from pipeline.corpus import WIKI_DUMP, HELDOUT_EVERY
 
-        source = f"{WIKI_DUMP}:{HELDOUT_EVERY}:{WIKI_CLOZE_SEED}:{WIKI_PASSAGE_WORDS}".encode()
+        source = f"{WIKI_DUMP}:{HELDOUT_EVERY}:{WIKI_CLOZE_SEED}:{WIKI_PASSAGE_WORDS}:{MIN_PROSE_FRACTION}".encode()
     return hashlib.sha256(source).hexdigest()[:12]
 
 

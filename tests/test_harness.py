@@ -329,7 +329,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str):
     from pipeline.zoo.minilm_dlm import wheel_path
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    # what torchrun exports; DiffusionLM joins the process group itself
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
     tokenizer = AutoTokenizer.from_pretrained(wheel_path())
     lm = DiffusionLM(model=tiny_bert(vocab_size=tokenizer.vocab_size, seed=2), tokenizer=tokenizer, mc_num=2,
                      show_progress=False)
@@ -338,6 +340,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str):
     lm.barrier()
     result = lm_eval.simple_evaluate(model=lm, tasks=["wiki_cloze_offline"], limit=4, log_samples=True,
                                      task_manager=TaskManager(include_path=TASK_DIR, include_defaults=False))
+    assert dist.is_initialized() and dist.get_backend() == "gloo"
     report = {"rank": lm.rank, "world_size": lm.world_size, "gathered": gathered.tolist(), "objects": objects}
     if result is not None:
         report["samples"] = sorted((s["doc_id"], [float(r[0][0]) for r in s["resps"]])

@@ -46,8 +46,16 @@ def main(args=None):
     except (ValueError, OSError, RuntimeError, ArithmeticError) as exc:
         if os.environ.get("SINKPRUNE_TRACEBACK"):
             raise
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(exc: BaseException) -> str:
+    """The root cause's first line: jsonargparse wraps a callback's own ValueError in a generic one."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -118,6 +118,13 @@ class PruneCallback(Callback):
     # --- setup: find layers, check the output dir, before any heavy work ----------------------------
     def setup(self, trainer, pl_module, stage=None) -> None:
         self.out = prepare_output_dir(self.output_dir or Path(trainer.default_root_dir) / "pruned", self.overwrite)
+        if self.sink_aware and not any(type(cb).__name__ == "SinkStatsCallback" for cb in trainer.callbacks):
+            raise ValueError(f"prune method={self.method} needs a SinkStatsCallback listed before PruneCallback in trainer.callbacks")
+        if self.masks_from and not (Path(self.masks_from).expanduser() / "masks.safetensors").is_file():
+            raise FileNotFoundError(f"prune masks_from={self.masks_from}: no masks.safetensors there; point it at a previous run's output_dir")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Find the layers once the model exists (configure_model), before any calibration work."""
         blocks = find_blocks(pl_module.model)
         if not blocks:
             raise ValueError("prune: found no transformer blocks (a ModuleList of layers with nn.Linear); set targets explicitly")
@@ -144,8 +151,6 @@ class PruneCallback(Callback):
                 f"prune targets={[p.pattern for p in self.targets]} ignore={[p.pattern for p in self.ignore]} match no "
                 "Linear layer inside the transformer blocks; fix the patterns (regexes on module names)"
             )
-        if self.sink_aware and not any(type(cb).__name__ == "SinkStatsCallback" for cb in trainer.callbacks):
-            raise ValueError(f"prune method={self.method} needs a SinkStatsCallback listed before PruneCallback in trainer.callbacks")
         if self.mode == "sequential" and self.statistic and not self.masks_from:
             trainer.fit_loop.max_epochs = len(self.block_layers)
         self.sums = SlotSums(self.reduction_slots)

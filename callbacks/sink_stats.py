@@ -45,6 +45,13 @@ class SinkStatsCallback(Callback):
         self.records: dict[tuple[int, int], dict] = {}
         self.summary: dict | None = None
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Fail in seconds, not after the dense scoring, when the probe cannot see the model's attention."""
+        ids = torch.full((1, 8), int(pl_module.mask_token_id), dtype=torch.long, device=pl_module.device)
+        with torch.no_grad(), AttentionMassProbe(chunk_size=self.chunk_size) as probe:
+            calibration_forward(pl_module, ids)
+        probe.require_attention(pl_module.model)
+
     # --- per noised batch --------------------------------------------------------------------------
     def on_noised_batch_start(self, trainer, pl_module, nb: NoisedBatch) -> None:
         valid = nb.attention_mask.bool() if nb.attention_mask is not None else None

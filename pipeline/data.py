@@ -44,8 +44,7 @@ def load_texts(source: str, split: str) -> list[str]:
     return _local_texts(source, split)
 
 
-def _local_texts(source: str, split: str) -> list[str]:
-    """Local files: 'train.txt' or 'train.txt,heldout.txt'.  With one file, the last 10% of documents is held out."""
+def _check_local_files(source: str) -> list[Path]:
     paths = [Path(p).expanduser() for p in source.split(",")]
     for p in paths:
         if not p.is_file():
@@ -53,6 +52,12 @@ def _local_texts(source: str, split: str) -> list[str]:
                 f"data.dataset: {str(p)!r} is neither a file nor a known source; use wiki-embedded, "
                 f"wikitext2, c4 or an existing .txt/.json/.jsonl/.parquet file"
             )
+    return paths
+
+
+def _local_texts(source: str, split: str) -> list[str]:
+    """Local files: 'train.txt' or 'train.txt,heldout.txt'.  With one file, the last 10% of documents is held out."""
+    paths = _check_local_files(source)
     if len(paths) == 2:
         return _read_documents(paths[0 if split == "train" else 1])
     docs = _read_documents(paths[0])
@@ -130,6 +135,11 @@ class CalibrationData(L.LightningDataModule):
         num_workers: int = 0,
     ):
         super().__init__()
+        for name, value, low in (("nsamples", nsamples, 1), ("seqlen", seqlen, 2), ("batch_size", batch_size, 1), ("heldout_samples", heldout_samples, 0)):
+            if value < low:
+                raise ValueError(f"data.{name}={value} must be >= {low}")
+        if dataset != "wiki-embedded" and dataset not in HUB_SOURCES:
+            _check_local_files(dataset)
         self.save_hyperparameters()
         self.calibration: WindowDataset | None = None
         self.heldout: WindowDataset | None = None
@@ -150,6 +160,8 @@ class CalibrationData(L.LightningDataModule):
         body = hp.seqlen - (1 if bos is not None else 0)
         train = token_stream(tok, load_texts(hp.dataset, "train"))
         held = token_stream(tok, load_texts(hp.dataset, "heldout"))
+        if len(train) == 0:
+            raise ValueError(f"data.dataset={hp.dataset!r} has no text; give a corpus with at least seqlen={hp.seqlen} tokens")
         if len(train) <= body:
             raise ValueError(
                 f"data: the calibration text has {len(train)} tokens, fewer than seqlen={hp.seqlen}; "

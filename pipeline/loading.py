@@ -94,7 +94,8 @@ def resolve_mask_token_id(tokenizer, config, explicit: int | None = None) -> int
     if cfg_id is not None:
         return int(cfg_id)
     model_type = getattr(config, "model_type", None)
-    if model_type in KNOWN_MASK_IDS:
+    vocab = getattr(config, "vocab_size", None) or getattr(config, "embedding_size", None)
+    if model_type in KNOWN_MASK_IDS and (vocab is None or KNOWN_MASK_IDS[model_type] < vocab):
         return KNOWN_MASK_IDS[model_type]
     raise ValueError(
         f"no mask token: the tokenizer has no mask_token and config (model_type={model_type!r}) has no "

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from callbacks.protocol import calibration_forward, dispatch_noised_batch, noised_batches
 from pipeline.diffusion import DEFAULT_EPS, timestep_grid
-from pipeline.loading import load_dlm, resolve_mask_token_id
+from pipeline.loading import load_dlm, resolve_mask_token_id, resolve_path
 from pipeline.metrics import MaskedDiffusionPerplexity, elbo_nll
 
 
@@ -29,19 +29,37 @@ class DLMModule(L.LightningModule):
         seed: int = 0,
         score_dense: bool = True,
         heldout_timesteps: int = 8,
+        attn_implementation: str | None = "sdpa",
     ):
         super().__init__()
         self.save_hyperparameters()
         self.timesteps = validate_timesteps(timesteps)
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"model.eps={eps} must be in [0, 1); the default is 1e-3")
-        self.model, self.tokenizer = load_dlm(
-            pretrained, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, model_class=model_class
-        )
-        self.mask_token_id = resolve_mask_token_id(self.tokenizer, self.model.config, mask_token_id)
-        self.model.requires_grad_(False)
+        if heldout_timesteps < 1:
+            raise ValueError(f"model.heldout_timesteps={heldout_timesteps} must be >= 1 (timesteps per held-out window)")
+        resolve_path(pretrained)  # a missing local path fails here, before anything is loaded
+        self.model = None  # loaded in configure_model, after every config check has passed
+        self.tokenizer = None
+        self.mask_token_id: int | None = None
         self.automatic_optimization = False
         self.results: dict[str, dict] = {}
+
+    def configure_model(self):
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.model, self.tokenizer = load_dlm(
+            hp.pretrained, trust_remote_code=hp.trust_remote_code, torch_dtype=hp.torch_dtype,
+            model_class=hp.model_class, attn_implementation=hp.attn_implementation,
+        )
+        self.mask_token_id = resolve_mask_token_id(self.tokenizer, self.model.config, hp.mask_token_id)
+        self.model.requires_grad_(False)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        seqlen = getattr(getattr(dm, "hparams", None), "seqlen", None) if dm is not None else None
+        limit = model_max_length(self.model.config)
+        if seqlen is not None and limit is not None and seqlen > limit:
+            raise ValueError(f"data.seqlen={seqlen} exceeds the model's maximum sequence length {limit}; lower data.init_args.seqlen")
 
     # --- calibration -------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -94,6 +112,14 @@ class DLMModule(L.LightningModule):
                     f"[bold]dense[/] held-out masked-diffusion NLL {r['nll']:.4f} nats/token, "
                     f"perplexity {r['ppl']:.2f} ({r['tokens']} tokens)"
                 )
+
+
+def model_max_length(config) -> int | None:
+    for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def validate_timesteps(timesteps: int | list[float]) -> list[float]:

@@ -60,7 +60,7 @@ class PruneCallback(Callback):
     def __init__(
         self,
         method: str = "sink_wanda",
-        sparsity: float = 0.5,
+        sparsity: float | None = None,
         n_m: str | None = None,
         targets: list[str] | None = None,
         ignore: list[str] | None = None,
@@ -80,9 +80,11 @@ class PruneCallback(Callback):
         if method not in METHODS:
             raise ValueError(f"prune method={method!r} is unknown; choose one of {', '.join(METHODS)}")
         self.n_m = parse_n_m(n_m)
+        if sparsity is None and self.n_m is None:
+            sparsity = 0.5
         if self.n_m is None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
             raise ValueError(f"prune sparsity={sparsity!r} must be in [0, 1); e.g. 0.5 for 50%")
-        if self.n_m is not None and sparsity not in (None, 0, self.n_m[0] / self.n_m[1]):
+        if self.n_m is not None and sparsity is not None and sparsity != self.n_m[0] / self.n_m[1]:
             raise ValueError(
                 f"prune sparsity={sparsity} disagrees with n_m={n_m} (= {self.n_m[0] / self.n_m[1]}); "
                 "drop sparsity or set it to N/M"

@@ -75,7 +75,7 @@ def _read_documents(path: Path) -> list[str]:
             raise ValueError(f"{path}: no 'text' column (columns: {ds.column_names}); name the text field 'text'")
         return [t for t in ds["text"] if t]
     text = path.read_text(encoding="utf-8")
-    return [d for d in text.split("\n\n") if d.strip()] or [text]
+    return [d for d in text.split("\n\n") if d.strip()]
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:

@@ -37,3 +37,22 @@ def run_cli(config: dict, tmp_path: Path, *extra: str, timeout=900) -> subproces
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "cli.py", "fit", "--config", str(path), *extra], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_inprocess(config: dict, tmp_path: Path) -> tuple[int, str]:
+    """`cli.py fit` in this process (no interpreter start-up): (exit code, stderr)."""
+    import contextlib
+    import io
+
+    import cli
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err):
+        try:
+            cli.main(["fit", "--config", str(path)])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, err.getvalue()

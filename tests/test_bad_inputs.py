@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.loading import resolve_path
-from tests.runs import run_cli, tiny_config
+from tests.runs import run_inprocess, tiny_config
 
 
 def _tree_digest(folder: Path) -> str:
@@ -68,9 +68,10 @@ def test_bad_input_fails_cleanly(name, tmp_path):
     model_dir = Path(resolve_path("minilm-dlm"))
     before = _tree_digest(model_dir)
     root = tmp_path / "run"
-    proc = run_cli(_case(root, **overrides), tmp_path)
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-2000:]
+    code, err = run_inprocess(_case(root, **overrides), tmp_path)
+    assert code != 0
+    assert message in err, err[-2000:]
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
     assert not (root / "pruned").exists() and not (root / "sinks").exists()
     assert _tree_digest(model_dir) == before
 
@@ -78,36 +79,36 @@ def test_bad_input_fails_cleanly(name, tmp_path):
 def test_empty_dataset(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    proc = run_cli(tiny_config(tmp_path / "run", data_args={"dataset": str(empty)}), tmp_path)
-    assert proc.returncode != 0 and "no text" in proc.stderr
+    code, err = run_inprocess(tiny_config(tmp_path / "run", data_args={"dataset": str(empty)}), tmp_path)
+    assert code != 0 and "no text" in err
     assert not (tmp_path / "run" / "pruned").exists()
 
 
 def test_dataset_smaller_than_seqlen(tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("a few words only")
-    proc = run_cli(tiny_config(tmp_path / "run", data_args={"dataset": str(small)}), tmp_path)
-    assert proc.returncode != 0 and "fewer than seqlen=64" in proc.stderr
+    code, err = run_inprocess(tiny_config(tmp_path / "run", data_args={"dataset": str(small)}), tmp_path)
+    assert code != 0 and "fewer than seqlen=64" in err
 
 
 def test_existing_output_directory_is_refused(tmp_path):
     out = tmp_path / "run" / "pruned"
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("precious")
-    proc = run_cli(tiny_config(tmp_path / "run"), tmp_path)
-    assert proc.returncode != 0 and "already exists and is not empty" in proc.stderr and "overwrite: true" in proc.stderr
+    code, err = run_inprocess(tiny_config(tmp_path / "run"), tmp_path)
+    assert code != 0 and "already exists and is not empty" in err and "overwrite: true" in err
     assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
 
 
 def test_missing_mask_token(tmp_path, model_without_mask):
     before = _tree_digest(model_without_mask)
-    proc = run_cli(tiny_config(tmp_path / "run", pretrained=str(model_without_mask)), tmp_path)
-    assert proc.returncode != 0 and "no mask token" in proc.stderr and "mask_token_id" in proc.stderr
+    code, err = run_inprocess(tiny_config(tmp_path / "run", pretrained=str(model_without_mask)), tmp_path)
+    assert code != 0 and "no mask token" in err and "mask_token_id" in err
     assert _tree_digest(model_without_mask) == before
 
 
 def test_unknown_config_key(tmp_path):
     config = tiny_config(tmp_path / "run")
     config["model"]["init_args"]["sede"] = 1
-    proc = run_cli(config, tmp_path)
-    assert proc.returncode != 0 and "sede" in proc.stderr
+    code, err = run_inprocess(config, tmp_path)
+    assert code != 0 and "sede" in err

@@ -187,11 +187,25 @@ def summarize(trajectory, tokenizer, mask_id, causal: bool) -> dict:
         "steps": rows,
     }
     if causal:
+        # a "sink" that sits on the newest tokens is local attention following the generation front
+        summary["dominant_within_2_of_newest"] = sum(
+            d >= r["length"] - 3 for seq in dominant_by_sample for d, r in zip(seq, rows)) / sum(map(len, dominant_by_sample))
         summary["top1_over_causal_baseline"] = sum(r["top1_share"] / r["causal_baseline_share"] for r in rows) / len(rows)
     return summary, heat
 
 
 # --- models ---------------------------------------------------------------------------------------------
+def checkpoint_identity(name: str) -> dict:
+    """Where the weights came from, with a digest of local safetensors: zoo models are still being trained."""
+    import hashlib
+
+    from pipeline.loading import resolve_path
+
+    path = Path(resolve_path(name))
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    return {"path": str(path), "safetensors_sha256_16": {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}}
+
+
 def zoo_model_missing(name: str) -> str | None:
     """Why an embedded zoo model cannot be loaded yet (its folder is built by another recipe), else None."""
     from pipeline.loading import ZOO_DIR
@@ -218,7 +232,7 @@ def measure_dlm(name, args):
         trajectory, shape = dlm_forward_process_trajectory(model, tokenizer, mask_id, windows, args.steps)
         mode = f"forward-process timesteps t=1.0..0.1 ({args.steps} values) on held-out windows; mass of all queries"
     summary, heat = summarize(trajectory, tokenizer, mask_id, causal=False)
-    return {"model": name, "mode": mode, **shape, **summary}, heat, [label for label, _, _ in trajectory]
+    return {"model": name, "checkpoint": checkpoint_identity(name), "mode": mode, **shape, **summary}, heat, [label for label, _, _ in trajectory]
 
 
 def measure_ar(name, args):
@@ -229,7 +243,7 @@ def measure_ar(name, args):
     trajectory, shape = ar_generation_trajectory(model, tokenizer, windows, args.steps)
     mode = f"greedy generation, {args.steps} new tokens after a {shape['prompt_tokens']}-token held-out prompt; mass of the newest query"
     summary, heat = summarize(trajectory, tokenizer, None, causal=True)
-    return {"model": name, "mode": mode, **shape, **summary}, heat, [label for label, _, _ in trajectory]
+    return {"model": name, "checkpoint": checkpoint_identity(name), "mode": mode, **shape, **summary}, heat, [label for label, _, _ in trajectory]
 
 
 # --- output ---------------------------------------------------------------------------------------------
@@ -253,6 +267,7 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
         both("dominant sink position variance", "sink_position_variance", ".2f"),
         both("distinct dominant positions / sample", "distinct_dominant_positions", ".2f"),
         both("steps with the sink at position 0", "dominant_at_position_0", ".0%"),
+        both("steps with the sink on the 3 newest tokens (AR)", "dominant_within_2_of_newest", ".0%"),
         ["sink token kinds (sample-steps)", kinds(dlm, "dominant_kinds"), kinds(ar, "dominant_kinds")],
         both("content-token sink position variance (no CLS/BOS/SEP)", "content_sink_position_variance", ".2f"),
         both("distinct content sink positions / sample", "content_distinct_dominant_positions", ".2f"),

@@ -106,7 +106,8 @@ class PruneCallback(Callback):
         self.masks: dict[str, torch.Tensor] = {}
         self.sums: SlotSums | None = None
         self.info: dict = {"timings": {}}
-        self._handles: list = []
+        self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
+        self.pruned_weights: dict[str, torch.Tensor] = {}  # SparseGPT-updated weights, for resuming
         self._current: NoisedBatch | None = None
 
     @property
@@ -155,7 +156,18 @@ class PruneCallback(Callback):
             )
         if self.mode == "sequential" and self.statistic and not self.masks_from:
             trainer.fit_loop.max_epochs = len(self.block_layers)
-        self.sums = SlotSums(self.reduction_slots)
+        if self.sums is None:
+            self.sums = SlotSums(self.reduction_slots)
+        self._reapply_restored(pl_module)
+
+    def _reapply_restored(self, pl_module) -> None:
+        """After resuming from a checkpoint: layers pruned before the interruption get their state back."""
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                weight = self.layers[name].weight
+                if name in self.pruned_weights:
+                    weight.copy_(self.pruned_weights[name].to(weight.device, weight.dtype))
+                sp.apply_mask_(weight, mask.to(weight.device))
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.tasks and self.score_dense_tasks and hasattr(pl_module, "results"):
@@ -182,7 +194,11 @@ class PruneCallback(Callback):
             return
         if self.sink_aware and nb.sink_scores is None:
             raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")
-        self._current = nb
+        epoch = trainer.current_epoch
+        fresh = [(epoch, sid, nb.step) not in self.seen for sid in nb.sample_ids]
+        if not any(fresh):
+            return  # a resumed run replaying a batch that the checkpoint already counted
+        self._current, self._fresh = nb, fresh
         handles = [self.layers[n].register_forward_hook(self._hook(n)) for n in names]
         if self.mode == "sequential":
             block = self.block_modules[trainer.current_epoch]
@@ -195,6 +211,7 @@ class PruneCallback(Callback):
             for h in handles:
                 h.remove()
             self._current = None
+        self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids)
 
     def _row_weights(self, nb: NoisedBatch) -> torch.Tensor | None:
         weights = None
@@ -214,6 +231,8 @@ class PruneCallback(Callback):
                 raise FloatingPointError(f"NaN/Inf in the input activations of {name} (samples {nb.sample_ids}, t={nb.t})")
             weights = self._row_weights(nb)
             for b, sample_id in enumerate(nb.sample_ids):
+                if not self._fresh[b]:
+                    continue
                 w = None if weights is None else weights[b]
                 if self.statistic == "hessian":
                     value = sp.accumulate_hessian(sp.new_hessian(x.shape[-1], device=x.device), x[b], w)
@@ -259,6 +278,7 @@ class PruneCallback(Callback):
                     blocksize=self.blocksize, percdamp=self.percdamp,
                 )
                 weight.copy_(new_weight)
+                self.pruned_weights[name] = new_weight.detach().cpu()
                 if info.get("retries"):
                     Console().print(f"[yellow]{name}: Cholesky failed, retried with damping {info.get('percdamp')}[/]")
                 self.info.setdefault("sparsegpt", {})[name] = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
@@ -283,7 +303,8 @@ class PruneCallback(Callback):
         console = Console()
         self.info["timings"]["calibration_s"] = time.time() - self.info["timings"].pop("calibration_start", time.time())
         report = sparsity_report(self.layers, self.masks, self.sparsity, self.n_m)
-        results = {"method": self.method, "sparsity": self.sparsity, "n_m": self.n_m, "mode": self.mode, "sparsity_report": report}
+        results = {"method": self.method, "sparsity": self.sparsity, "n_m": self.n_m, "mode": self.mode,
+                   "calibrated_pairs": sorted(self.seen), "sparsity_report": report}
         pruned_scores = {}
         if self.score and hasattr(pl_module, "score_heldout"):
             t0 = time.time()
@@ -304,6 +325,10 @@ class PruneCallback(Callback):
 
             console.print(render_sparsity(report))
             console.print(render_scores(dense_scores, pruned_scores, self.method))
+            if self.tasks:
+                from pipeline.scoring import render_comparison
+
+                console.print(render_comparison(dense_scores.get("tasks", {}), pruned_scores.get("tasks", {}), title=f"benchmarks, dense vs pruned ({self.method})"))
             self._save(pl_module, results)
         if trainer.world_size > 1:
             trainer.strategy.barrier("prune_saved")
@@ -327,10 +352,13 @@ class PruneCallback(Callback):
 
     # --- checkpointable state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"masks": self.masks, "sums": self.sums.state_dict() if self.sums else None}
+        return {"masks": self.masks, "sums": self.sums.state_dict() if self.sums else None,
+                "seen": sorted(self.seen), "pruned_weights": self.pruned_weights}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.masks = state_dict.get("masks", {})
+        self.seen = {tuple(k) for k in state_dict.get("seen", [])}
+        self.pruned_weights = state_dict.get("pruned_weights", {})
         if state_dict.get("sums") is not None:
             self.sums = SlotSums(self.reduction_slots)
             self.sums.load_state_dict(state_dict["sums"])

@@ -109,16 +109,23 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     torch's DistributedSampler pads uneven shards with repeats, which would count some calibration samples
     twice in the summed statistics.  Subclassing it keeps Lightning from wrapping it again.
+    `skip_next` drops the first indices of the next epoch only: a resumed run starts after the batches
+    its checkpoint already counted (Lightning would otherwise replay the epoch from its first batch).
     """
 
-    def __init__(self, dataset, num_replicas=None, rank=None):
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.skip_next = 0
+
+    def _indices(self):
+        return range(self.rank, len(self.dataset), self.num_replicas)
 
     def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+        indices, self.skip_next = list(self._indices())[self.skip_next:], 0
+        return iter(indices)
 
     def __len__(self):
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
+        return len(self._indices())
 
 
 class CalibrationData(L.LightningDataModule):
@@ -182,13 +189,18 @@ class CalibrationData(L.LightningDataModule):
         return torch.cat([torch.full((len(rows), 1), bos, dtype=torch.long), rows], dim=1)
 
     def _loader(self, ds):
-        sampler = None
-        if self.trainer is not None and self.trainer.world_size > 1:
-            sampler = UnpaddedDistributedSampler(ds, self.trainer.world_size, self.trainer.global_rank)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler = UnpaddedDistributedSampler(ds, world, rank)
         return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self):
-        return self._loader(self.calibration)
+        loader = self._loader(self.calibration)
+        self.train_sampler = loader.sampler
+        return loader
+
+    def skip_batches(self, n: int) -> None:
+        """Resume: the next calibration epoch starts after its first n batches (on this rank)."""
+        self.train_sampler.skip_next = n * self.hparams.batch_size
 
     def heldout_dataloader(self):
         return self._loader(self.heldout)

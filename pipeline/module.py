@@ -43,7 +43,17 @@ class DLMModule(L.LightningModule):
         self.tokenizer = None
         self.mask_token_id: int | None = None
         self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints carry no weights (see on_save_checkpoint)
         self.results: dict[str, dict] = {}
+
+    def on_save_checkpoint(self, checkpoint):
+        # Calibration never changes the weights a reload cannot rebuild: the pretrained ones come from
+        # `pretrained`, pruned ones from PruneCallback's state.  An 8B checkpoint stays megabytes, not 16 GB.
+        checkpoint["state_dict"] = {}
+        checkpoint["dlm_results"] = self.results
+
+    def on_load_checkpoint(self, checkpoint):
+        self.results = checkpoint.get("dlm_results", {})
 
     def configure_model(self):
         if self.model is not None:
@@ -71,8 +81,12 @@ class DLMModule(L.LightningModule):
             kwargs["attention_mask"] = attention_mask
         return self.model(**kwargs)
 
+    def on_train_start(self):
+        # Fit may put modules in train mode; calibration must see the inference network (no dropout).
+        # on_train_start also runs when resuming mid-epoch, where on_train_epoch_start does not.
+        self.model.eval()
+
     def on_train_epoch_start(self):
-        # Lightning puts the module in train mode for fit; calibration must see the inference network (no dropout).
         self.model.eval()
 
     def training_step(self, batch, batch_idx):

@@ -1,8 +1,6 @@
 """Tables for people and dicts for JSON: the sparsity report and the dense-vs-pruned scores."""
 from __future__ import annotations
 
-import math
-
 from rich.table import Table
 
 
@@ -50,31 +48,14 @@ def render_sparsity(report: dict, max_rows: int = 40) -> Table:
     return table
 
 
-def _fmt(value, stderr=None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr else "")
-
-
 def render_scores(dense: dict, pruned: dict, label: str) -> Table:
-    """Held-out perplexity and task metrics, dense vs pruned, with the delta."""
-    table = Table(title=f"dense vs pruned ({label})")
+    """Held-out masked-diffusion NLL and perplexity, dense vs pruned (same masks for both)."""
+    table = Table(title=f"held-out masked-diffusion perplexity, dense vs pruned ({label})")
     for col in ("metric", "dense", "pruned", "delta"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for key, name in (("nll", "held-out NLL (nats/token)"), ("ppl", "held-out perplexity")):
+    for key, name in (("nll", "NLL (nats/token)"), ("ppl", "perplexity")):
         d = dense.get("heldout", {}).get(key)
         p = pruned.get("heldout", {}).get(key)
-        table.add_row(name, _fmt(d), _fmt(p), _fmt(p - d) if d is not None and p is not None else "-")
-    tasks = sorted(set(dense.get("tasks", {})) | set(pruned.get("tasks", {})))
-    for task in tasks:
-        dt, pt = dense.get("tasks", {}).get(task, {}), pruned.get("tasks", {}).get(task, {})
-        for metric in sorted(set(dt) | set(pt)):
-            if metric.endswith("_stderr"):
-                continue
-            d, p = dt.get(metric), pt.get(metric)
-            table.add_row(
-                f"{task} {metric}", _fmt(d, dt.get(metric + "_stderr")), _fmt(p, pt.get(metric + "_stderr")),
-                _fmt(p - d) if isinstance(d, float) and isinstance(p, float) else "-",
-            )
+        cells = [f"{v:.4f}" if v is not None else "-" for v in (d, p)]
+        table.add_row(name, *cells, f"{p - d:+.4f}" if d is not None and p is not None else "-")
     return table
-

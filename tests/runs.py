@@ -39,7 +39,7 @@ def run_cli(config: dict, tmp_path: Path, *extra: str, timeout=900) -> subproces
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_inprocess(config: dict, tmp_path: Path) -> tuple[int, str]:
+def run_inprocess(config: dict, tmp_path: Path, *extra: str) -> tuple[int, str]:
     """`cli.py fit` in this process (no interpreter start-up): (exit code, stderr)."""
     import contextlib
     import io
@@ -52,7 +52,7 @@ def run_inprocess(config: dict, tmp_path: Path) -> tuple[int, str]:
     code = 0
     with contextlib.redirect_stderr(err):
         try:
-            cli.main(["fit", "--config", str(path)])
+            cli.main(["fit", "--config", str(path), *extra])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
     return code, err.getvalue()

@@ -23,6 +23,7 @@ What is covered, and what is not:
     (`from torch.nn.functional import scaled_dot_product_attention` at import time). Those forwards run
     untouched and the probe sees zero calls; `require_attention()` then raises NoAttentionSeenError rather
     than returning an all-zero mass. Load such models with attn_implementation="sdpa".
+    A model compiled with torch.compile has SDPA baked into its graph: probe the uncompiled module.
   * The mass is that of the probabilities before dropout (dropout_p is ignored); calibration runs in eval.
   * Only calls from the thread that entered the probe are measured; other threads pass straight through.
 

@@ -218,3 +218,20 @@ def test_eager_attention_is_invisible_and_refused():
     with pytest.raises(NoAttentionSeenError, match="attn_implementation='eager'"):
         with torch.no_grad():
             probed_forward(_tiny_llama("eager"), input_ids=torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_out_of_order_exit_and_bad_query_weights_are_clear_errors():
+    original = F.scaled_dot_product_attention
+    outer, inner = AttentionMassProbe(), AttentionMassProbe()
+    outer.__enter__()
+    inner.__enter__()
+    with pytest.raises(RuntimeError, match="out of order"):
+        outer.__exit__(None, None, None)
+    inner.__exit__(None, None, None)
+    outer.__exit__(None, None, None)
+    assert F.scaled_dot_product_attention is original
+    q, k, v = _qk()
+    with pytest.raises(ValueError, match="query_weights has shape"):
+        with AttentionMassProbe(query_weights=torch.ones(B, L + 1)):
+            F.scaled_dot_product_attention(q, k, v)
+    assert F.scaled_dot_product_attention is original

@@ -1,0 +1,227 @@
+"""Recipe: train the structural twins `tiny-llada` (masked diffusion) and `tiny-ar` (next token) from scratch.
+
+    python -m pipeline.zoo.train_tiny --which llada --minutes 20     # resumes from .cache/train_tiny_llada
+    python -m pipeline.zoo.train_tiny --which ar --minutes 20        # resumes from .cache/train_tiny_ar
+
+Both use LLaDA-8B's architecture at toy size (pipeline/zoo/tiny_llada/modeling_llada.py) and the shared BPE
+tokenizer (pipeline/zoo/tiny_tokenizer.py) on wiki_split('train'); windows of 128 tokens start with BOS.
+DLM loss (LLaDA's): x_t = forward_process(x_0, t), t ~ U(0, 1) per row, BOS never masked,
+Σ_masked CE / p(t) / L.  AR loss: next-token cross-entropy.  `config.causal` is the only difference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.corpus import wiki_split
+from pipeline.diffusion import forward_process, masked_token_nll
+from pipeline.zoo.tiny_llada.configuration_llada import LLaDAConfig
+from pipeline.zoo.tiny_llada.modeling_llada import LLaDAModelLM, scaled_init_
+from pipeline.zoo.tiny_tokenizer import copy_tokenizer, ensure_tokenizer
+
+ZOO = Path(__file__).parent
+CODE_DIR = ZOO / "tiny_llada"  # the remote-code files live here and are copied into tiny_ar
+REMOTE_CODE = ("configuration_llada.py", "modeling_llada.py")
+SIZES = dict(d_model=192, n_heads=4, n_kv_heads=2, n_layers=4, mlp_hidden_size=512, max_sequence_length=512)
+
+
+def out_dir(which: str) -> Path:
+    return ZOO / f"tiny_{which}"
+
+
+def make_config(which: str, tokenizer) -> LLaDAConfig:
+    config = LLaDAConfig(
+        **SIZES,
+        vocab_size=len(tokenizer),
+        embedding_size=len(tokenizer),
+        causal=(which == "ar"),
+        mask_token_id=tokenizer.mask_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config.architectures = ["LLaDAModelLM"]
+    config.auto_map = {
+        "AutoConfig": "configuration_llada.LLaDAConfig",
+        "AutoModel": "modeling_llada.LLaDAModelLM",
+        "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+    }
+    return config
+
+
+def new_model(config: LLaDAConfig, seed: int = 0) -> LLaDAModelLM:
+    torch.manual_seed(seed)
+    model = LLaDAModelLM(config)
+    scaled_init_(model)
+    return model
+
+
+def token_stream(tokenizer, split: str) -> torch.Tensor:
+    """All articles of a split, each followed by EOS, as one id stream."""
+    ids = []
+    for text in wiki_split(split):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(stream: torch.Tensor, starts: torch.Tensor, seqlen: int, bos_id: int) -> torch.Tensor:
+    body = torch.stack([stream[s : s + seqlen - 1] for s in starts.tolist()])
+    return torch.cat([torch.full((len(starts), 1), bos_id), body], dim=1)
+
+
+def bos_keep(x0: torch.Tensor) -> torch.Tensor:
+    keep = torch.zeros_like(x0, dtype=torch.bool)
+    keep[:, 0] = True
+    return keep
+
+
+def diffusion_loss(model, x0, t, mask_id, g):
+    xt, masked, p = forward_process(x0, t, mask_id, keep=bos_keep(x0), generator=g)
+    body = model.model.transformer
+    x = body.wte(xt)
+    for block in body.blocks:
+        x = block(x)
+    x = body.ln_f(x)[masked]  # decode only masked positions: the vocab projection dominates the cost
+    ce = F.cross_entropy(body.ff_out(x).float(), x0[masked], reduction="none")
+    weight = (1.0 / p.expand_as(x0))[masked]
+    return (ce * weight).sum() / x0.numel()
+
+
+def next_token_loss(model, x0):
+    logits = model(input_ids=x0).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x0[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def heldout_elbo(model, stream, mask_id, bos_id, seqlen=128, n_windows=64, n_t=8, seed=1234) -> float:
+    """Masked-diffusion negative ELBO, nats/token over the L-1 non-BOS tokens, stratified t, fixed seed."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seqlen, (n_windows,), generator=g)
+    x0 = windows(stream, starts, seqlen, bos_id)
+    total = 0.0
+    for k in range(n_t):
+        t = torch.full((n_windows,), (k + 0.5) / n_t)
+        xt, masked, p = forward_process(x0, t, mask_id, keep=bos_keep(x0), generator=g)
+        logits = model(input_ids=xt).logits
+        total += (masked_token_nll(logits, x0, masked) / p.squeeze(1)).sum().item()
+    model.train(was_training)
+    return total / (n_t * n_windows * (seqlen - 1))
+
+
+@torch.no_grad()
+def heldout_next_token_nll(model, stream, bos_id, seqlen=128, n_windows=64, seed=1234) -> float:
+    """Next-token NLL in nats/token over the L-1 predicted tokens of the same fixed held-out windows."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seqlen, (n_windows,), generator=g)
+    x0 = windows(stream, starts, seqlen, bos_id)
+    loss = next_token_loss(model, x0).item()
+    model.train(was_training)
+    return loss
+
+
+def export(model, which: str, step: int, log: list, args) -> None:
+    """Write config, weights (fp32 safetensors), remote code and tokenizer into pipeline/zoo/tiny_<which>/."""
+    folder = out_dir(which)
+    model.save_pretrained(folder, safe_serialization=True)
+    if folder != CODE_DIR:
+        for name in REMOTE_CODE:
+            shutil.copyfile(CODE_DIR / name, folder / name)
+        copy_tokenizer(CODE_DIR, folder)
+    (folder / "training_log.json").write_text(json.dumps({"args": vars(args), "step": step, "log": log}, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--which", choices=("llada", "ar"), required=True)
+    ap.add_argument("--minutes", type=float, default=20.0)
+    ap.add_argument("--max-steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoTokenizer
+
+    ensure_tokenizer(CODE_DIR)
+    tok = AutoTokenizer.from_pretrained(CODE_DIR)
+    config = make_config(args.which, tok)
+    train_stream, held_stream = token_stream(tok, "train"), token_stream(tok, "heldout")
+    print(f"train tokens {len(train_stream)}, held-out tokens {len(held_stream)}", flush=True)
+
+    def evaluate(m):
+        if args.which == "llada":
+            return {"heldout_elbo": heldout_elbo(m, held_stream, config.mask_token_id, config.bos_token_id)}
+        return {"heldout_nll": heldout_next_token_nll(m, held_stream, config.bos_token_id)}
+
+    model = new_model(config)
+    print(f"params {sum(p.numel() for p in model.parameters())}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup, step, log = 50, 0, []
+    ckpt_dir = Path(f".cache/train_tiny_{args.which}")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_dir / "last.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, log = state["step"], state["log"]
+        print(f"resumed at step {step}", flush=True)
+    else:
+        log.append({"step": 0, **evaluate(model)})
+        print(log[-1], flush=True)
+    log.append({"step": step, "run": {"minutes": args.minutes, "max_steps": args.max_steps}})  # each invocation
+
+    def lr_at(s):
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.max_steps)))
+        return args.lr * min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * cosine)
+
+    t_end = time.time() + args.minutes * 60
+    model.train()
+    recent = []
+    while step < args.max_steps and time.time() < t_end:
+        g = torch.Generator().manual_seed(10_000 + step)
+        starts = torch.randint(0, len(train_stream) - args.seqlen, (args.batch,), generator=g)
+        x0 = windows(train_stream, starts, args.seqlen, config.bos_token_id)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        if args.which == "llada":
+            loss = diffusion_loss(model, x0, torch.rand(args.batch, generator=g), config.mask_token_id, g)
+        else:
+            loss = next_token_loss(model, x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        recent.append(loss.item())
+        if step % 50 == 0:
+            entry = {"step": step, "train_loss": sum(recent) / len(recent), "time": time.time()}
+            if step % 200 == 0:
+                entry.update(evaluate(model))
+            log.append(entry)
+            recent = []
+            print(entry, flush=True)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, ckpt.with_suffix(".tmp"))
+            ckpt.with_suffix(".tmp").replace(ckpt)
+            export(model, args.which, step, log, args)
+    if not log or log[-1]["step"] != step:
+        log.append({"step": step, **evaluate(model)})
+    export(model, args.which, step, log, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,8 @@ DDP world sizes (callbacks/reduction.py); masks are then computed identically on
 Modes: `oneshot` takes every statistic from the dense model in one epoch.  `sequential` runs one epoch
 per block: block i is calibrated on the outputs of the already-pruned blocks before it (the forward stops
 after block i), so only one block's statistics are alive at a time: less memory, L(L+1)/2 block passes.
+`single_pass: true` (one-shot, sink-aware) reads the Linear inputs of SinkStatsCallback's probed forward
+instead of running a second forward: the same numbers, bit for bit, for one forward per noised batch.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from rich.console import Console
 
 from callbacks.protocol import NoisedBatch, calibration_forward
 from callbacks.reduction import SlotSums
+from callbacks.sink_stats import SinkStatsCallback
 from pipeline import sparsity as sp
 from pipeline.outputs import AtomicDir, prepare_output_dir, run_metadata
 from pipeline.report import sparsity_report
@@ -76,6 +79,7 @@ class PruneCallback(Callback):
         tasks: list[dict] | None = None,
         score_dense_tasks: bool = True,
         eval_kwargs: dict | None = None,
+        single_pass: bool = False,
     ):
         if method not in METHODS:
             raise ValueError(f"prune method={method!r} is unknown; choose one of {', '.join(METHODS)}")
@@ -100,6 +104,7 @@ class PruneCallback(Callback):
         self.masks_from, self.score, self.tasks = masks_from, score, tasks or []
         self.eval_kwargs = eval_kwargs or {}
         self.score_dense_tasks = score_dense_tasks
+        self.single_pass = single_pass
         self.layers: dict[str, torch.nn.Linear] = {}
         self.block_layers: list[list[str]] = []
         self.block_modules: list[torch.nn.Module] = []
@@ -108,7 +113,8 @@ class PruneCallback(Callback):
         self.info: dict = {"timings": {}}
         self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
         self.pruned_weights: dict[str, torch.Tensor] = {}  # SparseGPT-updated weights, for resuming
-        self._current: NoisedBatch | None = None
+        self._captured: dict[str, torch.Tensor] = {}
+        self._capture_handles: list = []
 
     @property
     def sink_aware(self) -> bool:
@@ -121,7 +127,7 @@ class PruneCallback(Callback):
     # --- setup: find layers, check the output dir, before any heavy work ----------------------------
     def setup(self, trainer, pl_module, stage=None) -> None:
         self.out = prepare_output_dir(self.output_dir or Path(trainer.default_root_dir) / "pruned", self.overwrite)
-        if self.sink_aware and not any(type(cb).__name__ == "SinkStatsCallback" for cb in trainer.callbacks):
+        if self.sink_aware and not any(isinstance(cb, SinkStatsCallback) for cb in trainer.callbacks):
             raise ValueError(f"prune method={self.method} needs a SinkStatsCallback listed before PruneCallback in trainer.callbacks")
         if self.masks_from and not (Path(self.masks_from).expanduser() / "masks.safetensors").is_file():
             raise FileNotFoundError(f"prune masks_from={self.masks_from}: no masks.safetensors there; point it at a previous run's output_dir")
@@ -188,6 +194,16 @@ class PruneCallback(Callback):
             return self.block_layers[epoch] if epoch < len(self.block_layers) else []
         return list(self.layers)
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.single_pass and self.sink_aware and self.mode == "oneshot":
+            # Capture the inputs of SinkStatsCallback's probed forward instead of running a second one:
+            # that forward is bit-identical to a plain one (the probe changes no output).
+            self._captured = {}
+            self._capture_handles = [
+                self.layers[n].register_forward_hook(lambda mod, inp, out, n=n: self._captured.__setitem__(n, inp[0].detach()))
+                for n in self._active_layers(trainer.current_epoch)
+            ]
+
     def on_noised_batch(self, trainer, pl_module, nb: NoisedBatch) -> None:
         names = self._active_layers(trainer.current_epoch)
         if not names:
@@ -196,13 +212,19 @@ class PruneCallback(Callback):
             raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")
         epoch = trainer.current_epoch
         fresh = [(epoch, sid, nb.step) not in self.seen for sid in nb.sample_ids]
-        if not any(fresh):
-            return  # a resumed run replaying a batch that the checkpoint already counted
-        self._current, self._fresh = nb, fresh
-        handles = [self.layers[n].register_forward_hook(self._hook(n)) for n in names]
+        if any(fresh) and self._capture_handles:
+            captured, self._captured = self._captured, {}
+            for name in names:
+                self._accumulate(name, captured[name], nb, fresh)
+        elif any(fresh):  # else: a resumed run replaying a batch that the checkpoint already counted
+            self._forward_and_accumulate(trainer, pl_module, nb, names, fresh)
+        self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids)
+
+    def _forward_and_accumulate(self, trainer, pl_module, nb, names, fresh) -> None:
+        handles = [self.layers[n].register_forward_hook(
+            lambda mod, inp, out, n=n: self._accumulate(n, inp[0].detach(), nb, fresh)) for n in names]
         if self.mode == "sequential":
-            block = self.block_modules[trainer.current_epoch]
-            handles.append(block.register_forward_hook(_stop_forward))
+            handles.append(self.block_modules[trainer.current_epoch].register_forward_hook(_stop_forward))
         try:
             calibration_forward(pl_module, nb.input_ids, nb.attention_mask)
         except _StopForward:
@@ -210,8 +232,6 @@ class PruneCallback(Callback):
         finally:
             for h in handles:
                 h.remove()
-            self._current = None
-        self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids)
 
     def _row_weights(self, nb: NoisedBatch) -> torch.Tensor | None:
         weights = None
@@ -222,26 +242,26 @@ class PruneCallback(Callback):
             weights = pad if weights is None else weights * pad
         return weights
 
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            nb = self._current
-            x = inputs[0].detach()
-            x = x.reshape(len(nb.sample_ids), -1, x.shape[-1]).float()
-            if not torch.isfinite(x).all():
-                raise FloatingPointError(f"NaN/Inf in the input activations of {name} (samples {nb.sample_ids}, t={nb.t})")
-            weights = self._row_weights(nb)
-            for b, sample_id in enumerate(nb.sample_ids):
-                if not self._fresh[b]:
-                    continue
-                w = None if weights is None else weights[b]
-                if self.statistic == "hessian":
-                    value = sp.accumulate_hessian(sp.new_hessian(x.shape[-1], device=x.device), x[b], w)
-                else:
-                    value = sp.accumulate_act_sq_sum(sp.new_act_sq_sum(x.shape[-1], device=x.device), x[b], w)
-                self.sums.add(name, sample_id, value)
-        return hook
+    def _accumulate(self, name: str, x: torch.Tensor, nb: NoisedBatch, fresh: list[bool]) -> None:
+        """Add each fresh sample's Σ_t (w_t x_t)² (or Hessian) to its reduction slot."""
+        x = x.reshape(len(nb.sample_ids), -1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"NaN/Inf in the input activations of {name} (samples {nb.sample_ids}, t={nb.t})")
+        weights = self._row_weights(nb)
+        for b, sample_id in enumerate(nb.sample_ids):
+            if not fresh[b]:
+                continue
+            w = None if weights is None else weights[b]
+            if self.statistic == "hessian":
+                value = sp.accumulate_hessian(sp.new_hessian(x.shape[-1], device=x.device), x[b], w)
+            else:
+                value = sp.accumulate_act_sq_sum(sp.new_act_sq_sum(x.shape[-1], device=x.device), x[b], w)
+            self.sums.add(name, sample_id, value)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        for h in self._capture_handles:
+            h.remove()
+        self._capture_handles, self._captured = [], {}
         epoch = trainer.current_epoch
         if self.masks_from:
             return

@@ -15,15 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console
 from rich.table import Table
 
 from callbacks.protocol import noised_batches
-from callbacks.prune import find_blocks
+from callbacks.prune import target_linears
 from pipeline import sparsity as sp
 from pipeline.attention import AttentionMassProbe
 from pipeline.data import CalibrationData
@@ -34,11 +37,6 @@ from pipeline.sinks import sink_scores
 
 SETTINGS = {"50%": (0.5, None), "60%": (0.6, None), "70%": (0.7, None), "2:4": (None, (2, 4))}
 METHODS = ("magnitude", "wanda", "sink_wanda", "sparsegpt", "sink_sparsegpt")
-
-
-def target_layers(model) -> dict[str, torch.nn.Linear]:
-    return {f"{prefix}.{sub}": m for prefix, block in find_blocks(model) for sub, m in block.named_modules()
-            if isinstance(m, torch.nn.Linear)}
 
 
 @torch.no_grad()
@@ -105,7 +103,7 @@ def main():
     torch.set_num_threads(args.threads)
     model, tok = load_dlm(args.model)
     mask_id = resolve_mask_token_id(tok, model.config)
-    layers = target_layers(model)
+    layers = target_linears(model)
     dense = {n: m.weight.detach().clone() for n, m in layers.items()}
     console = Console(width=140)
     results = {"dense": [], **{f"{m} {s}": [] for m in METHODS for s in SETTINGS}}

@@ -59,6 +59,12 @@ def find_blocks(model) -> list[tuple[str, torch.nn.Module]]:
     return best
 
 
+def target_linears(model) -> dict[str, torch.nn.Linear]:
+    """Every nn.Linear inside the transformer blocks, by full module name (embeddings and LM head excluded)."""
+    return {f"{prefix}.{sub}": m for prefix, block in find_blocks(model) for sub, m in block.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
 class PruneCallback(Callback):
     def __init__(
         self,

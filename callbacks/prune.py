@@ -37,18 +37,6 @@ class _StopForward(Exception):
     """Raised after the block being calibrated: later blocks' outputs are not needed in sequential mode."""
 
 
-def parse_n_m(n_m: str | None) -> tuple[int, int] | None:
-    if n_m in (None, "", "none"):
-        return None
-    try:
-        n, m = (int(v) for v in str(n_m).split(":"))
-    except ValueError:
-        raise ValueError(f"prune n_m={n_m!r} is not of the form 'N:M'; use e.g. '2:4' or '4:8'") from None
-    if not 0 < n < m:
-        raise ValueError(f"prune n_m={n_m!r}: N must be in 1..M-1 (N zeros per group of M); use e.g. '2:4'")
-    return n, m
-
-
 def find_blocks(model) -> list[tuple[str, torch.nn.Module]]:
     """The transformer blocks: the longest ModuleList whose children hold Linear layers."""
     best: list[tuple[str, torch.nn.Module]] = []
@@ -89,7 +77,7 @@ class PruneCallback(Callback):
     ):
         if method not in METHODS:
             raise ValueError(f"prune method={method!r} is unknown; choose one of {', '.join(METHODS)}")
-        self.n_m = parse_n_m(n_m)
+        self.n_m = sp.parse_n_m(n_m)
         if sparsity is None and self.n_m is None:
             sparsity = 0.5
         if self.n_m is None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
@@ -217,14 +205,14 @@ class PruneCallback(Callback):
         if self.sink_aware and nb.sink_scores is None:
             raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")
         epoch = trainer.current_epoch
-        fresh = [(epoch, sid, nb.step) not in self.seen for sid in nb.sample_ids]
+        fresh = [sid >= 0 and (epoch, sid, nb.step) not in self.seen for sid in nb.sample_ids]  # -1: DDP padding
         if any(fresh) and self._capture_handles:
             captured, self._captured = self._captured, {}
             for name in names:
                 self._accumulate(name, captured[name], nb, fresh)
         elif any(fresh):  # else: a resumed run replaying a batch that the checkpoint already counted
             self._forward_and_accumulate(trainer, pl_module, nb, names, fresh)
-        self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids)
+        self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids if sid >= 0)
 
     def _forward_and_accumulate(self, trainer, pl_module, nb, names, fresh) -> None:
         handles = [self.layers[n].register_forward_hook(

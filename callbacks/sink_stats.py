@@ -74,6 +74,8 @@ class SinkStatsCallback(Callback):
         stats = mass_statistics(mass, valid=valid)
         tokenizer = getattr(pl_module, "tokenizer", None)
         for b, sample_id in enumerate(nb.sample_ids):
+            if sample_id < 0:  # DDP padding
+                continue
             pos = int(stats["dominant_position"][b])
             token = int(nb.input_ids[b, pos])
             rec = {

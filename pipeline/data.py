@@ -99,16 +99,20 @@ class WindowDataset(Dataset):
         return len(self.windows)
 
     def __getitem__(self, i):
+        """Indices past the end are DDP padding: a real window, flagged index -1 so nothing counts it."""
         keep = torch.zeros(self.windows.shape[1], dtype=torch.bool)
         keep[: self.n_kept] = True
-        return {"input_ids": self.windows[i], "keep": keep, "index": i}
+        n = len(self.windows)
+        return {"input_ids": self.windows[i % n], "keep": keep, "index": i if i < n else -1}
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
     """Rank r gets indices r, r+W, r+2W, …: disjoint, nothing duplicated or dropped.
 
-    torch's DistributedSampler pads uneven shards with repeats, which would count some calibration samples
-    twice in the summed statistics.  Subclassing it keeps Lightning from wrapping it again.
+    Every rank must run the same number of steps (Lightning synchronises each one), so short shards are
+    filled with indices past the dataset's end, which WindowDataset flags as padding (index -1) and the
+    callbacks and metrics ignore.  torch's DistributedSampler pads with real repeats instead, which would
+    count some windows twice.  Subclassing it keeps Lightning from wrapping it again.
     `skip_next` drops the first indices of the next epoch only: a resumed run starts after the batches
     its checkpoint already counted (Lightning would otherwise replay the epoch from its first batch).
     """
@@ -118,7 +122,8 @@ class UnpaddedDistributedSampler(DistributedSampler):
         self.skip_next = 0
 
     def _indices(self):
-        return range(self.rank, len(self.dataset), self.num_replicas)
+        per_rank = -(-len(self.dataset) // self.num_replicas)
+        return range(self.rank, per_rank * self.num_replicas, self.num_replicas)
 
     def __iter__(self):
         indices, self.skip_next = list(self._indices())[self.skip_next:], 0

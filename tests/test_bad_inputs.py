@@ -43,7 +43,7 @@ def _case(root, **kw):
 CASES = {
     "sparsity_above_one": (dict(sparsity=1.5), "sparsity=1.5 must be in [0, 1)"),
     "sparsity_negative": (dict(sparsity=-0.1), "sparsity=-0.1 must be in [0, 1)"),
-    "n_not_below_m": (dict(n_m="4:4"), "N must be in 1..M-1"),
+    "n_not_below_m": (dict(n_m="4:4"), "N must satisfy 0 < N < M"),
     "n_m_malformed": (dict(n_m="2-4"), "not of the form 'N:M'"),
     "n_m_does_not_divide": (dict(n_m="2:5"), "not divisible by 5"),
     "sparsity_disagrees_with_n_m": (dict(n_m="2:4", prune_args={"sparsity": 0.7}), "disagrees with n_m"),

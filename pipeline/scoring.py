@@ -1,6 +1,6 @@
 """Benchmark scores of an in-memory diffusion LM through lm-eval, and dense-vs-pruned reporting.
 
-    specs = load_task_specs("configs/eval_offline.yaml")     # [{name: wiki_cloze_offline, mc_num: 16}, ...]
+    specs = load_task_specs("configs/eval/offline_tasks.yaml")     # [{name: wiki_cloze_offline, mc_num: 16}, ...]
     dense = evaluate_tasks(model, tokenizer, mask_id, specs, limit=200)
     pruned = evaluate_tasks(pruned_model, tokenizer, mask_id, specs, limit=200)
     rich.print(render_comparison(dense, pruned)); save_json("outputs/scores.json", {"dense": dense, ...})

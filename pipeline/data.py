@@ -3,7 +3,7 @@
 Sources: `wiki-embedded` (real Wikipedia from gensim's wheel, offline; the default), the hub datasets the
 reference uses (`wikitext2`, `c4`), or local files (.txt, .json/.jsonl with a "text" field, .parquet).
 Calibration windows are random `seqlen` slices of the concatenated token stream, chosen by `seed`, as in
-Wanda/SparseGPT.  Held-out windows tile the held-out stream without overlap, so scoring is deterministic.
+Wanda/SparseGPT.  Held-out windows are spread evenly over the held-out stream without overlap, so scoring is deterministic.
 """
 from __future__ import annotations
 
@@ -182,8 +182,11 @@ class CalibrationData(L.LightningDataModule):
         g = torch.Generator().manual_seed(hp.seed)
         starts = torch.randint(0, len(train) - body, (hp.nsamples,), generator=g)
         self.calibration = WindowDataset(self._windows(train, starts, body, bos), n_kept=int(bos is not None))
+        # Spread held-out windows evenly over the whole held-out stream (non-overlapping): the first
+        # windows alone would all come from one or two articles (for the embedded corpus, a list article).
         n_held = min(hp.heldout_samples, len(held) // body)
-        held_starts = torch.arange(n_held) * body
+        stride = (len(held) - body) // max(n_held - 1, 1) if n_held > 1 else 0
+        held_starts = torch.arange(n_held) * max(stride, body) if n_held else torch.arange(0)
         self.heldout = WindowDataset(self._windows(held, held_starts, body, bos), n_kept=int(bos is not None))
 
     @staticmethod

@@ -31,6 +31,10 @@ class SinkPruneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("model.init_args.pretrained", "data.init_args.tokenizer")
 
+    def before_fit(self):
+        # recorded in results.json, so a run can be repeated from its own output
+        self.model.resolved_config = self.parser.dump(self.config, skip_none=False, format="yaml")
+
 
 def main(args=None):
     try:

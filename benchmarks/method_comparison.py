@@ -53,12 +53,13 @@ def calibrate(model, layers, dm, mask_id, timesteps, seed, sink_std, sink_alpha)
                     model(input_ids=nb.input_ids)  # one pass: the probe and the hooks see the same forward
                 keep = 1.0 - sink_scores(probe.mass, k=sink_std, alpha=sink_alpha)
                 for name, x in captured.items():
+                    s = stats[name]
+                    # the same per-sample float32 statistics as PruneCallback, summed in float64
+                    s["wanda"] = s["wanda"] + sp.sample_act_sq_sums(x).sum(0)
+                    s["sink_wanda"] = s["sink_wanda"] + sp.sample_act_sq_sums(x, keep).sum(0)
                     for b in range(x.shape[0]):
-                        s = stats[name]
-                        s["wanda"] = s["wanda"] + sp.accumulate_act_sq_sum(sp.new_act_sq_sum(x.shape[-1]), x[b])
-                        s["sink_wanda"] = s["sink_wanda"] + sp.accumulate_act_sq_sum(sp.new_act_sq_sum(x.shape[-1]), x[b], keep[b])
-                        s["sparsegpt"] = s["sparsegpt"] + sp.accumulate_hessian(sp.new_hessian(x.shape[-1]), x[b])
-                        s["sink_sparsegpt"] = s["sink_sparsegpt"] + sp.accumulate_hessian(sp.new_hessian(x.shape[-1]), x[b], keep[b])
+                        s["sparsegpt"] = s["sparsegpt"] + sp.sample_hessian(x[b]).double()
+                        s["sink_sparsegpt"] = s["sink_sparsegpt"] + sp.sample_hessian(x[b], keep[b]).double()
     finally:
         for h in hooks:
             h.remove()

@@ -238,19 +238,20 @@ class PruneCallback(Callback):
 
     def _accumulate(self, name: str, x: torch.Tensor, nb: NoisedBatch, fresh: list[bool]) -> None:
         """Add each fresh sample's Σ_t (w_t x_t)² (or Hessian) to its reduction slot."""
-        x = x.reshape(len(nb.sample_ids), -1, x.shape[-1]).float()
-        if not torch.isfinite(x).all():
-            raise FloatingPointError(f"NaN/Inf in the input activations of {name} (samples {nb.sample_ids}, t={nb.t})")
+        x = x.reshape(len(nb.sample_ids), -1, x.shape[-1])
         weights = self._row_weights(nb)
-        for b, sample_id in enumerate(nb.sample_ids):
-            if not fresh[b]:
-                continue
-            w = None if weights is None else weights[b]
-            if self.statistic == "hessian":
-                value = sp.accumulate_hessian(sp.new_hessian(x.shape[-1], device=x.device), x[b], w)
-            else:
-                value = sp.accumulate_act_sq_sum(sp.new_act_sq_sum(x.shape[-1], device=x.device), x[b], w)
-            self.sums.add(name, sample_id, value)
+        if self.statistic == "hessian":
+            values = ((b, sp.sample_hessian(x[b], None if weights is None else weights[b]))
+                      for b in range(len(fresh)) if fresh[b])
+        else:
+            sums = sp.sample_act_sq_sums(x, weights)
+            values = ((b, sums[b]) for b in range(len(fresh)) if fresh[b])
+        for b, value in values:
+            # NaN/Inf anywhere in x reaches the diagonal (H_jj = Σ x_j²), so checking it is enough.
+            if not torch.isfinite(value.diagonal() if value.dim() == 2 else value).all():
+                raise FloatingPointError(f"NaN/Inf in the input activations of {name} (sample {nb.sample_ids[b]}, "
+                                         f"t={nb.t}); check the model's dtype (fp16 overflow?) and the calibration data")
+            self.sums.add(name, nb.sample_ids[b], value)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         for h in self._capture_handles:

@@ -38,9 +38,9 @@ class SlotSums:
             raise RuntimeError(f"sample {sample_id} reached a rank that does not own slot {slot}: use the UnpaddedDistributedSampler")
         per_key = self.sums.setdefault(key, {})
         if slot in per_key:
-            per_key[slot] += value
+            per_key[slot] += value  # float32 per-sample values promote into the float64 slot
         else:
-            per_key[slot] = value.to(torch.float64).clone()
+            per_key[slot] = value.to(torch.float64, copy=True)
 
     def keys(self) -> list[str]:
         keys = set(self.sums)

@@ -83,6 +83,47 @@ def accumulate_hessian(hessian: torch.Tensor, x: torch.Tensor, row_weights: torc
     return hessian
 
 
+# --- per-sample statistics for exact cross-rank sums ---------------------------------------------------
+# The callback adds every calibration sample to a float64 reduction slot (callbacks/reduction.py), so a
+# sample's own statistic must not depend on which other samples share its batch (that differs with the
+# DDP world size).  Both functions compute each sample on its own, in float32 (like Wanda and SparseGPT),
+# which is 2x cheaper than float64 and exact enough for one sample's T tokens.
+
+def _pairwise_sum_over_tokens(y: torch.Tensor) -> torch.Tensor:
+    """[B, T, F] -> [B, F] by halving T: only elementwise adds, so every sample's result is bit-identical
+    whatever the batch size, thread count or device (a library reduction may split differently)."""
+    while y.shape[1] > 1:
+        half = y.shape[1] // 2
+        head = y[:, :half] + y[:, half:2 * half]
+        y = torch.cat([head, y[:, 2 * half:]], dim=1) if y.shape[1] % 2 else head
+    return y[:, 0]
+
+
+def _check_batch(x: torch.Tensor, row_weights: torch.Tensor | None) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"activations have shape {tuple(x.shape)}; pass them as [samples, tokens, in_features]")
+    if row_weights is not None and tuple(row_weights.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"row_weights has shape {tuple(row_weights.shape)} for activations {tuple(x.shape)}; "
+                         "give one weight per token, shape [samples, tokens]")
+
+
+def sample_act_sq_sums(x: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T, in] -> [B, in] float64: Σ_t (w_bt · x_btj)² for each sample b on its own."""
+    _check_batch(x, row_weights)
+    y = x.float()
+    if row_weights is not None:
+        y = y * row_weights.to(device=y.device, dtype=torch.float32).unsqueeze(-1)
+    return _pairwise_sum_over_tokens(y * y).to(torch.float64)
+
+
+def sample_hessian(x: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One sample's [T, in] -> (w·x)ᵀ(w·x), [in, in] float32 (one GEMM of a fixed shape per sample)."""
+    y = x.float()
+    if row_weights is not None:
+        y = y * row_weights.to(device=y.device, dtype=torch.float32).unsqueeze(-1)
+    return y.T @ y
+
+
 # --- masks ---------------------------------------------------------------------------------------------
 
 def parse_n_m(n_m) -> tuple[int, int] | None:

@@ -71,15 +71,23 @@ def test_sparsity_exact_embeddings_untouched_and_reload(tmp_path, minilm):
         assert torch.equal(weight[mask.bool()], torch.zeros_like(weight[mask.bool()]))
 
 
-def test_reload_scores_the_same(tmp_path):
-    root, _, results = _run(tmp_path, "run", method="wanda")
+@pytest.mark.parametrize("pretrained,method,mode", [("minilm-dlm", "wanda", "oneshot"),
+                                                     ("tiny-llada", "sink_sparsegpt", "sequential")])
+def test_reload_scores_the_same(tmp_path, pretrained, method, mode):
+    # tiny-llada is LLaDA's remote-code layout: the saved folder must carry the .py files and reload
+    # through from_pretrained(..., trust_remote_code=True) like GSAI-ML/LLaDA-8B-Base
+    root, _, results = _run(tmp_path, "run", method=method, pretrained=pretrained, prune_args={"mode": mode})
     from lightning import Trainer
 
     from pipeline.data import CalibrationData
     from pipeline.module import DLMModule
 
-    module = DLMModule(pretrained=str(root / "pruned" / "model"), heldout_timesteps=2)
-    dm = CalibrationData(tokenizer=str(root / "pruned" / "model"), nsamples=6, seqlen=64, batch_size=2, heldout_samples=4)
+    saved = root / "pruned" / "model"
+    if pretrained == "tiny-llada":
+        assert {"modeling_llada.py", "configuration_llada.py"} <= {p.name for p in saved.iterdir()}
+        assert results["sparsity_report"]["meets_target"]
+    module = DLMModule(pretrained=str(saved), heldout_timesteps=2)
+    dm = CalibrationData(tokenizer=str(saved), nsamples=6, seqlen=64, batch_size=2, heldout_samples=4)
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=dm)

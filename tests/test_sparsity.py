@@ -69,6 +69,33 @@ def test_zero_sink_scores_equal_plain_statistics_bit_for_bit():
     assert torch.equal(plain_h, sink_h)
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 7, 64, 129])
+def test_per_sample_statistics_match_float64_and_ignore_batch_company(tokens):
+    x = _randn(5, tokens, 12, seed=tokens) * 30
+    w = torch.rand(5, tokens, generator=torch.Generator().manual_seed(1))
+    sums = sp.sample_act_sq_sums(x, w)
+    assert sums.shape == (5, 12) and sums.dtype == torch.float64
+    ref = ((w.double()[..., None] * x.double()) ** 2).sum(1)
+    assert torch.allclose(sums, ref, rtol=1e-6)
+    # a sample's statistic is the same bits alone, in any batch and at any position (DDP exactness)
+    for b in range(5):
+        assert torch.equal(sp.sample_act_sq_sums(x[b:b + 1], w[b:b + 1])[0], sums[b])
+        assert torch.equal(sp.sample_act_sq_sums(x.flip(0), w.flip(0))[4 - b], sums[b])
+        h = sp.sample_hessian(x[b], w[b])
+        yd = w[b].double()[:, None] * x[b].double()
+        assert torch.allclose(h.double(), yd.T @ yd, rtol=1e-5, atol=1e-3)
+    # zero sink scores (weights of one) give the plain statistics bit for bit
+    assert torch.equal(sp.sample_act_sq_sums(x), sp.sample_act_sq_sums(x, torch.ones(5, tokens)))
+    assert torch.equal(sp.sample_hessian(x[0]), sp.sample_hessian(x[0], torch.ones(tokens)))
+
+
+def test_per_sample_statistics_reject_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[samples, tokens, in_features\]"):
+        sp.sample_act_sq_sums(torch.rand(3, 4))
+    with pytest.raises(ValueError, match="one weight per token"):
+        sp.sample_act_sq_sums(torch.rand(2, 3, 4), torch.ones(2, 4))
+
+
 # --- masks ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.7, 0.33])

@@ -58,8 +58,11 @@ def calibrate(model, layers, dm, mask_id, timesteps, seed, sink_std, sink_alpha)
                     s["wanda"] = s["wanda"] + sp.sample_act_sq_sums(x).sum(0)
                     s["sink_wanda"] = s["sink_wanda"] + sp.sample_act_sq_sums(x, keep).sum(0)
                     for b in range(x.shape[0]):
-                        s["sparsegpt"] = s["sparsegpt"] + sp.sample_hessian(x[b]).double()
-                        s["sink_sparsegpt"] = s["sink_sparsegpt"] + sp.sample_hessian(x[b], keep[b]).double()
+                        d = x.shape[-1]
+                        if isinstance(s["sparsegpt"], int):
+                            s["sparsegpt"], s["sink_sparsegpt"] = torch.zeros(d, d), torch.zeros(d, d)
+                        sp.add_sample_hessian_(s["sparsegpt"], x[b])
+                        sp.add_sample_hessian_(s["sink_sparsegpt"], x[b], keep[b])
     finally:
         for h in hooks:
             h.remove()

@@ -9,7 +9,7 @@ sequential  one epoch per transformer block; block k is calibrated on the output
 
 Each variant is a real `cli.py fit` in its own process (same calibration set, seed and held-out windows),
 so the peak RSS is the whole run's.  The statistic bytes are computed from the layer shapes: a Hessian is
-in² float64 per reduction slot that holds samples.  The same arithmetic is printed for LLaDA-8B's shapes,
+in² float32 per reduction slot that holds samples.  The same arithmetic is printed for LLaDA-8B's shapes,
 where it decides whether one-shot SparseGPT fits at all.  Writes benchmarks/results/oneshot_vs_sequential_<model>.json.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ LLADA_8B_BLOCKS = 32
 
 
 def statistic_bytes(block_inputs: list[list[int]], statistic: str, slots: int) -> dict:
-    per_layer = (lambda d: d * d * 8) if statistic == "hessian" else (lambda d: d * 8)
+    per_layer = (lambda d: d * d * 4) if statistic == "hessian" else (lambda d: d * 8)  # float32 Hessian slots, float64 norms
     per_block = [sum(per_layer(d) for d in dims) * slots for dims in block_inputs]
     return {"oneshot": sum(per_block), "sequential": max(per_block)}
 

@@ -11,6 +11,10 @@ Dispatch has two phases so that sink scores exist before activations are weighte
   1. `on_noised_batch_start(trainer, module, nb)`: SinkStatsCallback runs a probed forward and sets
      `nb.sink_scores` [B, L];
   2. `on_noised_batch(trainer, module, nb)`: PruneCallback runs a hooked forward that reads them.
+
+Both forwards stop after the last transformer block (`forward_through_blocks`): sink scores need every
+layer's attention and the statistics need the blocks' Linear inputs, but nothing needs the LM head's
+logits over the vocabulary (on a small model that head is most of the forward's cost).
 """
 from __future__ import annotations
 
@@ -53,6 +57,39 @@ def calibration_forward(module, input_ids, attention_mask=None):
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     return module.model(**kwargs)
+
+
+def find_blocks(model) -> list[tuple[str, torch.nn.Module]]:
+    """The transformer blocks: the longest ModuleList whose children hold Linear layers."""
+    best: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
+            if all(any(isinstance(m, torch.nn.Linear) for m in child.modules()) for child in module):
+                best = [(f"{name}.{i}", child) for i, child in enumerate(module)]
+    return best
+
+
+class StopForward(Exception):
+    """Raised by a forward hook once the part of the network a calibration pass needs has run."""
+
+
+def _stop(module, inputs, output):
+    raise StopForward()
+
+
+def forward_through_blocks(module, input_ids, attention_mask=None, stop_after: torch.nn.Module | None = None) -> None:
+    """calibration_forward, cut short after `stop_after` (default: the model's last transformer block)."""
+    if stop_after is None:
+        blocks = find_blocks(module.model)
+        stop_after = blocks[-1][1] if blocks else None
+    handle = stop_after.register_forward_hook(_stop) if stop_after is not None else None
+    try:
+        calibration_forward(module, input_ids, attention_mask)
+    except StopForward:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def dispatch_noised_batch(trainer, module, nb: NoisedBatch) -> NoisedBatch:

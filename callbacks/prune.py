@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 
-from callbacks.protocol import NoisedBatch, calibration_forward
+from callbacks.protocol import NoisedBatch, find_blocks, forward_through_blocks  # noqa: F401 (find_blocks re-exported)
 from callbacks.reduction import SlotSums
 from callbacks.sink_stats import SinkStatsCallback
 from pipeline import sparsity as sp
@@ -31,20 +31,6 @@ from pipeline.outputs import AtomicDir, prepare_output_dir, run_metadata
 from pipeline.report import sparsity_report
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt")
-
-
-class _StopForward(Exception):
-    """Raised after the block being calibrated: later blocks' outputs are not needed in sequential mode."""
-
-
-def find_blocks(model) -> list[tuple[str, torch.nn.Module]]:
-    """The transformer blocks: the longest ModuleList whose children hold Linear layers."""
-    best: list[tuple[str, torch.nn.Module]] = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
-            if all(any(isinstance(m, torch.nn.Linear) for m in child.modules()) for child in module):
-                best = [(f"{name}.{i}", child) for i, child in enumerate(module)]
-    return best
 
 
 def target_linears(model) -> dict[str, torch.nn.Linear]:
@@ -217,12 +203,10 @@ class PruneCallback(Callback):
     def _forward_and_accumulate(self, trainer, pl_module, nb, names, fresh) -> None:
         handles = [self.layers[n].register_forward_hook(
             lambda mod, inp, out, n=n: self._accumulate(n, inp[0].detach(), nb, fresh)) for n in names]
-        if self.mode == "sequential":
-            handles.append(self.block_modules[trainer.current_epoch].register_forward_hook(_stop_forward))
+        # sequential: blocks after the one being calibrated are not needed yet; one-shot: nothing after the last target
+        last = self.block_modules[trainer.current_epoch] if self.mode == "sequential" else self.block_modules[-1]
         try:
-            calibration_forward(pl_module, nb.input_ids, nb.attention_mask)
-        except _StopForward:
-            pass
+            forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask, stop_after=last)
         finally:
             for h in handles:
                 h.remove()
@@ -240,18 +224,22 @@ class PruneCallback(Callback):
         """Add each fresh sample's Σ_t (w_t x_t)² (or Hessian) to its reduction slot."""
         x = x.reshape(len(nb.sample_ids), -1, x.shape[-1])
         weights = self._row_weights(nb)
-        if self.statistic == "hessian":
-            values = ((b, sp.sample_hessian(x[b], None if weights is None else weights[b]))
-                      for b in range(len(fresh)) if fresh[b])
-        else:
-            sums = sp.sample_act_sq_sums(x, weights)
-            values = ((b, sums[b]) for b in range(len(fresh)) if fresh[b])
-        for b, value in values:
-            # NaN/Inf anywhere in x reaches the diagonal (H_jj = Σ x_j²), so checking it is enough.
-            if not torch.isfinite(value.diagonal() if value.dim() == 2 else value).all():
-                raise FloatingPointError(f"NaN/Inf in the input activations of {name} (sample {nb.sample_ids[b]}, "
-                                         f"t={nb.t}); check the model's dtype (fp16 overflow?) and the calibration data")
-            self.sums.add(name, nb.sample_ids[b], value)
+        act_sq_sums = sp.sample_act_sq_sums(x, weights) if self.statistic != "hessian" else None
+        for b, sample_id in enumerate(nb.sample_ids):
+            if not fresh[b]:
+                continue
+            if self.statistic == "hessian":
+                acc = self.sums.accumulator(name, sample_id, (x.shape[-1], x.shape[-1]), device=x.device)
+                sp.add_sample_hessian_(acc, x[b], None if weights is None else weights[b])
+                # NaN/Inf anywhere in x reaches the diagonal (H_jj = Σ x_j²), so checking it is enough.
+                finite = torch.isfinite(acc.diagonal()).all()
+            else:
+                value = act_sq_sums[b]
+                finite = torch.isfinite(value).all()
+                self.sums.add(name, sample_id, value)
+            if not finite:
+                raise FloatingPointError(f"NaN/Inf in the input activations of {name} (sample {sample_id}, t={nb.t}); "
+                                         "check the model's dtype (fp16 overflow?) and the calibration data")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         for h in self._capture_handles:
@@ -377,7 +365,3 @@ class PruneCallback(Callback):
         if state_dict.get("sums") is not None:
             self.sums = SlotSums(self.reduction_slots)
             self.sums.load_state_dict(state_dict["sums"])
-
-
-def _stop_forward(module, inputs, output):
-    raise _StopForward()

@@ -4,7 +4,7 @@ Float addition is not associative, so "each rank sums its shard, then all-reduce
 depend on the world size, and masks near a tie flip.  Here sample i is added to slot i % G (G fixed,
 default 8) and every slot lives on rank (slot % world_size).  With world_size dividing G, slot g sees the
 same samples in the same order on any world size; the final sum adds slots 0..G-1 in order on every rank.
-Memory: G / world_size copies of the statistic per rank.
+Memory: G / world_size copies of the statistic per rank (Hessian slots are float32, summed in float64).
 """
 from __future__ import annotations
 
@@ -32,10 +32,22 @@ class SlotSums:
         self.owned = [g for g in range(slots) if g % size == rank]
         self.sums: dict[str, dict[int, torch.Tensor]] = {}
 
-    def add(self, key: str, sample_id: int, value: torch.Tensor) -> None:
+    def _slot(self, sample_id: int) -> int:
         slot = sample_id % self.slots
         if slot not in self.owned:
             raise RuntimeError(f"sample {sample_id} reached a rank that does not own slot {slot}: use the UnpaddedDistributedSampler")
+        return slot
+
+    def accumulator(self, key: str, sample_id: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+        """The running sum of sample_id's slot, created as zeros, for callers that add into it in place."""
+        per_key = self.sums.setdefault(key, {})
+        slot = self._slot(sample_id)
+        if slot not in per_key:
+            per_key[slot] = torch.zeros(shape, dtype=dtype, device=device)
+        return per_key[slot]
+
+    def add(self, key: str, sample_id: int, value: torch.Tensor) -> None:
+        slot = self._slot(sample_id)
         per_key = self.sums.setdefault(key, {})
         if slot in per_key:
             per_key[slot] += value  # float32 per-sample values promote into the float64 slot
@@ -57,13 +69,13 @@ class SlotSums:
             out = None
             for g in range(self.slots):
                 if g in per_key:
-                    out = per_key[g].clone() if out is None else out + per_key[g]
+                    out = per_key[g].to(torch.float64, copy=True) if out is None else out + per_key[g]
             return out
         size = dist.get_world_size()
         template = next(iter(per_key.values()), like)
         shapes = [None] * size
-        dist.all_gather_object(shapes, None if template is None else (tuple(template.shape), str(template.device)))
-        shape = next(s for s in shapes if s is not None)[0]
+        dist.all_gather_object(shapes, None if template is None else (tuple(template.shape), template.dtype))
+        shape, dtype = next(s for s in shapes if s is not None)
         device = template.device if template is not None else torch.device("cpu")
         out = None
         for g in range(self.slots):
@@ -72,9 +84,9 @@ class SlotSums:
             dist.broadcast(present, src=owner)
             if not present.item():
                 continue
-            buf = per_key[g].clone() if g in per_key else torch.empty(shape, dtype=torch.float64, device=device)
+            buf = per_key[g].clone() if g in per_key else torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(buf, src=owner)
-            out = buf if out is None else out + buf
+            out = buf.to(torch.float64) if out is None else out + buf
         return out
 
     def clear(self) -> None:

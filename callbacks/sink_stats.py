@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from rich.table import Table
 
-from callbacks.protocol import NoisedBatch, calibration_forward
+from callbacks.protocol import NoisedBatch, calibration_forward, forward_through_blocks
 from callbacks.reduction import gather_records
 from pipeline.attention import AttentionMassProbe
 from pipeline.sinks import mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
@@ -56,12 +56,14 @@ class SinkStatsCallback(Callback):
     def on_noised_batch_start(self, trainer, pl_module, nb: NoisedBatch) -> None:
         valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
         with AttentionMassProbe(per_layer=self.per_layer, chunk_size=self.chunk_size, query_weights=valid) as probe:
-            calibration_forward(pl_module, nb.input_ids, nb.attention_mask)
+            forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask)
         probe.require_attention()
         mass = probe.mass
         if not torch.isfinite(mass).all():
+            where = _locate_nonfinite_attention(pl_module, nb, valid, self.chunk_size)
             raise FloatingPointError(
-                f"attention mass has NaN/Inf at timestep t={nb.t} (samples {nb.sample_ids}); check the model's dtype and inputs"
+                f"attention mass has NaN/Inf at timestep t={nb.t} (samples {nb.sample_ids}){where}; "
+                "check the model's dtype and inputs"
             )
         nb.sink_scores = sink_scores(mass, k=self.sink_std, alpha=self.sink_alpha, valid=valid)
         nb.extras["attention_mass"] = mass
@@ -76,11 +78,14 @@ class SinkStatsCallback(Callback):
         for b, sample_id in enumerate(nb.sample_ids):
             if sample_id < 0:  # DDP padding
                 continue
+            if valid is not None and not valid[b].any():
+                continue  # all padding: no token, no attention to describe (and no weight in any statistic)
             pos = int(stats["dominant_position"][b])
             token = int(nb.input_ids[b, pos])
             rec = {
                 "t": nb.t,
                 "mass": mass[b].float().cpu(),
+                "valid": None if valid is None else valid[b].cpu(),
                 "dominant_position": pos,
                 "top1_share": float(stats["top1_share"][b]),
                 "entropy": float(stats["normalized_entropy"][b]),
@@ -104,7 +109,7 @@ class SinkStatsCallback(Callback):
             out.mkdir(parents=True, exist_ok=True)
             _atomic_json(out / "sinks.json", self.summary)
             if self.heatmap:
-                heat = torch.tensor(self.summary["mean_mass_by_timestep"])
+                heat = torch.tensor([[math.nan if v is None else v for v in row] for row in self.summary["mean_mass_by_timestep"]])
                 labels = [f"t={row['t']:.2f}" for row in self.summary["timesteps"]]
                 plot_heatmap(heat, out / "sink_heatmap.png", title="attention mass (mean over samples)", ylabels=labels)
             Console().print(render_table(self.summary))
@@ -117,17 +122,56 @@ class SinkStatsCallback(Callback):
         self.summary = state_dict.get("summary")
 
 
+class _LocatingProbe(AttentionMassProbe):
+    """Also notes, for every attention call, the innermost module running at that moment."""
+
+    def __init__(self, stack: list[str], **kwargs):
+        super().__init__(per_layer=True, **kwargs)
+        self.stack, self.modules = stack, []
+
+    def _record(self, *args, **kwargs):
+        super()._record(*args, **kwargs)
+        self.modules.append(self.stack[-1] if self.stack else "?")
+
+
+def _locate_nonfinite_attention(pl_module, nb: NoisedBatch, valid, chunk_size: int) -> str:
+    """Error path only: re-run the probed forward per attention call and name the first module whose
+    attention mass is NaN/Inf (its queries or keys already are), e.g. ", first in attention call 3 of 6
+    (bert.encoder.layer.3.attention.self)"; "" if the re-run finds nothing."""
+    stack: list[str] = []
+
+    def leave(module, args, output) -> None:  # returns None: the module's output is left as it is
+        stack.pop()
+
+    handles = []
+    for name, module in pl_module.model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda mod, args, name=name: stack.append(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad(), _LocatingProbe(stack, chunk_size=chunk_size, query_weights=valid) as probe:
+            calibration_forward(pl_module, nb.input_ids, nb.attention_mask)
+    except Exception:  # noqa: BLE001 - a diagnostic must not replace the error it explains
+        return ""
+    finally:
+        for h in handles:
+            h.remove()
+    for i, layer_mass in enumerate(probe.per_layer):
+        if not torch.isfinite(layer_mass).all():
+            return f", first in attention call {i} of {probe.calls} ({probe.modules[i] or 'the model itself'})"
+    return ""
+
+
 def summarize(records: dict) -> dict:
     """Per-timestep table and the sink-position variance across timesteps (the paper's metric)."""
     steps = sorted({step for _, step in records})
     samples = sorted({sid for sid, _ in records})
+    seqlen = max(len(r["mass"]) for r in records.values())  # batches may differ in length (dynamic padding)
     rows, heat = [], []
     for step in steps:
         recs = [records[(sid, step)] for sid in samples if (sid, step) in records]
         positions = Counter(r["dominant_position"] for r in recs)
         kinds = Counter(r["dominant_kind"] for r in recs)
-        mass = torch.stack([r["mass"] for r in recs]).double()
-        heat.append((mass / mass.sum(dim=1, keepdim=True)).mean(dim=0).tolist())
+        heat.append(_mean_share(recs, seqlen))
         rows.append({
             "step": step,
             "t": recs[0]["t"],
@@ -140,15 +184,39 @@ def summarize(records: dict) -> dict:
             "dominant_kinds": dict(kinds.most_common()),
         })
     dominant = {sid: [records[(sid, s)]["dominant_position"] for s in steps if (sid, s) in records] for sid in samples}
-    seqlen = len(next(iter(records.values()))["mass"])
+    real_lengths = {_real_length(r) for r in records.values()}
     return {
         "sink_position_variance": sink_position_variance(list(dominant.values())),
-        "uniform_share": 1.0 / seqlen,
+        # 1/n for n real tokens; with padding or mixed lengths, the mean of 1/n over the records
+        "uniform_share": (1.0 / real_lengths.pop() if len(real_lengths) == 1
+                          else sum(1.0 / _real_length(r) for r in records.values()) / len(records)),
         "seqlen": seqlen,
         "samples": len(samples),
         "timesteps": rows,
         "mean_mass_by_timestep": heat,
     }
+
+
+def _real_length(rec: dict) -> int:
+    valid = rec.get("valid")
+    return len(rec["mass"]) if valid is None else int(valid.sum())
+
+
+def _mean_share(recs: list[dict], seqlen: int) -> list:
+    """Per position, the mean over records of its share of the record's mass, over the records where it
+    is a real token: padding and positions past a shorter record's end are left out, not counted as 0.
+    A position no record reaches is None (a blank heatmap cell)."""
+    total = torch.zeros(seqlen, dtype=torch.float64)
+    count = torch.zeros(seqlen, dtype=torch.float64)
+    for r in recs:
+        mass = r["mass"].double()
+        valid = r.get("valid")
+        valid = torch.ones(len(mass), dtype=torch.bool) if valid is None else valid
+        share = torch.where(valid, mass, torch.zeros_like(mass))
+        share = share / share.sum()
+        total[: len(mass)] += torch.where(valid, share, torch.zeros_like(share))
+        count[: len(mass)] += valid.double()
+    return [float(t / c) if c else None for t, c in zip(total, count)]
 
 
 def render_table(summary: dict) -> Table:

@@ -98,7 +98,8 @@ def attention_mass(
     mask is added to the scores; masks broadcast from the right; is_causal is top-left aligned
     (query i sees keys j <= i, as SDPA does when L != S); fewer key heads than query heads means GQA with
     query head h reading key head h // (H_q / H_kv) (enable_gqa's layout, equal to repeat_interleave).
-    Rows with every key masked contribute zero (SDPA's math kernel outputs zeros there too).
+    Rows with every key masked contribute zero (SDPA's math kernel outputs zeros there too); NaN/Inf in
+    query or key gives NaN mass (never a silent zero).
     """
     q, k = _as_heads(query.detach()), _as_heads(key.detach())
     batch, q_heads, q_len, _ = q.shape
@@ -140,10 +141,13 @@ def _chunk_probabilities_summed_over_heads(q_grouped, k_t, mask, is_causal, scal
         k_len = scores.shape[-1]
         above = torch.arange(k_len, device=scores.device) > torch.arange(start, stop, device=scores.device)[:, None]
         scores.masked_fill_(above, float("-inf"))
-    # softmax in place (exp(x - max) / Σ) to hold one buffer; rows with every key masked give NaN -> 0,
-    # which is what SDPA's math kernel outputs for them
-    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-    scores.div_(scores.sum(dim=-1, keepdim=True)).nan_to_num_(0.0)
+    # softmax in place (exp(x - max) / Σ) to hold one buffer.  A row with every key masked (max = -inf) gives
+    # 0, which is what SDPA's math kernel outputs for it.  NaN/Inf in q or k stays NaN, so that callers can
+    # detect it: a blanket nan_to_num here would turn a broken layer into a silent zero mass.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max.masked_fill_(row_max == float("-inf"), 0.0)
+    scores.sub_(row_max).exp_()
+    scores.div_(scores.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(scores.dtype).tiny))
     return scores.sum(dim=1)
 
 

@@ -89,6 +89,14 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def prefixed_windows(stream: torch.Tensor, starts: torch.Tensor, body: int, first_id: int | None) -> torch.Tensor:
+    """Rows stream[s : s + body], each led by first_id (BOS / [CLS]) when there is one."""
+    rows = torch.stack([stream[s : s + body] for s in starts.tolist()]) if len(starts) else torch.empty(0, body, dtype=torch.long)
+    if first_id is None:
+        return rows
+    return torch.cat([torch.full((len(rows), 1), first_id, dtype=torch.long), rows], dim=1)
+
+
 class WindowDataset(Dataset):
     """Fixed windows; item i carries its global index so noise can be seeded by it (rank-independent)."""
 
@@ -181,20 +189,13 @@ class CalibrationData(L.LightningDataModule):
             )
         g = torch.Generator().manual_seed(hp.seed)
         starts = torch.randint(0, len(train) - body, (hp.nsamples,), generator=g)
-        self.calibration = WindowDataset(self._windows(train, starts, body, bos), n_kept=int(bos is not None))
+        self.calibration = WindowDataset(prefixed_windows(train, starts, body, bos), n_kept=int(bos is not None))
         # Spread held-out windows evenly over the whole held-out stream (non-overlapping): the first
         # windows alone would all come from one or two articles (for the embedded corpus, a list article).
         n_held = min(hp.heldout_samples, len(held) // body)
         stride = (len(held) - body) // max(n_held - 1, 1) if n_held > 1 else 0
         held_starts = torch.arange(n_held) * max(stride, body) if n_held else torch.arange(0)
-        self.heldout = WindowDataset(self._windows(held, held_starts, body, bos), n_kept=int(bos is not None))
-
-    @staticmethod
-    def _windows(stream, starts, body, bos):
-        rows = torch.stack([stream[s : s + body] for s in starts.tolist()]) if len(starts) else torch.empty(0, body, dtype=torch.long)
-        if bos is None:
-            return rows
-        return torch.cat([torch.full((len(rows), 1), bos, dtype=torch.long), rows], dim=1)
+        self.heldout = WindowDataset(prefixed_windows(held, held_starts, body, bos), n_kept=int(bos is not None))
 
     def _loader(self, ds):
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)

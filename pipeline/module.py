@@ -16,6 +16,22 @@ from pipeline.loading import load_dlm, resolve_mask_token_id, resolve_path
 from pipeline.metrics import MaskedDiffusionPerplexity, elbo_nll
 
 
+FIT_HINT = ("every rank holds a whole copy of the model; use model.init_args.torch_dtype: bfloat16, "
+            "PruneCallback mode: sequential with a smaller data.init_args.batch_size, or a GPU with more memory "
+            "(README 'Scaling out')")
+
+
+def check_fits(model: torch.nn.Module, device: torch.device, name: str, headroom: float = 1.1) -> None:
+    """Fail before Lightning moves the weights, with the numbers, instead of a CUDA OOM traceback later."""
+    if device.type != "cuda":
+        return
+    needed = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if t.device.type != "cuda")
+    free, total = torch.cuda.mem_get_info(device)
+    if needed * headroom > free:
+        raise RuntimeError(f"{name} needs {needed / 2**30:.1f} GiB for its weights but {device} has {free / 2**30:.1f} GiB "
+                           f"free of {total / 2**30:.1f} GiB: {FIT_HINT}")
+
+
 class DLMModule(L.LightningModule):
     def __init__(
         self,
@@ -59,10 +75,14 @@ class DLMModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        self.model, self.tokenizer = load_dlm(
-            hp.pretrained, trust_remote_code=hp.trust_remote_code, torch_dtype=hp.torch_dtype,
-            model_class=hp.model_class, attn_implementation=hp.attn_implementation,
-        )
+        try:
+            self.model, self.tokenizer = load_dlm(
+                hp.pretrained, trust_remote_code=hp.trust_remote_code, torch_dtype=hp.torch_dtype,
+                model_class=hp.model_class, attn_implementation=hp.attn_implementation,
+            )
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError(f"{hp.pretrained} does not fit in the memory of {self._target_device()}: {FIT_HINT}") from exc
+        check_fits(self.model, self._target_device(), hp.pretrained)
         self.mask_token_id = resolve_mask_token_id(self.tokenizer, self.model.config, hp.mask_token_id)
         self.model.requires_grad_(False)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -70,6 +90,9 @@ class DLMModule(L.LightningModule):
         limit = model_max_length(self.model.config)
         if seqlen is not None and limit is not None and seqlen > limit:
             raise ValueError(f"data.seqlen={seqlen} exceeds the model's maximum sequence length {limit}; lower data.init_args.seqlen")
+
+    def _target_device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
 
     # --- calibration -------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -86,8 +86,8 @@ def accumulate_hessian(hessian: torch.Tensor, x: torch.Tensor, row_weights: torc
 # --- per-sample statistics for exact cross-rank sums ---------------------------------------------------
 # The callback adds every calibration sample to a float64 reduction slot (callbacks/reduction.py), so a
 # sample's own statistic must not depend on which other samples share its batch (that differs with the
-# DDP world size).  Both functions compute each sample on its own, in float32 (like Wanda and SparseGPT),
-# which is 2x cheaper than float64 and exact enough for one sample's T tokens.
+# DDP world size).  Both functions work sample by sample in float32 (like Wanda and SparseGPT), which is
+# 2x cheaper than float64; the slots are added in float64 at the end.
 
 def _pairwise_sum_over_tokens(y: torch.Tensor) -> torch.Tensor:
     """[B, T, F] -> [B, F] by halving T: only elementwise adds, so every sample's result is bit-identical
@@ -116,12 +116,20 @@ def sample_act_sq_sums(x: torch.Tensor, row_weights: torch.Tensor | None = None)
     return _pairwise_sum_over_tokens(y * y).to(torch.float64)
 
 
-def sample_hessian(x: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """One sample's [T, in] -> (w·x)ᵀ(w·x), [in, in] float32 (one GEMM of a fixed shape per sample)."""
+def add_sample_hessian_(acc: torch.Tensor, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """acc += (w·x)ᵀ(w·x) for one sample's [T, in], in place in float32; returns acc.
+
+    One GEMM of a fixed shape per sample, with the accumulator as its output (beta = 1): adding a separate
+    per-sample [in, in] product would read and write in² values again, which costs more than the GEMM
+    itself for a small model.  The sum is still exact across DDP world sizes as long as each accumulator
+    sees the same samples in the same order (callbacks/reduction.py)."""
+    if acc.dtype != torch.float32 or acc.shape != (x.shape[-1], x.shape[-1]):
+        raise ValueError(f"accumulator {tuple(acc.shape)} {acc.dtype} does not fit activations {tuple(x.shape)}; "
+                         "use a float32 [in_features, in_features] accumulator for this layer")
     y = x.float()
     if row_weights is not None:
         y = y * row_weights.to(device=y.device, dtype=torch.float32).unsqueeze(-1)
-    return y.T @ y
+    return acc.addmm_(y.T, y)
 
 
 # --- masks ---------------------------------------------------------------------------------------------

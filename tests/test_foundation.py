@@ -114,3 +114,16 @@ def test_elbo_identical_for_identical_seeds_and_trained_beats_random(minilm):
     random_model = type(model)(model.config).eval()
     r = _elbo(random_model, ids, keep, tok.mask_token_id)
     assert a["nll"] < r["nll"] - 1.0
+
+
+def test_model_too_big_for_the_gpu_is_a_clear_error(monkeypatch, minilm):
+    """Before Lightning moves the weights: the numbers and the fix, not a CUDA OOM traceback."""
+    from pipeline.module import check_fits
+
+    model, _ = minilm
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**20, 80 * 2**30))  # 10 MiB free
+    with pytest.raises(RuntimeError, match=r"minilm-dlm needs 0\.\d GiB .* cuda:0 has 0\.0 GiB free of 80\.0 GiB: .*torch_dtype: bfloat16"):
+        check_fits(model, torch.device("cuda:0"), "minilm-dlm")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
+    check_fits(model, torch.device("cuda:0"), "minilm-dlm")  # fits
+    check_fits(model, torch.device("cpu"), "minilm-dlm")     # CPU runs are not checked

@@ -81,12 +81,16 @@ def test_per_sample_statistics_match_float64_and_ignore_batch_company(tokens):
     for b in range(5):
         assert torch.equal(sp.sample_act_sq_sums(x[b:b + 1], w[b:b + 1])[0], sums[b])
         assert torch.equal(sp.sample_act_sq_sums(x.flip(0), w.flip(0))[4 - b], sums[b])
-        h = sp.sample_hessian(x[b], w[b])
+        h = sp.add_sample_hessian_(torch.zeros(12, 12), x[b], w[b])
         yd = w[b].double()[:, None] * x[b].double()
-        assert torch.allclose(h.double(), yd.T @ yd, rtol=1e-5, atol=1e-3)
+        ref_h = yd.T @ yd
+        assert (h.double() - ref_h).abs().max() <= 1e-5 * ref_h.abs().max()  # float32 GEMM vs float64
+        twice = sp.add_sample_hessian_(h.clone(), x[b], w[b]).double()
+        assert (twice - 2 * ref_h).abs().max() <= 2e-5 * ref_h.abs().max()
     # zero sink scores (weights of one) give the plain statistics bit for bit
     assert torch.equal(sp.sample_act_sq_sums(x), sp.sample_act_sq_sums(x, torch.ones(5, tokens)))
-    assert torch.equal(sp.sample_hessian(x[0]), sp.sample_hessian(x[0], torch.ones(tokens)))
+    assert torch.equal(sp.add_sample_hessian_(torch.zeros(12, 12), x[0]),
+                       sp.add_sample_hessian_(torch.zeros(12, 12), x[0], torch.ones(tokens)))
 
 
 def test_per_sample_statistics_reject_bad_shapes():
@@ -94,6 +98,8 @@ def test_per_sample_statistics_reject_bad_shapes():
         sp.sample_act_sq_sums(torch.rand(3, 4))
     with pytest.raises(ValueError, match="one weight per token"):
         sp.sample_act_sq_sums(torch.rand(2, 3, 4), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="float32 \\[in_features, in_features\\] accumulator"):
+        sp.add_sample_hessian_(torch.zeros(4, 4, dtype=torch.float64), torch.rand(3, 4))
 
 
 # --- masks ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pipeline import data
 from pipeline.corpus import wiki_split
 from pipeline.diffusion import forward_process, masked_token_nll
 from pipeline.zoo import minilm_dlm
@@ -24,16 +25,12 @@ CKPT_DIR = Path(".cache/train_minilm")
 
 
 def token_stream(tokenizer, split: str) -> torch.Tensor:
-    ids = []
-    for text in wiki_split(split):
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.append(tokenizer.sep_token_id)
-    return torch.tensor(ids, dtype=torch.long)
+    """All articles of a split, each followed by EOS (or [SEP]), as one id stream."""
+    return data.token_stream(tokenizer, wiki_split(split))
 
 
 def windows(stream: torch.Tensor, starts: torch.Tensor, seqlen: int, cls_id: int) -> torch.Tensor:
-    body = torch.stack([stream[s : s + seqlen - 1] for s in starts.tolist()])
-    return torch.cat([torch.full((len(starts), 1), cls_id), body], dim=1)
+    return data.prefixed_windows(stream, starts, seqlen - 1, cls_id)
 
 
 def diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, mask_id: int, g: torch.Generator):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline import data
 from pipeline.corpus import wiki_split
 from pipeline.diffusion import forward_process, masked_token_nll
 from pipeline.zoo.tiny_llada.configuration_llada import LLaDAConfig
@@ -64,17 +65,12 @@ def new_model(config: LLaDAConfig, seed: int = 0) -> LLaDAModelLM:
 
 
 def token_stream(tokenizer, split: str) -> torch.Tensor:
-    """All articles of a split, each followed by EOS, as one id stream."""
-    ids = []
-    for text in wiki_split(split):
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
+    """All articles of a split, each followed by EOS (or [SEP]), as one id stream."""
+    return data.token_stream(tokenizer, wiki_split(split))
 
 
 def windows(stream: torch.Tensor, starts: torch.Tensor, seqlen: int, bos_id: int) -> torch.Tensor:
-    body = torch.stack([stream[s : s + seqlen - 1] for s in starts.tolist()])
-    return torch.cat([torch.full((len(starts), 1), bos_id), body], dim=1)
+    return data.prefixed_windows(stream, starts, seqlen - 1, bos_id)
 
 
 def bos_keep(x0: torch.Tensor) -> torch.Tensor:

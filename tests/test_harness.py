@@ -1,6 +1,7 @@
 """lm-eval support for diffusion LMs: MC likelihood, sampler, offline tasks, evaluate_tasks, CFG, DDP hooks."""
 from __future__ import annotations
 
+from pathlib import Path
 import copy
 import os
 import socket
@@ -376,3 +377,27 @@ def test_ddp_hooks_shard_requests_and_match_single_process(minilm_tokenizer, tmp
     assert [d for d, _ in rank0["samples"]] == [0, 1, 2, 3]
     for (doc, got), (_, want) in zip(rank0["samples"], expected):
         assert got == pytest.approx(want, abs=1e-4), doc
+
+
+def test_shell_entry_point_scores_a_saved_checkpoint(tmp_path):
+    """`python -m pipeline.harness` (= `sinkprune-eval`) is lm-eval's own CLI with `dlm` registered: run it
+    as a user would on a saved remote-code checkpoint folder and read lm-eval's result file."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.harness", "--model", "dlm",
+         "--model_args", f"pretrained={repo / 'pipeline' / 'zoo' / 'tiny_llada'},mc_num=2",
+         "--tasks", "wiki_cloze_offline", "--include_path", str(repo / "configs" / "tasks"), "--limit", "4",
+         "--batch_size", "4", "--output_path", str(tmp_path / "out")],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("results*.json")]
+    assert results, f"no lm-eval results file under {tmp_path / 'out'}"
+    acc = results[0]["results"]["wiki_cloze_offline"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    assert results[0]["config"]["model"] == "dlm"

@@ -15,9 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from callbacks.protocol import dispatch_noised_batch, noised_batches
 from callbacks.prune import PruneCallback
 from callbacks.sink_stats import SinkStatsCallback
+from tests.test_protocol import PlainModule
 from pipeline.attention import AttentionMassProbe
 
 SEEDS = [0, 1, 2, 3]
@@ -100,25 +100,6 @@ def test_probe_on_random_inputs(seed, minilm):
 
 # --- (b) both callbacks through the protocol on a plain LightningModule --------------------------------------
 
-class PlainModule(L.LightningModule):
-    """Only the protocol: `model`, `mask_token_id`, noised batches handed to the callbacks."""
-
-    def __init__(self, model, mask_token_id):
-        super().__init__()
-        self.model, self.mask_token_id = model, mask_token_id
-        self.model.requires_grad_(False)
-        self.automatic_optimization = False
-
-    def configure_optimizers(self):
-        return None
-
-    def training_step(self, batch, batch_idx):
-        self.model.eval()
-        with torch.no_grad():
-            for nb in noised_batches(batch, TIMESTEPS, self.mask_token_id, seed=5):
-                dispatch_noised_batch(self.trainer, self, nb)
-
-
 class Spy(Callback):
     """Between SinkStatsCallback and PruneCallback: checks every noised batch's sink scores and attention
     mass, and PruneCallback's summed statistics just before it prunes (its epoch-end hook runs after ours)."""
@@ -180,7 +161,7 @@ def test_callbacks_on_random_inputs(seed, method, minilm, tmp_path):
     sample_ids = [int(i) for b in batches for i in b["index"]]
     empty = {int(i) for b in batches if "attention_mask" in b for i, row in zip(b["index"], b["attention_mask"]) if not row.any()}
 
-    module = PlainModule(copy.deepcopy(model), tok.mask_token_id)  # pruned in place; the fixture stays dense
+    module = PlainModule(copy.deepcopy(model), tok.mask_token_id, TIMESTEPS, seed=5)  # pruned in place; the fixture stays dense
     sinks = SinkStatsCallback(out_dir=str(tmp_path / "sinks"), heatmap=(seed == 0))
     prune = PruneCallback(method=method, sparsity=0.5, output_dir=str(tmp_path / "pruned"), save_model=False)
     spy = Spy(prune, layers, heads)

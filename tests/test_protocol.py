@@ -15,9 +15,9 @@ from pipeline.data import CalibrationData
 class PlainModule(L.LightningModule):
     """Only the protocol: `model`, `mask_token_id`, and noised batches handed to the callbacks."""
 
-    def __init__(self, model, mask_token_id, timesteps):
+    def __init__(self, model, mask_token_id, timesteps, seed=3):
         super().__init__()
-        self.model, self.mask_token_id, self.timesteps = model, mask_token_id, timesteps
+        self.model, self.mask_token_id, self.timesteps, self.seed = model, mask_token_id, timesteps, seed
         self.model.requires_grad_(False)
         self.automatic_optimization = False
 
@@ -27,7 +27,7 @@ class PlainModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         self.model.eval()
         with torch.no_grad():
-            for nb in noised_batches(batch, self.timesteps, self.mask_token_id, seed=3):
+            for nb in noised_batches(batch, self.timesteps, self.mask_token_id, seed=self.seed):
                 dispatch_noised_batch(self.trainer, self, nb)
 
 

@@ -34,7 +34,7 @@ from rich.table import Table
 
 from types import SimpleNamespace
 
-from callbacks.protocol import forward_through_blocks
+from callbacks.protocol import forward_through_blocks, last_block
 from callbacks.prune import target_linears
 from callbacks.reduction import SlotSums
 from pipeline import sparsity as sp
@@ -97,12 +97,13 @@ class NaiveMass:
 @torch.no_grad()
 def variants(model, layers, ids, statistic):
     holder = SimpleNamespace(model=model)  # the callbacks' protocol: a module with .model
+    stop = last_block(model)
     def capture_forward(probe_cls):
         captured = {}
         hooks = [m.register_forward_hook(lambda mod, i, o, n=n: captured.__setitem__(n, i[0].detach())) for n, m in layers.items()]
         try:
             with probe_cls() as probe:
-                forward_through_blocks(holder, ids)
+                forward_through_blocks(holder, ids, stop_after=stop)
         finally:
             for h in hooks:
                 h.remove()
@@ -112,10 +113,10 @@ def variants(model, layers, ids, statistic):
         model(input_ids=ids)  # what a user's denoising step costs: the whole model, LM head included
 
     def blocks_only():
-        forward_through_blocks(holder, ids)
+        forward_through_blocks(holder, ids, stop_after=stop)
 
     def two_pass(probe_cls=AttentionMassProbe, accumulate=accumulate, full=False):
-        forward = (lambda: model(input_ids=ids)) if full else (lambda: forward_through_blocks(holder, ids))
+        forward = (lambda: model(input_ids=ids)) if full else (lambda: forward_through_blocks(holder, ids, stop_after=stop))
         with probe_cls() as probe:
             forward()
         weights = 1.0 - sink_scores(probe.mass)

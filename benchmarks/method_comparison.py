@@ -42,7 +42,9 @@ METHODS = ("magnitude", "wanda", "sink_wanda", "sparsegpt", "sink_sparsegpt")
 @torch.no_grad()
 def calibrate(model, layers, dm, mask_id, timesteps, seed, sink_std, sink_alpha):
     """Σ over samples and timesteps of plain and sink-weighted statistics, for every layer."""
-    stats = {name: {"wanda": 0, "sink_wanda": 0, "sparsegpt": 0, "sink_sparsegpt": 0} for name in layers}
+    stats = {name: {"wanda": torch.zeros(m.in_features, dtype=torch.float64), "sink_wanda": torch.zeros(m.in_features, dtype=torch.float64),
+                    "sparsegpt": torch.zeros(m.in_features, m.in_features), "sink_sparsegpt": torch.zeros(m.in_features, m.in_features)}
+             for name, m in layers.items()}
     captured: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: captured.__setitem__(n, inp[0].detach().float()))
              for n, m in layers.items()]
@@ -55,12 +57,9 @@ def calibrate(model, layers, dm, mask_id, timesteps, seed, sink_std, sink_alpha)
                 for name, x in captured.items():
                     s = stats[name]
                     # the same per-sample float32 statistics as PruneCallback, summed in float64
-                    s["wanda"] = s["wanda"] + sp.sample_act_sq_sums(x).sum(0)
-                    s["sink_wanda"] = s["sink_wanda"] + sp.sample_act_sq_sums(x, keep).sum(0)
+                    s["wanda"] += sp.sample_act_sq_sums(x).sum(0)
+                    s["sink_wanda"] += sp.sample_act_sq_sums(x, keep).sum(0)
                     for b in range(x.shape[0]):
-                        d = x.shape[-1]
-                        if isinstance(s["sparsegpt"], int):
-                            s["sparsegpt"], s["sink_sparsegpt"] = torch.zeros(d, d), torch.zeros(d, d)
                         sp.add_sample_hessian_(s["sparsegpt"], x[b])
                         sp.add_sample_hessian_(s["sink_sparsegpt"], x[b], keep[b])
     finally:

@@ -77,11 +77,14 @@ def _stop(module, inputs, output):
     raise StopForward()
 
 
+def last_block(model) -> torch.nn.Module | None:
+    blocks = find_blocks(model)
+    return blocks[-1][1] if blocks else None
+
+
 def forward_through_blocks(module, input_ids, attention_mask=None, stop_after: torch.nn.Module | None = None) -> None:
-    """calibration_forward, cut short after `stop_after` (default: the model's last transformer block)."""
-    if stop_after is None:
-        blocks = find_blocks(module.model)
-        stop_after = blocks[-1][1] if blocks else None
+    """calibration_forward, cut short after `stop_after` (e.g. `last_block(model)`, found once per run;
+    None runs the whole forward)."""
     handle = stop_after.register_forward_hook(_stop) if stop_after is not None else None
     try:
         calibration_forward(module, input_ids, attention_mask)

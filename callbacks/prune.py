@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 
-from callbacks.protocol import NoisedBatch, find_blocks, forward_through_blocks  # noqa: F401 (find_blocks re-exported)
+from callbacks.protocol import NoisedBatch, find_blocks, forward_through_blocks
 from callbacks.reduction import SlotSums
 from callbacks.sink_stats import SinkStatsCallback
 from pipeline import sparsity as sp

@@ -50,7 +50,7 @@ class SlotSums:
         slot = self._slot(sample_id)
         per_key = self.sums.setdefault(key, {})
         if slot in per_key:
-            per_key[slot] += value  # float32 per-sample values promote into the float64 slot
+            per_key[slot] += value
         else:
             per_key[slot] = value.to(torch.float64, copy=True)
 

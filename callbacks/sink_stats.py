@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from rich.table import Table
 
-from callbacks.protocol import NoisedBatch, calibration_forward, forward_through_blocks
+from callbacks.protocol import NoisedBatch, calibration_forward, forward_through_blocks, last_block
 from callbacks.reduction import gather_records
 from pipeline.attention import AttentionMassProbe
 from pipeline.sinks import mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
@@ -44,6 +44,7 @@ class SinkStatsCallback(Callback):
         self.out_dir, self.heatmap, self.record = out_dir, heatmap, record
         self.records: dict[tuple[int, int], dict] = {}
         self.summary: dict | None = None
+        self._stop_after: torch.nn.Module | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Fail in seconds, not after the dense scoring, when the probe cannot see the model's attention."""
@@ -51,12 +52,13 @@ class SinkStatsCallback(Callback):
         with torch.no_grad(), AttentionMassProbe(chunk_size=self.chunk_size) as probe:
             calibration_forward(pl_module, ids)
         probe.require_attention(pl_module.model)
+        self._stop_after = last_block(pl_module.model)  # the probed forwards need no LM head
 
     # --- per noised batch --------------------------------------------------------------------------
     def on_noised_batch_start(self, trainer, pl_module, nb: NoisedBatch) -> None:
         valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
         with AttentionMassProbe(per_layer=self.per_layer, chunk_size=self.chunk_size, query_weights=valid) as probe:
-            forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask)
+            forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask, stop_after=self._stop_after)
         probe.require_attention()
         mass = probe.mass
         if not torch.isfinite(mass).all():

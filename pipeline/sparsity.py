@@ -2,14 +2,18 @@
 
 Nothing here knows about hooks, modules or Lightning; callbacks/prune.py does the orchestration.  All
 functions work on one linear layer's weight W [out_features, in_features] and statistics of its input
-activations x [tokens, in_features].
+activations x [tokens, in_features] (or [samples, tokens, in_features]).
 
-    act_sq_sum = accumulate_act_sq_sum(new_act_sq_sum(d_in), x, row_weights=1 - sink_score)
+    act_sq_sum = sample_act_sq_sums(x, row_weights=1 - sink_score).sum(0)     # x: [samples, T, d_in]
     mask = select_mask(wanda_scores(W, act_sq_sum), sparsity=0.5)            # True = prune
     apply_mask_(W, mask)
 
-    H = accumulate_hessian(new_hessian(d_in), x, row_weights=1 - sink_score)
+    H = torch.zeros(d_in, d_in)
+    for x_b, s_b in zip(x, sink_score):
+        add_sample_hessian_(H, x_b, row_weights=1 - s_b)
     W_new, mask, info = sparsegpt_prune(W, H, n_m=(2, 4))
+
+(accumulate_act_sq_sum / accumulate_hessian are the float64 one-call forms of the same statistics.)
 
 Conventions shared by every method (and checked by pipeline.report):
   * the comparison group is one output row: unstructured pruning removes exactly
@@ -99,6 +103,14 @@ def _pairwise_sum_over_tokens(y: torch.Tensor) -> torch.Tensor:
     return y[:, 0]
 
 
+def _weighted_rows_float32(x: torch.Tensor, row_weights: torch.Tensor | None) -> torch.Tensor:
+    """x in float32 with each token's row scaled by its weight ([..., T, in] times [..., T])."""
+    y = x.float()
+    if row_weights is None:
+        return y
+    return y * row_weights.to(device=y.device, dtype=torch.float32).unsqueeze(-1)
+
+
 def _check_batch(x: torch.Tensor, row_weights: torch.Tensor | None) -> None:
     if x.dim() != 3:
         raise ValueError(f"activations have shape {tuple(x.shape)}; pass them as [samples, tokens, in_features]")
@@ -110,9 +122,7 @@ def _check_batch(x: torch.Tensor, row_weights: torch.Tensor | None) -> None:
 def sample_act_sq_sums(x: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T, in] -> [B, in] float64: Σ_t (w_bt · x_btj)² for each sample b on its own."""
     _check_batch(x, row_weights)
-    y = x.float()
-    if row_weights is not None:
-        y = y * row_weights.to(device=y.device, dtype=torch.float32).unsqueeze(-1)
+    y = _weighted_rows_float32(x, row_weights)
     return _pairwise_sum_over_tokens(y * y).to(torch.float64)
 
 
@@ -126,9 +136,7 @@ def add_sample_hessian_(acc: torch.Tensor, x: torch.Tensor, row_weights: torch.T
     if acc.dtype != torch.float32 or acc.shape != (x.shape[-1], x.shape[-1]):
         raise ValueError(f"accumulator {tuple(acc.shape)} {acc.dtype} does not fit activations {tuple(x.shape)}; "
                          "use a float32 [in_features, in_features] accumulator for this layer")
-    y = x.float()
-    if row_weights is not None:
-        y = y * row_weights.to(device=y.device, dtype=torch.float32).unsqueeze(-1)
+    y = _weighted_rows_float32(x, row_weights)
     return acc.addmm_(y.T, y)
 
 

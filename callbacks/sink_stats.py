@@ -22,6 +22,7 @@ from rich.table import Table
 from callbacks.protocol import NoisedBatch, calibration_forward, forward_through_blocks, last_block
 from callbacks.reduction import gather_records
 from pipeline.attention import AttentionMassProbe
+from pipeline.outputs import AtomicDir
 from pipeline.sinks import mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
 
 
@@ -35,10 +36,17 @@ class SinkStatsCallback(Callback):
         out_dir: str | None = None,
         heatmap: bool = True,
         record: bool = True,
+        overwrite: bool = False,
     ):
         for name, value in (("sink_std", sink_std), ("sink_alpha", sink_alpha)):
             if not math.isfinite(value):
                 raise ValueError(f"SinkStatsCallback.{name}={value} is not finite; use a finite number (defaults: sink_std 2.0, sink_alpha 5.0)")
+            if value <= 0:
+                raise ValueError(f"SinkStatsCallback.{name}={value} must be > 0 (a sink lies sink_std standard deviations "
+                                 "above the mean mass; defaults: sink_std 2.0, sink_alpha 5.0)")
+        if chunk_size < 1:
+            raise ValueError(f"SinkStatsCallback.chunk_size={chunk_size} must be >= 1 (queries per softmax chunk; default 128)")
+        self.overwrite = overwrite
         self.sink_std, self.sink_alpha = float(sink_std), float(sink_alpha)
         self.per_layer, self.chunk_size = per_layer, chunk_size
         self.out_dir, self.heatmap, self.record = out_dir, heatmap, record
@@ -107,14 +115,16 @@ class SinkStatsCallback(Callback):
             return
         self.summary = summarize(records)
         if trainer.is_global_zero:
-            out = Path(self.out_dir or Path(trainer.default_root_dir) / "sinks")
-            out.mkdir(parents=True, exist_ok=True)
-            _atomic_json(out / "sinks.json", self.summary)
-            if self.heatmap:
-                heat = torch.tensor([[math.nan if v is None else v for v in row] for row in self.summary["mean_mass_by_timestep"]])
-                labels = [f"t={row['t']:.2f}" for row in self.summary["timesteps"]]
-                plot_heatmap(heat, out / "sink_heatmap.png", title="attention mass (mean over samples)", ylabels=labels)
+            with AtomicDir(self.output_path(trainer), overwrite=self.overwrite) as tmp:
+                (tmp / "sinks.json").write_text(json.dumps(self.summary, indent=1))
+                if self.heatmap:
+                    heat = torch.tensor([[math.nan if v is None else v for v in row] for row in self.summary["mean_mass_by_timestep"]])
+                    labels = [f"t={row['t']:.2f}" for row in self.summary["timesteps"]]
+                    plot_heatmap(heat, tmp / "sink_heatmap.png", title="attention mass (mean over samples)", ylabels=labels)
             Console().print(render_table(self.summary))
+
+    def output_path(self, trainer) -> Path:
+        return Path(self.out_dir or Path(trainer.default_root_dir) / "sinks").expanduser()
 
     def state_dict(self) -> dict:
         return {"records": self.records, "summary": self.summary}
@@ -234,8 +244,3 @@ def render_table(summary: dict) -> Table:
         )
     return table
 
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)

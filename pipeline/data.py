@@ -7,6 +7,7 @@ Wanda/SparseGPT.  Held-out windows are spread evenly over the held-out stream wi
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -65,17 +66,50 @@ def _local_texts(source: str, split: str) -> list[str]:
     return docs[:cut] if split == "train" else docs[cut:] or docs[-1:]
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"data.dataset: {path} is not UTF-8 text (byte offset {exc.start}); give a UTF-8 "
+                         ".txt/.json/.jsonl file or a .parquet file") from None
+
+
+def _json_records(path: Path) -> list:
+    """A JSON array of records, or JSON lines (one record per line); errors name the line."""
+    text = _read_text(path)
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"data.dataset: {path} line {exc.lineno}: invalid JSON ({exc.msg}); fix that line") from None
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"data.dataset: {path} line {lineno}: invalid JSON ({exc.msg}); "
+                                 'each line must be one object like {"text": "..."}') from None
+    return records
+
+
 def _read_documents(path: Path) -> list[str]:
     suffix = path.suffix.lower()
-    if suffix in (".json", ".jsonl", ".parquet"):
+    if suffix == ".parquet":
         from datasets import load_dataset
 
-        ds = load_dataset("parquet" if suffix == ".parquet" else "json", data_files=str(path), split="train")
+        ds = load_dataset("parquet", data_files=str(path), split="train")
         if "text" not in ds.column_names:
             raise ValueError(f"{path}: no 'text' column (columns: {ds.column_names}); name the text field 'text'")
         return [t for t in ds["text"] if t]
-    text = path.read_text(encoding="utf-8")
-    return [d for d in text.split("\n\n") if d.strip()]
+    if suffix in (".json", ".jsonl"):
+        records = _json_records(path)
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict) or not isinstance(rec.get("text", ""), str) or "text" not in rec:
+                raise ValueError(f"data.dataset: {path} record {i + 1} has no string field 'text'; "
+                                 'give records like {"text": "..."}')
+        return [r["text"] for r in records if r["text"]]
+    return [d for d in _read_text(path).split("\n\n") if d.strip()]
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -186,6 +220,12 @@ class CalibrationData(L.LightningDataModule):
             raise ValueError(
                 f"data: the calibration text has {len(train)} tokens, fewer than seqlen={hp.seqlen}; "
                 "lower data.init_args.seqlen or give more text"
+            )
+        if hp.nsamples > len(train) // hp.seqlen:
+            raise ValueError(
+                f"data.nsamples={hp.nsamples} exceeds the {len(train) // hp.seqlen} non-overlapping {hp.seqlen}-token windows "
+                f"of the calibration text ({len(train)} tokens): the windows would repeat it; use nsamples <= "
+                f"{len(train) // hp.seqlen} or give more text"
             )
         g = torch.Generator().manual_seed(hp.seed)
         starts = torch.randint(0, len(train) - body, (hp.nsamples,), generator=g)

@@ -13,9 +13,11 @@ from rich.console import Console
 from callbacks.protocol import calibration_forward, dispatch_noised_batch, noised_batches
 from pipeline.diffusion import DEFAULT_EPS, timestep_grid
 from pipeline.loading import load_dlm, resolve_mask_token_id, resolve_path
+from pipeline.phase import phase, set_current
 from pipeline.metrics import MaskedDiffusionPerplexity, elbo_nll
 
 
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 FIT_HINT = ("every rank holds a whole copy of the model; use model.init_args.torch_dtype: bfloat16, "
             "PruneCallback mode: sequential with a smaller data.init_args.batch_size, or a GPU with more memory "
             "(README 'Scaling out')")
@@ -52,6 +54,8 @@ class DLMModule(L.LightningModule):
         self.timesteps = validate_timesteps(timesteps)
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"model.eps={eps} must be in [0, 1); the default is 1e-3")
+        if torch_dtype is not None and str(torch_dtype) not in DTYPES:
+            raise ValueError(f"model.torch_dtype={torch_dtype!r} is not a dtype; use one of {', '.join(DTYPES)}")
         if heldout_timesteps < 1:
             raise ValueError(f"model.heldout_timesteps={heldout_timesteps} must be >= 1 (timesteps per held-out window)")
         resolve_path(pretrained)  # a missing local path fails here, before anything is loaded
@@ -84,6 +88,10 @@ class DLMModule(L.LightningModule):
             raise RuntimeError(f"{hp.pretrained} does not fit in the memory of {self._target_device()}: {FIT_HINT}") from exc
         check_fits(self.model, self._target_device(), hp.pretrained)
         self.mask_token_id = resolve_mask_token_id(self.tokenizer, self.model.config, hp.mask_token_id)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if not 0 <= self.mask_token_id < vocab:
+            raise ValueError(f"model.mask_token_id={self.mask_token_id} is outside the vocabulary (0 … {vocab - 1}); "
+                             "use the tokenizer's [MASK] id or leave mask_token_id unset")
         self.model.requires_grad_(False)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         seqlen = getattr(getattr(dm, "hparams", None), "seqlen", None) if dm is not None else None
@@ -113,6 +121,7 @@ class DLMModule(L.LightningModule):
         self.model.eval()
 
     def training_step(self, batch, batch_idx):
+        set_current(f"calibrating (epoch {self.current_epoch + 1}, batch {batch_idx + 1})")
         with torch.no_grad():
             for nb in noised_batches(batch, self.timesteps, self.mask_token_id, seed=self.hparams.seed, eps=self.hparams.eps):
                 dispatch_noised_batch(self.trainer, self, nb)
@@ -139,11 +148,16 @@ class DLMModule(L.LightningModule):
             real = (batch["index"] >= 0).double()  # DDP padding windows count for nothing
             metric.update((nll * real).to(self.device), (scored * real).to(self.device))
         self.model.train(was_training)
-        return metric.compute()
+        scores = metric.compute()
+        if not scores["tokens"]:
+            raise ValueError("data.heldout_samples: no held-out token was scored (the held-out text is shorter than one "
+                             "window); give more held-out text or a smaller data.seqlen")
+        return scores
 
     def on_fit_start(self):
         if self.hparams.score_dense and "dense" not in self.results:
-            self.results["dense"] = {"heldout": self.score_heldout()}
+            with phase("scoring the dense model on held-out text"):
+                self.results["dense"] = {"heldout": self.score_heldout()}
             if self.trainer.is_global_zero:
                 r = self.results["dense"]["heldout"]
                 Console().print(
@@ -152,8 +166,11 @@ class DLMModule(L.LightningModule):
                 )
 
 
+MAX_LENGTH_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "max_seq_len")
+
+
 def model_max_length(config) -> int | None:
-    for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "max_seq_len"):
+    for key in MAX_LENGTH_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value

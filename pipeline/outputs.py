@@ -1,7 +1,9 @@
 """Run outputs that are never half-written: checked before work starts, written to a temp dir, renamed.
 
 A crash or Ctrl-C while saving leaves the previous state (nothing, or the old directory when
-overwriting), never a partial directory under the final name.
+overwriting), never a partial directory under the final name.  Every directory this tool writes holds a
+marker file (`MARKER`); `overwrite: true` replaces only such a directory (or an empty one), never a
+folder the tool did not write, and never one that holds or lies inside an input (`check_not_input`).
 """
 from __future__ import annotations
 
@@ -15,13 +17,64 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def prepare_output_dir(path, overwrite: bool) -> Path:
+MARKER = ".sinkprune-output"
+
+
+def prepare_output_dir(path, overwrite: bool, field: str = "output_dir") -> Path:
+    """Refuse an existing non-empty directory unless overwrite is set and this tool wrote it (MARKER)."""
     path = Path(path).expanduser()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"output directory {path} already exists and is not empty; choose a new output_dir or set overwrite: true"
-        )
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{field}={path} is a file; choose a directory path that does not exist")
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{field}={path}: output directory {path} already exists and is not empty; choose a new {field} or set overwrite: true"
+            )
+        if not (path / MARKER).is_file():
+            raise FileExistsError(
+                f"{field}={path} exists and was not written by sinkprune (no {MARKER} in it), so overwrite: true "
+                f"will not replace it; choose a new {field}"
+            )
     return path
+
+
+def _resolved(path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_not_input(field: str, output, inputs: dict[str, Path | str], contains_ok: bool = False) -> None:
+    """Refuse an output location that equals, contains or lies inside an input (a model folder, dataset,
+    masks_from folder, checkpoint).  contains_ok: the output is only a root this tool writes new
+    subfolders into (trainer.default_root_dir), so holding an input is harmless."""
+    out = _resolved(output)
+    for in_field, value in inputs.items():
+        src = _resolved(value)
+        inside = out == src or src in out.parents
+        if inside or (not contains_ok and out in src.parents):
+            how = "is" if out == src else ("lies inside" if inside else "contains")
+            raise ValueError(f"{field}={output} {how} the input {in_field}={value}; inputs are never written, "
+                             f"choose an output path outside it")
+
+
+def check_writable(field: str, path, needed_bytes: int = 0) -> None:
+    """Before any work: no component of the path is a file, its nearest existing folder accepts a new file,
+    and that disk has room for needed_bytes."""
+    path = Path(path).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or (existing == path and not path.is_dir()):
+        raise NotADirectoryError(f"{field}={path}: {existing} is a file, not a folder; choose another path")
+    probe = existing / f".sinkprune-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"{field}={path}: cannot write in {existing} ({exc.strerror}); choose a writable location") from None
+    free = shutil.disk_usage(existing).free
+    if needed_bytes > free:
+        raise OSError(f"{field}={path}: the outputs need about {needed_bytes / 2**20:.0f} MiB but {existing} has "
+                      f"{free / 2**20:.0f} MiB free; free space or choose another disk")
 
 
 class AtomicDir:
@@ -36,6 +89,7 @@ class AtomicDir:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
+        (self.tmp / MARKER).write_text("written by sinkprune; `overwrite: true` may replace this folder\n")
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

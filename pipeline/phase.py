@@ -15,10 +15,8 @@ _current = ["starting"]
 @contextmanager
 def phase(name: str):
     previous, _current[0] = _current[0], name
-    try:
-        yield
-    finally:
-        _current[0] = previous
+    yield  # on an exception the name stays: it says where the run stopped
+    _current[0] = previous
 
 
 def current() -> str:

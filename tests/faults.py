@@ -94,3 +94,27 @@ class PoisonWeight(Callback):
     def on_train_start(self, trainer, pl_module):
         with torch.no_grad():
             dict(pl_module.model.named_parameters())[self.param].view(-1)[0] = self.value
+
+
+class Stamp(Callback):
+    """Prints `STAMP <hook> <unix time>` to stderr at `hook` (on its `batch`-th call for batch hooks), then
+    sleeps `hold` seconds there, so a test can signal the process at a known phase."""
+
+    PREFIX = "STAMP"
+
+    def __init__(self, hook: str = "on_train_end", batch: int = 1, hold: float = 0.0):
+        self.hook, self.batch, self.hold = hook, batch, hold
+
+    def _stamp(self, hook: str, batch_idx: int = 0) -> None:
+        if hook == self.hook and batch_idx + 1 == self.batch:
+            print(f"{self.PREFIX} {hook} {time.time()}", file=sys.stderr, flush=True)
+            time.sleep(self.hold)
+
+    def on_fit_start(self, trainer, pl_module):
+        self._stamp("on_fit_start")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._stamp("on_train_batch_end", batch_idx)
+
+    def on_train_end(self, trainer, pl_module):
+        self._stamp("on_train_end")

@@ -171,3 +171,24 @@ def test_single_pass_matches_two_pass(tmp_path):
         assert code == 0, err[-3000:]
         masks.append(load_file(str(root / "pruned" / "masks.safetensors")))
     assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_two_processes_count_the_same_tokens(tmp_path):
+    """calibration_ddp on 2 processes: the per-expert counts are reduced across ranks like the statistics.
+
+    Masks are compared with a tolerance of 0.1%: unlike a dense model, an MoE forward is not bit-invariant to
+    the batch's company (each expert's GEMM has as many rows as tokens routed to it), so near-ties may flip."""
+    from tests.runs import run_cli
+
+    runs = []
+    for devices in (1, 2):
+        root = tmp_path / f"d{devices}"
+        trainer = {"devices": devices, **({"strategy": "calibration_ddp_spawn"} if devices > 1 else {})}
+        proc = run_cli(tiny_config(root, method="sink_wanda", pretrained="tiny-llada-moe", nsamples=5, trainer_args=trainer), tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append((json.loads((root / "pruned" / "results.json").read_text()), load_file(str(root / "pruned" / "masks.safetensors"))))
+    (r1, m1), (r2, m2) = runs
+    assert r1["moe"] == r2["moe"] and sum(r1["moe"]["expert_tokens"].values()) == 2 * 5 * 64 * 3 * 2
+    assert m1.keys() == m2.keys()
+    differ = sum((m1[k] != m2[k]).sum().item() for k in m1)
+    assert differ <= 1e-3 * sum(m.numel() for m in m1.values())

@@ -59,13 +59,39 @@ def calibration_forward(module, input_ids, attention_mask=None):
     return module.model(**kwargs)
 
 
+def _holds_linear(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Linear) for m in module.modules())
+
+
+def _declared_layer_classes(model) -> set[str]:
+    """Class names that Hugging Face models declare as their unsplittable layers (`_no_split_modules`)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return names
+
+
 def find_blocks(model) -> list[tuple[str, torch.nn.Module]]:
-    """The transformer blocks: the longest ModuleList whose children hold Linear layers."""
+    """The transformer blocks, as [(full name, block)], in order.
+
+    1. A ModuleList whose children are all instances of a layer class the model declares in
+       `_no_split_modules` (LLaDA: LLaDALlamaBlock, BERT: BertLayer); the longest such list.
+    2. Otherwise the longest ModuleList whose children hold nn.Linear layers, among the outermost ones
+       only: a list nested inside another candidate's child (an MoE block's `experts`) is never a block
+       list, however many experts there are."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    declared = _declared_layer_classes(model)
+    candidates = [(name, m) for name, m in lists if declared and all(type(c).__name__ in declared for c in m)]
+    if not candidates:
+        structural = [(name, m) for name, m in lists if all(_holds_linear(c) for c in m)]
+        # "a.b.3.experts" is nested in candidate "a.b"'s child "a.b.3"
+        candidates = [(name, m) for name, m in structural
+                      if not any(name.startswith(f"{other}.") for other, _ in structural if other != name)]
     best: list[tuple[str, torch.nn.Module]] = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
-            if all(any(isinstance(m, torch.nn.Linear) for m in child.modules()) for child in module):
-                best = [(f"{name}.{i}", child) for i, child in enumerate(module)]
+    for name, module in candidates:
+        if len(module) > len(best):
+            prefix = f"{name}." if name else ""
+            best = [(f"{prefix}{i}", child) for i, child in enumerate(module)]
     return best
 
 

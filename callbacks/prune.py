@@ -11,6 +11,11 @@ per block: block i is calibrated on the outputs of the already-pruned blocks bef
 after block i), so only one block's statistics are alive at a time: less memory, L(L+1)/2 block passes.
 `single_pass: true` (one-shot, sink-aware) reads the Linear inputs of SinkStatsCallback's probed forward
 instead of running a second forward: the same numbers, bit for bit, for one forward per noised batch.
+
+Mixture-of-experts blocks (callbacks/moe.py): an expert's statistic counts only the tokens routed to it,
+each weighted by its own token's weight (read from the expert's `routed_tokens`); routers stay dense
+unless `targets` names them.  `results["moe"]` records the calibration tokens each expert saw; an expert
+that saw none stops the run (ValueError) instead of being pruned on no data.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 
+from callbacks import moe
 from callbacks.protocol import NoisedBatch, find_blocks, forward_through_blocks
 from callbacks.reduction import SlotSums
 from callbacks.sink_stats import SinkStatsCallback
@@ -108,6 +114,9 @@ class PruneCallback(Callback):
         self.info: dict = {"timings": {}}
         self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
         self.pruned_weights: dict[str, torch.Tensor] = {}  # SparseGPT-updated weights, for resuming
+        self.experts: dict[str, tuple[str, torch.nn.Module]] = {}  # Linear in an MoE expert -> (expert name, module)
+        self.expert_tokens: dict[str, int] = {}            # expert name -> calibration tokens routed to it
+        self.dense_routers: list[str] = []                 # MoE routers left out of pruning
         self._captured: dict[str, torch.Tensor] = {}
         self._capture_handles: list = []
 
@@ -135,14 +144,19 @@ class PruneCallback(Callback):
         blocks = find_blocks(pl_module.model)
         if not blocks:
             raise ValueError("prune: found no transformer blocks (a ModuleList of layers with nn.Linear); set targets explicitly")
-        self.layers, self.block_layers, self.block_modules = {}, [], []
+        self.layers, self.block_layers, self.block_modules, self.experts, self.dense_routers = {}, [], [], {}, []
         for prefix, block in blocks:
+            routers, experts = moe.find_moe(block, prefix)
             names = []
             for sub, module in block.named_modules():
                 full = f"{prefix}.{sub}"
                 if not isinstance(module, torch.nn.Linear):
                     continue
-                if self.targets and not any(p.search(full) for p in self.targets):
+                named = any(p.search(full) for p in self.targets)
+                if full in routers and not named:  # routers stay dense unless a target pattern names them
+                    self.dense_routers.append(full)
+                    continue
+                if self.targets and not named:
                     continue
                 if any(p.search(full) for p in self.ignore):
                     continue
@@ -150,6 +164,13 @@ class PruneCallback(Callback):
                     raise ValueError(f"prune n_m={self.n_m[0]}:{self.n_m[1]}: {full} has {module.in_features} inputs, not divisible by {self.n_m[1]}")
                 self.layers[full] = module
                 names.append(full)
+                expert = moe.expert_of(full, experts)
+                if expert is not None:
+                    if self.statistic and not hasattr(experts[expert], "routed_tokens"):
+                        raise ValueError(f"prune method={self.method}: {expert} is an MoE expert whose model does not record its "
+                                         "routed tokens (`routed_tokens`, see callbacks/moe.py); use method=magnitude or "
+                                         "ignore: ['experts']")
+                    self.experts[full] = (expert, experts[expert])
             if names:
                 self.block_layers.append(names)
                 self.block_modules.append(block)
@@ -199,7 +220,8 @@ class PruneCallback(Callback):
             # that forward is bit-identical to a plain one (the probe changes no output).
             self._captured = {}
             self._capture_handles = [
-                self.layers[n].register_forward_hook(lambda mod, inp, out, n=n: self._captured.__setitem__(n, inp[0].detach()))
+                self.layers[n].register_forward_hook(
+                    lambda mod, inp, out, n=n: self._captured.__setitem__(n, (inp[0].detach(), self._routed(n))))
                 for n in self._active_layers(trainer.current_epoch)
             ]
 
@@ -214,14 +236,15 @@ class PruneCallback(Callback):
         if any(fresh) and self._capture_handles:
             captured, self._captured = self._captured, {}
             for name in names:
-                self._accumulate(name, captured[name], nb, fresh)
+                if name in captured:  # an expert that no token was routed to did not run
+                    self._accumulate(name, *captured[name], nb, fresh)
         elif any(fresh):  # else: a resumed run replaying a batch that the checkpoint already counted
             self._forward_and_accumulate(trainer, pl_module, nb, names, fresh)
         self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids if sid >= 0)
 
     def _forward_and_accumulate(self, trainer, pl_module, nb, names, fresh) -> None:
         handles = [self.layers[n].register_forward_hook(
-            lambda mod, inp, out, n=n: self._accumulate(n, inp[0].detach(), nb, fresh)) for n in names]
+            lambda mod, inp, out, n=n: self._accumulate(n, inp[0].detach(), self._routed(n), nb, fresh)) for n in names]
         # sequential: blocks after the one being calibrated are not needed yet; one-shot: nothing after the last target
         last = self.block_modules[trainer.current_epoch] if self.mode == "sequential" else self.block_modules[-1]
         try:
@@ -239,23 +262,42 @@ class PruneCallback(Callback):
             weights = pad if weights is None else weights * pad
         return weights
 
-    def _accumulate(self, name: str, x: torch.Tensor, nb: NoisedBatch, fresh: list[bool]) -> None:
-        """Add each fresh sample's Σ_t (w_t x_t)² (or Hessian) to its reduction slot."""
-        x = x.reshape(len(nb.sample_ids), -1, x.shape[-1])
-        weights = self._row_weights(nb)
-        act_sq_sums = sp.sample_act_sq_sums(x, weights) if self.statistic != "hessian" else None
-        for b, sample_id in enumerate(nb.sample_ids):
-            if not fresh[b]:
+    def _routed(self, name: str) -> torch.Tensor | None:
+        """For a Linear inside an MoE expert, called from its hook: the flat [B·L] token index of each input row."""
+        expert = self.experts.get(name)
+        return None if expert is None else moe.checked_tokens(expert[1], name)
+
+    def _accumulate(self, name: str, x: torch.Tensor, routed: torch.Tensor | None, nb: NoisedBatch, fresh: list[bool]) -> None:
+        """Add each fresh sample's Σ_t (w_t x_t)² (or Hessian) to its reduction slot.
+
+        Dense layers: x is [B·L, d] (any leading shape).  Experts: x is [n_routed, d], row r being token
+        routed[r] of the flattened [B, L] batch; each sample adds only its own routed rows with their own
+        weights, and their number (padding excluded) under the key "<name>#tokens"."""
+        n_samples = len(nb.sample_ids)
+        weights = self._row_weights(nb)  # [B, L] or None
+        if routed is None:
+            x = x.reshape(n_samples, -1, x.shape[-1])
+            act_sq_sums = sp.sample_act_sq_sums(x, weights) if self.statistic != "hessian" else None
+            rows = ((b, x[b], None) for b in range(n_samples))
+        else:
+            rows = moe.routed_rows(x, routed, n_samples, nb.input_ids.shape[1])
+        for b, xb, pos in rows:  # xb [T_b, d]; pos [T_b] positions of an expert's rows, None for dense layers
+            sample_id = nb.sample_ids[b]
+            if not fresh[b] or len(xb) == 0:
                 continue
+            wb = None if weights is None else (weights[b] if pos is None else weights[b, pos])  # [T_b]
             if self.statistic == "hessian":
                 acc = self.sums.accumulator(name, sample_id, (x.shape[-1], x.shape[-1]), device=x.device)
-                sp.add_sample_hessian_(acc, x[b], None if weights is None else weights[b])
+                sp.add_sample_hessian_(acc, xb, wb)
                 # NaN/Inf anywhere in x reaches the diagonal (H_jj = Σ x_j²), so checking it is enough.
                 finite = torch.isfinite(acc.diagonal()).all()
             else:
-                value = act_sq_sums[b]
+                value = act_sq_sums[b] if pos is None else sp.sample_act_sq_sums(xb[None], None if wb is None else wb[None])[0]
                 finite = torch.isfinite(value).all()
                 self.sums.add(name, sample_id, value)
+            if pos is not None:
+                real = len(pos) if nb.attention_mask is None else int((nb.attention_mask[b, pos] > 0).sum())
+                self.sums.add(f"{name}#tokens", sample_id, torch.tensor([real], dtype=torch.float64, device=x.device))
             if not finite:
                 raise FloatingPointError(f"NaN/Inf in the input activations of {name} (sample {sample_id}, t={nb.t}); "
                                          "check the model's dtype (fp16 overflow?) and the calibration data")
@@ -274,11 +316,31 @@ class PruneCallback(Callback):
         else:
             return
         t0 = time.time()
+        if self.statistic:
+            self._count_expert_tokens(names)
         with torch.no_grad(), phase("computing the masks"):
             for name in names:
                 self._prune_layer(name)
         self.sums.clear()
         self.info["timings"]["prune_s"] = self.info["timings"].get("prune_s", 0.0) + time.time() - t0
+
+    def _count_expert_tokens(self, names: list[str]) -> None:
+        """Record the calibration tokens routed to each expert among `names` (from any one of its Linear layers;
+        all of them see the same rows); stop on an expert that saw none.  Collective: run on every rank."""
+        zero = torch.zeros(1, dtype=torch.float64)
+        for name in names:
+            if name in self.experts:
+                total = self.sums.total(f"{name}#tokens", like=zero)
+                self.expert_tokens[self.experts[name][0]] = 0 if total is None else int(total.item())
+        for expert in dict.fromkeys(self.experts[n][0] for n in names if n in self.experts):
+            if self.expert_tokens[expert] == 0:
+                samples = len({sid for _, sid, _ in self.seen})
+                parent = expert.rsplit(".", 1)[0]  # the experts list
+                routed = sum(v for k, v in self.expert_tokens.items() if k.rsplit(".", 1)[0] == parent)
+                raise ValueError(
+                    f"prune: MoE expert {expert} saw no calibration tokens (its router sent it none of the {routed} "
+                    f"routed tokens of {samples} samples); calibrate on more samples (data.nsamples >= {3 * max(samples, 1)}, "
+                    f"more if its router rarely picks it) or leave it dense with prune.ignore: ['{expert}\\.']")
 
     def _prune_layer(self, name: str) -> None:
         layer = self.layers[name]
@@ -327,6 +389,8 @@ class PruneCallback(Callback):
         report = sparsity_report(self.layers, self.masks, self.sparsity, self.n_m)
         results = {"method": self.method, "sparsity": self.sparsity, "n_m": self.n_m, "mode": self.mode,
                    "calibrated_pairs": sorted(self.seen), "sparsity_report": report}
+        if self.experts:  # tokens routed to each expert (noised tokens, padding excluded; each token counts top_k times per layer)
+            results["moe"] = {"expert_tokens": dict(sorted(self.expert_tokens.items())), "dense_routers": self.dense_routers}
         pruned_scores = {}
         if self.score and hasattr(pl_module, "score_heldout"):
             t0 = time.time()
@@ -378,12 +442,13 @@ class PruneCallback(Callback):
     # --- checkpointable state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"masks": self.masks, "sums": self.sums.state_dict() if self.sums else None,
-                "seen": sorted(self.seen), "pruned_weights": self.pruned_weights}
+                "seen": sorted(self.seen), "pruned_weights": self.pruned_weights, "expert_tokens": self.expert_tokens}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.masks = state_dict.get("masks", {})
         self.seen = {tuple(k) for k in state_dict.get("seen", [])}
         self.pruned_weights = state_dict.get("pruned_weights", {})
+        self.expert_tokens = state_dict.get("expert_tokens", {})
         if state_dict.get("sums") is not None:
             self.sums = SlotSums(self.reduction_slots)
             self.sums.load_state_dict(state_dict["sums"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 ZOO_DIR = Path(__file__).parent / "zoo"
-EMBEDDED = ("minilm-dlm", "tiny-llada", "tiny-ar")
+EMBEDDED = ("minilm-dlm", "tiny-llada", "tiny-ar", "tiny-llada-moe")
 # Fallback mask ids by model_type, for checkpoints whose tokenizer and config do not name one.
 KNOWN_MASK_IDS = {"llada": 126336, "dream": 151666}
 
@@ -25,7 +25,7 @@ def resolve_path(pretrained: str) -> str:
         from pipeline.zoo import minilm_dlm
 
         return str(minilm_dlm.materialize())
-    if pretrained in ("tiny-llada", "tiny-ar"):
+    if pretrained in ("tiny-llada", "tiny-ar", "tiny-llada-moe"):
         return str(ZOO_DIR / pretrained.replace("-", "_"))
     looks_local = pretrained.startswith((".", "/", "~")) or Path(pretrained).expanduser().exists()
     if looks_local:

@@ -14,17 +14,17 @@ from pathlib import Path
 import torch
 
 ZOO_DIR = Path(__file__).parent / "zoo"
-EMBEDDED = ("minilm-dlm", "tiny-llada", "tiny-ar", "tiny-llada-moe")
+EMBEDDED = ("minilm-dlm", "minilm-dlm-rel", "minilm-ar", "tiny-llada", "tiny-ar", "tiny-llada-moe")
 # Fallback mask ids by model_type, for checkpoints whose tokenizer and config do not name one.
 KNOWN_MASK_IDS = {"llada": 126336, "dream": 151666}
 
 
 def resolve_path(pretrained: str) -> str:
     """Embedded names map to folders of this repo (or the cache); local paths must exist; else a hub id."""
-    if pretrained == "minilm-dlm":
+    if pretrained in ("minilm-dlm", "minilm-dlm-rel", "minilm-ar"):
         from pipeline.zoo import minilm_dlm
 
-        return str(minilm_dlm.materialize())
+        return str(minilm_dlm.materialize(pretrained))
     if pretrained in ("tiny-llada", "tiny-ar", "tiny-llada-moe"):
         return str(ZOO_DIR / pretrained.replace("-", "_"))
     looks_local = pretrained.startswith((".", "/", "~")) or Path(pretrained).expanduser().exists()

@@ -101,7 +101,9 @@ def dlm_denoising_trajectory(model, tokenizer, mask_id: int, windows: torch.Tens
 
 
 @torch.no_grad()
-def dlm_forward_process_trajectory(model, tokenizer, mask_id: int, windows: torch.Tensor, steps: int):
+def dlm_forward_process_trajectory(model, tokenizer, mask_id: int, windows: torch.Tensor, steps: int, keep_special: bool = False):
+    """Mass at forward-process timesteps t = 1.0 … 0.1.  Every position is maskable, [CLS]/[SEP] too (the
+    reference's forward process and LLaDA's training); keep_special never masks them."""
     from pipeline.diffusion import forward_process
 
     batch = windows.shape[0]
@@ -109,8 +111,9 @@ def dlm_forward_process_trajectory(model, tokenizer, mask_id: int, windows: torc
     x0 = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(batch, -1), windows,
                     torch.tensor(suffix, dtype=torch.long).expand(batch, -1)], dim=1)
     keep = torch.zeros_like(x0, dtype=torch.bool)
-    keep[:, : len(prefix)] = True
-    keep[:, x0.shape[1] - len(suffix):] = True
+    if keep_special:
+        keep[:, : len(prefix)] = True
+        keep[:, x0.shape[1] - len(suffix):] = True
     generator = torch.Generator().manual_seed(0)
     trajectory = []
     for i in range(steps):
@@ -229,8 +232,9 @@ def measure_dlm(name, args):
         mode = (f"low-confidence iterative denoising, {args.steps} steps, of a fully masked {shape['masked_continuation']}-token "
                 f"continuation after a {shape['prompt_tokens']}-token held-out prompt; mass of all queries")
     else:
-        trajectory, shape = dlm_forward_process_trajectory(model, tokenizer, mask_id, windows, args.steps)
-        mode = f"forward-process timesteps t=1.0..0.1 ({args.steps} values) on held-out windows; mass of all queries"
+        trajectory, shape = dlm_forward_process_trajectory(model, tokenizer, mask_id, windows, args.steps, args.keep_special)
+        masked = "special tokens never masked" if args.keep_special else "every position maskable"
+        mode = f"forward-process timesteps t=1.0..0.1 ({args.steps} values) on held-out windows ({masked}); mass of all queries"
     summary, heat = summarize(trajectory, tokenizer, mask_id, causal=False)
     return {"model": name, "checkpoint": checkpoint_identity(name), "mode": mode, **shape, **summary}, heat, [label for label, _, _ in trajectory]
 
@@ -342,6 +346,7 @@ def parse_args(argv=None):
     p.add_argument("--seqlen", type=int, default=64, help="tokens per window (prompt = first quarter)")
     p.add_argument("--steps", type=int, default=16, help="denoising steps / timesteps / AR tokens generated")
     p.add_argument("--dlm-mode", choices=("denoise", "forward"), default="denoise")
+    p.add_argument("--keep-special", action="store_true", help="forward mode: never mask [CLS]/[SEP] (default: every position maskable)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threads", type=int, default=1)

@@ -1,9 +1,14 @@
-"""Measure minilm-dlm for its model card: held-out negative ELBO vs the unigram baseline, and sink shares.
+"""Measure a MiniLM zoo model for its card: held-out NLL vs the unigram baseline, and sink shares.
 
-    python -m pipeline.zoo.minilm_report        # writes pipeline/zoo/minilm_dlm/eval_results.json
+    python -m pipeline.zoo.minilm_report                            # pipeline/zoo/minilm_dlm/eval_results.json
+    python -m pipeline.zoo.minilm_report --variant minilm-dlm-rel   # … minilm_dlm_rel/eval_results.json
+    python -m pipeline.zoo.minilm_report --variant minilm-ar        # … minilm_ar/eval_results.json
+
+The NLL is the masked-diffusion negative ELBO for the DLMs and the next-token NLL for minilm-ar.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -23,11 +28,11 @@ def unigram_entropy(train: torch.Tensor, held: torch.Tensor, vocab: int) -> floa
 
 
 @torch.no_grad()
-def sink_shares(model, stream, mask_id, cls_id, rates=(0.0, 0.5, 0.9), n=16, seqlen=128) -> dict:
+def sink_shares(model, stream, mask_id, cls_id, rates=(0.0, 0.5, 0.9), n=16, seqlen=128, keep_cls=True) -> dict:
     g = torch.Generator().manual_seed(7)
     x0 = windows(stream, torch.randint(0, len(stream) - seqlen, (n,), generator=g), seqlen, cls_id)
     keep = torch.zeros_like(x0, dtype=torch.bool)
-    keep[:, 0] = True
+    keep[:, 0] = keep_cls
     out = {}
     for rate in rates:
         xt, _, _ = forward_process(x0, rate, mask_id, eps=0.0, keep=keep, generator=g)
@@ -43,20 +48,26 @@ def sink_shares(model, stream, mask_id, cls_id, rates=(0.0, 0.5, 0.9), n=16, seq
     return out
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m pipeline.zoo.minilm_report")
+    ap.add_argument("--variant", choices=sorted(minilm_dlm.VARIANTS), default="minilm-dlm")
+    args = ap.parse_args(argv)
+    variant = minilm_dlm.VARIANTS[args.variant]
     torch.set_num_threads(2)
-    model, tok = load_dlm("minilm-dlm")
+    model, tok = load_dlm(variant.name)
     train, held = token_stream(tok, "train"), token_stream(tok, "heldout")
-    log = json.loads((minilm_dlm.HERE / "training_log.json").read_text())
+    log = json.loads((variant.here / "training_log.json").read_text())
     results = {
         "steps": log["step"],
-        "heldout_neg_elbo_nats_per_token": heldout_elbo(model, held, tok.mask_token_id, tok.cls_token_id, minilm_dlm.VARIANTS["minilm-dlm"]),
+        "objective": "next-token NLL" if variant.causal else "masked-diffusion negative ELBO",
+        "heldout_neg_elbo_nats_per_token": heldout_elbo(model, held, tok.mask_token_id, tok.cls_token_id, variant),
         "unigram_entropy_nats_per_token": unigram_entropy(train, held, tok.vocab_size),
         "uniform_nats_per_token": math.log(tok.vocab_size),
-        "sinks": sink_shares(model, held, tok.mask_token_id, tok.cls_token_id),
-        "delta_digest": minilm_dlm._delta_digest(minilm_dlm.VARIANTS["minilm-dlm"]),
+        "sinks": sink_shares(model, held, tok.mask_token_id, tok.cls_token_id, rates=(0.0,) if variant.causal else (0.0, 0.5, 0.9),
+                             keep_cls=not variant.drop_first_position),
+        "delta_digest": minilm_dlm._delta_digest(variant),
     }
-    (minilm_dlm.HERE / "eval_results.json").write_text(json.dumps(results, indent=1))
+    (variant.here / "eval_results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
 

@@ -23,7 +23,13 @@ What is covered, and what is not:
     (`from torch.nn.functional import scaled_dot_product_attention` at import time). Those forwards run
     untouched and the probe sees zero calls; `require_attention()` then raises NoAttentionSeenError rather
     than returning an all-zero mass. Load such models with attn_implementation="sdpa".
-    A model compiled with torch.compile has SDPA baked into its graph: probe the uncompiled module.
+  * torch.compile: while a probe is active, torch.compile's stance is "force_eager" (torch >= 2.6), so every
+    compiled function or module runs its Python eagerly and its SDPA call reaches the probe: LLaDA's remote
+    code, whose module-level `@torch.compile()` wrapper calls F.scaled_dot_product_attention, and whole
+    models wrapped in torch.compile alike.  Dynamo never traces the probe: no graph break, no guard on the
+    patched function or on the probe's state, no recompile, no compile of a probed forward; code compiled
+    before stays cached and runs again once the probe exits (tests/test_compile_safe.py).  The stance is
+    process-wide: other threads' compiled code also runs eagerly (correct, slower) while a probe is active.
   * The mass is that of the probabilities before dropout (dropout_p is ignored); calibration runs in eval.
   * Only calls from the thread that entered the probe are measured; other threads pass straight through.
 
@@ -52,6 +58,24 @@ _SDPA_SIGNATURE = inspect.Signature(
     ]
     + [inspect.Parameter("enable_gqa", inspect.Parameter.KEYWORD_ONLY, default=False)]
 )
+
+
+def _force_eager():
+    """Enter torch.compile's "force_eager" stance (torch >= 2.6) and return its context, or None.
+
+    Under it every torch.compile'd function or module runs its Python eagerly: dynamo traces nothing, so the
+    probe's wrapper is never inlined into a graph (no graph break, no guard on it, no recompile, no cold
+    compile) and the attention of a compiled function or model is seen like any other.  Compiled code
+    cached before the probe stays cached and is used again as soon as the probe exits."""
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    if set_stance is None:  # torch < 2.6: no stance; a compiled region then traces the wrapper (slow, still right)
+        return None
+    try:
+        context = set_stance("force_eager")  # sets it now; __exit__ restores the stance found here
+    except RuntimeError:  # entered from inside a region being compiled: leave the stance alone
+        return None
+    context.__enter__()
+    return context
 
 
 class NoAttentionSeenError(RuntimeError):
@@ -188,6 +212,7 @@ class AttentionMassProbe:
         self._previous = None
         self._wrapper = None
         self._thread = None
+        self._stance = None
 
     # --- accumulation -----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -250,6 +275,7 @@ class AttentionMassProbe:
                     self._record(**{n: v for n, v in bound.arguments.items() if n != "value"})
             return out
 
+        self._stance = _force_eager()
         self._previous, self._wrapper, self._thread = previous, probed_sdpa, thread
         F.scaled_dot_product_attention = probed_sdpa
         return self
@@ -262,6 +288,9 @@ class AttentionMassProbe:
             )
         F.scaled_dot_product_attention = self._previous
         self._previous = self._wrapper = self._thread = None
+        stance, self._stance = self._stance, None
+        if stance is not None:
+            stance.__exit__(None, None, None)
 
 
 def probed_forward(model, *args, per_layer: bool = False, query_weights=None, chunk_size: int = 128, **kwargs):

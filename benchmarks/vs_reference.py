@@ -1,0 +1,292 @@
+"""This project against the reference implementation (VILA-Lab/Sink-Aware-Pruning), side by side.
+
+    git clone https://github.com/VILA-Lab/Sink-Aware-Pruning /tmp/sap
+    SINKPRUNE_REFERENCE=/tmp/sap python benchmarks/vs_reference.py                       # 16 windows, T=128 and 512
+    SINKPRUNE_REFERENCE=/tmp/sap python benchmarks/vs_reference.py --seqlens 128 --repeats 1 --methods sink_wanda
+
+Nothing of the reference is shipped or vendored: the clone is imported from SINKPRUNE_REFERENCE at run time.
+A tiny checkpoint is built from the reference's own `model/modeling_llada.py` (whose SDPA wrapper is a
+module-level `@torch.compile()`), with the trained weights of tiny-llada (same parameter names), and saved with
+that remote code, so that this project loads exactly what the reference runs.  Both sides see the same
+token windows (the reference's `get_loaders` is replaced by them) and 10 timesteps t = 0.1 … 1.0; the noise
+differs (the reference draws it from the global torch RNG, this project from per-(sample, step) seeds).
+
+Every run is a fresh process (one thread by default), so that peak RSS is per run and the compile cache can be
+cold (an empty TORCHINDUCTOR_CACHE_DIR) or warm (the same directory again).  The sides alternate within each
+repeat.  Reported: median seconds of the pruning call (model loading excluded; this project's figure is
+PruneCallback's calibration time, probed + hooked passes + masks), the ratio this project / reference,
+peak RSS, and mask agreement with the reference (fraction of equal mask entries over every pruned Linear),
+next to the floor: the reference against itself with another seed (other noise, same windows).
+
+Where the reference cannot run on CPU it is patched around here, never edited: `torch.cuda.synchronize()`
+(SparseGPT) becomes a no-op and `Tensor.cuda()` (magnitude's global sort) returns the tensor itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+METHODS = ("sink_wanda", "sink_sparsegpt", "wanda", "sparsegpt", "magnitude")
+REFERENCE_FN = {"sink_wanda": "prune_sink", "sink_sparsegpt": "prune_sink_sparsegpt", "wanda": "prune_wanda",
+                "sparsegpt": "prune_sparsegpt", "magnitude": "prune_magnitude"}
+# The reference's LLaDA-8B settings at tiny-llada's size (tiny-llada's weights load into it unchanged).
+TINY = dict(d_model=192, n_heads=4, n_kv_heads=2, n_layers=4, mlp_hidden_size=512, vocab_size=4096, embedding_size=4096,
+            block_type="llama", rope=True, rope_theta=10000.0, layer_norm_type="rms", rms_norm_eps=1e-5,
+            activation_type="silu", attention_dropout=0.0, residual_dropout=0.0, embedding_dropout=0.0,
+            weight_tying=False, include_bias=False, max_sequence_length=512, mask_token_id=2, pad_token_id=3,
+            eos_token_id=1, init_device="cpu", flash_attention=False)
+
+
+def reference_dir() -> Path:
+    ref = os.environ.get("SINKPRUNE_REFERENCE")
+    if not ref or not (Path(ref) / "lib" / "prune_llada.py").is_file():
+        sys.exit("set SINKPRUNE_REFERENCE to a clone of github.com/VILA-Lab/Sink-Aware-Pruning (it has lib/prune_llada.py)")
+    return Path(ref)
+
+
+# --- setup (parent) -------------------------------------------------------------------------------------
+
+def build_checkpoint(ref: Path, out: Path) -> Path:
+    """The reference's LLaDA code at tiny-llada's size, tiny-llada's trained weights, saved as remote code."""
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ref))
+    from model import LLaDAConfig, LLaDAModelLM
+
+    zoo = REPO / "pipeline" / "zoo" / "tiny_llada"
+    model = LLaDAModelLM(LLaDAConfig(**TINY))
+    missing, unexpected = model.load_state_dict(load_file(str(zoo / "model.safetensors")), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"tiny-llada's weights do not fit the reference's LLaDA: missing {missing}, unexpected {unexpected}")
+    model.config.auto_map = {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM"}
+    model.config.architectures = ["LLaDAModelLM"]
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for name in ("configuration_llada.py", "modeling_llada.py"):
+        shutil.copy2(ref / "model" / name, out / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(zoo / name, out / name)
+    return out
+
+
+def make_windows(nsamples: int, seqlen: int, seed: int):
+    """Random windows of the embedded Wikipedia text (tiny-llada's tokenizer), as the reference picks them."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.corpus import wiki_split
+    from pipeline.data import token_stream
+
+    tok = AutoTokenizer.from_pretrained(str(REPO / "pipeline" / "zoo" / "tiny_llada"))
+    stream = token_stream(tok, wiki_split("train"))
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seqlen - 1, (nsamples,), generator=g)
+    return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
+
+
+# --- one run (worker process) -------------------------------------------------------------------------------
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_reference(ref: Path, ckpt: Path, windows, method: str, seed: int, timesteps: int):
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ref))
+    import lib.prune_llada as P
+    from model import LLaDAModelLM
+
+    torch.cuda.synchronize = lambda *a, **k: None      # lib/sparsegpt.py calls it unconditionally
+    if method == "magnitude":
+        torch.Tensor.cuda = lambda self, *a, **k: self  # prune_magnitude sorts the weights on "cuda"
+    model = LLaDAModelLM.from_pretrained(str(ckpt), torch_dtype=torch.float32).eval()
+    model.seqlen = windows.shape[1]
+    model.hf_device_map = {}
+    samples = [(w[None].clone(), w[None].clone()) for w in windows]
+    P.get_loaders = lambda name, nsamples=128, seed=0, seqlen=2048, tokenizer=None: (samples[:nsamples], None)
+    args = SimpleNamespace(nsamples=len(samples), seed=seed, sparsity_ratio=0.5, use_variant=False, calib_dataset="wikitext2",
+                           diffusion_steps=5 * timesteps, sample_interval=5, batch_size=1, noise_eps=1e-3,
+                           sink_std=2.0, sink_alpha=5.0, prune_method=method)
+    np.random.seed(seed)
+    torch.random.manual_seed(seed)                      # as main_llada.py does before pruning
+    before = _rss_mib()
+    t0 = time.perf_counter()
+    getattr(P, REFERENCE_FN[method])(args, model, SimpleNamespace(mask_token_id=TINY["mask_token_id"]), torch.device("cpu"),
+                                     prune_n=0, prune_m=0)
+    seconds = time.perf_counter() - t0
+    masks = {f"{n}": (m.weight == 0).cpu() for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and ".blocks." in n}
+    return seconds, before, masks
+
+
+def run_project(ckpt: Path, windows, method: str, seed: int, timesteps: int, mode: str, workdir: Path):
+    import lightning as L
+    import torch
+
+    from callbacks.prune import PruneCallback
+    from callbacks.sink_stats import SinkStatsCallback
+    from pipeline.module import DLMModule
+
+    module = DLMModule(pretrained=str(ckpt), timesteps=timesteps, seed=seed, score_dense=False)
+    prune = PruneCallback(method=method, sparsity=0.5, mode=mode, output_dir=str(workdir / "pruned"), overwrite=True,
+                          save_model=False, score=False)
+    callbacks = ([SinkStatsCallback(record=False, heatmap=False)] if method.startswith("sink_") else []) + [prune]
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                        default_root_dir=str(workdir))
+    loader = torch.utils.data.DataLoader([{"input_ids": w, "index": i} for i, w in enumerate(windows)], batch_size=1)
+    before = _rss_mib()
+    trainer.fit(module, train_dataloaders=loader)
+    seconds = prune.results["timings"]["calibration_s"]
+    masks = {n: m.to(torch.bool) for n, m in prune.masks.items()}
+    return seconds, before, masks
+
+
+def worker(a) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    windows = torch.load(a.windows)
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.side == "reference":
+            seconds, before, masks = run_reference(reference_dir(), Path(a.ckpt), windows, a.method, a.seed, a.timesteps)
+        else:
+            seconds, before, masks = run_project(Path(a.ckpt), windows, a.method, a.seed, a.timesteps, a.mode, Path(tmp))
+    torch.save(masks, a.out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(a.out + ".json").write_text(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "rss_before_mib": before}))
+
+
+# --- the comparison (parent) -----------------------------------------------------------------------------------
+
+def spawn(a, side: str, method: str, seqlen: int, seed: int, cache: Path, tag: str) -> dict:
+    out = str(a.workdir / f"{side}-{method}-{seqlen}-{tag}.pt")
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), TORCHINDUCTOR_CACHE_DIR=str(cache),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, __file__, "--worker", "--side", side, "--method", method, "--seed", str(seed),
+           "--ckpt", str(a.workdir / "ckpt"), "--windows", str(a.workdir / f"windows-{seqlen}.pt"), "--out", out,
+           "--timesteps", str(a.timesteps), "--threads", str(a.threads),
+           "--mode", "oneshot" if method == "sink_wanda" else a.mode]  # the reference's sink Wanda is one-shot
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(REPO))
+    if proc.returncode:
+        raise RuntimeError(f"{side} {method} T={seqlen} failed:\n{proc.stderr[-3000:]}")
+    return {**json.loads(Path(out + ".json").read_text()), "masks": out}
+
+
+def agreement(a_path: str, b_path: str) -> float:
+    import torch
+
+    a, b = torch.load(a_path), torch.load(b_path)
+    if set(a) != set(b):
+        raise RuntimeError(f"the two sides pruned different layers: {sorted(set(a) ^ set(b))[:4]}")
+    same = sum(int((a[n] == b[n]).sum()) for n in a)
+    return same / sum(a[n].numel() for n in a)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[128, 512])
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--timesteps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", default=["sink_wanda", "sink_sparsegpt"], choices=METHODS)
+    ap.add_argument("--mode", default="sequential", choices=["oneshot", "sequential"],
+                    help="this project's mode for wanda and the SparseGPT methods (the reference's are layer-sequential; "
+                         "its sink Wanda is one-shot, and so is ours)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    # worker-only arguments
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for name in ("--side", "--method", "--ckpt", "--windows", "--out"):
+        ap.add_argument(name, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a)
+
+    ref = reference_dir()
+    import torch
+
+    a.workdir = a.workdir or Path(tempfile.mkdtemp(prefix="sinkprune-vs-reference-"))
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    build_checkpoint(ref, a.workdir / "ckpt")
+    for seqlen in a.seqlens:
+        torch.save(make_windows(a.nsamples, seqlen, a.seed), a.workdir / f"windows-{seqlen}.pt")
+    rev = subprocess.run(["git", "-C", str(ref), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"reference {ref} @ {rev or '?'}; {a.nsamples} windows, {a.timesteps} timesteps, {a.threads} thread(s), "
+          f"repeats {a.repeats}; this project's SparseGPT mode: {a.mode}; workdir {a.workdir}", flush=True)
+
+    rows = []
+    for seqlen in a.seqlens:
+        for method in a.methods:
+            runs = {(side, kind): [] for side in ("project", "reference") for kind in ("cold", "warm")}
+            for rep in range(a.repeats):
+                for side in (("project", "reference") if rep % 2 == 0 else ("reference", "project")):
+                    cache = Path(tempfile.mkdtemp(prefix="inductor-", dir=a.workdir))  # empty: cold
+                    runs[(side, "cold")].append(spawn(a, side, method, seqlen, a.seed, cache, f"cold{rep}"))
+                    runs[(side, "warm")].append(spawn(a, side, method, seqlen, a.seed, cache, f"warm{rep}"))
+                    shutil.rmtree(cache, ignore_errors=True)
+            floor = spawn(a, "reference", method, seqlen, a.seed + 1, a.workdir, "floor")
+            ref_masks = runs[("reference", "warm")][0]["masks"]
+            med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+            row = {
+                "T": seqlen, "method": method,
+                "project_cold_s": med[("project", "cold")], "reference_cold_s": med[("reference", "cold")],
+                "project_warm_s": med[("project", "warm")], "reference_warm_s": med[("reference", "warm")],
+                "project_peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs[("project", "warm")]),
+                "reference_peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs[("reference", "warm")]),
+                "agreement": agreement(runs[("project", "warm")][0]["masks"], ref_masks),
+                "floor": agreement(floor["masks"], ref_masks),
+                "reference_self": agreement(runs[("reference", "cold")][0]["masks"], ref_masks),  # same seed: 1.0
+                "seconds_all": {f"{s}/{k}": [round(r["seconds"], 3) for r in v] for (s, k), v in runs.items()},
+            }
+            rows.append(row)
+            print(render_row(row), flush=True)
+
+    print()
+    print(render_table(rows, a))
+    if a.json:
+        a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=1))
+
+
+HEADER = (f"{'T':>4} {'method':15} {'cold s (proj/ref = ratio)':>28} {'warm s (proj/ref = ratio)':>28} "
+          f"{'peak RSS MiB (proj/ref)':>24} {'masks agree':>11} {'ref floor':>9}")
+
+
+def render_row(r: dict) -> str:
+    cold = f"{r['project_cold_s']:.2f}/{r['reference_cold_s']:.2f} = {r['project_cold_s'] / r['reference_cold_s']:.2f}x"
+    warm = f"{r['project_warm_s']:.2f}/{r['reference_warm_s']:.2f} = {r['project_warm_s'] / r['reference_warm_s']:.2f}x"
+    rss = f"{r['project_peak_rss_mib']:.0f}/{r['reference_peak_rss_mib']:.0f} = {r['project_peak_rss_mib'] / r['reference_peak_rss_mib']:.2f}x"
+    return (f"{r['T']:>4} {r['method']:15} {cold:>28} {warm:>28} {rss:>24} {r['agreement']:>10.2%} {r['floor']:>9.2%}")
+
+
+def render_table(rows: list[dict], a) -> str:
+    lines = [f"this project vs reference, medians over {a.repeats} repeat(s) "
+             "(cold = empty inductor cache, warm = the same cache again; each run a fresh process)", HEADER]
+    lines += [render_row(r) for r in rows]
+    lines.append("masks agree: this project vs the reference (same seed); ref floor: the reference vs itself with seed+1")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -54,14 +54,6 @@ class SlotSums:
         else:
             per_key[slot] = value.to(torch.float64, copy=True)
 
-    def keys(self) -> list[str]:
-        keys = set(self.sums)
-        if dist_ready():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, sorted(keys))
-            keys = set().union(*map(set, gathered))
-        return sorted(keys)
-
     def total(self, key: str, like: torch.Tensor | None = None) -> torch.Tensor | None:
         """Σ over slots in slot order; identical on every rank.  Collective: call on all ranks."""
         per_key = self.sums.get(key, {})

@@ -179,7 +179,6 @@ class DiffusionLM(LM):
         device: str | None = None,
         dtype: str | None = None,
         trust_remote_code: bool = True,
-        max_batch_size: int | None = None,  # accepted for lm-eval's CLI; unused
         show_progress: bool = True,
     ):
         super().__init__()

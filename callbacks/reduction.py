@@ -11,9 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from pipeline.strategy import dist_ready
 
 
 def world() -> tuple[int, int]:

@@ -11,7 +11,7 @@ import torch
 from typing_extensions import override
 
 from pipeline.calibration import calibration_forward, dispatch_noised_batch, noised_batches
-from pipeline.diffusion import DEFAULT_EPS, timestep_grid
+from pipeline.diffusion import DEFAULT_EPS, config_max_length, timestep_grid
 from pipeline.loading import load_dlm, resolve_mask_token_id, resolve_path
 from pipeline.phase import set_current
 from pipeline.metrics import MaskedDiffusionPerplexity, elbo_nll
@@ -91,7 +91,7 @@ class DLMModule(L.LightningModule):
         self.model.requires_grad_(False)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         seqlen = getattr(getattr(dm, "hparams", None), "seqlen", None) if dm is not None else None
-        limit = model_max_length(self.model.config)
+        limit = config_max_length(self.model.config)
         if seqlen is not None and limit is not None and seqlen > limit:
             raise ValueError(f"data.seqlen={seqlen} exceeds the model's maximum sequence length {limit}; lower data.init_args.seqlen")
 
@@ -147,17 +147,6 @@ class DLMModule(L.LightningModule):
             raise ValueError("data.heldout_samples: no held-out token was scored (the held-out text is shorter than one "
                              "window); give more held-out text or a smaller data.seqlen")
         return scores
-
-
-MAX_LENGTH_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "max_seq_len")
-
-
-def model_max_length(config) -> int | None:
-    for key in MAX_LENGTH_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def validate_timesteps(timesteps: int | list[float]) -> list[float]:

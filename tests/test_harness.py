@@ -1,10 +1,8 @@
 """lm-eval support for diffusion LMs: MC likelihood, sampler, offline tasks, evaluate_tasks, CFG, DDP hooks."""
 from __future__ import annotations
 
-
-import json
-from pathlib import Path
 import copy
+import json
 import os
 import socket
 import statistics

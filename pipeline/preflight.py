@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.module import MAX_LENGTH_KEYS
+from pipeline.diffusion import MAX_LENGTH_KEYS
 from pipeline.outputs import check_not_input, check_writable, prepare_output_dir
 
 # --- small readers --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.calibration import NoisedBatch, find_blocks
+from callbacks.layers import accumulate
 from callbacks.prune import PruneCallback
 from pipeline.loading import load_dlm, resolve_path
 from tests.runs import run_inprocess, tiny_config
@@ -156,10 +157,10 @@ def test_expert_statistics_do_not_depend_on_batch_company(moe, method):
         cb = PruneCallback(method=method, reduction_slots=1)
         cb.on_fit_start(None, SimpleNamespace(model=model))
         if together:  # flat indices into the [2·L] batch, ascending
-            cb._accumulate(name, torch.cat(rows), torch.cat([tokens[0], tokens[1] + seqlen]), nb([0, 1]), [True, True])
+            accumulate(cb.pruner, cb.sums, name, torch.cat(rows), torch.cat([tokens[0], tokens[1] + seqlen]), nb([0, 1]), [True, True])
         else:
             for b in (0, 1):
-                cb._accumulate(name, rows[b], tokens[b], nb([b]), [True])
+                accumulate(cb.pruner, cb.sums, name, rows[b], tokens[b], nb([b]), [True])
         return cb.sums.total(name), cb.sums.total(f"{name}#tokens")
 
     (together, n_together), (apart, n_apart) = stats(True), stats(False)

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import statistics
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -34,8 +34,8 @@ from rich.table import Table
 
 from types import SimpleNamespace
 
-from callbacks.protocol import forward_through_blocks, last_block
-from callbacks.prune import target_linears
+from pipeline.calibration import forward_through_blocks, last_block
+from pipeline.calibration import target_linears
 from callbacks.reduction import SlotSums
 from pipeline import sparsity as sp
 from pipeline.attention import AttentionMassProbe, naive_attention_mass

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console
 from rich.table import Table
 
-from callbacks.protocol import noised_batches
-from callbacks.prune import target_linears
+from pipeline.calibration import noised_batches
+from pipeline.calibration import target_linears
 from pipeline import sparsity as sp
 from pipeline.attention import AttentionMassProbe
 from pipeline.data import CalibrationData

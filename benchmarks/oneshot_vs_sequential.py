@@ -74,7 +74,7 @@ def main():
 
     import torch
 
-    from callbacks.protocol import find_blocks
+    from pipeline.calibration import find_blocks
     from pipeline.loading import load_dlm
 
     model, _ = load_dlm(args.model)

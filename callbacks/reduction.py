@@ -11,9 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from pipeline.strategy import dist_ready
 
 
 def world() -> tuple[int, int]:
@@ -53,14 +51,6 @@ class SlotSums:
             per_key[slot] += value
         else:
             per_key[slot] = value.to(torch.float64, copy=True)
-
-    def keys(self) -> list[str]:
-        keys = set(self.sums)
-        if dist_ready():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, sorted(keys))
-            keys = set().union(*map(set, gathered))
-        return sorted(keys)
 
     def total(self, key: str, like: torch.Tensor | None = None) -> torch.Tensor | None:
         """Σ over slots in slot order; identical on every rank.  Collective: call on all ranks."""

@@ -31,7 +31,12 @@ def noise_seed(seed: int, sample_index: int, step: int) -> int:
     Hashing rather than arithmetic keeps neighbouring samples' streams unrelated, and makes the noise
     independent of which rank or batch a sample lands in (DDP determinism).
     """
-    digest = hashlib.blake2b(f"{seed}:{sample_index}:{step}".encode(), digest_size=8).digest()
+    return hashed_seed(f"{seed}:{sample_index}:{step}")
+
+
+def hashed_seed(key: str) -> int:
+    """A 63-bit seed from a string (blake2b): the same key gives the same seed on every rank and run."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -80,3 +85,15 @@ def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.
 def stratified_timesteps(n: int, offset: float) -> torch.Tensor:
     """n timesteps covering (0, 1] in equal strata, shifted by one offset in [0, 1): low-variance ELBO."""
     return ((torch.arange(n, dtype=torch.float64) + offset) / n).clamp_min(1e-6).float()
+
+
+MAX_LENGTH_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "max_seq_len")
+
+
+def config_max_length(config) -> int | None:
+    """The longest sequence a model config declares (the first of MAX_LENGTH_KEYS that is set), else None."""
+    for key in MAX_LENGTH_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

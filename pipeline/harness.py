@@ -55,7 +55,6 @@ The offline task YAMLs import `pipeline.offline_tasks`: run from the repository 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -65,18 +64,18 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from pipeline.diffusion import config_max_length, hashed_seed
 from pipeline.likelihood import greedy_match, mc_loglikelihood
 from pipeline.sampler import diffusion_generate
+from pipeline.strategy import dist_ready
 
 log = logging.getLogger(__name__)
-MAX_LENGTH_CONFIG_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions")
 FALLBACK_MAX_LENGTH = 2048
 
 
 def request_seed(seed: int, *parts) -> int:
     """A 63-bit seed from the global seed and a request's identity (hash, not order: DDP-safe)."""
-    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return hashed_seed(repr((seed, *parts)))
 
 
 def special_prefix_ids(tokenizer) -> list[int]:
@@ -94,10 +93,9 @@ def special_prefix_ids(tokenizer) -> list[int]:
 def model_max_length(model, tokenizer, explicit: int | None = None) -> int:
     if explicit:
         return int(explicit)
-    for key in MAX_LENGTH_CONFIG_KEYS:
-        value = getattr(getattr(model, "config", None), key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    from_config = config_max_length(getattr(model, "config", None))
+    if from_config is not None:
+        return from_config
     tok_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
         return tok_max
@@ -149,10 +147,6 @@ def init_distributed_from_env() -> None:
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 @register_model("dlm")
 class DiffusionLM(LM):
     """lm-eval LM for masked-diffusion language models (see the module docstring)."""
@@ -179,7 +173,6 @@ class DiffusionLM(LM):
         device: str | None = None,
         dtype: str | None = None,
         trust_remote_code: bool = True,
-        max_batch_size: int | None = None,  # accepted for lm-eval's CLI; unused
         show_progress: bool = True,
     ):
         super().__init__()
@@ -228,28 +221,28 @@ class DiffusionLM(LM):
 
     @property
     def rank(self) -> int:
-        return torch.distributed.get_rank() if _distributed() else 0
+        return torch.distributed.get_rank() if dist_ready() else 0
 
     @property
     def world_size(self) -> int:
-        return torch.distributed.get_world_size() if _distributed() else 1
+        return torch.distributed.get_world_size() if dist_ready() else 1
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not _distributed():
+        if not dist_ready():
             return tensor.reshape(-1) if tensor.dim() == 0 else tensor
         parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, tensor.contiguous())
         return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
 
     def gather_object(self, obj, dst: int = 0):
-        if not _distributed():
+        if not dist_ready():
             return [obj]
         out = [None] * self.world_size if self.rank == dst else None
         torch.distributed.gather_object(obj, out, dst=dst)
         return out
 
     def barrier(self) -> None:
-        if _distributed():
+        if dist_ready():
             torch.distributed.barrier()
 
     @property

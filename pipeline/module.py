@@ -1,19 +1,19 @@
 """DLMModule: a LightningModule around a Hugging Face diffusion LM, for calibration without training.
 
 `fit` runs calibration epochs: no optimizer, no gradient.  Each training step noises the batch at every
-timestep of the schedule and hands each noised batch to the callbacks (see callbacks/protocol.py).
-The module also scores held-out masked-diffusion perplexity (`score_heldout`) for dense vs pruned tables.
+timestep of the schedule and hands each noised batch to the callbacks (see pipeline/calibration.py).
+`score_heldout` gives held-out masked-diffusion perplexity; EvaluateExportCallback calls it (dense and pruned).
 """
 from __future__ import annotations
 
 import lightning as L
 import torch
-from rich.console import Console
+from typing_extensions import override
 
-from callbacks.protocol import calibration_forward, dispatch_noised_batch, noised_batches
-from pipeline.diffusion import DEFAULT_EPS, timestep_grid
+from pipeline.calibration import calibration_forward, dispatch_noised_batch, noised_batches
+from pipeline.diffusion import DEFAULT_EPS, config_max_length, timestep_grid
 from pipeline.loading import load_dlm, resolve_mask_token_id, resolve_path
-from pipeline.phase import phase, set_current
+from pipeline.phase import set_current
 from pipeline.metrics import MaskedDiffusionPerplexity, elbo_nll
 
 
@@ -45,7 +45,6 @@ class DLMModule(L.LightningModule):
         timesteps: int | list[float] = 10,
         eps: float = DEFAULT_EPS,
         seed: int = 0,
-        score_dense: bool = True,
         heldout_timesteps: int = 8,
         attn_implementation: str | None = "sdpa",
     ):
@@ -64,17 +63,14 @@ class DLMModule(L.LightningModule):
         self.mask_token_id: int | None = None
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints carry no weights (see on_save_checkpoint)
-        self.results: dict[str, dict] = {}
 
+    @override
     def on_save_checkpoint(self, checkpoint):
         # Calibration never changes the weights a reload cannot rebuild: the pretrained ones come from
         # `pretrained`, pruned ones from PruneCallback's state.  An 8B checkpoint stays megabytes, not 16 GB.
         checkpoint["state_dict"] = {}
-        checkpoint["dlm_results"] = self.results
 
-    def on_load_checkpoint(self, checkpoint):
-        self.results = checkpoint.get("dlm_results", {})
-
+    @override
     def configure_model(self):
         if self.model is not None:
             return
@@ -95,7 +91,7 @@ class DLMModule(L.LightningModule):
         self.model.requires_grad_(False)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         seqlen = getattr(getattr(dm, "hparams", None), "seqlen", None) if dm is not None else None
-        limit = model_max_length(self.model.config)
+        limit = config_max_length(self.model.config)
         if seqlen is not None and limit is not None and seqlen > limit:
             raise ValueError(f"data.seqlen={seqlen} exceeds the model's maximum sequence length {limit}; lower data.init_args.seqlen")
 
@@ -103,23 +99,21 @@ class DLMModule(L.LightningModule):
         return self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
 
     # --- calibration -------------------------------------------------------------------------------
+    @override
     def configure_optimizers(self):
         return None
 
-    def calibration_forward(self, input_ids, attention_mask=None):
-        kwargs = {"input_ids": input_ids}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        return self.model(**kwargs)
-
+    @override
     def on_train_start(self):
         # Fit may put modules in train mode; calibration must see the inference network (no dropout).
         # on_train_start also runs when resuming mid-epoch, where on_train_epoch_start does not.
         self.model.eval()
 
+    @override
     def on_train_epoch_start(self):
         self.model.eval()
 
+    @override
     def training_step(self, batch, batch_idx):
         set_current(f"calibrating (epoch {self.current_epoch + 1}, batch {batch_idx + 1})")
         with torch.no_grad():
@@ -153,28 +147,6 @@ class DLMModule(L.LightningModule):
             raise ValueError("data.heldout_samples: no held-out token was scored (the held-out text is shorter than one "
                              "window); give more held-out text or a smaller data.seqlen")
         return scores
-
-    def on_fit_start(self):
-        if self.hparams.score_dense and "dense" not in self.results:
-            with phase("scoring the dense model on held-out text"):
-                self.results["dense"] = {"heldout": self.score_heldout()}
-            if self.trainer.is_global_zero:
-                r = self.results["dense"]["heldout"]
-                Console().print(
-                    f"[bold]dense[/] held-out masked-diffusion NLL {r['nll']:.4f} nats/token, "
-                    f"perplexity {r['ppl']:.2f} ({r['tokens']} tokens)"
-                )
-
-
-MAX_LENGTH_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "max_seq_len")
-
-
-def model_max_length(config) -> int | None:
-    for key in MAX_LENGTH_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def validate_timesteps(timesteps: int | list[float]) -> list[float]:

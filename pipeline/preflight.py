@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.module import MAX_LENGTH_KEYS
+from pipeline.diffusion import MAX_LENGTH_KEYS
 from pipeline.outputs import check_not_input, check_writable, prepare_output_dir
 
 # --- small readers --------------------------------------------------------------------------------
@@ -111,13 +111,15 @@ def run_inputs(module, datamodule, prune, ckpt_path) -> dict[str, Path]:
 
 def run_outputs(trainer) -> list[tuple[str, Path, bool]]:
     """(field, folder, overwrite) for the result folders a run writes (a failed run removes them)."""
+    from callbacks.evaluate import EvaluateExportCallback
     from callbacks.prune import PruneCallback
     from callbacks.sink_stats import SinkStatsCallback
 
+    pruning = any(isinstance(cb, PruneCallback) for cb in trainer.callbacks)
     outs = []
     for cb in trainer.callbacks:
-        if isinstance(cb, PruneCallback):
-            outs.append(("prune.output_dir", cb.output_path(trainer), cb.overwrite))
+        if isinstance(cb, EvaluateExportCallback) and pruning:
+            outs.append(("evaluate.output_dir", cb.output_path(trainer), cb.overwrite))
         elif isinstance(cb, SinkStatsCallback) and cb.record:
             outs.append(("SinkStatsCallback.out_dir", cb.output_path(trainer), cb.overwrite))
     return outs
@@ -189,13 +191,13 @@ def check_masks_from(prune, table: dict | None) -> None:
                              f"model's weight is {tuple(weight['shape'])}; was it saved from another model?")
 
 
-def check_tasks(prune) -> None:
-    if prune is None or not prune.tasks:
+def check_tasks(evaluate) -> None:
+    if evaluate is None or not evaluate.tasks:
         return
     from pipeline.scoring import DEFAULT_TASK_DIR, normalize_spec, task_manager_for
 
-    specs = [normalize_spec(t) for t in prune.tasks]
-    include = prune.eval_kwargs.get("include_path", DEFAULT_TASK_DIR)
+    specs = [normalize_spec(t) for t in evaluate.tasks]
+    include = evaluate.eval_kwargs.get("include_path", DEFAULT_TASK_DIR)
     names = [s["name"] for s in specs]
     known = task_manager_for(names, include).all_tasks
     for name in names:
@@ -204,7 +206,7 @@ def check_tasks(prune) -> None:
 
             near = get_close_matches(name, known, n=3)
             hint = f"did you mean {', '.join(near)}?" if near else f"see `lm_eval --tasks list` or add a YAML to {include}"
-            raise ValueError(f"prune tasks: {name!r} is not an lm-eval task; {hint}")
+            raise ValueError(f"evaluate tasks: {name!r} is not an lm-eval task; {hint}")
 
 
 def check_checkpoint(ckpt_path) -> None:
@@ -232,33 +234,35 @@ def check_trainer(trainer, max_epochs) -> None:
                          "so torch's DDP refuses it; add --trainer.strategy calibration_ddp (or calibration_ddp_spawn)")
 
 
-def check_heldout(module, datamodule, prune) -> None:
-    scoring = module.hparams.score_dense or (prune is not None and prune.score)
+def check_heldout(datamodule, evaluate) -> None:
+    scoring = evaluate is not None and (evaluate.score_dense or evaluate.score)
     held = getattr(getattr(datamodule, "hparams", None), "heldout_samples", 1)
     if scoring and held < 1:
         raise ValueError(f"data.heldout_samples={held}: held-out scoring is on, so it needs >= 1 window; "
-                         "raise it (default 32) or set model.score_dense: false and prune score: false")
+                         "raise it (default 32) or set evaluate score_dense: false and score: false")
 
 
 def check_run(module, datamodule, trainer, ckpt_path=None, max_epochs=None) -> list[tuple[str, Path, bool]]:
     """All checks, in order of cost; returns the result folders as (field, folder, existed before)."""
+    from callbacks.evaluate import EvaluateExportCallback
     from callbacks.prune import PruneCallback
 
     prune = next((cb for cb in trainer.callbacks if isinstance(cb, PruneCallback)), None)
+    evaluate = next((cb for cb in trainer.callbacks if isinstance(cb, EvaluateExportCallback)), None)
     check_trainer(trainer, max_epochs)
-    check_heldout(module, datamodule, prune)
+    check_heldout(datamodule, evaluate)
     folder = local_model_folder(module.hparams.pretrained)
     inputs = run_inputs(module, datamodule, prune, ckpt_path)
     outputs = run_outputs(trainer)
-    needed = output_bytes(folder, prune is not None and prune.save_model)
+    needed = output_bytes(folder, evaluate is not None and evaluate.save_model)
     for field, path, overwrite in outputs:
         check_not_input(field, path, inputs)
         prepare_output_dir(path, overwrite, field)
-        check_writable(field, path, needed if field == "prune.output_dir" else 0)
+        check_writable(field, path, needed if field == "evaluate.output_dir" else 0)
     check_checkpoint_dirs(trainer, inputs)
     check_not_input("trainer.default_root_dir", trainer.default_root_dir, inputs, contains_ok=True)
     table = check_model_files(module, datamodule, folder)
     check_masks_from(prune, table)
     check_checkpoint(ckpt_path)
-    check_tasks(prune)
+    check_tasks(evaluate)
     return [(field, path, path.exists()) for field, path, _ in outputs]

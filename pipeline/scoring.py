@@ -1,9 +1,9 @@
 """Benchmark scores of an in-memory diffusion LM through lm-eval, and dense-vs-pruned reporting.
 
-    specs = load_task_specs("configs/eval/offline_tasks.yaml")     # [{name: wiki_cloze_offline, mc_num: 16}, ...]
+    specs = [normalize_spec(t) for t in ("wiki_cloze_offline", {"name": "mmlu_dev_offline", "mc_num": 1})]
     dense = evaluate_tasks(model, tokenizer, mask_id, specs, limit=200)
     pruned = evaluate_tasks(pruned_model, tokenizer, mask_id, specs, limit=200)
-    rich.print(render_comparison(dense, pruned)); save_json("outputs/scores.json", {"dense": dense, ...})
+    rich.print(render_comparison(dense, pruned))
 
 A task is a name or a dict {name, num_fewshot, limit, mc_num, cfg, batch_size, gen_kwargs} (the sampler
 settings gen_length, block_length, steps, temperature, remasking may also sit at the top level, e.g.
@@ -19,10 +19,7 @@ include_defaults says otherwise.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from pipeline.harness import DiffusionLM
@@ -30,18 +27,6 @@ from pipeline.harness import DiffusionLM
 DEFAULT_TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 SAMPLER_KEYS = {"gen_length", "block_length", "steps", "temperature", "remasking"}
 SPEC_KEYS = {"name", "num_fewshot", "limit", "mc_num", "cfg", "batch_size", "gen_kwargs"} | SAMPLER_KEYS
-
-
-def load_task_specs(path: str | Path) -> list[dict]:
-    """Task specs from YAML: a list of names/dicts, or a mapping with a `tasks:` list."""
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text())
-    if isinstance(data, dict):
-        data = data.get("tasks")
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of tasks (or `tasks:` holding one)")
-    return [normalize_spec(item) for item in data]
 
 
 def normalize_spec(item: str | dict) -> dict:
@@ -184,18 +169,3 @@ def render_comparison(dense: dict, pruned: dict, *, title: str = "dense vs prune
             table.add_row(task, metric, _fmt(d), _fmt(p), delta)
     return table
 
-
-def save_json(path: str | Path, obj) -> Path:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -26,3 +26,10 @@ for _name, _method in (("calibration_ddp", "popen"), ("calibration_ddp_spawn", "
         StrategyRegistry.register(
             _name, CalibrationDDPStrategy, description=f"DDP without the gradient wrapper ({_method})", start_method=_method
         )
+
+
+def dist_ready() -> bool:
+    """True inside an initialised torch.distributed process group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()

@@ -11,20 +11,31 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
+EVALUATE_KEYS = ("output_dir", "overwrite", "save_model", "score", "score_dense", "tasks", "score_dense_tasks", "eval_kwargs")
+
+
 def tiny_config(root: Path, *, method: str | None = "sink_wanda", sparsity=0.5, n_m=None, nsamples=6, seqlen=64,
                 timesteps=3, batch_size=2, pretrained="minilm-dlm", prune_args=None, sink_args=None,
                 model_args=None, data_args=None, trainer_args=None) -> dict:
+    """A small run.  `prune_args` may also hold EvaluateExportCallback's keys (EVALUATE_KEYS), and
+    `model_args` its `score_dense`: they go to that callback, listed last."""
+    prune_args, model_args = dict(prune_args or {}), dict(model_args or {})
+    evaluate = {"output_dir": str(root / "pruned")}
+    evaluate.update({k: prune_args.pop(k) for k in EVALUATE_KEYS if k in prune_args})
+    if "score_dense" in model_args:
+        evaluate["score_dense"] = model_args.pop("score_dense")
     callbacks = []
     if method is not None and method.startswith("sink_"):
         callbacks.append({"class_path": "callbacks.sink_stats.SinkStatsCallback",
                           "init_args": {"out_dir": str(root / "sinks"), **(sink_args or {})}})
     if method is not None:
-        prune = {"method": method, "output_dir": str(root / "pruned"), **(prune_args or {})}
+        prune = {"method": method, **prune_args}
         prune.update({"n_m": n_m} if n_m else {"sparsity": sparsity})
         callbacks.append({"class_path": "callbacks.prune.PruneCallback", "init_args": prune})
+    callbacks.append({"class_path": "callbacks.evaluate.EvaluateExportCallback", "init_args": evaluate})
     return {
         "model": {"class_path": "pipeline.module.DLMModule",
-                  "init_args": {"pretrained": pretrained, "timesteps": timesteps, "heldout_timesteps": 2, **(model_args or {})}},
+                  "init_args": {"pretrained": pretrained, "timesteps": timesteps, "heldout_timesteps": 2, **model_args}},
         "data": {"class_path": "pipeline.data.CalibrationData",
                  "init_args": {"nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size, "heldout_samples": 4, **(data_args or {})}},
         "trainer": {"default_root_dir": str(root), "accelerator": "cpu", "devices": 1, "callbacks": callbacks, **(trainer_args or {})},

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from callbacks.evaluate import EvaluateExportCallback
 from cli import SinkPruneCLI, TRAINER_DEFAULTS
 from pipeline.data import CalibrationData
 from pipeline.loading import load_dlm
@@ -36,7 +37,8 @@ def test_config_validates(config, capsys):
 
 def test_unknown_config_key_is_rejected(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(Path(CONFIGS[0]).read_text().replace("seed: 0", "seed: 0\n    sede: 1", 1))
+    dense = next(p for p in CONFIGS if p.stem == "tiny_dense")  # recipes compose files; this one spells its keys out
+    bad.write_text(dense.read_text().replace("seed: 0", "seed: 0\n    sede: 1", 1))
     with pytest.raises(SystemExit) as exc:
         make_cli(["fit", "--config", str(bad), "--print_config"])
     assert exc.value.code != 0
@@ -59,6 +61,6 @@ def test_fit_without_pruning_leaves_weights_untouched(tmp_path):
     assert cli.model.model is None  # loaded by configure_model, after every config check
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert _digest(cli.model.model) == _digest(load_dlm("minilm-dlm")[0])
-    dense = cli.model.results["dense"]["heldout"]
+    dense = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EvaluateExportCallback)).dense["heldout"]
     assert dense["tokens"] == 4 * 127 and 0 < dense["nll"] < 20
     assert cli.trainer.global_step == 0 and cli.trainer.current_epoch == 1

@@ -2,7 +2,7 @@
 length-1 rows, batch sizes 1..3 and batches of different lengths, through
   (a) AttentionMassProbe around a real forward of the embedded model, and
   (b) SinkStatsCallback + PruneCallback (sink-aware Wanda and SparseGPT) on a plain LightningModule that only
-      follows callbacks/protocol.py.
+      follows pipeline/calibration.py.
 Every case is drawn from a seeded torch.Generator, so a failure replays exactly from its seed."""
 import copy
 import json
@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from callbacks.evaluate import EvaluateExportCallback
 from callbacks.prune import PruneCallback
 from callbacks.sink_stats import SinkStatsCallback
 from tests.test_protocol import PlainModule
@@ -163,10 +164,11 @@ def test_callbacks_on_random_inputs(seed, method, minilm, tmp_path):
 
     module = PlainModule(copy.deepcopy(model), tok.mask_token_id, TIMESTEPS, seed=5)  # pruned in place; the fixture stays dense
     sinks = SinkStatsCallback(out_dir=str(tmp_path / "sinks"), heatmap=(seed == 0))
-    prune = PruneCallback(method=method, sparsity=0.5, output_dir=str(tmp_path / "pruned"), save_model=False)
+    prune = PruneCallback(method=method, sparsity=0.5)
+    export = EvaluateExportCallback(output_dir=str(tmp_path / "pruned"), save_model=False, score=False, score_dense=False)
     spy = Spy(prune, layers, heads)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[sinks, spy, prune],
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[sinks, spy, prune, export],
                         default_root_dir=str(tmp_path))
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
 

@@ -1,11 +1,12 @@
 """lm-eval support for diffusion LMs: MC likelihood, sampler, offline tasks, evaluate_tasks, CFG, DDP hooks."""
 from __future__ import annotations
 
-from pathlib import Path
 import copy
+import json
 import os
 import socket
 import statistics
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -282,7 +283,8 @@ metric_list:
 
 
 def test_evaluate_tasks_numbers_come_from_the_model(minilm_tokenizer, tmp_path):
-    from pipeline.scoring import evaluate_tasks, render_comparison, save_json
+    from pipeline.outputs import AtomicDir
+    from pipeline.scoring import evaluate_tasks, render_comparison
 
     (tmp_path / "wiki_rolling_test.yaml").write_text(ROLLING_TASK)
     (tmp_path / "wiki_generate_test.yaml").write_text(GENERATION_TASK)
@@ -308,7 +310,9 @@ def test_evaluate_tasks_numbers_come_from_the_model(minilm_tokenizer, tmp_path):
     assert generated["metrics"]["exact_match"]["value"] in (0.0, 0.5, 1.0)
     table = render_comparison(dense, pruned)
     assert table.row_count == 5  # word_perplexity, bits_per_byte, acc, acc_norm, exact_match
-    path = save_json(tmp_path / "out" / "scores.json", {"dense": dense, "pruned": pruned})
+    with AtomicDir(tmp_path / "out") as tmp:
+        (tmp / "scores.json").write_text(json.dumps({"dense": dense, "pruned": pruned}, default=str))
+    path = tmp_path / "out" / "scores.json"
     assert path.read_text().startswith("{")
 
 

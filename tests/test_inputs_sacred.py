@@ -218,7 +218,7 @@ def _args(*extra, **kw):
 
 CASES = {
     # --- the list: outputs that would touch an input ---------------------------------------
-    "output_dir_is_model_folder_overwrite": (lambda c: (c.with_prune(output_dir=str(c.model), overwrite=True), ()), "prune.output_dir", BEFORE),
+    "output_dir_is_model_folder_overwrite": (lambda c: (c.with_prune(output_dir=str(c.model), overwrite=True), ()), "evaluate.output_dir", BEFORE),
     "output_dir_inside_model_folder": (lambda c: (c.with_prune(output_dir=str(c.model / "pruned")), ()), "lies inside the input model.pretrained", BEFORE),
     "output_dir_contains_model_folder": (lambda c: (c.with_prune(output_dir=str(c.tmp / "inputs"), overwrite=True), ()), "contains the input", BEFORE),
     "sinks_out_dir_inside_model": (lambda c: (_sink_cb_set(c.config(), out_dir=str(c.model / "sinks")), ()), "SinkStatsCallback.out_dir", BEFORE),
@@ -230,7 +230,7 @@ CASES = {
     # --- outputs that cannot be written ------------------------------------------------------------
     "output_dir_read_only": (_prune(output_dir="/sys/sinkprune-test/pruned"), "cannot write in /sys", BEFORE),
     "output_parent_is_file": (_case_output_parent_is_file, "is a file, not a folder", BEFORE),
-    "output_dir_is_file": (_case_output_is_file, "prune.output_dir", BEFORE),
+    "output_dir_is_file": (_case_output_is_file, "evaluate.output_dir", BEFORE),
     "sinks_out_dir_is_file": (_case_sinks_out_is_file, "SinkStatsCallback.out_dir", BEFORE),
     "disk_full": (_case_full_disk, "MiB free", BEFORE),
     # --- field values ------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def test_overwrite_replaces_a_folder_sinkprune_wrote(tmp_path):
     c = Ctx(tmp_path)
     config = c.config(pretrained="minilm-dlm", data_args={}, nsamples=2, timesteps=1)
     config["trainer"]["callbacks"][-1]["init_args"]["save_model"] = False
-    config["model"]["init_args"]["score_dense"] = False
+    _prune_cb(config)["score_dense"] = False
     _prune_cb(config)["score"] = False
     code, err = run_inprocess(config, tmp_path)
     assert code == 0, err[-2000:]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from callbacks.protocol import NoisedBatch, find_blocks
+from pipeline.calibration import NoisedBatch, find_blocks
+from callbacks.layers import accumulate
 from callbacks.prune import PruneCallback
 from pipeline.loading import load_dlm, resolve_path
 from tests.runs import run_inprocess, tiny_config
@@ -57,7 +58,7 @@ def test_expert_statistics_weight_each_routed_token(moe, method):
     cb = PruneCallback(method=method)
     module = SimpleNamespace(model=model)
     cb.on_fit_start(None, module)
-    assert "model.layers.0.mlp.gate" not in cb.layers and cb.dense_routers == [f"{n}.mlp.gate" for n in LAYERS]
+    assert "model.layers.0.mlp.gate" not in cb.layers and cb.t.dense_routers == [f"{n}.mlp.gate" for n in LAYERS]
     expert = model.model.layers[1].mlp.experts[4]
     seen = []
     handle = expert.down_proj.register_forward_hook(lambda m, i, o: seen.append((i[0].detach(), expert.routed_tokens.clone())))
@@ -85,13 +86,16 @@ def _heldout(saved):
     from lightning import Trainer
 
     from pipeline.data import CalibrationData
+    from callbacks.evaluate import EvaluateExportCallback
     from pipeline.module import DLMModule
 
     module = DLMModule(pretrained=str(saved), heldout_timesteps=2)
+
+    evaluate = EvaluateExportCallback()
     dm = CalibrationData(tokenizer=str(saved), nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=2, heldout_samples=4)
     Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=dm)
-    return module.results["dense"]["heldout"]
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[evaluate]).fit(module, datamodule=dm)
+    return evaluate.dense["heldout"]
 
 
 @pytest.mark.parametrize("method,n_m,mode", [("sink_wanda", None, "oneshot"), ("sink_sparsegpt", "2:4", "sequential")])
@@ -153,10 +157,10 @@ def test_expert_statistics_do_not_depend_on_batch_company(moe, method):
         cb = PruneCallback(method=method, reduction_slots=1)
         cb.on_fit_start(None, SimpleNamespace(model=model))
         if together:  # flat indices into the [2·L] batch, ascending
-            cb._accumulate(name, torch.cat(rows), torch.cat([tokens[0], tokens[1] + seqlen]), nb([0, 1]), [True, True])
+            accumulate(cb.pruner, cb.sums, name, torch.cat(rows), torch.cat([tokens[0], tokens[1] + seqlen]), nb([0, 1]), [True, True])
         else:
             for b in (0, 1):
-                cb._accumulate(name, rows[b], tokens[b], nb([b]), [True])
+                accumulate(cb.pruner, cb.sums, name, rows[b], tokens[b], nb([b]), [True])
         return cb.sums.total(name), cb.sums.total(f"{name}#tokens")
 
     (together, n_together), (apart, n_apart) = stats(True), stats(False)

@@ -1,4 +1,4 @@
-"""The callbacks plug into a plain LightningModule that follows callbacks/protocol.py (not DLMModule)."""
+"""The callbacks plug into a plain LightningModule that follows pipeline/calibration.py (not DLMModule)."""
 import copy
 import json
 
@@ -6,7 +6,8 @@ import lightning as L
 import torch
 from safetensors.torch import load_file
 
-from callbacks.protocol import dispatch_noised_batch, noised_batches
+from pipeline.calibration import dispatch_noised_batch, noised_batches
+from callbacks.evaluate import EvaluateExportCallback
 from callbacks.prune import PruneCallback
 from callbacks.sink_stats import SinkStatsCallback
 from pipeline.data import CalibrationData
@@ -37,9 +38,10 @@ def test_callbacks_on_a_plain_module(tmp_path, minilm):
     module = PlainModule(model, tok.mask_token_id, [0.25, 0.5, 1.0])
     dm = CalibrationData(tokenizer="minilm-dlm", nsamples=5, seqlen=48, batch_size=2, heldout_samples=2)
     sinks = SinkStatsCallback(out_dir=str(tmp_path / "sinks"))
-    prune = PruneCallback(method="sink_wanda", sparsity=0.5, output_dir=str(tmp_path / "pruned"), save_model=False)
+    prune = PruneCallback(method="sink_wanda", sparsity=0.5)
+    export = EvaluateExportCallback(output_dir=str(tmp_path / "pruned"), save_model=False, score=False, score_dense=False)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[sinks, prune],
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[sinks, prune, export],
                         default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=dm)
     # accumulation over 3 batches x 3 timesteps: every (sample, timestep) recorded once

@@ -1,6 +1,6 @@
-"""The small protocol between a calibrating LightningModule and the sink/prune callbacks.
+"""Calibration: the protocol between a calibrating LightningModule and the callbacks, and the noising.
 
-A module that wants `SinkStatsCallback` and `PruneCallback` provides:
+A module that wants `SinkStatsCallback` and `PruneCallback` provides (`CalibrationModule`):
   * `model`              the network; `calibration_forward(input_ids, attention_mask)` runs it (by default
                          `model(input_ids=..., attention_mask=...)`);
   * `mask_token_id`      the id the forward process writes;
@@ -19,6 +19,7 @@ logits over the vocabulary (on a small model that head is most of the forward's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -38,6 +39,15 @@ class NoisedBatch:
     extras: dict = field(default_factory=dict)
 
 
+@runtime_checkable
+class CalibrationModule(Protocol):
+    """What the callbacks read from the LightningModule.  `calibration_forward` is optional: without it
+    the callbacks run `model(input_ids=..., attention_mask=...)`.  EvaluateExportCallback also calls
+    `score_heldout()` (a dict with nll, ppl, tokens) when it scores held-out text, and reads `tokenizer`."""
+    model: torch.nn.Module
+    mask_token_id: int
+
+
 def noised_batches(batch: dict, timesteps: list[float], mask_token_id: int, *, seed: int, eps: float = DEFAULT_EPS):
     """Yield one NoisedBatch per timestep; noise depends only on (seed, sample index, step)."""
     x0 = batch["input_ids"]
@@ -50,6 +60,7 @@ def noised_batches(batch: dict, timesteps: list[float], mask_token_id: int, *, s
 
 
 def calibration_forward(module, input_ids, attention_mask=None):
+    """The module's `calibration_forward` if it has one, else `module.model(input_ids, attention_mask)`."""
     fn = getattr(module, "calibration_forward", None)
     if fn is not None:
         return fn(input_ids, attention_mask)
@@ -93,6 +104,12 @@ def find_blocks(model) -> list[tuple[str, torch.nn.Module]]:
             prefix = f"{name}." if name else ""
             best = [(f"{prefix}{i}", child) for i, child in enumerate(module)]
     return best
+
+
+def target_linears(model) -> dict[str, torch.nn.Linear]:
+    """Every nn.Linear inside the transformer blocks, by full module name (embeddings and LM head excluded)."""
+    return {f"{prefix}.{sub}": m for prefix, block in find_blocks(model) for sub, m in block.named_modules()
+            if isinstance(m, torch.nn.Linear)}
 
 
 class StopForward(Exception):

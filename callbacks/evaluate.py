@@ -1,0 +1,150 @@
+"""EvaluateExportCallback: scores the dense model before calibration and the pruned one after, writes
+results.json, the masks and the pruned model.
+
+List it after PruneCallback.  Without a PruneCallback it only scores the dense model (nothing is written).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from typing_extensions import override
+
+from callbacks.prune import PruneCallback
+from pipeline.outputs import AtomicDir, prepare_output_dir, run_metadata
+from pipeline.phase import phase
+from pipeline.report import sparsity_report
+
+
+@rank_zero_only
+def _say(*renderables) -> None:
+    Console().print(*renderables)
+
+
+class EvaluateExportCallback(Callback):
+    """Dense-vs-pruned held-out perplexity and lm-eval tasks; results.json, masks.safetensors and the model.
+
+    Args:
+        output_dir: where results.json, masks.safetensors and model/ go (default <default_root_dir>/pruned).
+        overwrite: replace an existing output folder written by a previous run.
+        save_model: save the pruned model (Hugging Face folder) under output_dir/model.
+        score: score the pruned model on the held-out windows.
+        score_dense: score the dense model on the held-out windows before calibration.
+        tasks: lm-eval task specs ({name, num_fewshot, mc_num, cfg, limit, ...}) for dense and pruned.
+        score_dense_tasks: also run `tasks` on the dense model.
+        eval_kwargs: keyword arguments for pipeline.scoring.evaluate_tasks (batch_size, include_path, ...).
+    """
+
+    def __init__(self, output_dir: str | None = None, overwrite: bool = False, save_model: bool = True, score: bool = True,
+                 score_dense: bool = True, tasks: list[dict] | None = None, score_dense_tasks: bool = True,
+                 eval_kwargs: dict | None = None):
+        self.output_dir, self.overwrite, self.save_model = output_dir, overwrite, save_model
+        self.score, self.score_dense, self.tasks = score, score_dense, tasks or []
+        self.score_dense_tasks, self.eval_kwargs = score_dense_tasks, eval_kwargs or {}
+        self.dense: dict = {}
+        self.timings: dict = {}
+        self.results: dict | None = None
+        self.prune: PruneCallback | None = None
+
+    def output_path(self, trainer) -> Path:
+        return Path(self.output_dir or Path(trainer.default_root_dir) / "pruned").expanduser()
+
+    @override
+    def setup(self, trainer, pl_module, stage=None) -> None:
+        self.prune = next((cb for cb in trainer.callbacks if isinstance(cb, PruneCallback)), None)
+        if self.prune is not None:
+            prepare_output_dir(self.output_path(trainer), self.overwrite)
+
+    @override
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.score_dense and "heldout" not in self.dense:
+            with phase("scoring the dense model on held-out text"):
+                self.dense["heldout"] = pl_module.score_heldout()
+            r = self.dense["heldout"]
+            _say(f"[bold]dense[/] held-out masked-diffusion NLL {r['nll']:.4f} nats/token, "
+                 f"perplexity {r['ppl']:.2f} ({r['tokens']} tokens)")
+        if self.tasks and self.score_dense_tasks and "tasks" not in self.dense:
+            t0 = time.time()
+            with phase("running lm-eval tasks on the dense model"):
+                self.dense["tasks"] = self._evaluate_tasks(pl_module)
+            self.timings["dense_tasks_s"] = time.time() - t0
+
+    @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.prune is None:
+            return
+        prune = self.prune
+        timings = {**self.timings, **prune.info["timings"]}
+        timings["calibration_s"] = time.time() - timings.pop("calibration_start", time.time())
+        report = sparsity_report(prune.layers, prune.masks, prune.sparsity, prune.n_m)
+        results = {"method": prune.method, "sparsity": prune.sparsity, "n_m": prune.n_m, "mode": prune.mode,
+                   "calibrated_pairs": sorted(prune.seen), "sparsity_report": report}
+        if prune.t.experts:  # tokens routed to each expert (noised tokens, padding excluded; top_k times per layer)
+            results["moe"] = {"expert_tokens": dict(sorted(prune.expert_tokens.items())), "dense_routers": prune.t.dense_routers}
+        pruned = self._score_pruned(pl_module, timings)
+        results.update({"dense": dict(self.dense), "pruned": pruned, "timings": timings, "sparsegpt": prune.info.get("sparsegpt", {})})
+        results["run"] = run_metadata(trainer, pl_module, prune)
+        self.results = results
+        if trainer.is_global_zero:
+            self._print(report, pruned, prune.method)
+            with phase("saving"):
+                self._save(pl_module, prune, results, self.output_path(trainer))
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("prune_saved")
+
+    def _score_pruned(self, pl_module, timings: dict) -> dict:
+        pruned = {}
+        if self.score:
+            t0 = time.time()
+            with phase("scoring the pruned model on held-out text"):
+                pruned["heldout"] = pl_module.score_heldout()
+            timings["score_s"] = time.time() - t0
+        if self.tasks:
+            t0 = time.time()
+            with phase("running lm-eval tasks on the pruned model"):
+                pruned["tasks"] = self._evaluate_tasks(pl_module)
+            timings["tasks_s"] = time.time() - t0
+        return pruned
+
+    def _print(self, report: dict, pruned: dict, method: str) -> None:
+        from pipeline.report import render_scores, render_sparsity
+
+        console = Console()
+        console.print(render_sparsity(report))
+        console.print(render_scores(self.dense, pruned, method))
+        if self.tasks:
+            from pipeline.scoring import render_comparison
+
+            console.print(render_comparison(self.dense.get("tasks", {}), pruned.get("tasks", {}),
+                                            title=f"benchmarks, dense vs pruned ({method})"))
+
+    def _evaluate_tasks(self, pl_module) -> dict:
+        from pipeline.scoring import evaluate_tasks
+
+        return evaluate_tasks(pl_module.model, pl_module.tokenizer, pl_module.mask_token_id, self.tasks, **self.eval_kwargs)
+
+    def _save(self, pl_module, prune: PruneCallback, results: dict, out: Path) -> None:
+        from safetensors.torch import save_file
+
+        from pipeline import outputs
+
+        with AtomicDir(out, overwrite=self.overwrite) as tmp:
+            save_file({n: m.to(torch.uint8).contiguous() for n, m in prune.masks.items()}, str(tmp / "masks.safetensors"))
+            if self.save_model:
+                outputs.save_model(pl_module.model, getattr(pl_module, "tokenizer", None), tmp / "model")
+            (tmp / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        _say(f"saved pruned model, masks and results to [bold]{out}[/]")
+
+    @override
+    def state_dict(self) -> dict:
+        return {"dense": self.dense, "timings": self.timings}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.dense = state_dict.get("dense", {})
+        self.timings = state_dict.get("timings", {})

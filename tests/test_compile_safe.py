@@ -18,7 +18,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 
-from callbacks.protocol import StopForward
+from pipeline.calibration import StopForward
 from pipeline.attention import AttentionMassProbe
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="needs torch >= 2.6 (set_stance)")
@@ -227,9 +227,9 @@ def compiled_tiny_llada(tmp_path_factory):
 
 
 def test_tiny_llada_with_compiled_attention(compiled_tiny_llada):
-    from callbacks.protocol import last_block
+    from pipeline.calibration import last_block
     from callbacks.sink_stats import SinkStatsCallback  # noqa: F401  (the callbacks' import path stays valid)
-    from callbacks.protocol import forward_through_blocks
+    from pipeline.calibration import forward_through_blocks
     from types import SimpleNamespace
 
     compiled, eager = compiled_tiny_llada

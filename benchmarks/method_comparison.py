@@ -2,7 +2,13 @@
 sink-aware SparseGPT at 50/60/70% unstructured and 2:4, over several calibration seeds.
 
     python benchmarks/method_comparison.py                     # minilm-dlm, 3 seeds
+    python benchmarks/method_comparison.py --model minilm-dlm-rel
     python benchmarks/method_comparison.py --model tiny-llada
+
+The forward process masks every position (the reference's), `--keep-special` never masks the leading
+[CLS]/BOS.  Also reported: per-seed paired differences sink − plain with their signs and a paired t-test,
+the fraction of mask entries where the sink-aware and plain masks differ, and the distribution of the
+sink scores s over every calibration (window, timestep, position).
 
 One calibration pass per seed collects every statistic at once (plain and sink-weighted Wanda norms and
 Hessians, from the same noised batches), so the methods differ only in what the paper changes: the
@@ -35,25 +41,32 @@ from pipeline.loading import load_dlm, resolve_mask_token_id
 from pipeline.metrics import MaskedDiffusionPerplexity, elbo_nll
 from pipeline.sinks import sink_scores
 
+S_BINS = [0.0, 0.01, 0.5, 0.99, 1.0 + 1e-6]  # s < 0.01, 0.01-0.5, 0.5-0.99, >= 0.99
 SETTINGS = {"50%": (0.5, None), "60%": (0.6, None), "70%": (0.7, None), "2:4": (None, (2, 4))}
-METHODS = ("magnitude", "wanda", "sink_wanda", "sparsegpt", "sink_sparsegpt")
+METHODS = ("wanda", "sink_wanda", "sparsegpt", "sink_sparsegpt")
 
 
 @torch.no_grad()
-def calibrate(model, layers, dm, mask_id, timesteps, seed, sink_std, sink_alpha):
-    """Σ over samples and timesteps of plain and sink-weighted statistics, for every layer."""
+def calibrate(model, layers, dm, mask_id, timesteps, seed, sink_std, sink_alpha, keep_special=False):
+    """Σ over samples and timesteps of plain and sink-weighted statistics, for every layer; and the
+    histogram of the sink scores (counts per S_BINS bin)."""
     stats = {name: {"wanda": torch.zeros(m.in_features, dtype=torch.float64), "sink_wanda": torch.zeros(m.in_features, dtype=torch.float64),
                     "sparsegpt": torch.zeros(m.in_features, m.in_features), "sink_sparsegpt": torch.zeros(m.in_features, m.in_features)}
              for name, m in layers.items()}
     captured: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: captured.__setitem__(n, inp[0].detach().float()))
              for n, m in layers.items()]
+    s_hist = torch.zeros(len(S_BINS) - 1, dtype=torch.long)
     try:
         for batch in dm.train_dataloader():
+            if not keep_special:
+                batch = {**batch, "keep": torch.zeros_like(batch["keep"])}
             for nb in noised_batches(batch, timesteps, mask_id, seed=seed):
                 with AttentionMassProbe() as probe:
                     model(input_ids=nb.input_ids)  # one pass: the probe and the hooks see the same forward
-                keep = 1.0 - sink_scores(probe.mass, k=sink_std, alpha=sink_alpha)
+                scores = sink_scores(probe.mass, k=sink_std, alpha=sink_alpha)
+                s_hist += torch.histogram(scores.flatten().float(), bins=torch.tensor(S_BINS)).hist.long()
+                keep = 1.0 - scores
                 for name, x in captured.items():
                     s = stats[name]
                     # the same per-sample float32 statistics as PruneCallback, summed in float64
@@ -65,11 +78,12 @@ def calibrate(model, layers, dm, mask_id, timesteps, seed, sink_std, sink_alpha)
     finally:
         for h in hooks:
             h.remove()
-    return stats
+    return stats, s_hist
 
 
 @torch.no_grad()
-def prune_copy(layers, dense, stats, method, sparsity, n_m):
+def prune_copy(layers, dense, stats, method, sparsity, n_m) -> dict[str, torch.Tensor]:
+    masks = {}
     for name, layer in layers.items():
         weight = dense[name].clone()
         if method == "magnitude":
@@ -80,16 +94,86 @@ def prune_copy(layers, dense, stats, method, sparsity, n_m):
             weight, mask, _ = sp.sparsegpt_prune(weight, stats[name][method], sparsity=sparsity, n_m=n_m)
         sp.apply_mask_(weight, mask)
         layer.weight.copy_(weight)
+        masks[name] = mask.bool()
+    return masks
+
+
+def mask_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Fraction of all mask entries (every layer) where a and b differ."""
+    return sum(int((a[n] != b[n]).sum()) for n in a) / sum(m.numel() for m in a.values())
 
 
 @torch.no_grad()
-def heldout_nll(model, dm, mask_id, n_timesteps) -> float:
+def heldout_nll(model, dm, mask_id, n_timesteps, keep_special=False) -> float:
     metric = MaskedDiffusionPerplexity()
     for batch in dm.heldout_dataloader():
-        nll, scored = elbo_nll(lambda ids: model(input_ids=ids).logits, batch["input_ids"], batch["keep"],
+        keep = batch["keep"] if keep_special else torch.zeros_like(batch["keep"])
+        nll, scored = elbo_nll(lambda ids: model(input_ids=ids).logits, batch["input_ids"], keep,
                                [int(i) for i in batch["index"]], mask_id, n_timesteps=n_timesteps, seed=0)
         metric.update(nll, scored)
     return metric.compute()["nll"]
+
+
+def run_seed(model, tok_name, layers, dense, mask_id, seed, args, console, t0) -> dict:
+    """One calibration seed: dense NLL, every method × setting's NLL, sink-vs-plain mask differences, s histogram."""
+    dm = CalibrationData(tokenizer=tok_name, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
+                         batch_size=4, heldout_samples=args.heldout)
+    dm.setup("fit")
+    stats, s_hist = calibrate(model, layers, dm, mask_id, timestep_grid(args.timesteps), seed, 2.0, 5.0, args.keep_special)
+    score = lambda: heldout_nll(model, dm, mask_id, args.heldout_timesteps, args.keep_special)  # noqa: E731
+    out = {"nll": {"dense": score()}, "mask_difference": {}, "s_histogram": s_hist.tolist()}
+    for label, (sparsity, n_m) in SETTINGS.items():
+        masks = {}
+        for method in METHODS:
+            masks[method] = prune_copy(layers, dense, stats, method, sparsity, n_m)
+            out["nll"][f"{method} {label}"] = score()
+            console.print(f"seed {seed} {method:15s} {label:4s} NLL {out['nll'][f'{method} {label}']:.4f}  ({time.time() - t0:.0f}s)")
+        for base in ("wanda", "sparsegpt"):
+            out["mask_difference"][f"{base} {label}"] = mask_difference(masks[f"sink_{base}"], masks[base])
+    with torch.no_grad():
+        for n, m in layers.items():
+            m.weight.copy_(dense[n])
+    return out
+
+
+def paired_rows(per_seed: list[dict]) -> dict:
+    """sink − plain per setting: per-seed differences, signs, mean, paired t-test, mask difference."""
+    from scipy.stats import ttest_rel
+
+    rows = {}
+    for base in ("wanda", "sparsegpt"):
+        for label in SETTINGS:
+            sink = [r["nll"][f"sink_{base} {label}"] for r in per_seed]
+            plain = [r["nll"][f"{base} {label}"] for r in per_seed]
+            diffs = [a - b for a, b in zip(sink, plain)]
+            p = float(ttest_rel(sink, plain).pvalue) if len(diffs) > 1 and len(set(diffs)) > 1 else None
+            rows[f"sink_{base} - {base} {label}"] = {
+                "per_seed": diffs, "signs": "".join("+" if d > 0 else "-" if d < 0 else "0" for d in diffs),
+                "mean": statistics.mean(diffs), "paired_t_p": p,
+                "mask_entries_differ": statistics.mean(r["mask_difference"][f"{base} {label}"] for r in per_seed),
+            }
+    return rows
+
+
+def render(model_name: str, seeds, per_seed: list[dict], paired: dict, hist: list[int]) -> list[Table]:
+    table = Table(title=f"{model_name}: held-out masked-diffusion NLL (nats/token), mean ± std over seeds {seeds}")
+    table.add_column("method")
+    for label in ["dense", *SETTINGS]:
+        table.add_column(label, justify="right")
+    fmt = lambda v: f"{statistics.mean(v):.4f} ± {statistics.pstdev(v):.4f}"  # noqa: E731
+    table.add_row("dense", fmt([r["nll"]["dense"] for r in per_seed]), *["" for _ in SETTINGS])
+    for method in METHODS:
+        table.add_row(method, "", *[fmt([r["nll"][f"{method} {s}"] for r in per_seed]) for s in SETTINGS])
+    diff = Table(title=f"{model_name}: sink-aware − plain, paired by seed (negative = sink-aware better)")
+    for col in ("comparison", "per seed", "signs", "mean", "paired t p", "mask entries differ"):
+        diff.add_column(col, justify="left" if col == "comparison" else "right")
+    for name, r in paired.items():
+        diff.add_row(name, " ".join(f"{d:+.4f}" for d in r["per_seed"]), r["signs"], f"{r['mean']:+.4f}",
+                     "n/a" if r["paired_t_p"] is None else f"{r['paired_t_p']:.3f}", f"{r['mask_entries_differ']:.2%}")
+    total = sum(hist)
+    shares = ", ".join(f"[{lo:g}, {hi:.2g}): {c / total:.2%}" for lo, hi, c in zip(S_BINS, S_BINS[1:], hist))
+    diff.caption = f"sink scores s over every calibration (window, timestep, position): {shares}"
+    return [table, diff]
 
 
 def main():
@@ -101,6 +185,7 @@ def main():
     ap.add_argument("--timesteps", type=int, default=10)
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--heldout-timesteps", type=int, default=8)
+    ap.add_argument("--keep-special", action="store_true", help="never mask the leading [CLS]/BOS (default: mask every position)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,42 +193,17 @@ def main():
     mask_id = resolve_mask_token_id(tok, model.config)
     layers = target_linears(model)
     dense = {n: m.weight.detach().clone() for n, m in layers.items()}
-    console = Console(width=140)
-    results = {"dense": [], **{f"{m} {s}": [] for m in METHODS for s in SETTINGS}}
+    console = Console(width=160)
     t0 = time.time()
-    for seed in args.seeds:
-        dm = CalibrationData(tokenizer=args.model, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
-                             batch_size=4, heldout_samples=args.heldout)
-        dm.setup("fit")
-        stats = calibrate(model, layers, dm, mask_id, timestep_grid(args.timesteps), seed, 2.0, 5.0)
-        results["dense"].append(heldout_nll(model, dm, mask_id, args.heldout_timesteps))
-        for method in METHODS:
-            for label, (sparsity, n_m) in SETTINGS.items():
-                prune_copy(layers, dense, stats, method, sparsity, n_m)
-                results[f"{method} {label}"].append(heldout_nll(model, dm, mask_id, args.heldout_timesteps))
-                console.print(f"seed {seed} {method:15s} {label:4s} NLL {results[f'{method} {label}'][-1]:.4f}  ({time.time() - t0:.0f}s)")
-        with torch.no_grad():
-            for n, m in layers.items():
-                m.weight.copy_(dense[n])
-    table = Table(title=f"{args.model}: held-out masked-diffusion NLL (nats/token), mean ± std over seeds {args.seeds}")
-    table.add_column("method")
-    for label in ["dense", *SETTINGS]:
-        table.add_column(label, justify="right")
-    fmt = lambda v: f"{statistics.mean(v):.4f} ± {statistics.pstdev(v):.4f}"  # noqa: E731
-    table.add_row("dense", fmt(results["dense"]), *["" for _ in SETTINGS])
-    for method in METHODS:
-        table.add_row(method, "", *[fmt(results[f"{method} {s}"]) for s in SETTINGS])
-    console.print(table)
-    paired = {}
-    for base in ("wanda", "sparsegpt"):
-        for s in SETTINGS:
-            diffs = [a - b for a, b in zip(results[f"sink_{base} {s}"], results[f"{base} {s}"])]
-            paired[f"sink_{base} - {base} {s}"] = {"mean": statistics.mean(diffs), "per_seed": diffs}
-    console.print({k: round(v["mean"], 4) for k, v in paired.items()})
+    per_seed = [run_seed(model, args.model, layers, dense, mask_id, seed, args, console, t0) for seed in args.seeds]
+    paired = paired_rows(per_seed)
+    hist = [sum(col) for col in zip(*(r["s_histogram"] for r in per_seed))]
+    for table in render(args.model, args.seeds, per_seed, paired, hist):
+        console.print(table)
     out = Path(__file__).parent / "results" / f"method_comparison_{args.model}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "nll": results, "sink_minus_plain": paired,
-                               "seconds": time.time() - t0}, indent=1))
+    out.write_text(json.dumps({"args": vars(args), "per_seed": per_seed, "sink_minus_plain": paired,
+                               "s_histogram": {"bins": S_BINS, "counts": hist}, "seconds": time.time() - t0}, indent=1))
 
 
 if __name__ == "__main__":

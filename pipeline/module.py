@@ -47,7 +47,13 @@ class DLMModule(L.LightningModule):
         seed: int = 0,
         heldout_timesteps: int = 8,
         attn_implementation: str | None = "sdpa",
+        keep_special_tokens: bool = False,
     ):
+        """Args:
+            keep_special_tokens: never mask the special token the data puts first (BOS / [CLS]), in
+                calibration and in held-out scoring, for models trained that way (minilm-dlm, tiny-llada).
+                The default masks every position, like the reference and LLaDA's pretraining.
+        """
         super().__init__()
         self.save_hyperparameters()
         self.timesteps = validate_timesteps(timesteps)
@@ -117,6 +123,7 @@ class DLMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         set_current(f"calibrating (epoch {self.current_epoch + 1}, batch {batch_idx + 1})")
         with torch.no_grad():
+            batch = {**batch, "keep": self.keep(batch)}
             for nb in noised_batches(batch, self.timesteps, self.mask_token_id, seed=self.hparams.seed, eps=self.hparams.eps):
                 dispatch_noised_batch(self.trainer, self, nb)
         return None
@@ -124,6 +131,10 @@ class DLMModule(L.LightningModule):
     # --- scoring -----------------------------------------------------------------------------------
     def logits(self, input_ids):
         return calibration_forward(self, input_ids).logits
+
+    def keep(self, batch: dict) -> torch.Tensor:
+        """[B, L] positions the forward process never masks: the data's leading special token, or none."""
+        return batch["keep"] if self.hparams.keep_special_tokens else torch.zeros_like(batch["keep"])
 
     @torch.no_grad()
     def score_heldout(self) -> dict:
@@ -135,7 +146,7 @@ class DLMModule(L.LightningModule):
         for batch in dm.heldout_dataloader():
             ids = batch["input_ids"].to(self.device)
             nll, scored = elbo_nll(
-                self.logits, ids, batch["keep"].to(self.device), [int(i) for i in batch["index"]],
+                self.logits, ids, self.keep(batch).to(self.device), [int(i) for i in batch["index"]],
                 self.mask_token_id, n_timesteps=self.hparams.heldout_timesteps, seed=self.hparams.seed,
                 eps=self.hparams.eps,
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -173,3 +174,19 @@ if __name__ == "__main__":
     from pipeline.sink_report import main
 
     main()
+
+
+def positional_sink(dominant_positions: list[int], kinds: list[str], threshold: float = 0.95) -> dict | None:
+    """A sink on one absolute position in >= threshold of all (window, timestep) pairs: {position, fraction,
+    kinds of the tokens it sat on}, else None.  Such a sink cannot move across timesteps (e.g. BERT's learned
+    position-0 embedding holds it even when [CLS] is masked), so down-weighting it is the AR recipe.
+
+    dominant_positions / kinds: the dominant key's position and token kind of every (window, timestep)."""
+    if not dominant_positions:
+        return None
+    position, count = Counter(dominant_positions).most_common(1)[0]
+    fraction = count / len(dominant_positions)
+    if fraction < threshold:
+        return None
+    there = Counter(k for p, k in zip(dominant_positions, kinds) if p == position)
+    return {"position": position, "fraction": fraction, "kinds": dict(there.most_common())}

@@ -1,6 +1,6 @@
 """SinkStatsCallback: attention mass per token at every calibration timestep, and the sink scores.
 
-For each noised batch (see pipeline/calibration.py) it runs one probed forward, sums the attention
+For each noised batch (see pipeline/model/calibration.py) it runs one probed forward, sums the attention
 probability each key receives over queries, heads and layers, and publishes
     nb.sink_scores = sigmoid(alpha · (mass − (mean + k·std)))      (per sample, over positions)
 for PruneCallback to down-weight sink tokens.  During the first epoch it also records per-(sample,
@@ -19,11 +19,11 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.calibration import NoisedBatch, calibration_forward, forward_through_blocks, last_block
+from pipeline.model.calibration import NoisedBatch, calibration_forward, forward_through_blocks, last_block
 from callbacks.reduction import gather_records
-from pipeline.attention import AttentionMassProbe
-from pipeline.outputs import AtomicDir
-from pipeline.sinks import mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
+from pipeline.maths.attention import AttentionMassProbe
+from pipeline.run.outputs import AtomicDir
+from pipeline.maths.sinks import mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
 
 
 class SinkStatsCallback(Callback):

@@ -2,7 +2,7 @@
 length-1 rows, batch sizes 1..3 and batches of different lengths, through
   (a) AttentionMassProbe around a real forward of the embedded model, and
   (b) SinkStatsCallback + PruneCallback (sink-aware Wanda and SparseGPT) on a plain LightningModule that only
-      follows pipeline/calibration.py.
+      follows pipeline/model/calibration.py.
 Every case is drawn from a seeded torch.Generator, so a failure replays exactly from its seed."""
 import copy
 import json
@@ -19,7 +19,7 @@ from callbacks.evaluate import EvaluateExportCallback
 from callbacks.prune import PruneCallback
 from callbacks.sink_stats import SinkStatsCallback
 from tests.test_protocol import PlainModule
-from pipeline.attention import AttentionMassProbe
+from pipeline.maths.attention import AttentionMassProbe
 
 SEEDS = [0, 1, 2, 3]
 TIMESTEPS = [0.3, 1.0]

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import pipeline.module
-from pipeline.loading import resolve_path
+import pipeline.model.module
+from pipeline.model.loading import resolve_path
 from tests.runs import run_inprocess, tiny_config
 
 BEFORE, AFTER = "before_load", "after_load"  # where the refusal must come at the latest
@@ -181,10 +181,10 @@ def _case_sinks_out_is_file(c: Ctx):
 
 
 def _case_full_disk(c: Ctx, monkeypatch):
-    import pipeline.outputs
+    import pipeline.run.outputs
 
     real = shutil.disk_usage
-    monkeypatch.setattr(pipeline.outputs.shutil, "disk_usage", lambda p: real(p)._replace(free=1_000_000))
+    monkeypatch.setattr(pipeline.run.outputs.shutil, "disk_usage", lambda p: real(p)._replace(free=1_000_000))
     return c.config(), ()
 
 
@@ -306,13 +306,13 @@ def _ckpt_every(c: Ctx, n: int) -> dict:
 @pytest.fixture
 def load_spy(monkeypatch):
     calls = []
-    real = pipeline.module.load_dlm
+    real = pipeline.model.module.load_dlm
 
     def spy(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.module, "load_dlm", spy)
+    monkeypatch.setattr(pipeline.model.module, "load_dlm", spy)
     return calls
 
 

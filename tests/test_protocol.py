@@ -1,4 +1,4 @@
-"""The callbacks plug into a plain LightningModule that follows pipeline/calibration.py (not DLMModule)."""
+"""The callbacks plug into a plain LightningModule that follows pipeline/model/calibration.py (not DLMModule)."""
 import copy
 import json
 
@@ -6,11 +6,11 @@ import lightning as L
 import torch
 from safetensors.torch import load_file
 
-from pipeline.calibration import dispatch_noised_batch, noised_batches
+from pipeline.model.calibration import dispatch_noised_batch, noised_batches
 from callbacks.evaluate import EvaluateExportCallback
 from callbacks.prune import PruneCallback
 from callbacks.sink_stats import SinkStatsCallback
-from pipeline.data import CalibrationData
+from pipeline.model.data import CalibrationData
 
 
 class PlainModule(L.LightningModule):

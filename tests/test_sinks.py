@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.sinks import (
+from pipeline.maths.sinks import (
     causal_baseline_share,
     mass_statistics,
     plot_heatmap,
@@ -92,7 +92,7 @@ def test_ar_trajectory_measures_only_the_newest_query():
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.sink_report import ar_generation_trajectory
+    from pipeline.evaluation.sink_report import ar_generation_trajectory
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -109,7 +109,7 @@ def test_ar_trajectory_measures_only_the_newest_query():
 def test_command_writes_report_and_refuses_an_existing_folder(tmp_path, capsys):
     import json
 
-    from pipeline.sink_report import main
+    from pipeline.evaluation.sink_report import main
 
     out = tmp_path / "sinks"
     args = ["--samples", "2", "--seqlen", "16", "--steps", "3", "--ar", "none", "--out", str(out)]

@@ -1,10 +1,10 @@
 """Attention sinks from attention mass: sink scores, per-sample statistics, token kinds and heatmaps.
 
-`mass` is what pipeline.attention.AttentionMassProbe accumulates: [B, T] attention each key position
+`mass` is what pipeline.maths.attention.AttentionMassProbe accumulates: [B, T] attention each key position
 receives, summed over queries, heads and layers. Everything here is a pure function of it; `valid`
 ([B, T] bool) leaves padding positions out of every statistic.
 
-Run `python -m pipeline.sinks --help` for the DLM-vs-AR measurement (pipeline/sink_report.py).
+The DLM-vs-AR measurement built on these is `python -m pipeline.evaluation.sink_report --help`.
 """
 from __future__ import annotations
 
@@ -168,8 +168,3 @@ def plot_heatmap(matrix, path, title: str = "", ylabels=None, xlabel: str = "key
         raise
     return path
 
-
-if __name__ == "__main__":
-    from pipeline.sink_report import main
-
-    main()

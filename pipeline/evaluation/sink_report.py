@@ -1,4 +1,4 @@
-"""`python -m pipeline.sinks`: do attention sinks move along a DLM's denoising but stay put in an AR model?
+"""`python -m pipeline.evaluation.sink_report`: do attention sinks move along a DLM's denoising but stay put in an AR model?
 
 DLM (default mode "denoise"): each held-out window keeps its first quarter as the prompt; the rest starts
 fully masked and is filled by low-confidence iterative denoising (greedy, one block, at each step the most
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.attention import AttentionMassProbe
-from pipeline.sinks import _current_umask, causal_baseline_share, mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
+from pipeline.maths.attention import AttentionMassProbe
+from pipeline.maths.sinks import _current_umask, causal_baseline_share, mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
@@ -31,7 +31,7 @@ def heldout_windows(tokenizer, samples: int, length: int) -> torch.Tensor:
     """[samples, length] token ids (no special tokens): consecutive non-overlapping windows of the held-out
     articles, taken round-robin (1st window of every article, then 2nd, …) so that samples spread over
     articles (the held-out split has only a handful of long articles)."""
-    from pipeline.corpus import wiki_split
+    from pipeline.model.corpus import wiki_split
 
     per_article = []
     for text in wiki_split("heldout"):
@@ -104,7 +104,7 @@ def dlm_denoising_trajectory(model, tokenizer, mask_id: int, windows: torch.Tens
 def dlm_forward_process_trajectory(model, tokenizer, mask_id: int, windows: torch.Tensor, steps: int, keep_special: bool = False):
     """Mass at forward-process timesteps t = 1.0 … 0.1.  Every position is maskable, [CLS]/[SEP] too (the
     reference's forward process and LLaDA's training); keep_special never masks them."""
-    from pipeline.diffusion import forward_process
+    from pipeline.maths.diffusion import forward_process
 
     batch = windows.shape[0]
     prefix, suffix = _prefix_id(tokenizer), _suffix_id(tokenizer)
@@ -202,7 +202,7 @@ def checkpoint_identity(name: str) -> dict:
     """Where the weights came from, with a digest of local safetensors: zoo models are still being trained."""
     import hashlib
 
-    from pipeline.loading import resolve_path
+    from pipeline.model.loading import resolve_path
 
     path = Path(resolve_path(name))
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
@@ -211,7 +211,7 @@ def checkpoint_identity(name: str) -> dict:
 
 def zoo_model_missing(name: str) -> str | None:
     """Why an embedded zoo model cannot be loaded yet (its folder is built by another recipe), else None."""
-    from pipeline.loading import ZOO_DIR
+    from pipeline.model.loading import ZOO_DIR
 
     if name not in ("tiny-llada", "tiny-ar"):
         return None
@@ -222,7 +222,7 @@ def zoo_model_missing(name: str) -> str | None:
 
 
 def measure_dlm(name, args):
-    from pipeline.loading import load_dlm, resolve_mask_token_id
+    from pipeline.model.loading import load_dlm, resolve_mask_token_id
 
     model, tokenizer = load_dlm(name)
     mask_id = resolve_mask_token_id(tokenizer, model.config)
@@ -240,7 +240,7 @@ def measure_dlm(name, args):
 
 
 def measure_ar(name, args):
-    from pipeline.loading import load_dlm
+    from pipeline.model.loading import load_dlm
 
     model, tokenizer = load_dlm(name)
     windows = heldout_windows(tokenizer, args.samples, args.seqlen)
@@ -339,7 +339,7 @@ def write_output(out: Path, overwrite: bool, report: dict, heatmaps: dict) -> No
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.sinks", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluation.sink_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--dlm", default="minilm-dlm", help="diffusion LM: embedded name, folder or hub id")
     p.add_argument("--ar", default="tiny-ar", help="autoregressive model ('none' to skip)")
     p.add_argument("--samples", type=int, default=8, help="held-out windows (one batch)")

@@ -121,7 +121,7 @@ def run_outputs(trainer) -> list[tuple[str, Path, bool]]:
         if isinstance(cb, EvaluateExportCallback) and pruning:
             outs.append(("evaluate.output_dir", cb.output_path(trainer), cb.overwrite))
         elif isinstance(cb, SinkStatsCallback) and cb.record:
-            outs.append(("SinkStatsCallback.out_dir", cb.output_path(trainer), cb.overwrite))
+            outs.append(("SinkStatsCallback.output_dir", cb.output_path(trainer), cb.overwrite))
     return outs
 
 

@@ -27,7 +27,7 @@ def tiny_config(root: Path, *, method: str | None = "sink_wanda", sparsity=0.5, 
     callbacks = []
     if method is not None and method.startswith("sink_"):
         callbacks.append({"class_path": "callbacks.sink_stats.SinkStatsCallback",
-                          "init_args": {"out_dir": str(root / "sinks"), **(sink_args or {})}})
+                          "init_args": {"output_dir": str(root / "sinks"), **(sink_args or {})}})
     if method is not None:
         prune = {"method": method, **prune_args}
         prune.update({"n_m": n_m} if n_m else {"sparsity": sparsity})

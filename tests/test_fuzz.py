@@ -163,7 +163,7 @@ def test_callbacks_on_random_inputs(seed, method, minilm, tmp_path):
     empty = {int(i) for b in batches if "attention_mask" in b for i, row in zip(b["index"], b["attention_mask"]) if not row.any()}
 
     module = PlainModule(copy.deepcopy(model), tok.mask_token_id, TIMESTEPS, seed=5)  # pruned in place; the fixture stays dense
-    sinks = SinkStatsCallback(out_dir=str(tmp_path / "sinks"), heatmap=(seed == 0))
+    sinks = SinkStatsCallback(output_dir=str(tmp_path / "sinks"), heatmap=(seed == 0))
     prune = PruneCallback(method=method, sparsity=0.5)
     export = EvaluateExportCallback(output_dir=str(tmp_path / "pruned"), save_model=False, score=False, score_dense=False)
     spy = Spy(prune, layers, heads)

@@ -37,7 +37,7 @@ def test_callbacks_on_a_plain_module(tmp_path, minilm):
     model = copy.deepcopy(model)  # pruned in place below; the session fixture stays dense
     module = PlainModule(model, tok.mask_token_id, [0.25, 0.5, 1.0])
     dm = CalibrationData(tokenizer="minilm-dlm", nsamples=5, seqlen=48, batch_size=2, heldout_samples=2)
-    sinks = SinkStatsCallback(out_dir=str(tmp_path / "sinks"))
+    sinks = SinkStatsCallback(output_dir=str(tmp_path / "sinks"))
     prune = PruneCallback(method="sink_wanda", sparsity=0.5)
     export = EvaluateExportCallback(output_dir=str(tmp_path / "pruned"), save_model=False, score=False, score_dense=False)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 from pipeline.maths.attention import AttentionMassProbe
-from pipeline.maths.sinks import _current_umask, causal_baseline_share, mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
+from pipeline.evaluation.sink_tables import plot_heatmap
+from pipeline.maths.sinks import causal_baseline_share, mass_statistics, sink_position_variance, sink_scores, token_kind
+from pipeline.run.outputs import AtomicDir, prepare_output_dir
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
@@ -315,27 +314,12 @@ def variance_ratio(dlm: dict, ar: dict | None):
 
 
 def write_output(out: Path, overwrite: bool, report: dict, heatmaps: dict) -> None:
-    """Everything goes into a hidden temp folder beside `out`, renamed into place only when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp creates 0700; the result is an ordinary folder
+    """Everything goes into an AtomicDir (with its MARKER), renamed into place only when complete."""
+    with AtomicDir(out, overwrite=overwrite) as tmp:
         (tmp / "sinks.json").write_text(json.dumps(report, indent=1, allow_nan=True))
         (tmp / "table.md").write_text(markdown_table(report))
         for name, (matrix, labels, title) in heatmaps.items():
             plot_heatmap(torch.tensor(matrix), tmp / f"{name}.png", title=title, ylabels=labels)
-        if out.exists():
-            if not overwrite:
-                raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def parse_args(argv=None):
@@ -347,7 +331,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=16, help="denoising steps / timesteps / AR tokens generated")
     p.add_argument("--dlm-mode", choices=("denoise", "forward"), default="denoise")
     p.add_argument("--keep-special", action="store_true", help="forward mode: never mask [CLS]/[SEP] (default: every position maskable)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must not exist, or be empty, unless --overwrite and written by this tool)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
@@ -358,8 +342,10 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=140)  # logs: no 80-column wrapping
-    if args.out.exists() and not args.overwrite:
-        console.print(f"[red]{args.out} already exists; pass --overwrite to replace it[/red]", soft_wrap=True)
+    try:
+        prepare_output_dir(args.out, args.overwrite, field="--out")
+    except FileExistsError as exc:
+        console.print(f"[red]{exc}[/red]", soft_wrap=True)
         sys.exit(2)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -4,7 +4,7 @@
 and prune; the module scores held-out perplexity before and after.
 
 Every failure a user can cause ends in one line `error: <field>: <problem>; <fix>` and exit code 2,
-before the model's weights load where the input allows (pipeline/preflight.py).  SIGTERM and SIGINT stop
+before the model's weights load where the input allows (preflight.py).  SIGTERM and SIGINT stop
 the run within seconds with exit code 143 / 130 and a line saying where it stopped.  A failed or stopped
 run removes the result folders it created.  Tracebacks: `SINKPRUNE_TRACEBACK=1` or `--debug`.
 """
@@ -26,10 +26,10 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
 from torch.multiprocessing.spawn import ProcessException, ProcessRaisedException  # noqa: E402
 
-import pipeline.strategy  # noqa: E402,F401  (registers calibration_ddp strategies)
-from pipeline.data import CalibrationData  # noqa: E402
-from pipeline.module import DLMModule  # noqa: E402
-from pipeline.phase import current, set_current  # noqa: E402
+import pipeline.run.strategy  # noqa: E402,F401  (registers calibration_ddp strategies)
+from pipeline.model.data import CalibrationData  # noqa: E402
+from pipeline.model.module import DLMModule  # noqa: E402
+from pipeline.run.phase import current, set_current  # noqa: E402
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
@@ -57,7 +57,7 @@ class SinkPruneCLI(LightningCLI):
         parser.link_arguments("model.init_args.pretrained", "data.init_args.tokenizer")
 
     def before_fit(self):
-        from pipeline.preflight import check_run
+        from preflight import check_run
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         set_current("checking the inputs")
@@ -144,7 +144,7 @@ def check_config_files(args: list[str]) -> None:
     loads (LightningCLI unpickles it while parsing, before any hook of ours runs)."""
     import yaml
 
-    from pipeline.preflight import check_checkpoint
+    from preflight import check_checkpoint
 
     args = [part for a in args for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
     for flag, value in zip(args, args[1:]):

@@ -34,13 +34,13 @@ from rich.table import Table
 
 from types import SimpleNamespace
 
-from pipeline.calibration import forward_through_blocks, last_block
-from pipeline.calibration import target_linears
+from pipeline.model.calibration import forward_through_blocks, last_block
+from pipeline.model.calibration import target_linears
 from callbacks.reduction import SlotSums
-from pipeline import sparsity as sp
-from pipeline.attention import AttentionMassProbe, naive_attention_mass
-from pipeline.loading import load_dlm, resolve_mask_token_id
-from pipeline.sinks import sink_scores
+from pipeline.maths import sparsity as sp
+from pipeline.maths.attention import AttentionMassProbe, naive_attention_mass
+from pipeline.model.loading import load_dlm, resolve_mask_token_id
+from pipeline.maths.sinks import sink_scores
 
 
 def accumulate(captured, weights, statistic) -> SlotSums:

@@ -31,15 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.calibration import noised_batches
-from pipeline.calibration import target_linears
-from pipeline import sparsity as sp
-from pipeline.attention import AttentionMassProbe
-from pipeline.data import CalibrationData
-from pipeline.diffusion import timestep_grid
-from pipeline.loading import load_dlm, resolve_mask_token_id
-from pipeline.metrics import MaskedDiffusionPerplexity, elbo_nll
-from pipeline.sinks import sink_scores
+from pipeline.model.calibration import noised_batches
+from pipeline.model.calibration import target_linears
+from pipeline.maths import sparsity as sp
+from pipeline.maths.attention import AttentionMassProbe
+from pipeline.model.data import CalibrationData
+from pipeline.maths.diffusion import timestep_grid
+from pipeline.model.loading import load_dlm, resolve_mask_token_id
+from pipeline.maths.metrics import MaskedDiffusionPerplexity, elbo_nll
+from pipeline.maths.sinks import sink_scores
 
 S_BINS = [0.0, 0.01, 0.5, 0.99, 1.0 + 1e-6]  # s < 0.01, 0.01-0.5, 0.5-0.99, >= 0.99
 SETTINGS = {"50%": (0.5, None), "60%": (0.6, None), "70%": (0.7, None), "2:4": (None, (2, 4))}

@@ -74,8 +74,8 @@ def main():
 
     import torch
 
-    from pipeline.calibration import find_blocks
-    from pipeline.loading import load_dlm
+    from pipeline.model.calibration import find_blocks
+    from pipeline.model.loading import load_dlm
 
     model, _ = load_dlm(args.model)
     block_inputs = [[m.in_features for m in block.modules() if isinstance(m, torch.nn.Linear)] for _, block in find_blocks(model)]

@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.attention import AttentionMassProbe  # noqa: E402
+from pipeline.maths.attention import AttentionMassProbe  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "probe_overhead.json"
 
@@ -37,7 +37,7 @@ MEMORY_SCRIPT = r"""
 import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
-from pipeline.attention import attention_mass
+from pipeline.maths.attention import attention_mass
 variant, B, H, T, D, chunk = sys.argv[2], *map(int, sys.argv[3:8])
 g = torch.Generator().manual_seed(0)
 q, k = torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
@@ -66,7 +66,7 @@ def random_ids(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
 
 
 def time_model(name: str, lengths, repeats: int, warmup: int = 2) -> list[dict]:
-    from pipeline.loading import load_dlm
+    from pipeline.model.loading import load_dlm
 
     model, tokenizer = load_dlm(name)
     rows = []
@@ -128,7 +128,7 @@ def main(argv=None):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     torch.set_num_threads(1)
 
-    from pipeline.sink_report import zoo_model_missing
+    from pipeline.evaluation.sink_report import zoo_model_missing
 
     timing, skipped = [], []
     for name in ("minilm-dlm", "tiny-llada"):

@@ -5,9 +5,9 @@
 
 A denoising step of a masked-diffusion LM is one full-sequence, bidirectional forward.  The stack has
 LLaDA-8B's shapes (d_model 4096, 32 heads, SwiGLU MLP with hidden 12288, RMSNorm, RoPE theta 5e5, no
-causal mask); weights are random, pruned 2:4 by magnitude (pipeline.sparsity), so the "dense" model
+causal mask); weights are random, pruned 2:4 by magnitude (pipeline.maths.sparsity), so the "dense" model
 computes with the same pruned values and the two outputs differ only by kernel rounding.  The sparse
-copy goes through pipeline.semi_structured.export_semi_structured.
+copy goes through pipeline.maths.semi_structured.export_semi_structured.
 
 Reports per sequence length (batch 1) the median over repeats (CUDA events) of the whole stack and of
 each linear shape alone, the dense/sparse speedup, and the max abs / relative output difference;
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.semi_structured import check_2_4, export_semi_structured  # noqa: E402
-from pipeline.sparsity import apply_mask_, magnitude_scores, select_mask  # noqa: E402
+from pipeline.maths.semi_structured import check_2_4, export_semi_structured  # noqa: E402
+from pipeline.maths.sparsity import apply_mask_, magnitude_scores, select_mask  # noqa: E402
 
 LLADA_8B = {"d_model": 4096, "n_heads": 32, "mlp_hidden": 12288, "rope_theta": 500000.0}
 

@@ -1,4 +1,4 @@
-"""Time pipeline.sparsity.sparsegpt_prune against a textbook blocked SparseGPT loop, and check they agree.
+"""Time pipeline.maths.sparsity.sparsegpt_prune against a textbook blocked SparseGPT loop, and check they agree.
 
     python benchmarks/sparsegpt_solve.py                 # default shapes, 1 thread
     python benchmarks/sparsegpt_solve.py --shapes 384x384 1024x1024 --repeats 5
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.sparsity import sparsegpt_prune  # noqa: E402
+from pipeline.maths.sparsity import sparsegpt_prune  # noqa: E402
 
 
 def reference_sparsegpt(weight, hessian, sparsity=None, n_m=None, blocksize=128, percdamp=0.01):

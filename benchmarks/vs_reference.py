@@ -88,8 +88,8 @@ def make_windows(nsamples: int, seqlen: int, seed: int):
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.corpus import wiki_split
-    from pipeline.data import token_stream
+    from pipeline.model.corpus import wiki_split
+    from pipeline.model.data import token_stream
 
     tok = AutoTokenizer.from_pretrained(str(REPO / "pipeline" / "zoo" / "tiny_llada"))
     stream = token_stream(tok, wiki_split("train"))
@@ -144,7 +144,7 @@ def run_project(ckpt: Path, windows, method: str, seed: int, timesteps: int, mod
 
     from callbacks.prune import PruneCallback
     from callbacks.sink_stats import SinkStatsCallback
-    from pipeline.module import DLMModule
+    from pipeline.model.module import DLMModule
 
     module = DLMModule(pretrained=str(ckpt), timesteps=timesteps, seed=seed, score_dense=False)
     prune = PruneCallback(method=method, sparsity=0.5, mode=mode, output_dir=str(workdir / "pruned"), overwrite=True,

@@ -16,9 +16,9 @@ from rich.console import Console
 from typing_extensions import override
 
 from callbacks.prune import PruneCallback
-from pipeline.outputs import AtomicDir, prepare_output_dir, run_metadata
-from pipeline.phase import phase
-from pipeline.report import sparsity_report
+from pipeline.run.outputs import AtomicDir, prepare_output_dir, run_metadata
+from pipeline.run.phase import phase
+from pipeline.evaluation.report import sparsity_report
 
 
 @rank_zero_only
@@ -37,7 +37,7 @@ class EvaluateExportCallback(Callback):
         score_dense: score the dense model on the held-out windows before calibration.
         tasks: lm-eval task specs ({name, num_fewshot, mc_num, cfg, limit, ...}) for dense and pruned.
         score_dense_tasks: also run `tasks` on the dense model.
-        eval_kwargs: keyword arguments for pipeline.scoring.evaluate_tasks (batch_size, include_path, ...).
+        eval_kwargs: keyword arguments for pipeline.evaluation.scoring.evaluate_tasks (batch_size, include_path, ...).
     """
 
     def __init__(self, output_dir: str | None = None, overwrite: bool = False, save_model: bool = True, score: bool = True,
@@ -112,26 +112,26 @@ class EvaluateExportCallback(Callback):
         return pruned
 
     def _print(self, report: dict, pruned: dict, method: str) -> None:
-        from pipeline.report import render_scores, render_sparsity
+        from pipeline.evaluation.report import render_scores, render_sparsity
 
         console = Console()
         console.print(render_sparsity(report))
         console.print(render_scores(self.dense, pruned, method))
         if self.tasks:
-            from pipeline.scoring import render_comparison
+            from pipeline.evaluation.scoring import render_comparison
 
             console.print(render_comparison(self.dense.get("tasks", {}), pruned.get("tasks", {}),
                                             title=f"benchmarks, dense vs pruned ({method})"))
 
     def _evaluate_tasks(self, pl_module) -> dict:
-        from pipeline.scoring import evaluate_tasks
+        from pipeline.evaluation.scoring import evaluate_tasks
 
         return evaluate_tasks(pl_module.model, pl_module.tokenizer, pl_module.mask_token_id, self.tasks, **self.eval_kwargs)
 
     def _save(self, pl_module, prune: PruneCallback, results: dict, out: Path) -> None:
         from safetensors.torch import save_file
 
-        from pipeline import outputs
+        from pipeline.run import outputs
 
         with AtomicDir(out, overwrite=self.overwrite) as tmp:
             save_file({n: m.to(torch.uint8).contiguous() for n, m in prune.masks.items()}, str(tmp / "masks.safetensors"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from callbacks import moe
-from pipeline.calibration import find_blocks
+from pipeline.model.calibration import find_blocks
 
 
 def compile_patterns(name: str, patterns: list[str] | None) -> list[re.Pattern]:
@@ -129,7 +129,7 @@ def load_masks(masks_from: str, layers: dict[str, torch.nn.Linear]) -> dict[str,
     """Apply a previous run's masks.safetensors to `layers`, in place; returns the masks."""
     from safetensors.torch import load_file
 
-    from pipeline import sparsity as sp
+    from pipeline.maths import sparsity as sp
 
     saved = load_file(str(Path(masks_from).expanduser() / "masks.safetensors"))
     missing = sorted(set(layers) - set(saved))

@@ -1,4 +1,4 @@
-"""PruneCallback: calibration statistics → masks → applied in place (pruners in pipeline/pruners.py).
+"""PruneCallback: calibration statistics → masks → applied in place (pruners in pipeline/maths/pruners.py).
 
 It hooks the targeted Linear layers (callbacks/layers.py), adds each sample's statistic to a reduction
 slot (exact across DDP world sizes, callbacks/reduction.py) and at the epoch's end solves every layer's
@@ -22,10 +22,10 @@ from callbacks import moe
 from callbacks.reduction import SlotSums
 from callbacks.sink_stats import SinkStatsCallback
 from callbacks.layers import Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks
-from pipeline import sparsity as sp
-from pipeline.calibration import NoisedBatch, forward_through_blocks
-from pipeline.phase import phase
-from pipeline.pruners import METHODS, check_prune_args, make_pruner
+from pipeline.maths import sparsity as sp
+from pipeline.model.calibration import NoisedBatch, forward_through_blocks
+from pipeline.run.phase import phase
+from pipeline.maths.pruners import METHODS, check_prune_args, make_pruner
 
 
 class PruneCallback(Callback):
@@ -41,7 +41,7 @@ class PruneCallback(Callback):
         reduction_slots: fixed slots for DDP-exact sums (window i goes to slot i mod reduction_slots).
         masks_from: a previous run's output folder: apply its masks.safetensors instead of calibrating.
         single_pass: reuse SinkStatsCallback's probed forward instead of a second forward (one-shot).
-        flavor: the pruner variant (pipeline/pruners.py FLAVORS); "default".
+        flavor: the pruner variant (pipeline/maths/pruners.py FLAVORS); "default".
     """
 
     def __init__(self, method: str = "sink_wanda", sparsity: float | None = None, n_m: str | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pipeline.strategy import dist_ready
+from pipeline.run.strategy import dist_ready
 
 
 def world() -> tuple[int, int]:

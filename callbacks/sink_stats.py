@@ -1,6 +1,6 @@
 """SinkStatsCallback: attention mass per token at every calibration timestep, and the sink scores.
 
-For each noised batch (see pipeline/calibration.py) it runs one probed forward, sums the attention
+For each noised batch (see pipeline/model/calibration.py) it runs one probed forward, sums the attention
 probability each key receives over queries, heads and layers, and publishes
     nb.sink_scores = sigmoid(alpha · (mass − (mean + k·std)))      (per sample, over positions)
 for PruneCallback to down-weight sink tokens.  During the first epoch it also records per-(sample,
@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
-from rich.table import Table
 
-from pipeline.calibration import NoisedBatch, calibration_forward, forward_through_blocks, last_block
+from pipeline.model.calibration import NoisedBatch, calibration_forward, forward_through_blocks, last_block
 from callbacks.reduction import gather_records
-from pipeline.attention import AttentionMassProbe
-from pipeline.outputs import AtomicDir
-from pipeline.sinks import mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
+from pipeline.maths.attention import AttentionMassProbe
+from pipeline.run.outputs import AtomicDir
+from pipeline.evaluation.sink_tables import plot_heatmap, render_timestep_table, summarize_records
+from pipeline.maths.sinks import mass_statistics, sink_scores, token_kind
 
 
 class SinkStatsCallback(Callback):
@@ -33,7 +32,7 @@ class SinkStatsCallback(Callback):
         sink_alpha: float = 5.0,
         per_layer: bool = False,
         chunk_size: int = 128,
-        out_dir: str | None = None,
+        output_dir: str | None = None,
         heatmap: bool = True,
         record: bool = True,
         overwrite: bool = False,
@@ -49,7 +48,7 @@ class SinkStatsCallback(Callback):
         self.overwrite = overwrite
         self.sink_std, self.sink_alpha = float(sink_std), float(sink_alpha)
         self.per_layer, self.chunk_size = per_layer, chunk_size
-        self.out_dir, self.heatmap, self.record = out_dir, heatmap, record
+        self.output_dir, self.heatmap, self.record = output_dir, heatmap, record
         self.records: dict[tuple[int, int], dict] = {}
         self.summary: dict | None = None
         self._stop_after: torch.nn.Module | None = None
@@ -113,7 +112,7 @@ class SinkStatsCallback(Callback):
         records = gather_records(self.records)
         if not records:
             return
-        self.summary = summarize(records)
+        self.summary = summarize_records(records)
         if trainer.is_global_zero:
             with AtomicDir(self.output_path(trainer), overwrite=self.overwrite) as tmp:
                 (tmp / "sinks.json").write_text(json.dumps(self.summary, indent=1))
@@ -121,10 +120,10 @@ class SinkStatsCallback(Callback):
                     heat = torch.tensor([[math.nan if v is None else v for v in row] for row in self.summary["mean_mass_by_timestep"]])
                     labels = [f"t={row['t']:.2f}" for row in self.summary["timesteps"]]
                     plot_heatmap(heat, tmp / "sink_heatmap.png", title="attention mass (mean over samples)", ylabels=labels)
-            Console().print(render_table(self.summary))
+            Console().print(render_timestep_table(self.summary))
 
     def output_path(self, trainer) -> Path:
-        return Path(self.out_dir or Path(trainer.default_root_dir) / "sinks").expanduser()
+        return Path(self.output_dir or Path(trainer.default_root_dir) / "sinks").expanduser()
 
     def state_dict(self) -> dict:
         return {"records": self.records, "summary": self.summary}
@@ -171,76 +170,3 @@ def _locate_nonfinite_attention(pl_module, nb: NoisedBatch, valid, chunk_size: i
         if not torch.isfinite(layer_mass).all():
             return f", first in attention call {i} of {probe.calls} ({probe.modules[i] or 'the model itself'})"
     return ""
-
-
-def summarize(records: dict) -> dict:
-    """Per-timestep table and the sink-position variance across timesteps (the paper's metric)."""
-    steps = sorted({step for _, step in records})
-    samples = sorted({sid for sid, _ in records})
-    seqlen = max(len(r["mass"]) for r in records.values())  # batches may differ in length (dynamic padding)
-    rows, heat = [], []
-    for step in steps:
-        recs = [records[(sid, step)] for sid in samples if (sid, step) in records]
-        positions = Counter(r["dominant_position"] for r in recs)
-        kinds = Counter(r["dominant_kind"] for r in recs)
-        heat.append(_mean_share(recs, seqlen))
-        rows.append({
-            "step": step,
-            "t": recs[0]["t"],
-            "samples": len(recs),
-            "modal_dominant_position": positions.most_common(1)[0][0],
-            "modal_position_fraction": positions.most_common(1)[0][1] / len(recs),
-            "top1_share": sum(r["top1_share"] for r in recs) / len(recs),
-            "normalized_entropy": sum(r["entropy"] for r in recs) / len(recs),
-            "mean_sinks_per_sample": sum(r["n_sinks"] for r in recs) / len(recs),
-            "dominant_kinds": dict(kinds.most_common()),
-        })
-    dominant = {sid: [records[(sid, s)]["dominant_position"] for s in steps if (sid, s) in records] for sid in samples}
-    real_lengths = {_real_length(r) for r in records.values()}
-    return {
-        "sink_position_variance": sink_position_variance(list(dominant.values())),
-        # 1/n for n real tokens; with padding or mixed lengths, the mean of 1/n over the records
-        "uniform_share": (1.0 / real_lengths.pop() if len(real_lengths) == 1
-                          else sum(1.0 / _real_length(r) for r in records.values()) / len(records)),
-        "seqlen": seqlen,
-        "samples": len(samples),
-        "timesteps": rows,
-        "mean_mass_by_timestep": heat,
-    }
-
-
-def _real_length(rec: dict) -> int:
-    valid = rec.get("valid")
-    return len(rec["mass"]) if valid is None else int(valid.sum())
-
-
-def _mean_share(recs: list[dict], seqlen: int) -> list:
-    """Per position, the mean over records of its share of the record's mass, over the records where it
-    is a real token: padding and positions past a shorter record's end are left out, not counted as 0.
-    A position no record reaches is None (a blank heatmap cell)."""
-    total = torch.zeros(seqlen, dtype=torch.float64)
-    count = torch.zeros(seqlen, dtype=torch.float64)
-    for r in recs:
-        mass = r["mass"].double()
-        valid = r.get("valid")
-        valid = torch.ones(len(mass), dtype=torch.bool) if valid is None else valid
-        share = torch.where(valid, mass, torch.zeros_like(mass))
-        share = share / share.sum()
-        total[: len(mass)] += torch.where(valid, share, torch.zeros_like(share))
-        count[: len(mass)] += valid.double()
-    return [float(t / c) if c else None for t, c in zip(total, count)]
-
-
-def render_table(summary: dict) -> Table:
-    table = Table(title=f"attention sinks per timestep (sink-position variance across timesteps: {summary['sink_position_variance']:.2f})")
-    for col in ("t", "top-1 share", "vs uniform", "norm. entropy", "modal sink pos.", "same pos.", "sinks/sample", "sink tokens"):
-        table.add_column(col, justify="right")
-    for r in summary["timesteps"]:
-        kinds = ", ".join(f"{k} {v}" for k, v in list(r["dominant_kinds"].items())[:3])
-        table.add_row(
-            f"{r['t']:.2f}", f"{r['top1_share']:.3f}", f"{r['top1_share'] / summary['uniform_share']:.1f}x",
-            f"{r['normalized_entropy']:.3f}", str(r["modal_dominant_position"]), f"{r['modal_position_fraction']:.0%}",
-            f"{r['mean_sinks_per_sample']:.2f}", kinds,
-        )
-    return table
-

@@ -13,6 +13,6 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def minilm():
-    from pipeline.loading import load_dlm
+    from pipeline.model.loading import load_dlm
 
     return load_dlm("minilm-dlm")

@@ -27,16 +27,16 @@ def tiny_config(root: Path, *, method: str | None = "sink_wanda", sparsity=0.5, 
     callbacks = []
     if method is not None and method.startswith("sink_"):
         callbacks.append({"class_path": "callbacks.sink_stats.SinkStatsCallback",
-                          "init_args": {"out_dir": str(root / "sinks"), **(sink_args or {})}})
+                          "init_args": {"output_dir": str(root / "sinks"), **(sink_args or {})}})
     if method is not None:
         prune = {"method": method, **prune_args}
         prune.update({"n_m": n_m} if n_m else {"sparsity": sparsity})
         callbacks.append({"class_path": "callbacks.prune.PruneCallback", "init_args": prune})
     callbacks.append({"class_path": "callbacks.evaluate.EvaluateExportCallback", "init_args": evaluate})
     return {
-        "model": {"class_path": "pipeline.module.DLMModule",
+        "model": {"class_path": "pipeline.model.module.DLMModule",
                   "init_args": {"pretrained": pretrained, "timesteps": timesteps, "heldout_timesteps": 2, **model_args}},
-        "data": {"class_path": "pipeline.data.CalibrationData",
+        "data": {"class_path": "pipeline.model.data.CalibrationData",
                  "init_args": {"nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size, "heldout_samples": 4, **(data_args or {})}},
         "trainer": {"default_root_dir": str(root), "accelerator": "cpu", "devices": 1, "callbacks": callbacks, **(trainer_args or {})},
     }

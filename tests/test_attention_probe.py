@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.attention import (
+from pipeline.maths.attention import (
     AttentionMassProbe,
     NoAttentionSeenError,
     attention_mass,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.loading import resolve_path
+from pipeline.model.loading import resolve_path
 from tests.runs import run_inprocess, tiny_config
 
 

@@ -7,9 +7,9 @@ import torch
 
 from callbacks.evaluate import EvaluateExportCallback
 from cli import SinkPruneCLI, TRAINER_DEFAULTS
-from pipeline.data import CalibrationData
-from pipeline.loading import load_dlm
-from pipeline.module import DLMModule
+from pipeline.model.data import CalibrationData
+from pipeline.model.loading import load_dlm
+from pipeline.model.module import DLMModule
 
 CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -32,7 +32,7 @@ def test_config_validates(config, capsys):
         make_cli(["fit", "--config", str(config), "--print_config"])
     assert exc.value.code == 0
     printed = capsys.readouterr().out
-    assert "class_path: pipeline.module.DLMModule" in printed
+    assert "class_path: pipeline.model.module.DLMModule" in printed
 
 
 def test_unknown_config_key_is_rejected(tmp_path, capsys):

@@ -18,8 +18,8 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 
-from pipeline.calibration import StopForward
-from pipeline.attention import AttentionMassProbe
+from pipeline.model.calibration import StopForward
+from pipeline.maths.attention import AttentionMassProbe
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="needs torch >= 2.6 (set_stance)")
 
@@ -211,7 +211,7 @@ def scaled_dot_product_attention(q, k, v, mask=None, attn_mask=None, dropout_p=0
 
 @pytest.fixture(scope="module")
 def compiled_tiny_llada(tmp_path_factory):
-    from pipeline.loading import load_dlm, resolve_path
+    from pipeline.model.loading import load_dlm, resolve_path
 
     src = resolve_path("tiny-llada")
     dst = tmp_path_factory.mktemp("compiled") / "tiny_llada_compiled"
@@ -227,9 +227,9 @@ def compiled_tiny_llada(tmp_path_factory):
 
 
 def test_tiny_llada_with_compiled_attention(compiled_tiny_llada):
-    from pipeline.calibration import last_block
+    from pipeline.model.calibration import last_block
     from callbacks.sink_stats import SinkStatsCallback  # noqa: F401  (the callbacks' import path stays valid)
-    from pipeline.calibration import forward_through_blocks
+    from pipeline.model.calibration import forward_through_blocks
     from types import SimpleNamespace
 
     compiled, eager = compiled_tiny_llada

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from pipeline.data import CalibrationData
-from pipeline.diffusion import forward_process, mask_probability, noise_seed, per_sample_uniform, timestep_grid
-from pipeline.loading import resolve_mask_token_id, resolve_path
-from pipeline.metrics import MaskedDiffusionPerplexity, elbo_nll
+from pipeline.model.data import CalibrationData
+from pipeline.maths.diffusion import forward_process, mask_probability, noise_seed, per_sample_uniform, timestep_grid
+from pipeline.model.loading import resolve_mask_token_id, resolve_path
+from pipeline.maths.metrics import MaskedDiffusionPerplexity, elbo_nll
 
 
 class _Cfg:
@@ -118,7 +118,7 @@ def test_elbo_identical_for_identical_seeds_and_trained_beats_random(minilm):
 
 def test_model_too_big_for_the_gpu_is_a_clear_error(monkeypatch, minilm):
     """Before Lightning moves the weights: the numbers and the fix, not a CUDA OOM traceback."""
-    from pipeline.module import check_fits
+    from pipeline.model.module import check_fits
 
     model, _ = minilm
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**20, 80 * 2**30))  # 10 MiB free

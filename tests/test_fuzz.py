@@ -2,7 +2,7 @@
 length-1 rows, batch sizes 1..3 and batches of different lengths, through
   (a) AttentionMassProbe around a real forward of the embedded model, and
   (b) SinkStatsCallback + PruneCallback (sink-aware Wanda and SparseGPT) on a plain LightningModule that only
-      follows pipeline/calibration.py.
+      follows pipeline/model/calibration.py.
 Every case is drawn from a seeded torch.Generator, so a failure replays exactly from its seed."""
 import copy
 import json
@@ -19,7 +19,7 @@ from callbacks.evaluate import EvaluateExportCallback
 from callbacks.prune import PruneCallback
 from callbacks.sink_stats import SinkStatsCallback
 from tests.test_protocol import PlainModule
-from pipeline.attention import AttentionMassProbe
+from pipeline.maths.attention import AttentionMassProbe
 
 SEEDS = [0, 1, 2, 3]
 TIMESTEPS = [0.3, 1.0]
@@ -163,7 +163,7 @@ def test_callbacks_on_random_inputs(seed, method, minilm, tmp_path):
     empty = {int(i) for b in batches if "attention_mask" in b for i, row in zip(b["index"], b["attention_mask"]) if not row.any()}
 
     module = PlainModule(copy.deepcopy(model), tok.mask_token_id, TIMESTEPS, seed=5)  # pruned in place; the fixture stays dense
-    sinks = SinkStatsCallback(out_dir=str(tmp_path / "sinks"), heatmap=(seed == 0))
+    sinks = SinkStatsCallback(output_dir=str(tmp_path / "sinks"), heatmap=(seed == 0))
     prune = PruneCallback(method=method, sparsity=0.5)
     export = EvaluateExportCallback(output_dir=str(tmp_path / "pruned"), save_model=False, score=False, score_dense=False)
     spy = Spy(prune, layers, heads)

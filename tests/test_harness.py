@@ -16,9 +16,9 @@ import torch
 
 torch.set_num_threads(1)
 
-from pipeline.harness import DiffusionLM, request_seed, rolling_chunks, special_prefix_ids  # noqa: E402
-from pipeline.likelihood import exact_loglikelihood, mc_loglikelihood, stratified_mask_counts  # noqa: E402
-from pipeline.sampler import diffusion_generate, guided_logits  # noqa: E402
+from pipeline.evaluation.harness import DiffusionLM, request_seed, rolling_chunks, special_prefix_ids  # noqa: E402
+from pipeline.evaluation.likelihood import exact_loglikelihood, mc_loglikelihood, stratified_mask_counts  # noqa: E402
+from pipeline.evaluation.sampler import diffusion_generate, guided_logits  # noqa: E402
 
 TASK_DIR = "configs/tasks"
 TINY_VOCAB, TINY_MASK = 40, 39
@@ -50,7 +50,7 @@ def minilm_tokenizer():
 
 @pytest.fixture(scope="module")
 def minilm():
-    from pipeline.loading import load_dlm
+    from pipeline.model.loading import load_dlm
 
     return load_dlm("minilm-dlm")
 
@@ -101,7 +101,7 @@ def test_mc_variance_across_seeds_falls_with_mc_num(tiny):
 
 
 def test_minilm_ranks_real_continuation_above_garbage(minilm):
-    from pipeline.corpus import wiki_split
+    from pipeline.model.corpus import wiki_split
 
     model, tokenizer = minilm
     lm = DiffusionLM(model=model, tokenizer=tokenizer, mc_num=8, batch_size=8, show_progress=False)
@@ -257,7 +257,7 @@ def test_offline_task_yamls_load_and_build_docs():
 # ----------------------------------------------------------------------------------- evaluate_tasks
 ROLLING_TASK = """task: wiki_rolling_test
 dataset_path: json
-custom_dataset: !function pipeline.offline_tasks.wiki_cloze_offline
+custom_dataset: !function pipeline.evaluation.offline_tasks.wiki_cloze_offline
 test_split: test
 output_type: loglikelihood_rolling
 doc_to_text: ""
@@ -270,7 +270,7 @@ metric_list:
 
 GENERATION_TASK = """task: wiki_generate_test
 dataset_path: json
-custom_dataset: !function pipeline.offline_tasks.wiki_cloze_offline
+custom_dataset: !function pipeline.evaluation.offline_tasks.wiki_cloze_offline
 test_split: test
 output_type: generate_until
 doc_to_text: "{{passage}}"
@@ -283,8 +283,8 @@ metric_list:
 
 
 def test_evaluate_tasks_numbers_come_from_the_model(minilm_tokenizer, tmp_path):
-    from pipeline.outputs import AtomicDir
-    from pipeline.scoring import evaluate_tasks, render_comparison
+    from pipeline.run.outputs import AtomicDir
+    from pipeline.evaluation.scoring import evaluate_tasks, render_comparison
 
     (tmp_path / "wiki_rolling_test.yaml").write_text(ROLLING_TASK)
     (tmp_path / "wiki_generate_test.yaml").write_text(GENERATION_TASK)
@@ -384,7 +384,7 @@ def test_ddp_hooks_shard_requests_and_match_single_process(minilm_tokenizer, tmp
 
 
 def test_shell_entry_point_scores_a_saved_checkpoint(tmp_path):
-    """`python -m pipeline.harness` (= `sinkprune-eval`) is lm-eval's own CLI with `dlm` registered: run it
+    """`python -m pipeline.evaluation.harness` (= `sinkprune-eval`) is lm-eval's own CLI with `dlm` registered: run it
     as a user would on a saved remote-code checkpoint folder and read lm-eval's result file."""
     import json
     import os
@@ -394,7 +394,7 @@ def test_shell_entry_point_scores_a_saved_checkpoint(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.harness", "--model", "dlm",
+        [sys.executable, "-m", "pipeline.evaluation.harness", "--model", "dlm",
          "--model_args", f"pretrained={repo / 'pipeline' / 'zoo' / 'tiny_llada'},mc_num=2",
          "--tasks", "wiki_cloze_offline", "--include_path", str(repo / "configs" / "tasks"), "--limit", "4",
          "--batch_size", "4", "--output_path", str(tmp_path / "out")],

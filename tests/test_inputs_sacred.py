@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import pipeline.module
-from pipeline.loading import resolve_path
+import pipeline.model.module
+from pipeline.model.loading import resolve_path
 from tests.runs import run_inprocess, tiny_config
 
 BEFORE, AFTER = "before_load", "after_load"  # where the refusal must come at the latest
@@ -176,15 +176,15 @@ def _case_sinks_out_is_file(c: Ctx):
     f = _write(c.tmp / "afile", "x")
     c.inputs.append(f)
     config = c.config()
-    _sink_cb(config)["out_dir"] = str(f)
+    _sink_cb(config)["output_dir"] = str(f)
     return config, ()
 
 
 def _case_full_disk(c: Ctx, monkeypatch):
-    import pipeline.outputs
+    import pipeline.run.outputs
 
     real = shutil.disk_usage
-    monkeypatch.setattr(pipeline.outputs.shutil, "disk_usage", lambda p: real(p)._replace(free=1_000_000))
+    monkeypatch.setattr(pipeline.run.outputs.shutil, "disk_usage", lambda p: real(p)._replace(free=1_000_000))
     return c.config(), ()
 
 
@@ -221,7 +221,7 @@ CASES = {
     "output_dir_is_model_folder_overwrite": (lambda c: (c.with_prune(output_dir=str(c.model), overwrite=True), ()), "evaluate.output_dir", BEFORE),
     "output_dir_inside_model_folder": (lambda c: (c.with_prune(output_dir=str(c.model / "pruned")), ()), "lies inside the input model.pretrained", BEFORE),
     "output_dir_contains_model_folder": (lambda c: (c.with_prune(output_dir=str(c.tmp / "inputs"), overwrite=True), ()), "contains the input", BEFORE),
-    "sinks_out_dir_inside_model": (lambda c: (_sink_cb_set(c.config(), out_dir=str(c.model / "sinks")), ()), "SinkStatsCallback.out_dir", BEFORE),
+    "sinks_out_dir_inside_model": (lambda c: (_sink_cb_set(c.config(), output_dir=str(c.model / "sinks")), ()), "SinkStatsCallback.output_dir", BEFORE),
     "output_dir_is_dataset_file": (lambda c: (c.with_prune(output_dir=str(c.data), overwrite=True), ()), "data.dataset", BEFORE),
     "output_dir_is_masks_from": (lambda c: (c.with_prune(masks_from=str(c.masks), output_dir=str(c.masks), overwrite=True), ()), "prune.masks_from", BEFORE),
     "checkpoint_dir_in_model": (lambda c: (_with_checkpoint(c, c.config(), c.model / "ckpt"), ()), "CalibrationCheckpoint.dirpath", BEFORE),
@@ -231,7 +231,7 @@ CASES = {
     "output_dir_read_only": (_prune(output_dir="/sys/sinkprune-test/pruned"), "cannot write in /sys", BEFORE),
     "output_parent_is_file": (_case_output_parent_is_file, "is a file, not a folder", BEFORE),
     "output_dir_is_file": (_case_output_is_file, "evaluate.output_dir", BEFORE),
-    "sinks_out_dir_is_file": (_case_sinks_out_is_file, "SinkStatsCallback.out_dir", BEFORE),
+    "sinks_out_dir_is_file": (_case_sinks_out_is_file, "SinkStatsCallback.output_dir", BEFORE),
     "disk_full": (_case_full_disk, "MiB free", BEFORE),
     # --- field values ------------------------------------------------------------------------------
     "reduction_slots_zero": (_prune(reduction_slots=0), "reduction_slots=0", BEFORE),
@@ -306,13 +306,13 @@ def _ckpt_every(c: Ctx, n: int) -> dict:
 @pytest.fixture
 def load_spy(monkeypatch):
     calls = []
-    real = pipeline.module.load_dlm
+    real = pipeline.model.module.load_dlm
 
     def spy(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.module, "load_dlm", spy)
+    monkeypatch.setattr(pipeline.model.module, "load_dlm", spy)
     return calls
 
 

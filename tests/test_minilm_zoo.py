@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.loading import load_dlm
+from pipeline.model.loading import load_dlm
 from pipeline.zoo import minilm_dlm
 from pipeline.zoo.minilm_report import unigram_entropy
 from pipeline.zoo.train_minilm import heldout_elbo, token_stream

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.calibration import NoisedBatch, find_blocks
+from pipeline.model.calibration import NoisedBatch, find_blocks
 from callbacks.layers import accumulate
 from callbacks.prune import PruneCallback
-from pipeline.loading import load_dlm, resolve_path
+from pipeline.model.loading import load_dlm, resolve_path
 from tests.runs import run_inprocess, tiny_config
 
 torch.set_num_threads(1)
@@ -85,9 +85,9 @@ def _run(tmp_path, pretrained="tiny-llada-moe", **kw):
 def _heldout(saved):
     from lightning import Trainer
 
-    from pipeline.data import CalibrationData
+    from pipeline.model.data import CalibrationData
     from callbacks.evaluate import EvaluateExportCallback
-    from pipeline.module import DLMModule
+    from pipeline.model.module import DLMModule
 
     module = DLMModule(pretrained=str(saved), heldout_timesteps=2)
 

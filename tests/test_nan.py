@@ -56,7 +56,7 @@ def test_probe_keeps_nan_but_zeroes_fully_masked_rows():
     import torch
     import torch.nn.functional as F
 
-    from pipeline.attention import AttentionMassProbe
+    from pipeline.maths.attention import AttentionMassProbe
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))

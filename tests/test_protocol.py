@@ -1,4 +1,4 @@
-"""The callbacks plug into a plain LightningModule that follows pipeline/calibration.py (not DLMModule)."""
+"""The callbacks plug into a plain LightningModule that follows pipeline/model/calibration.py (not DLMModule)."""
 import copy
 import json
 
@@ -6,11 +6,11 @@ import lightning as L
 import torch
 from safetensors.torch import load_file
 
-from pipeline.calibration import dispatch_noised_batch, noised_batches
+from pipeline.model.calibration import dispatch_noised_batch, noised_batches
 from callbacks.evaluate import EvaluateExportCallback
 from callbacks.prune import PruneCallback
 from callbacks.sink_stats import SinkStatsCallback
-from pipeline.data import CalibrationData
+from pipeline.model.data import CalibrationData
 
 
 class PlainModule(L.LightningModule):
@@ -37,7 +37,7 @@ def test_callbacks_on_a_plain_module(tmp_path, minilm):
     model = copy.deepcopy(model)  # pruned in place below; the session fixture stays dense
     module = PlainModule(model, tok.mask_token_id, [0.25, 0.5, 1.0])
     dm = CalibrationData(tokenizer="minilm-dlm", nsamples=5, seqlen=48, batch_size=2, heldout_samples=2)
-    sinks = SinkStatsCallback(out_dir=str(tmp_path / "sinks"))
+    sinks = SinkStatsCallback(output_dir=str(tmp_path / "sinks"))
     prune = PruneCallback(method="sink_wanda", sparsity=0.5)
     export = EvaluateExportCallback(output_dir=str(tmp_path / "pruned"), save_model=False, score=False, score_dense=False)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,

@@ -64,7 +64,7 @@ def test_sparsity_exact_embeddings_untouched_and_reload(tmp_path, minilm):
                  "cls.predictions.transform.dense.weight"):
         assert torch.equal(pruned[name], dense[name]), name
     # the saved folder reloads through the same loader and scores the same held-out perplexity
-    from pipeline.loading import load_dlm
+    from pipeline.model.loading import load_dlm
 
     reloaded, _ = load_dlm(str(root / "pruned" / "model"))
     for name, mask in masks.items():
@@ -80,8 +80,8 @@ def test_reload_scores_the_same(tmp_path, pretrained, method, mode):
     root, _, results = _run(tmp_path, "run", method=method, pretrained=pretrained, prune_args={"mode": mode})
     from lightning import Trainer
 
-    from pipeline.data import CalibrationData
-    from pipeline.module import DLMModule
+    from pipeline.model.data import CalibrationData
+    from pipeline.model.module import DLMModule
 
     saved = root / "pruned" / "model"
     if pretrained == "tiny-llada":

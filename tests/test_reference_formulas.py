@@ -87,9 +87,9 @@ def test_layerwise_magnitude_threshold():
 
 def test_formulas_that_the_project_shares_agree_with_it():
     """Sink scores, attention mass and the weighted Hessian are the same in both flavours (docs/reference.md)."""
-    from pipeline import sparsity as sp
-    from pipeline.attention import attention_mass
-    from pipeline.sinks import sink_scores
+    from pipeline.maths import sparsity as sp
+    from pipeline.maths.attention import attention_mass
+    from pipeline.maths.sinks import sink_scores
 
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)

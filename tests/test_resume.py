@@ -4,7 +4,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-import pipeline.outputs
+import pipeline.run.outputs
 from tests.runs import run_inprocess, tiny_config
 
 
@@ -54,13 +54,13 @@ def test_interrupt_then_resume_gives_identical_masks(tmp_path, method):
 
 
 def test_crash_while_saving_leaves_nothing(tmp_path, monkeypatch):
-    real_save = pipeline.outputs.save_model
+    real_save = pipeline.run.outputs.save_model
 
     def save_then_crash(*args, **kwargs):
         real_save(*args, **kwargs)  # the model files are on disk, in the temp dir
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.outputs, "save_model", save_then_crash)
+    monkeypatch.setattr(pipeline.run.outputs, "save_model", save_then_crash)
     root = tmp_path / "run"
     code, _ = run_inprocess(tiny_config(root, nsamples=2, timesteps=1), tmp_path)
     assert code != 0

@@ -1,10 +1,10 @@
-"""pipeline.semi_structured: the 2:4 validator (any device) and the export's device/dtype guard."""
+"""pipeline.maths.semi_structured: the 2:4 validator (any device) and the export's device/dtype guard."""
 import pytest
 import torch
 from torch import nn
 
-from pipeline import sparsity as sp
-from pipeline.semi_structured import check_2_4, export_semi_structured
+from pipeline.maths import sparsity as sp
+from pipeline.maths.semi_structured import check_2_4, export_semi_structured
 
 torch.set_num_threads(1)
 
@@ -63,7 +63,7 @@ def test_export_on_gpu_matches_dense():
 
 def test_export_report_logic_with_kernels_stubbed(monkeypatch):
     # No GPU here: stub the device check and the conversion to exercise which layers are converted/skipped.
-    import pipeline.semi_structured as ss
+    import pipeline.maths.semi_structured as ss
 
     monkeypatch.setattr(ss, "_check_device_and_dtype", lambda name, weight: None)
     monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda w: w.clone())

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from pipeline.sinks import (
+from pipeline.evaluation.sink_tables import plot_heatmap
+from pipeline.maths.sinks import (
     causal_baseline_share,
     mass_statistics,
-    plot_heatmap,
     sink_position_variance,
     sink_scores,
     token_kind,
@@ -79,12 +79,12 @@ def test_token_kinds(minilm):
     assert token_kind(7, None, 7) == "mask" and token_kind(8, None, 7) == "token"
 
 
-def test_heatmap_png_written_atomically(tmp_path):
+def test_heatmap_png_written(tmp_path):  # atomic as part of its caller's AtomicDir
     matrix = torch.rand(5, 12)
     matrix[4, 10:] = float("nan")  # AR rows shorter than the last one
     path = plot_heatmap(matrix, tmp_path / "sub" / "heat.png", title="test", ylabels=[f"t={i}" for i in range(5)])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in path.parent.iterdir()] == ["heat.png"]  # no temp file left behind
+    assert [p.name for p in path.parent.iterdir()] == ["heat.png"]
 
 
 def test_ar_trajectory_measures_only_the_newest_query():
@@ -92,7 +92,7 @@ def test_ar_trajectory_measures_only_the_newest_query():
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.sink_report import ar_generation_trajectory
+    from pipeline.evaluation.sink_report import ar_generation_trajectory
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -109,13 +109,13 @@ def test_ar_trajectory_measures_only_the_newest_query():
 def test_command_writes_report_and_refuses_an_existing_folder(tmp_path, capsys):
     import json
 
-    from pipeline.sink_report import main
+    from pipeline.evaluation.sink_report import main
 
     out = tmp_path / "sinks"
     args = ["--samples", "2", "--seqlen", "16", "--steps", "3", "--ar", "none", "--out", str(out)]
     report = main(args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sinks"]  # no temp folder left behind
-    assert sorted(p.name for p in out.iterdir()) == ["dlm_heatmap.png", "sinks.json", "table.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".sinkprune-output", "dlm_heatmap.png", "sinks.json", "table.md"]
     assert "| dominant sink position variance |" in (out / "table.md").read_text()
     saved = json.loads((out / "sinks.json").read_text())
     assert saved["ar"] is None and "disabled" in saved["ar_skipped"]

@@ -1,8 +1,8 @@
-"""pipeline.sparsity: scores, statistics, masks and the SparseGPT solve on small random matrices."""
+"""pipeline.maths.sparsity: scores, statistics, masks and the SparseGPT solve on small random matrices."""
 import pytest
 import torch
 
-from pipeline import sparsity as sp
+from pipeline.maths import sparsity as sp
 
 torch.set_num_threads(1)
 

@@ -45,7 +45,7 @@ def test_config_is_llada_remote_code(twin):
 
 
 def test_loads_through_load_dlm():
-    from pipeline.loading import load_dlm
+    from pipeline.model.loading import load_dlm
 
     for name in FOLDERS:
         model, tokenizer = load_dlm(name)

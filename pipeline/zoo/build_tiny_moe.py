@@ -74,7 +74,7 @@ runs, `expert.routed_tokens` holds the flat [B·L] indices of the tokens routed 
 PruneCallback to weight each routed row by its own token's sink weight).
 
 ```python
-from pipeline.loading import load_dlm
+from pipeline.model.loading import load_dlm
 model, tokenizer = load_dlm("tiny-llada-moe")     # AutoModel, trust_remote_code=True
 ```
 """

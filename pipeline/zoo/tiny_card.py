@@ -48,7 +48,7 @@ def _usage(which: str) -> str:
 from transformers import AutoModel, AutoTokenizer
 model = AutoModel.from_pretrained("pipeline/zoo/tiny_{which}", trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("pipeline/zoo/tiny_{which}")
-# or: from pipeline.loading import load_dlm; model, tokenizer = load_dlm("tiny-{which}")
+# or: from pipeline.model.loading import load_dlm; model, tokenizer = load_dlm("tiny-{which}")
 ```
 """
 

@@ -7,7 +7,7 @@ Figures, all in nats/token over the L-1 non-BOS tokens of fixed held-out windows
   * tiny-llada: masked-diffusion negative ELBO (stratified t, fixed seed), also for a random init of the config;
   * tiny-ar: next-token NLL and perplexity.
 Sink concentration: explicit softmax(QK^T/sqrt(d) + mask) recomputed from the q, k every SDPA call receives
-(a debug hook installed here only; pipeline/attention.py is the real probe).  The top-1 key share is the
+(a debug hook installed here only; pipeline/maths/attention.py is the real probe).  The top-1 key share is the
 largest per-key attention mass, summed over layers, heads and queries, divided by the total mass; it is
 compared with uniform attention: 1/T for bidirectional attention, and H_T/T for key 0 under causal attention.
 """
@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from pipeline.diffusion import forward_process
+from pipeline.maths.diffusion import forward_process
 from pipeline.zoo import train_tiny
 from pipeline.zoo.tiny_card import model_card
 

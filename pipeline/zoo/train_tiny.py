@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline import data
-from pipeline.corpus import wiki_split
-from pipeline.diffusion import forward_process, masked_token_nll
+from pipeline.model import data
+from pipeline.model.corpus import wiki_split
+from pipeline.maths.diffusion import forward_process, masked_token_nll
 from pipeline.zoo.tiny_llada.configuration_llada import LLaDAConfig
 from pipeline.zoo.tiny_llada.modeling_llada import LLaDAModelLM, scaled_init_
 from pipeline.zoo.tiny_tokenizer import copy_tokenizer, ensure_tokenizer

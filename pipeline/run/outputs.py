@@ -14,7 +14,7 @@ import sys
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 MARKER = ".sinkprune-output"

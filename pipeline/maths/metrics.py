@@ -13,7 +13,7 @@ import math
 import torch
 from torchmetrics import Metric
 
-from pipeline.diffusion import DEFAULT_EPS, forward_process, masked_token_nll, noise_seed, per_sample_uniform
+from pipeline.maths.diffusion import DEFAULT_EPS, forward_process, masked_token_nll, noise_seed, per_sample_uniform
 
 
 class MaskedDiffusionPerplexity(Metric):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.diffusion import MAX_LENGTH_KEYS
-from pipeline.outputs import check_not_input, check_writable, prepare_output_dir
+from pipeline.maths.diffusion import MAX_LENGTH_KEYS
+from pipeline.run.outputs import check_not_input, check_writable, prepare_output_dir
 
 # --- small readers --------------------------------------------------------------------------------
 def safetensors_header(path: Path) -> dict:
@@ -60,7 +60,7 @@ def weight_table(folder: Path) -> dict[str, dict]:
 
 def local_model_folder(pretrained: str) -> Path | None:
     """The folder a model loads from, when it is on this machine (local path, embedded, or the hub cache)."""
-    from pipeline.loading import resolve_path
+    from pipeline.model.loading import resolve_path
 
     path = Path(resolve_path(pretrained))
     if path.is_dir():
@@ -121,7 +121,7 @@ def run_outputs(trainer) -> list[tuple[str, Path, bool]]:
         if isinstance(cb, EvaluateExportCallback) and pruning:
             outs.append(("evaluate.output_dir", cb.output_path(trainer), cb.overwrite))
         elif isinstance(cb, SinkStatsCallback) and cb.record:
-            outs.append(("SinkStatsCallback.out_dir", cb.output_path(trainer), cb.overwrite))
+            outs.append(("SinkStatsCallback.output_dir", cb.output_path(trainer), cb.overwrite))
     return outs
 
 
@@ -194,7 +194,7 @@ def check_masks_from(prune, table: dict | None) -> None:
 def check_tasks(evaluate) -> None:
     if evaluate is None or not evaluate.tasks:
         return
-    from pipeline.scoring import DEFAULT_TASK_DIR, normalize_spec, task_manager_for
+    from pipeline.evaluation.scoring import DEFAULT_TASK_DIR, normalize_spec, task_manager_for
 
     specs = [normalize_spec(t) for t in evaluate.tasks]
     include = evaluate.eval_kwargs.get("include_path", DEFAULT_TASK_DIR)

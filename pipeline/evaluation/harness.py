@@ -3,18 +3,18 @@
 In Python, wrap a model already in memory (no reload):
 
     lm = DiffusionLM(model=model, tokenizer=tokenizer, mask_token_id=103, mc_num=64, batch_size=32)
-    lm_eval.simple_evaluate(model=lm, tasks=[...])           # or pipeline.scoring.evaluate_tasks
+    lm_eval.simple_evaluate(model=lm, tasks=[...])           # or pipeline.evaluation.scoring.evaluate_tasks
 
 From the shell, run lm-eval's own CLI through this module (it registers `dlm` first; lm-eval 0.4.13 has
 no plugin entry points, so a bare `lm_eval --model dlm` cannot see a model type defined outside its
 package).  From the repository root, with the offline task YAMLs of configs/tasks:
 
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-    python -m pipeline.harness --model dlm --model_args pretrained=minilm-dlm,mc_num=8 \\
+    python -m pipeline.evaluation.harness --model dlm --model_args pretrained=minilm-dlm,mc_num=8 \\
         --tasks wiki_cloze_offline --include_path configs/tasks --limit 20 --batch_size 8
 
-Every argument is lm-eval's (`python -m pipeline.harness run --help`).  `pretrained` is anything
-`pipeline.loading.load_dlm` takes (embedded name, local folder, hub id); the other model_args are this
+Every argument is lm-eval's (`python -m pipeline.evaluation.harness run --help`).  `pretrained` is anything
+`pipeline.model.loading.load_dlm` takes (embedded name, local folder, hub id); the other model_args are this
 class's keyword arguments.  `--batch_size` is the number of Monte Carlo draws per forward pass ('auto':
 all mc_num draws of a request in one pass).
 
@@ -26,7 +26,7 @@ and without special tokens; trailing specials ([SEP], EOS) are not appended, sin
 the continuation.  `add_bos=True/False` overrides the probe.  The special prefix is never masked.
 
 Requests:
-  loglikelihood          LLaDA's Monte Carlo ELBO (pipeline.likelihood.mc_loglikelihood): mc_num draws,
+  loglikelihood          LLaDA's Monte Carlo ELBO (pipeline.evaluation.likelihood.mc_loglikelihood): mc_num draws,
                          stratified count of masked continuation tokens, CE / mask rate.  The noise is
                          seeded by (seed, prompt tokens, continuation length): the same request always gets
                          the same estimate, on any rank or batch, and the choices of one multiple-choice
@@ -38,7 +38,7 @@ Requests:
                          max length lose context tokens from the left.
   loglikelihood_rolling  the same estimator over disjoint chunks of the text, each conditioned on as much
                          preceding text as fits.
-  generate_until         pipeline.sampler.diffusion_generate (block-wise semi-autoregressive): gen_length
+  generate_until         pipeline.evaluation.sampler.diffusion_generate (block-wise semi-autoregressive): gen_length
                          (a request's max_gen_toks wins; steps then scale with it), block_length, steps,
                          remasking, temperature (a request's temperature wins; do_sample=False is
                          greedy); output cut at the first EOS/[SEP]/pad token and at the first stop string.
@@ -48,10 +48,10 @@ documents across ranks; all_gather / gather_object / barrier use torch.distribut
 (WORLD_SIZE > 1 in the environment) the constructor initialises the process group itself (NCCL with
 CUDA, else gloo) and puts the model on cuda:LOCAL_RANK:
 
-    torchrun --nproc_per_node 8 -m pipeline.harness --model dlm --model_args pretrained=GSAI-ML/LLaDA-8B-Base,mc_num=128,cfg=0.5,dtype=bfloat16 \\
+    torchrun --nproc_per_node 8 -m pipeline.evaluation.harness --model dlm --model_args pretrained=GSAI-ML/LLaDA-8B-Base,mc_num=128,cfg=0.5,dtype=bfloat16 \\
         --tasks arc_challenge --batch_size 32 --device cuda
 
-The offline task YAMLs import `pipeline.offline_tasks`: run from the repository root, or `pip install -e .`.
+The offline task YAMLs import `pipeline.evaluation.offline_tasks`: run from the repository root, or `pip install -e .`.
 """
 from __future__ import annotations
 
@@ -64,10 +64,10 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from pipeline.diffusion import config_max_length, hashed_seed
-from pipeline.likelihood import greedy_match, mc_loglikelihood
-from pipeline.sampler import diffusion_generate
-from pipeline.strategy import dist_ready
+from pipeline.maths.diffusion import config_max_length, hashed_seed
+from pipeline.evaluation.likelihood import greedy_match, mc_loglikelihood
+from pipeline.evaluation.sampler import diffusion_generate
+from pipeline.run.strategy import dist_ready
 
 log = logging.getLogger(__name__)
 FALLBACK_MAX_LENGTH = 2048
@@ -176,7 +176,7 @@ class DiffusionLM(LM):
         show_progress: bool = True,
     ):
         super().__init__()
-        from pipeline.loading import load_dlm, resolve_mask_token_id
+        from pipeline.model.loading import load_dlm, resolve_mask_token_id
 
         init_distributed_from_env()
 

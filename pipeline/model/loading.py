@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-ZOO_DIR = Path(__file__).parent / "zoo"
+ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
 EMBEDDED = ("minilm-dlm", "minilm-dlm-rel", "minilm-ar", "tiny-llada", "tiny-ar", "tiny-llada-moe")
 # Fallback mask ids by model_type, for checkpoints whose tokenizer and config do not name one.
 KNOWN_MASK_IDS = {"llada": 126336, "dream": 151666}

@@ -15,7 +15,7 @@ activations x [tokens, in_features] (or [samples, tokens, in_features]).
 
 (accumulate_act_sq_sum / accumulate_hessian are the float64 one-call forms of the same statistics.)
 
-Conventions shared by every method (and checked by pipeline.report):
+Conventions shared by every method (and checked by pipeline.evaluation.report):
   * the comparison group is one output row: unstructured pruning removes exactly
     int(in_features * sparsity) weights from every row; N:M removes exactly N of every M consecutive
     input weights of a row ("2:4" = 2 zeros per group of 4, as Wanda and SparseGPT's prune_n/prune_m);

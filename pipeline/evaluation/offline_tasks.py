@@ -1,12 +1,12 @@
 """Offline lm-eval tasks whose data is generated at run time from installed packages (no hub, no committed text).
 
-    python -m pipeline.offline_tasks            # writes the data files into the cache, prints paths and counts
+    python -m pipeline.evaluation.offline_tasks            # writes the data files into the cache, prints paths and counts
 
 Tasks (YAMLs in configs/tasks/):
   mmlu_dev_offline    the 282 real MMLU dev questions (57 subjects) that lm-eval's wheel ships in
                       tasks/mmlu/flan_cot_fewshot/_cot_prompts.json, parsed back into multiple choice
                       (281 have 4 options; one college_chemistry question has 5, kept as given).
-  wiki_cloze_offline  next-word cloze on the held-out Wikipedia articles (pipeline.corpus): a prose passage
+  wiki_cloze_offline  next-word cloze on the held-out Wikipedia articles (pipeline.model.corpus): a prose passage
                       of 60-100 words (list/table passages skipped), the plain word of 4+ letters that
                       follows it, and 3 distractors drawn from the same article's words with their
                       frequencies and matching capitalisation (so a unigram prior scores chance, 25%:
@@ -14,7 +14,7 @@ Tasks (YAMLs in configs/tasks/):
                       that --limit N is a fair sample.
 
 How a YAML finds its data: the YAML says `dataset_path: json` and
-`custom_dataset: !function pipeline.offline_tasks.<task name>`; lm-eval 0.4.13 resolves the `!function`
+`custom_dataset: !function pipeline.evaluation.offline_tasks.<task name>`; lm-eval 0.4.13 resolves the `!function`
 (a module importable from where lm-eval runs: the repository root, or an installed checkout) only when
 the task is built, and calls it with the task metadata.  That function writes the JSON-lines file into
 the cache if it is missing (atomically, so concurrent ranks are safe) and loads it with
@@ -40,7 +40,7 @@ N_CHOICES = 4
 CLOZE_WORD = re.compile(r"^(?:[A-Z][a-z]{3,}|[a-z]{4,})$")
 PROSE_WORD = re.compile(r"^[a-z]+[,.;:]?$")
 MIN_PROSE_FRACTION = 0.5  # passages of lists and tables (mostly names, numbers) are skipped
-TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
+TASK_DIR = Path(__file__).resolve().parents[2] / "configs" / "tasks"
 
 
 def cache_dir() -> Path:
@@ -146,7 +146,7 @@ def article_cloze_items(words: list[str], rng: random.Random, article_index: int
 
 
 def wiki_cloze_records(seed: int = WIKI_CLOZE_SEED) -> list[dict]:
-    from pipeline.corpus import wiki_split
+    from pipeline.model.corpus import wiki_split
 
     rng = random.Random(seed)
     records = []
@@ -164,7 +164,7 @@ def _source_digest(name: str) -> str:
     if name == "mmlu_dev_offline":
         source = mmlu_prompts_path().read_bytes()
     else:
-        from pipeline.corpus import WIKI_DUMP, HELDOUT_EVERY
+        from pipeline.model.corpus import WIKI_DUMP, HELDOUT_EVERY
 
         source = f"{WIKI_DUMP}:{HELDOUT_EVERY}:{WIKI_CLOZE_SEED}:{WIKI_PASSAGE_WORDS}:{MIN_PROSE_FRACTION}".encode()
     return hashlib.sha256(source).hexdigest()[:12]

@@ -1,6 +1,6 @@
 """Export 2:4-pruned nn.Linear weights to PyTorch's semi-structured sparse format for sparse tensor cores.
 
-    from pipeline.semi_structured import export_semi_structured
+    from pipeline.maths.semi_structured import export_semi_structured
     model = model.cuda().to(torch.bfloat16)
     report = export_semi_structured(model)          # every exactly-2:4 Linear -> to_sparse_semi_structured
 

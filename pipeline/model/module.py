@@ -1,7 +1,7 @@
 """DLMModule: a LightningModule around a Hugging Face diffusion LM, for calibration without training.
 
 `fit` runs calibration epochs: no optimizer, no gradient.  Each training step noises the batch at every
-timestep of the schedule and hands each noised batch to the callbacks (see pipeline/calibration.py).
+timestep of the schedule and hands each noised batch to the callbacks (see pipeline/model/calibration.py).
 `score_heldout` gives held-out masked-diffusion perplexity; EvaluateExportCallback calls it (dense and pruned).
 """
 from __future__ import annotations
@@ -10,11 +10,11 @@ import lightning as L
 import torch
 from typing_extensions import override
 
-from pipeline.calibration import calibration_forward, dispatch_noised_batch, noised_batches
-from pipeline.diffusion import DEFAULT_EPS, config_max_length, timestep_grid
-from pipeline.loading import load_dlm, resolve_mask_token_id, resolve_path
-from pipeline.phase import set_current
-from pipeline.metrics import MaskedDiffusionPerplexity, elbo_nll
+from pipeline.model.calibration import calibration_forward, dispatch_noised_batch, noised_batches
+from pipeline.maths.diffusion import DEFAULT_EPS, config_max_length, timestep_grid
+from pipeline.model.loading import load_dlm, resolve_mask_token_id, resolve_path
+from pipeline.run.phase import set_current
+from pipeline.maths.metrics import MaskedDiffusionPerplexity, elbo_nll
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")

@@ -1,4 +1,4 @@
-"""`python -m pipeline.sinks`: do attention sinks move along a DLM's denoising but stay put in an AR model?
+"""`python -m pipeline.evaluation.sink_report`: do attention sinks move along a DLM's denoising but stay put in an AR model?
 
 DLM (default mode "denoise"): each held-out window keeps its first quarter as the prompt; the rest starts
 fully masked and is filled by low-confidence iterative denoising (greedy, one block, at each step the most
@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from pipeline.attention import AttentionMassProbe
-from pipeline.sinks import _current_umask, causal_baseline_share, mass_statistics, plot_heatmap, sink_position_variance, sink_scores, token_kind
+from pipeline.maths.attention import AttentionMassProbe
+from pipeline.evaluation.sink_tables import plot_heatmap
+from pipeline.maths.sinks import causal_baseline_share, mass_statistics, sink_position_variance, sink_scores, token_kind
+from pipeline.run.outputs import AtomicDir, prepare_output_dir
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
@@ -31,7 +30,7 @@ def heldout_windows(tokenizer, samples: int, length: int) -> torch.Tensor:
     """[samples, length] token ids (no special tokens): consecutive non-overlapping windows of the held-out
     articles, taken round-robin (1st window of every article, then 2nd, …) so that samples spread over
     articles (the held-out split has only a handful of long articles)."""
-    from pipeline.corpus import wiki_split
+    from pipeline.model.corpus import wiki_split
 
     per_article = []
     for text in wiki_split("heldout"):
@@ -104,7 +103,7 @@ def dlm_denoising_trajectory(model, tokenizer, mask_id: int, windows: torch.Tens
 def dlm_forward_process_trajectory(model, tokenizer, mask_id: int, windows: torch.Tensor, steps: int, keep_special: bool = False):
     """Mass at forward-process timesteps t = 1.0 … 0.1.  Every position is maskable, [CLS]/[SEP] too (the
     reference's forward process and LLaDA's training); keep_special never masks them."""
-    from pipeline.diffusion import forward_process
+    from pipeline.maths.diffusion import forward_process
 
     batch = windows.shape[0]
     prefix, suffix = _prefix_id(tokenizer), _suffix_id(tokenizer)
@@ -202,7 +201,7 @@ def checkpoint_identity(name: str) -> dict:
     """Where the weights came from, with a digest of local safetensors: zoo models are still being trained."""
     import hashlib
 
-    from pipeline.loading import resolve_path
+    from pipeline.model.loading import resolve_path
 
     path = Path(resolve_path(name))
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
@@ -211,7 +210,7 @@ def checkpoint_identity(name: str) -> dict:
 
 def zoo_model_missing(name: str) -> str | None:
     """Why an embedded zoo model cannot be loaded yet (its folder is built by another recipe), else None."""
-    from pipeline.loading import ZOO_DIR
+    from pipeline.model.loading import ZOO_DIR
 
     if name not in ("tiny-llada", "tiny-ar"):
         return None
@@ -222,7 +221,7 @@ def zoo_model_missing(name: str) -> str | None:
 
 
 def measure_dlm(name, args):
-    from pipeline.loading import load_dlm, resolve_mask_token_id
+    from pipeline.model.loading import load_dlm, resolve_mask_token_id
 
     model, tokenizer = load_dlm(name)
     mask_id = resolve_mask_token_id(tokenizer, model.config)
@@ -240,7 +239,7 @@ def measure_dlm(name, args):
 
 
 def measure_ar(name, args):
-    from pipeline.loading import load_dlm
+    from pipeline.model.loading import load_dlm
 
     model, tokenizer = load_dlm(name)
     windows = heldout_windows(tokenizer, args.samples, args.seqlen)
@@ -315,31 +314,16 @@ def variance_ratio(dlm: dict, ar: dict | None):
 
 
 def write_output(out: Path, overwrite: bool, report: dict, heatmaps: dict) -> None:
-    """Everything goes into a hidden temp folder beside `out`, renamed into place only when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp creates 0700; the result is an ordinary folder
+    """Everything goes into an AtomicDir (with its MARKER), renamed into place only when complete."""
+    with AtomicDir(out, overwrite=overwrite) as tmp:
         (tmp / "sinks.json").write_text(json.dumps(report, indent=1, allow_nan=True))
         (tmp / "table.md").write_text(markdown_table(report))
         for name, (matrix, labels, title) in heatmaps.items():
             plot_heatmap(torch.tensor(matrix), tmp / f"{name}.png", title=title, ylabels=labels)
-        if out.exists():
-            if not overwrite:
-                raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.sinks", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluation.sink_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--dlm", default="minilm-dlm", help="diffusion LM: embedded name, folder or hub id")
     p.add_argument("--ar", default="tiny-ar", help="autoregressive model ('none' to skip)")
     p.add_argument("--samples", type=int, default=8, help="held-out windows (one batch)")
@@ -347,7 +331,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=16, help="denoising steps / timesteps / AR tokens generated")
     p.add_argument("--dlm-mode", choices=("denoise", "forward"), default="denoise")
     p.add_argument("--keep-special", action="store_true", help="forward mode: never mask [CLS]/[SEP] (default: every position maskable)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must not exist, or be empty, unless --overwrite and written by this tool)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
@@ -358,8 +342,10 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=140)  # logs: no 80-column wrapping
-    if args.out.exists() and not args.overwrite:
-        console.print(f"[red]{args.out} already exists; pass --overwrite to replace it[/red]", soft_wrap=True)
+    try:
+        prepare_output_dir(args.out, args.overwrite, field="--out")
+    except FileExistsError as exc:
+        console.print(f"[red]{exc}[/red]", soft_wrap=True)
         sys.exit(2)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from pipeline.diffusion import DEFAULT_EPS, forward_process, noise_seed, per_sample_uniform
+from pipeline.maths.diffusion import DEFAULT_EPS, forward_process, noise_seed, per_sample_uniform
 
 
 @dataclass

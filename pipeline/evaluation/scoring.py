@@ -22,9 +22,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pipeline.harness import DiffusionLM
+from pipeline.evaluation.harness import DiffusionLM
 
-DEFAULT_TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
+DEFAULT_TASK_DIR = Path(__file__).resolve().parents[2] / "configs" / "tasks"
 SAMPLER_KEYS = {"gen_length", "block_length", "steps", "temperature", "remasking"}
 SPEC_KEYS = {"name", "num_fewshot", "limit", "mc_num", "cfg", "batch_size", "gen_kwargs"} | SAMPLER_KEYS
 

@@ -16,8 +16,8 @@ import itertools
 
 import torch
 
-from pipeline.diffusion import masked_token_nll, stratified_timesteps
-from pipeline.sampler import guided_logits
+from pipeline.maths.diffusion import masked_token_nll, stratified_timesteps
+from pipeline.evaluation.sampler import guided_logits
 
 
 def stratified_mask_counts(mc_num: int, target_len: int, offset: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline import sparsity as sp
+from pipeline.maths import sparsity as sp
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt")
 

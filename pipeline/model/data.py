@@ -30,7 +30,7 @@ HUB_SOURCES = {
 def load_texts(source: str, split: str) -> list[str]:
     """Documents of one split ('train' or 'heldout') of a named source or local file(s)."""
     if source == "wiki-embedded":
-        from pipeline.corpus import wiki_split
+        from pipeline.model.corpus import wiki_split
 
         return wiki_split(split)
     if source in HUB_SOURCES:
@@ -201,7 +201,7 @@ class CalibrationData(L.LightningDataModule):
     def _tokenizer(self):
         from transformers import AutoTokenizer
 
-        from pipeline.loading import resolve_path
+        from pipeline.model.loading import resolve_path
 
         return AutoTokenizer.from_pretrained(resolve_path(self.hparams.tokenizer), trust_remote_code=True)
 

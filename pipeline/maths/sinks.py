@@ -1,19 +1,16 @@
-"""Attention sinks from attention mass: sink scores, per-sample statistics, token kinds and heatmaps.
+"""Attention sinks from attention mass: sink scores, per-sample statistics, token kinds.
 
-`mass` is what pipeline.attention.AttentionMassProbe accumulates: [B, T] attention each key position
+`mass` is what pipeline.maths.attention.AttentionMassProbe accumulates: [B, T] attention each key position
 receives, summed over queries, heads and layers. Everything here is a pure function of it; `valid`
 ([B, T] bool) leaves padding positions out of every statistic.
 
-Run `python -m pipeline.sinks --help` for the DLM-vs-AR measurement (pipeline/sink_report.py).
+The DLM-vs-AR measurement built on these is `python -m pipeline.evaluation.sink_report --help`.
 """
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
-import tempfile
 import unicodedata
-from pathlib import Path
 
 import torch
 
@@ -126,54 +123,6 @@ def causal_baseline_share(n: int) -> float:
     if n < 1:
         raise ValueError(f"n={n} must be a positive sequence length")
     return sum(1.0 / i for i in range(1, n + 1)) / n
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def plot_heatmap(matrix, path, title: str = "", ylabels=None, xlabel: str = "key position") -> Path:
-    """Save `matrix` [timesteps x positions] as a PNG heatmap (NaN cells blank), written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's state
-    from matplotlib.figure import Figure
-
-    data = torch.as_tensor(matrix, dtype=torch.float32).cpu().numpy()
-    if data.ndim != 2:
-        raise ValueError(f"heatmap matrix must be 2-D [timesteps, positions]; got shape {data.shape}")
-    rows, cols = data.shape
-    fig = Figure(figsize=(min(16, 3 + cols * 0.12), min(12, 1.5 + rows * 0.3)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis")
-    fig.colorbar(image, ax=ax, label="share of attention mass")
-    ax.set_xlabel(xlabel)
-    if ylabels is not None:
-        labels = list(ylabels)
-        stride = max(1, math.ceil(len(labels) / 30))
-        ax.set_yticks(range(0, len(labels), stride), labels[::stride])
-    ax.set_title(title)
-    fig.tight_layout()
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=100)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-if __name__ == "__main__":
-    from pipeline.sink_report import main
-
-    main()
 
 
 def positional_sink(dominant_positions: list[int], kinds: list[str], threshold: float = 0.95) -> dict | None:

@@ -21,7 +21,7 @@ from pipeline.model.calibration import NoisedBatch, calibration_forward, forward
 from callbacks.reduction import gather_records
 from pipeline.maths.attention import AttentionMassProbe
 from pipeline.run.outputs import AtomicDir
-from pipeline.evaluation.sink_tables import plot_heatmap, render_timestep_table, summarize_records
+from pipeline.evaluation.sink_tables import plot_heatmap, render_timestep_table, positional_warning, summarize_records
 from pipeline.maths.sinks import mass_statistics, sink_scores, token_kind
 
 
@@ -121,6 +121,8 @@ class SinkStatsCallback(Callback):
                     labels = [f"t={row['t']:.2f}" for row in self.summary["timesteps"]]
                     plot_heatmap(heat, tmp / "sink_heatmap.png", title="attention mass (mean over samples)", ylabels=labels)
             Console().print(render_timestep_table(self.summary))
+            if self.summary["positional_sink"]:
+                Console(stderr=True).print(positional_warning(self.summary["positional_sink"]), style="yellow")
 
     def output_path(self, trainer) -> Path:
         return Path(self.output_dir or Path(trainer.default_root_dir) / "sinks").expanduser()

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from pipeline.calibration import noised_batches
-from pipeline.module import DLMModule
-from pipeline.sinks import positional_sink
+from pipeline.model.calibration import noised_batches
+from pipeline.model.module import DLMModule
+from pipeline.maths.sinks import positional_sink
 from tests.runs import run_inprocess, tiny_config
 
 

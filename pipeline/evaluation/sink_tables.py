@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from pipeline.maths.sinks import sink_position_variance
+from pipeline.maths.sinks import positional_sink, sink_position_variance
 
 
 def summarize_records(records: dict) -> dict:
@@ -45,7 +45,17 @@ def summarize_records(records: dict) -> dict:
         "samples": len(samples),
         "timesteps": rows,
         "mean_mass_by_timestep": heat,
+        "positional_sink": positional_sink([r["dominant_position"] for r in records.values()],
+                                           [r["dominant_kind"] for r in records.values()]),
     }
+
+
+def positional_warning(found: dict) -> str:
+    kinds = ", ".join(f"{kind} {count}" for kind, count in found["kinds"].items())
+    return (f"warning: positional sink: the attention sink sits on absolute position {found['position']} in "
+            f"{found['fraction']:.0%} of (window, timestep) pairs, whatever token is there ({kinds}). It cannot "
+            "move across timesteps (a learned position embedding?), so sink-aware pruning acts like the AR recipe "
+            "here; see docs/sinks.md")
 
 
 def _real_length(rec: dict) -> int:

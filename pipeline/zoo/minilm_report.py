@@ -14,10 +14,10 @@ import math
 
 import torch
 
-from pipeline.attention import AttentionMassProbe
-from pipeline.diffusion import forward_process
-from pipeline.loading import load_dlm
-from pipeline.sinks import mass_statistics
+from pipeline.maths.attention import AttentionMassProbe
+from pipeline.maths.diffusion import forward_process
+from pipeline.model.loading import load_dlm
+from pipeline.maths.sinks import mass_statistics
 from pipeline.zoo import minilm_dlm
 from pipeline.zoo.train_minilm import heldout_elbo, token_stream, windows
 

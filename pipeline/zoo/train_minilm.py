@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipeline import data
-from pipeline.corpus import wiki_split
-from pipeline.diffusion import forward_process, masked_token_nll
+from pipeline.model import data
+from pipeline.model.corpus import wiki_split
+from pipeline.maths.diffusion import forward_process, masked_token_nll
 from pipeline.zoo import minilm_dlm
 
 

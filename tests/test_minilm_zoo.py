@@ -5,7 +5,8 @@ import torch
 from pipeline.model.loading import load_dlm
 from pipeline.zoo import minilm_dlm
 from pipeline.zoo.minilm_report import unigram_entropy
-from pipeline.zoo.train_minilm import heldout_elbo, token_stream
+from pipeline.zoo.train_minilm import heldout_elbo
+from pipeline.zoo.training import token_stream
 
 
 @pytest.fixture(scope="module")

@@ -146,13 +146,13 @@ def test_sdpa_is_looked_up_at_call_time(twin):
 def test_trained_llada_beats_random_init_on_heldout_elbo():
     from transformers import AutoModel, AutoTokenizer
 
-    from pipeline.zoo import train_tiny
+    from pipeline.zoo import train_tiny, training
 
     folder = FOLDERS["tiny-llada"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     trained = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     random_init = train_tiny.new_model(trained.config, seed=1).eval()
-    stream = train_tiny.token_stream(tokenizer, "heldout")
+    stream = training.token_stream(tokenizer, "heldout")
     ids = (trained.config.mask_token_id, trained.config.bos_token_id)
     elbo = lambda m: train_tiny.heldout_elbo(m, stream, *ids, seqlen=64, n_windows=8, n_t=4)  # noqa: E731
     trained_elbo, random_elbo = elbo(trained), elbo(random_init)

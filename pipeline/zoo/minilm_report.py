@@ -19,7 +19,8 @@ from pipeline.maths.diffusion import forward_process
 from pipeline.model.loading import load_dlm
 from pipeline.maths.sinks import mass_statistics
 from pipeline.zoo import minilm_dlm
-from pipeline.zoo.train_minilm import heldout_elbo, token_stream, windows
+from pipeline.zoo.train_minilm import heldout_elbo
+from pipeline.zoo.training import token_stream, windows
 
 
 def unigram_entropy(train: torch.Tensor, held: torch.Tensor, vocab: int) -> float:

@@ -21,7 +21,7 @@ import math
 import torch
 
 from pipeline.maths.diffusion import forward_process
-from pipeline.zoo import train_tiny
+from pipeline.zoo import train_tiny, training
 from pipeline.zoo.tiny_card import model_card
 
 SEQLEN, N_WINDOWS, SEED = 128, 128, 1234
@@ -37,7 +37,7 @@ def unigram_cross_entropy(train_stream: torch.Tensor, tokens: torch.Tensor, voca
 def eval_windows(stream: torch.Tensor, bos_id: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(SEED)
     starts = torch.randint(0, len(stream) - SEQLEN, (N_WINDOWS,), generator=g)
-    return train_tiny.windows(stream, starts, SEQLEN, bos_id)
+    return training.windows(stream, starts, SEQLEN, bos_id)
 
 
 @contextlib.contextmanager
@@ -89,8 +89,8 @@ def measure(which: str) -> dict:
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     config = model.config
-    train_stream = train_tiny.token_stream(tok, "train")
-    held_stream = train_tiny.token_stream(tok, "heldout")
+    train_stream = training.token_stream(tok, "train")
+    held_stream = training.token_stream(tok, "heldout")
     x0 = eval_windows(held_stream, config.bos_token_id)
     results = {
         "heldout_tokens": len(held_stream),

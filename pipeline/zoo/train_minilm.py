@@ -16,27 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from pipeline.model import data
-from pipeline.model.corpus import wiki_split
 from pipeline.maths.diffusion import forward_process, masked_token_nll
 from pipeline.zoo import minilm_dlm
+from pipeline.zoo.training import next_token_loss, token_stream, train, windows
 
-
-
-def token_stream(tokenizer, split: str) -> torch.Tensor:
-    """All articles of a split, each followed by EOS (or [SEP]), as one id stream."""
-    return data.token_stream(tokenizer, wiki_split(split))
-
-
-def windows(stream: torch.Tensor, starts: torch.Tensor, seqlen: int, cls_id: int) -> torch.Tensor:
-    return data.prefixed_windows(stream, starts, seqlen - 1, cls_id)
 
 
 def keep_mask(x0: torch.Tensor, variant) -> torch.Tensor | None:
@@ -53,11 +41,6 @@ def random_positions(x0: torch.Tensor, variant, g: torch.Generator, max_position
         return None
     offsets = torch.randint(0, max_positions - x0.shape[1] + 1, (x0.shape[0], 1), generator=g)
     return offsets + torch.arange(x0.shape[1])
-
-
-def next_token_loss(model, x0: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=x0[:, :-1]).logits
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x0[:, 1:].flatten())
 
 
 def diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, mask_id: int, g: torch.Generator, variant):
@@ -127,54 +110,18 @@ def main():
         model.load_state_dict(init, strict=False)
     for p in model.parameters():
         p.requires_grad_(False)
-    trainable = minilm_dlm.trainable_state(model)
-    for p in trainable.values():
+    trainable = list(minilm_dlm.trainable_state(model).values())
+    for p in trainable:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(list(trainable.values()), lr=args.lr, weight_decay=0.0)
-    warmup, step, log = 50, 0, []
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_dir / "last.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, log = state["step"], state["log"]
-        print(f"resumed at step {step}", flush=True)
-    else:
-        log.append({"step": 0, "heldout_elbo": heldout_elbo(model, held_stream, mask_id, cls_id, variant)})
-        print(log[-1], flush=True)
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
 
-    def lr_at(s):
-        return args.lr * min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.max_steps))))
-
-    t_end = time.time() + args.minutes * 60
-    model.train()
-    recent = []
-    while step < args.max_steps and time.time() < t_end:
-        g = torch.Generator().manual_seed(10_000 + step)
-        starts = torch.randint(0, len(train_stream) - args.seqlen, (args.batch,), generator=g)
-        x0 = windows(train_stream, starts, args.seqlen, cls_id)
+    def loss_fn(x0, g):
         t = torch.rand(args.batch, generator=g)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        loss = next_token_loss(model, x0) if variant.causal else diffusion_loss(model, x0, t, mask_id, g, variant)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
-        opt.step()
-        step += 1
-        recent.append(loss.item())
-        if step % 50 == 0:
-            entry = {"step": step, "train_loss": sum(recent) / len(recent), "time": time.time()}
-            if step % 200 == 0:
-                entry["heldout_elbo"] = heldout_elbo(model, held_stream, mask_id, cls_id, variant)
-            log.append(entry)
-            recent = []
-            print(entry, flush=True)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, ckpt.with_suffix(".tmp"))
-            ckpt.with_suffix(".tmp").replace(ckpt)
-            export(model, step, log, args, variant)
-    export(model, step, log, args, variant)
+        return next_token_loss(model, x0) if variant.causal else diffusion_loss(model, x0, t, mask_id, g, variant)
+
+    train(model, opt, trainable, stream=train_stream, first_id=cls_id, loss_fn=loss_fn,
+          evaluate=lambda: {"heldout_elbo": heldout_elbo(model, held_stream, mask_id, cls_id, variant)},
+          export=lambda step, log: export(model, step, log, args, variant), ckpt_dir=ckpt_dir, args=args)
 
 
 def export(model, step, log, args, variant):

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import data
-from pipeline.model.corpus import wiki_split
 from pipeline.maths.diffusion import forward_process, masked_token_nll
 from pipeline.zoo.tiny_llada.configuration_llada import LLaDAConfig
 from pipeline.zoo.tiny_llada.modeling_llada import LLaDAModelLM, scaled_init_
 from pipeline.zoo.tiny_tokenizer import copy_tokenizer, ensure_tokenizer
+from pipeline.zoo.training import next_token_loss, token_stream, train, windows
 
 ZOO = Path(__file__).parent
 CODE_DIR = ZOO / "tiny_llada"  # the remote-code files live here and are copied into tiny_ar
@@ -64,15 +61,6 @@ def new_model(config: LLaDAConfig, seed: int = 0) -> LLaDAModelLM:
     return model
 
 
-def token_stream(tokenizer, split: str) -> torch.Tensor:
-    """All articles of a split, each followed by EOS (or [SEP]), as one id stream."""
-    return data.token_stream(tokenizer, wiki_split(split))
-
-
-def windows(stream: torch.Tensor, starts: torch.Tensor, seqlen: int, bos_id: int) -> torch.Tensor:
-    return data.prefixed_windows(stream, starts, seqlen - 1, bos_id)
-
-
 def bos_keep(x0: torch.Tensor) -> torch.Tensor:
     keep = torch.zeros_like(x0, dtype=torch.bool)
     keep[:, 0] = True
@@ -89,11 +77,6 @@ def diffusion_loss(model, x0, t, mask_id, g):
     ce = F.cross_entropy(body.ff_out(x).float(), x0[masked], reduction="none")
     weight = (1.0 / p.expand_as(x0))[masked]
     return (ce * weight).sum() / x0.numel()
-
-
-def next_token_loss(model, x0):
-    logits = model(input_ids=x0).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x0[:, 1:].reshape(-1))
 
 
 @torch.no_grad()
@@ -166,58 +149,15 @@ def main():
     model = new_model(config)
     print(f"params {sum(p.numel() for p in model.parameters())}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup, step, log = 50, 0, []
-    ckpt_dir = Path(f".cache/train_tiny_{args.which}")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_dir / "last.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, log = state["step"], state["log"]
-        print(f"resumed at step {step}", flush=True)
-    else:
-        log.append({"step": 0, **evaluate(model)})
-        print(log[-1], flush=True)
-    log.append({"step": step, "run": {"minutes": args.minutes, "max_steps": args.max_steps}})  # each invocation
 
-    def lr_at(s):
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.max_steps)))
-        return args.lr * min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * cosine)
-
-    t_end = time.time() + args.minutes * 60
-    model.train()
-    recent = []
-    while step < args.max_steps and time.time() < t_end:
-        g = torch.Generator().manual_seed(10_000 + step)
-        starts = torch.randint(0, len(train_stream) - args.seqlen, (args.batch,), generator=g)
-        x0 = windows(train_stream, starts, args.seqlen, config.bos_token_id)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+    def loss_fn(x0, g):
         if args.which == "llada":
-            loss = diffusion_loss(model, x0, torch.rand(args.batch, generator=g), config.mask_token_id, g)
-        else:
-            loss = next_token_loss(model, x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        recent.append(loss.item())
-        if step % 50 == 0:
-            entry = {"step": step, "train_loss": sum(recent) / len(recent), "time": time.time()}
-            if step % 200 == 0:
-                entry.update(evaluate(model))
-            log.append(entry)
-            recent = []
-            print(entry, flush=True)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, ckpt.with_suffix(".tmp"))
-            ckpt.with_suffix(".tmp").replace(ckpt)
-            export(model, args.which, step, log, args)
-    if not log or log[-1]["step"] != step:
-        log.append({"step": step, **evaluate(model)})
-    export(model, args.which, step, log, args)
+            return diffusion_loss(model, x0, torch.rand(args.batch, generator=g), config.mask_token_id, g)
+        return next_token_loss(model, x0)
 
+    train(model, opt, list(model.parameters()), stream=train_stream, first_id=config.bos_token_id, loss_fn=loss_fn,
+          evaluate=lambda: evaluate(model), export=lambda step, log: export(model, args.which, step, log, args),
+          ckpt_dir=Path(f".cache/train_tiny_{args.which}"), args=args)
 
 if __name__ == "__main__":
     main()

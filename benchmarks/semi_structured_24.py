@@ -142,6 +142,20 @@ def choose_backend(name):
     return name
 
 
+def time_linears(dense, sparse, tokens, linear_shapes, seq_len, dtype, args) -> dict:
+    """Each LLaDA-8B linear shape alone, dense vs 2:4, on as many tokens as one denoising step."""
+    out = {}
+    for label, (out_f, in_f) in linear_shapes.items():
+        name = next(n for n, m in dense.named_modules() if isinstance(m, nn.Linear) and tuple(m.weight.shape) == (out_f, in_f))
+        dense_weight, sparse_weight = dense.get_submodule(name).weight, sparse.get_submodule(name).weight
+        inp = torch.randn(tokens.shape[0], in_f, device="cuda", dtype=dtype)
+        lin_dense, _ = cuda_median_ms(lambda: F.linear(inp, dense_weight), args.warmup, args.repeats)
+        lin_sparse, _ = cuda_median_ms(lambda: F.linear(inp, sparse_weight), args.warmup, args.repeats)
+        print(f"{seq_len:>6} {label:>22} {lin_dense:9.3f} {lin_sparse:9.3f} {lin_dense / lin_sparse:8.3f}")
+        out[label] = {"dense_ms": lin_dense, "sparse_ms": lin_sparse, "speedup_dense_over_sparse": lin_dense / lin_sparse}
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="LLaDA-8B has 32; a few give the per-layer picture")
@@ -191,17 +205,7 @@ def main():
                    "sparse_times_ms": sparse_times, "max_abs_diff": max_diff, "relative_l2_diff": rel_diff,
                    "dense_output_max_abs": out_dense.abs().max().item(), "linears": {}}
             if not args.no_linear_table:
-                tokens = x.reshape(-1, d_model)
-                for label, (out_f, in_f) in linear_shapes.items():
-                    name = next(n for n, m in dense.named_modules()
-                                if isinstance(m, nn.Linear) and tuple(m.weight.shape) == (out_f, in_f))
-                    dense_weight, sparse_weight = dense.get_submodule(name).weight, sparse.get_submodule(name).weight
-                    inp = torch.randn(tokens.shape[0], in_f, device="cuda", dtype=dtype)
-                    lin_dense, _ = cuda_median_ms(lambda: F.linear(inp, dense_weight), args.warmup, args.repeats)
-                    lin_sparse, _ = cuda_median_ms(lambda: F.linear(inp, sparse_weight), args.warmup, args.repeats)
-                    print(f"{seq_len:>6} {label:>22} {lin_dense:9.3f} {lin_sparse:9.3f} {lin_dense / lin_sparse:8.3f}")
-                    row["linears"][label] = {"dense_ms": lin_dense, "sparse_ms": lin_sparse,
-                                             "speedup_dense_over_sparse": lin_dense / lin_sparse}
+                row["linears"] = time_linears(dense, sparse, x.reshape(-1, d_model), linear_shapes, seq_len, dtype, args)
             results.append(row)
 
     out = Path(args.out)

@@ -61,6 +61,26 @@ def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Ge
     return (logits.double() / temperature + gumbel).argmax(dim=-1)
 
 
+def _commit_step(model, x, prompt_mask, mask_token_id, cfg, temperature, remasking, generator, start, end, n_commit) -> None:
+    """One denoising step: predict every masked token, commit the n_commit most confident in [start, end)."""
+    device = x.device
+    masked = x == mask_token_id
+    logits = guided_logits(model, x, prompt_mask, mask_token_id, cfg)
+    logits[..., mask_token_id] = float("-inf")
+    pred = _gumbel_argmax(logits, temperature, generator).to(torch.long)
+    if remasking == "low_confidence":
+        probs = torch.softmax(logits.float(), dim=-1)
+        confidence = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
+    else:
+        confidence = torch.rand(x.shape, generator=generator).to(device)
+    candidate = masked.clone()
+    candidate[:, :start] = False
+    candidate[:, end:] = False
+    confidence = torch.where(candidate, confidence, torch.tensor(float("-inf"), device=device))
+    chosen = confidence.topk(n_commit, dim=-1).indices
+    x.scatter_(1, chosen, pred.gather(1, chosen))
+
+
 @torch.no_grad()
 def diffusion_generate(
     model,
@@ -106,20 +126,6 @@ def diffusion_generate(
     for size, block_steps in zip(block_sizes, steps_per_block):
         end = start + size
         for n_commit in split_evenly(size, block_steps):
-            masked = x == mask_token_id
-            logits = guided_logits(model, x, prompt_mask, mask_token_id, cfg)
-            logits[..., mask_token_id] = float("-inf")
-            pred = _gumbel_argmax(logits, temperature, generator).to(torch.long)
-            if remasking == "low_confidence":
-                probs = torch.softmax(logits.float(), dim=-1)
-                confidence = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
-            else:
-                confidence = torch.rand(x.shape, generator=generator).to(device)
-            candidate = masked.clone()
-            candidate[:, :start] = False
-            candidate[:, end:] = False
-            confidence = torch.where(candidate, confidence, torch.tensor(float("-inf"), device=device))
-            chosen = confidence.topk(n_commit, dim=-1).indices
-            x.scatter_(1, chosen, pred.gather(1, chosen))
+            _commit_step(model, x, prompt_mask, mask_token_id, cfg, temperature, remasking, generator, start, end, n_commit)
         start = end
     return x

@@ -40,7 +40,8 @@ class PruneCallback(Callback):
         blocksize / percdamp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).
         reduction_slots: fixed slots for DDP-exact sums (window i goes to slot i mod reduction_slots).
         masks_from: a previous run's output folder: apply its masks.safetensors instead of calibrating.
-        single_pass: reuse SinkStatsCallback's probed forward instead of a second forward (one-shot).
+        single_pass: reuse SinkStatsCallback's probed forward instead of a second forward (sink-aware one-shot on
+            noised inputs; the same statistics bit for bit); default true, false runs the second forward.
         flavor: the pruner variant (pipeline/maths/pruners.py FLAVORS): "default" (this project's) or
             "reference" (what the paper's code computes, its calibration schedule included: `mode` is then the
             reference's: one-shot for sink_wanda, layer-sequential on clean windows for the others).
@@ -49,7 +50,7 @@ class PruneCallback(Callback):
     def __init__(self, method: str = "sink_wanda", sparsity: float | None = None, n_m: str | None = None,
                  targets: list[str] | None = None, ignore: list[str] | None = None, mode: str = "oneshot",
                  blocksize: int = 128, percdamp: float = 0.01, reduction_slots: int = 8, masks_from: str | None = None,
-                 single_pass: bool = False, flavor: str = "default"):
+                 single_pass: bool = True, flavor: str = "default"):
         self.n_m = sp.parse_n_m(n_m) if method in METHODS else None
         if method in METHODS and sparsity is None and self.n_m is None:
             sparsity = 0.5

@@ -191,3 +191,26 @@ def test_blockwise_sparsegpt_mask_rule():
     H = (x.T @ x).double()
     _, mask, _ = sparsegpt_prune(w, H, sparsity=0.5, blocksize=32, threshold="block")
     assert _agreement(mask, _fasterprune64(w, H, 0.5, blocksize=32)) >= 0.999
+
+
+def test_reference_noise_order_replays_the_global_generator():
+    """noise="reference": the k-th draw after manual_seed(seed) noises (window k // n_t, timestep k % n_t)."""
+    from pipeline.maths.diffusion import timestep_grid
+    from pipeline.model.calibration import reference_noised_batches
+
+    windows, steps, eps = _windows(), timestep_grid(10), 1e-3
+    gen = torch.Generator().manual_seed(0)
+    ours = [nb.input_ids for i, w in enumerate(windows)
+            for nb in reference_noised_batches({"input_ids": w[None], "index": [i]}, steps, 2, gen, eps=eps)]
+    state = torch.random.get_rng_state()
+    try:
+        torch.random.manual_seed(0)  # the reference's loop (docs/reference.md, "Diffusion noise")
+        theirs = []
+        for w in windows:
+            ids = w[None]
+            for step in range(5, 55, 5):
+                p = (1 - eps) * (step / 50) + eps
+                theirs.append(torch.where(torch.rand_like(ids.float()) < p, torch.full_like(ids, 2), ids))
+    finally:
+        torch.random.set_rng_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs)) and len(ours) == len(theirs)

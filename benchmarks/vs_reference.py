@@ -139,7 +139,7 @@ def run_reference(ref: Path, ckpt: Path, windows, method: str, seed: int, timest
 
 
 def run_project(ckpt: Path, windows, method: str, seed: int, timesteps: int, mode: str, workdir: Path,
-                flavor: str = "default", single_pass: bool = False, noise: str = "per_sample"):
+                flavor: str = "default", single_pass: bool = False, noise: str = "per_sample", eager: bool = True):
     import lightning as L
     import torch
 
@@ -148,7 +148,7 @@ def run_project(ckpt: Path, windows, method: str, seed: int, timesteps: int, mod
     from pipeline.model.module import DLMModule
 
     module = DLMModule(pretrained=str(ckpt), timesteps=timesteps, seed=seed, noise=noise)
-    prune = PruneCallback(method=method, sparsity=0.5, mode=mode, flavor=flavor, single_pass=single_pass)
+    prune = PruneCallback(method=method, sparsity=0.5, mode=mode, flavor=flavor, single_pass=single_pass, eager=eager)
     callbacks = ([SinkStatsCallback(record=False, heatmap=False)] if method.startswith("sink_") else []) + [prune]
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
@@ -172,7 +172,7 @@ def worker(a) -> None:
             seconds, before, masks = run_reference(reference_dir(), Path(a.ckpt), windows, a.method, a.seed, a.timesteps)
         else:
             seconds, before, masks = run_project(Path(a.ckpt), windows, a.method, a.seed, a.timesteps, a.mode, Path(tmp),
-                                                 a.flavor, a.single_pass, a.noise)
+                                                 a.flavor, a.single_pass, a.noise, a.eager)
     torch.save(masks, a.out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(a.out + ".json").write_text(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "rss_before_mib": before}))
@@ -187,7 +187,7 @@ def spawn(a, side: str, method: str, seqlen: int, seed: int, cache: Path, tag: s
     cmd = [sys.executable, __file__, "--worker", "--side", side, "--method", method, "--seed", str(seed),
            "--ckpt", str(a.workdir / "ckpt"), "--windows", str(a.workdir / f"windows-{seqlen}.pt"), "--out", out,
            "--timesteps", str(a.timesteps), "--threads", str(a.threads), "--flavor", a.flavor,
-           "--noise", a.noise, *(["--single-pass"] if a.single_pass else []),
+           "--noise", a.noise, "--single-pass" if a.single_pass else "--no-single-pass", "--eager" if a.eager else "--no-eager",
            "--mode", "oneshot" if method == "sink_wanda" else a.mode]  # the reference's sink Wanda is one-shot
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(REPO))
     if proc.returncode:
@@ -217,8 +217,11 @@ def main() -> None:
                          "its sink Wanda is one-shot, and so is ours)")
     ap.add_argument("--flavor", default="default", choices=["default", "reference"],
                     help="this project's PruneCallback flavor (reference: the reference's computations and schedule)")
-    ap.add_argument("--single-pass", action="store_true",
-                    help="sink Wanda (one-shot, noised inputs): read the probed forward's Linear inputs, no second forward")
+    ap.add_argument("--single-pass", action=argparse.BooleanOptionalAction, default=True,
+                    help="sink Wanda (one-shot, noised inputs): read the probed forward's Linear inputs, no second forward "
+                         "(PruneCallback's default; --no-single-pass for the second forward)")
+    ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                    help="PruneCallback(eager=...): its hooked forwards in torch.compile's force_eager stance (default)")
     ap.add_argument("--noise", default="per_sample", choices=["per_sample", "reference"],
                     help="this project's noise: per-(sample, step) seeds, or the reference's draw order (same masks)")
     ap.add_argument("--threads", type=int, default=1)
@@ -243,7 +246,7 @@ def main() -> None:
         torch.save(make_windows(a.nsamples, seqlen, a.seed), a.workdir / f"windows-{seqlen}.pt")
     rev = subprocess.run(["git", "-C", str(ref), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"reference {ref} @ {rev or '?'}; {a.nsamples} windows, {a.timesteps} timesteps, {a.threads} thread(s), "
-          f"repeats {a.repeats}; this project: flavor={a.flavor}, noise={a.noise}, single_pass={a.single_pass}, mode {a.mode} "
+          f"repeats {a.repeats}; this project: flavor={a.flavor}, noise={a.noise}, single_pass={a.single_pass}, eager={a.eager}, mode {a.mode} "
           f"(flavor=reference imposes the reference's); workdir {a.workdir}", flush=True)
 
     rows = []
@@ -260,7 +263,7 @@ def main() -> None:
             ref_masks = runs[("reference", "warm")][0]["masks"]
             med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
             row = {
-                "T": seqlen, "method": method, "flavor": a.flavor, "noise": a.noise, "single_pass": a.single_pass,
+                "T": seqlen, "method": method, "flavor": a.flavor, "noise": a.noise, "single_pass": a.single_pass, "eager": a.eager,
                 "project_cold_s": med[("project", "cold")], "reference_cold_s": med[("reference", "cold")],
                 "project_warm_s": med[("project", "warm")], "reference_warm_s": med[("reference", "warm")],
                 "project_peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs[("project", "warm")]),

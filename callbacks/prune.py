@@ -23,6 +23,7 @@ from callbacks.reduction import SlotSums, gather_records
 from callbacks.sink_stats import SinkStatsCallback
 from callbacks.layers import Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks
 from pipeline.maths import sparsity as sp
+from pipeline.maths.attention import force_eager
 from pipeline.model.calibration import NoisedBatch, forward_through_blocks
 from pipeline.run.phase import phase
 from pipeline.maths.pruners import METHODS, check_prune_args, make_pruner
@@ -42,6 +43,9 @@ class PruneCallback(Callback):
         masks_from: a previous run's output folder: apply its masks.safetensors instead of calibrating.
         single_pass: reuse SinkStatsCallback's probed forward instead of a second forward (sink-aware one-shot on
             noised inputs; the same statistics bit for bit); default true, false runs the second forward.
+        eager: run the hooked calibration forwards in torch.compile's "force_eager" stance (as the sink probe does):
+            a few hundred calibration forwards seldom repay a cold compile (LLaDA's remote code compiles its SDPA
+            wrapper); false lets compiled code compile.
         flavor: the pruner variant (pipeline/maths/pruners.py FLAVORS): "default" (this project's) or
             "reference" (what the paper's code computes, its calibration schedule included: `mode` is then the
             reference's: one-shot for sink_wanda, layer-sequential on clean windows for the others).
@@ -50,7 +54,7 @@ class PruneCallback(Callback):
     def __init__(self, method: str = "sink_wanda", sparsity: float | None = None, n_m: str | None = None,
                  targets: list[str] | None = None, ignore: list[str] | None = None, mode: str = "oneshot",
                  blocksize: int = 128, percdamp: float = 0.01, reduction_slots: int = 8, masks_from: str | None = None,
-                 single_pass: bool = True, flavor: str = "default"):
+                 single_pass: bool = True, flavor: str = "default", eager: bool = True):
         self.n_m = sp.parse_n_m(n_m) if method in METHODS else None
         if method in METHODS and sparsity is None and self.n_m is None:
             sparsity = 0.5
@@ -63,7 +67,7 @@ class PruneCallback(Callback):
         self.offset = 1 if self.pruner.mean_scores and self.pruner.statistic else 0
         self.mean_scores: dict[int, list] = {}  # sample id -> [Σ_t s_t (float32 [L]), number of timesteps]
         self.targets, self.ignore = compile_patterns("targets", targets), compile_patterns("ignore", ignore)
-        self.reduction_slots, self.masks_from, self.single_pass = reduction_slots, masks_from, single_pass
+        self.reduction_slots, self.masks_from, self.single_pass, self.eager = reduction_slots, masks_from, single_pass, eager
         self.t = Targets()
         self.masks: dict[str, torch.Tensor] = {}
         self.sums: SlotSums | None = None
@@ -189,9 +193,12 @@ class PruneCallback(Callback):
             for n in names]
         # sequential: blocks after the one being calibrated are not needed yet; one-shot: nothing after the last target
         last = self.t.block_modules[trainer.current_epoch - self.offset] if self.mode == "sequential" else self.t.block_modules[-1]
+        stance = force_eager() if self.eager else None
         try:
             forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask, stop_after=last)
         finally:
+            if stance is not None:
+                stance.__exit__(None, None, None)
             for h in handles:
                 h.remove()
 

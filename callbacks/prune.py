@@ -43,6 +43,8 @@ class PruneCallback(Callback):
         masks_from: a previous run's output folder: apply its masks.safetensors instead of calibrating.
         single_pass: reuse SinkStatsCallback's probed forward instead of a second forward (sink-aware one-shot on
             noised inputs; the same statistics bit for bit); default true, false runs the second forward.
+        use_variant: the reference's Wanda variant (per-row cumulative-metric threshold, alpha bisected to the
+            sparsity); method=wanda, flavor=reference, unstructured only.
         eager: run the hooked calibration forwards in torch.compile's "force_eager" stance (as the sink probe does):
             a few hundred calibration forwards seldom repay a cold compile (LLaDA's remote code compiles its SDPA
             wrapper); false lets compiled code compile.
@@ -54,14 +56,15 @@ class PruneCallback(Callback):
     def __init__(self, method: str = "sink_wanda", sparsity: float | None = None, n_m: str | None = None,
                  targets: list[str] | None = None, ignore: list[str] | None = None, mode: str = "oneshot",
                  blocksize: int = 128, percdamp: float = 0.01, reduction_slots: int = 8, masks_from: str | None = None,
-                 single_pass: bool = True, flavor: str = "default", eager: bool = True):
+                 single_pass: bool = True, flavor: str = "default", eager: bool = True, use_variant: bool = False):
         self.n_m = sp.parse_n_m(n_m) if method in METHODS else None
         if method in METHODS and sparsity is None and self.n_m is None:
             sparsity = 0.5
         check_prune_args(method, sparsity, n_m, self.n_m, mode, blocksize, percdamp, reduction_slots)
         self.method, self.flavor = method, flavor
         self.sparsity = self.n_m[0] / self.n_m[1] if self.n_m else float(sparsity)
-        self.pruner = make_pruner(method, self.sparsity, self.n_m, flavor, blocksize=blocksize, percdamp=percdamp)
+        self.pruner = make_pruner(method, self.sparsity, self.n_m, flavor, blocksize=blocksize, percdamp=percdamp,
+                                  use_variant=use_variant)
         self.mode = self.pruner.mode or mode
         # epochs before the block epochs: 1 when the pruner needs each sample's mean sink scores first
         self.offset = 1 if self.pruner.mean_scores and self.pruner.statistic else 0

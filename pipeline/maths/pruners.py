@@ -66,7 +66,11 @@ class Pruner:
     mean_scores = False           # True: a first epoch averages each sample's sink scores over the timesteps
 
     def __init__(self, sparsity: float | None, n_m: tuple[int, int] | None, weighting: PlainWeighting | None = None,
-                 blocksize: int = 128, percdamp: float = 0.01):
+                 blocksize: int = 128, percdamp: float = 0.01, use_variant: bool = False):
+        if use_variant and not (getattr(self, "variant_capable", False) and not n_m):
+            raise ValueError("prune use_variant=true is the reference's Wanda variant: it needs method=wanda, "
+                             "flavor=reference and an unstructured sparsity (no n_m)")
+        self.use_variant = use_variant
         self.sparsity = None if n_m else sparsity
         self.n_m = n_m
         self.weighting = weighting or PlainWeighting()
@@ -134,6 +138,13 @@ class ReferenceWanda(Wanda):
     """The reference's `prune_wanda`: clean windows, layer-sequential; |W|·√(Σ x²) with a stable per-row sort
     (= its √mean: the same ranking)."""
     flavor, mode, inputs = "reference", "sequential", "clean"
+    variant_capable = True
+
+    def solve(self, weight, stat):
+        if not self.use_variant:
+            return super().solve(weight, stat)
+        mask, alpha = sp.wanda_variant_mask(sp.wanda_scores(weight.float(), stat.to(weight.device)), self.sparsity)
+        return PruneResult(mask, info={"alpha": alpha})
 
 
 class ReferenceSinkWanda(Wanda):

@@ -225,6 +225,31 @@ def blockwise_threshold(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return torch.kthvalue(flat, index + 1).values
 
 
+def wanda_variant_mask(metric: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, float]:
+    """Wanda's `use_variant` (the reference's `prune_wanda`, `return_given_alpha`): per row, prune the weights whose
+    cumulative sorted metric is ≤ alpha · (row sum); alpha bisected on [0, 0.8] from 0.4 until the layer's sparsity is
+    within 0.001 of the target (or the interval is under 0.001).  Returns (mask, alpha)."""
+    sorted_metric = torch.sort(metric, dim=-1, stable=True).values
+    cumulative = torch.cumsum(sorted_metric, dim=1)
+    row_sum = metric.sum(dim=1)
+
+    def given(alpha: float):
+        count = (cumulative <= (row_sum * alpha).reshape(-1, 1)).sum(dim=1, keepdim=True)
+        # a row with no weight under the threshold prunes nothing (the reference's gather at index -1 would fail)
+        mask = (metric <= torch.gather(sorted_metric, 1, (count - 1).clamp_min(0))) & (count > 0)
+        return mask, float(mask.sum()) / mask.numel()
+
+    alpha, low, high = 0.4, 0.0, 0.8
+    mask, current = given(alpha)
+    while abs(current - sparsity) > 0.001 and high - low >= 0.001:
+        if current > sparsity:
+            alpha, high = (alpha + low) / 2.0, alpha
+        else:
+            alpha, low = (alpha + high) / 2.0, alpha
+        mask, current = given(alpha)
+    return mask, alpha
+
+
 def layerwise_magnitude_mask(weight: torch.Tensor, sparsity: float | None, n_m=None) -> torch.Tensor:
     """The reference's magnitude pruning: unstructured, one threshold per layer (|W| ≤ sorted(|W|)[int(numel·s)],
     rows vary); N:M, the N smallest |W| of every M."""

@@ -41,8 +41,8 @@ class PruneCallback(Callback):
         blocksize / percdamp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).
         reduction_slots: fixed slots for DDP-exact sums (window i goes to slot i mod reduction_slots).
         masks_from: a previous run's output folder: apply its masks.safetensors instead of calibrating.
-        single_pass: reuse SinkStatsCallback's probed forward instead of a second forward (sink-aware one-shot on
-            noised inputs; the same statistics bit for bit); default true, false runs the second forward.
+        single_pass: reuse SinkStatsCallback's probed forward instead of a second forward (sink-aware methods on
+            noised inputs, one-shot or sequential; the same statistics bit for bit); default true, false runs it.
         use_variant: the reference's Wanda variant (per-row cumulative-metric threshold, alpha bisected to the
             sparsity); method=wanda, flavor=reference, unstructured only.
         eager: run the hooked calibration forwards in torch.compile's "force_eager" stance (as the sink probe does):
@@ -130,8 +130,9 @@ class PruneCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self.single_pass and self.pruner.weighting.sink_aware and self.mode == "oneshot" and self.pruner.inputs == "noised":
-            # Capture the inputs of SinkStatsCallback's probed forward (bit-identical to a plain one).
+        if self.single_pass and self.pruner.weighting.sink_aware and self.pruner.inputs == "noised":
+            # Capture the inputs of SinkStatsCallback's probed forward (bit-identical to a plain one); in sequential
+            # mode too: the probed forward runs the same partly pruned model, so block i's inputs are the same bits.
             self._captured = {}
             self._capture_handles = [self.layers[n].register_forward_hook(
                 lambda mod, inp, out, n=n: self._captured.__setitem__(n, (inp[0].detach(), self._routed(n))))

@@ -138,7 +138,8 @@ def run_reference(ref: Path, ckpt: Path, windows, method: str, seed: int, timest
     return seconds, before, masks
 
 
-def run_project(ckpt: Path, windows, method: str, seed: int, timesteps: int, mode: str, workdir: Path):
+def run_project(ckpt: Path, windows, method: str, seed: int, timesteps: int, mode: str, workdir: Path,
+                flavor: str = "default", single_pass: bool = False, noise: str = "per_sample", eager: bool = True):
     import lightning as L
     import torch
 
@@ -146,17 +147,17 @@ def run_project(ckpt: Path, windows, method: str, seed: int, timesteps: int, mod
     from callbacks.sink_stats import SinkStatsCallback
     from pipeline.model.module import DLMModule
 
-    module = DLMModule(pretrained=str(ckpt), timesteps=timesteps, seed=seed, score_dense=False)
-    prune = PruneCallback(method=method, sparsity=0.5, mode=mode, output_dir=str(workdir / "pruned"), overwrite=True,
-                          save_model=False, score=False)
+    module = DLMModule(pretrained=str(ckpt), timesteps=timesteps, seed=seed, noise=noise)
+    prune = PruneCallback(method=method, sparsity=0.5, mode=mode, flavor=flavor, single_pass=single_pass, eager=eager)
     callbacks = ([SinkStatsCallback(record=False, heatmap=False)] if method.startswith("sink_") else []) + [prune]
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                         default_root_dir=str(workdir))
-    loader = torch.utils.data.DataLoader([{"input_ids": w, "index": i} for i, w in enumerate(windows)], batch_size=1)
+    loader = torch.utils.data.DataLoader([{"input_ids": w, "index": i, "keep": torch.zeros_like(w, dtype=torch.bool)}
+                                          for i, w in enumerate(windows)], batch_size=1)
     before = _rss_mib()
     trainer.fit(module, train_dataloaders=loader)
-    seconds = prune.results["timings"]["calibration_s"]
+    seconds = time.time() - prune.info["timings"]["calibration_start"]  # calibration + masks, model loading excluded
     masks = {n: m.to(torch.bool) for n, m in prune.masks.items()}
     return seconds, before, masks
 
@@ -170,7 +171,8 @@ def worker(a) -> None:
         if a.side == "reference":
             seconds, before, masks = run_reference(reference_dir(), Path(a.ckpt), windows, a.method, a.seed, a.timesteps)
         else:
-            seconds, before, masks = run_project(Path(a.ckpt), windows, a.method, a.seed, a.timesteps, a.mode, Path(tmp))
+            seconds, before, masks = run_project(Path(a.ckpt), windows, a.method, a.seed, a.timesteps, a.mode, Path(tmp),
+                                                 a.flavor, a.single_pass, a.noise, a.eager)
     torch.save(masks, a.out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(a.out + ".json").write_text(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "rss_before_mib": before}))
@@ -184,7 +186,8 @@ def spawn(a, side: str, method: str, seqlen: int, seed: int, cache: Path, tag: s
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
     cmd = [sys.executable, __file__, "--worker", "--side", side, "--method", method, "--seed", str(seed),
            "--ckpt", str(a.workdir / "ckpt"), "--windows", str(a.workdir / f"windows-{seqlen}.pt"), "--out", out,
-           "--timesteps", str(a.timesteps), "--threads", str(a.threads),
+           "--timesteps", str(a.timesteps), "--threads", str(a.threads), "--flavor", a.flavor,
+           "--noise", a.noise, "--single-pass" if a.single_pass else "--no-single-pass", "--eager" if a.eager else "--no-eager",
            "--mode", "oneshot" if method == "sink_wanda" else a.mode]  # the reference's sink Wanda is one-shot
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(REPO))
     if proc.returncode:
@@ -212,6 +215,15 @@ def main() -> None:
     ap.add_argument("--mode", default="sequential", choices=["oneshot", "sequential"],
                     help="this project's mode for wanda and the SparseGPT methods (the reference's are layer-sequential; "
                          "its sink Wanda is one-shot, and so is ours)")
+    ap.add_argument("--flavor", default="default", choices=["default", "reference"],
+                    help="this project's PruneCallback flavor (reference: the reference's computations and schedule)")
+    ap.add_argument("--single-pass", action=argparse.BooleanOptionalAction, default=True,
+                    help="sink Wanda (one-shot, noised inputs): read the probed forward's Linear inputs, no second forward "
+                         "(PruneCallback's default; --no-single-pass for the second forward)")
+    ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                    help="PruneCallback(eager=...): its hooked forwards in torch.compile's force_eager stance (default)")
+    ap.add_argument("--noise", default="per_sample", choices=["per_sample", "reference"],
+                    help="this project's noise: per-(sample, step) seeds, or the reference's draw order (same masks)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None)
@@ -234,7 +246,8 @@ def main() -> None:
         torch.save(make_windows(a.nsamples, seqlen, a.seed), a.workdir / f"windows-{seqlen}.pt")
     rev = subprocess.run(["git", "-C", str(ref), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"reference {ref} @ {rev or '?'}; {a.nsamples} windows, {a.timesteps} timesteps, {a.threads} thread(s), "
-          f"repeats {a.repeats}; this project's SparseGPT mode: {a.mode}; workdir {a.workdir}", flush=True)
+          f"repeats {a.repeats}; this project: flavor={a.flavor}, noise={a.noise}, single_pass={a.single_pass}, eager={a.eager}, mode {a.mode} "
+          f"(flavor=reference imposes the reference's); workdir {a.workdir}", flush=True)
 
     rows = []
     for seqlen in a.seqlens:
@@ -250,7 +263,7 @@ def main() -> None:
             ref_masks = runs[("reference", "warm")][0]["masks"]
             med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
             row = {
-                "T": seqlen, "method": method,
+                "T": seqlen, "method": method, "flavor": a.flavor, "noise": a.noise, "single_pass": a.single_pass, "eager": a.eager,
                 "project_cold_s": med[("project", "cold")], "reference_cold_s": med[("reference", "cold")],
                 "project_warm_s": med[("project", "warm")], "reference_warm_s": med[("reference", "warm")],
                 "project_peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs[("project", "warm")]),

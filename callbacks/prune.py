@@ -19,10 +19,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from callbacks import moe
-from callbacks.reduction import SlotSums
+from callbacks.reduction import SlotSums, gather_records
 from callbacks.sink_stats import SinkStatsCallback
 from callbacks.layers import Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks
 from pipeline.maths import sparsity as sp
+from pipeline.maths.attention import force_eager
 from pipeline.model.calibration import NoisedBatch, forward_through_blocks
 from pipeline.run.phase import phase
 from pipeline.maths.pruners import METHODS, check_prune_args, make_pruner
@@ -40,23 +41,36 @@ class PruneCallback(Callback):
         blocksize / percdamp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).
         reduction_slots: fixed slots for DDP-exact sums (window i goes to slot i mod reduction_slots).
         masks_from: a previous run's output folder: apply its masks.safetensors instead of calibrating.
-        single_pass: reuse SinkStatsCallback's probed forward instead of a second forward (one-shot).
-        flavor: the pruner variant (pipeline/maths/pruners.py FLAVORS); "default".
+        single_pass: reuse SinkStatsCallback's probed forward instead of a second forward (sink-aware methods on
+            noised inputs, one-shot or sequential; the same statistics bit for bit); default true, false runs it.
+        use_variant: the reference's Wanda variant (per-row cumulative-metric threshold, alpha bisected to the
+            sparsity); method=wanda, flavor=reference, unstructured only.
+        eager: run the hooked calibration forwards in torch.compile's "force_eager" stance (as the sink probe does):
+            a few hundred calibration forwards seldom repay a cold compile (LLaDA's remote code compiles its SDPA
+            wrapper); false lets compiled code compile.
+        flavor: the pruner variant (pipeline/maths/pruners.py FLAVORS): "default" (this project's) or
+            "reference" (what the paper's code computes, its calibration schedule included: `mode` is then the
+            reference's: one-shot for sink_wanda, layer-sequential on clean windows for the others).
     """
 
     def __init__(self, method: str = "sink_wanda", sparsity: float | None = None, n_m: str | None = None,
                  targets: list[str] | None = None, ignore: list[str] | None = None, mode: str = "oneshot",
                  blocksize: int = 128, percdamp: float = 0.01, reduction_slots: int = 8, masks_from: str | None = None,
-                 single_pass: bool = False, flavor: str = "default"):
+                 single_pass: bool = True, flavor: str = "default", eager: bool = True, use_variant: bool = False):
         self.n_m = sp.parse_n_m(n_m) if method in METHODS else None
         if method in METHODS and sparsity is None and self.n_m is None:
             sparsity = 0.5
         check_prune_args(method, sparsity, n_m, self.n_m, mode, blocksize, percdamp, reduction_slots)
-        self.method, self.mode, self.flavor = method, mode, flavor
+        self.method, self.flavor = method, flavor
         self.sparsity = self.n_m[0] / self.n_m[1] if self.n_m else float(sparsity)
-        self.pruner = make_pruner(method, self.sparsity, self.n_m, flavor, blocksize=blocksize, percdamp=percdamp)
+        self.pruner = make_pruner(method, self.sparsity, self.n_m, flavor, blocksize=blocksize, percdamp=percdamp,
+                                  use_variant=use_variant)
+        self.mode = self.pruner.mode or mode
+        # epochs before the block epochs: 1 when the pruner needs each sample's mean sink scores first
+        self.offset = 1 if self.pruner.mean_scores and self.pruner.statistic else 0
+        self.mean_scores: dict[int, list] = {}  # sample id -> [Σ_t s_t (float32 [L]), number of timesteps]
         self.targets, self.ignore = compile_patterns("targets", targets), compile_patterns("ignore", ignore)
-        self.reduction_slots, self.masks_from, self.single_pass = reduction_slots, masks_from, single_pass
+        self.reduction_slots, self.masks_from, self.single_pass, self.eager = reduction_slots, masks_from, single_pass, eager
         self.t = Targets()
         self.masks: dict[str, torch.Tensor] = {}
         self.sums: SlotSums | None = None
@@ -83,7 +97,7 @@ class PruneCallback(Callback):
         """Find the layers once the model exists (configure_model), before any calibration work."""
         self.t = find_targets(pl_module.model, self.targets, self.ignore, self.n_m, self.pruner.statistic and self.method)
         if self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
-            trainer.fit_loop.max_epochs = len(self.t.block_layers)
+            trainer.fit_loop.max_epochs = len(self.t.block_layers) + self.offset
         if self.sums is None:
             self.sums = SlotSums(self.reduction_slots)
         with torch.no_grad():  # resumed from a checkpoint: layers pruned before the interruption get their state back
@@ -102,23 +116,39 @@ class PruneCallback(Callback):
     def _active_layers(self, epoch: int) -> list[str]:
         if self.masks_from or not self.pruner.statistic:
             return []
+        if epoch < self.offset:  # the mean-scores epoch
+            return []
         if self.mode == "sequential":
-            return self.t.block_layers[epoch] if epoch < len(self.t.block_layers) else []
+            block = epoch - self.offset
+            return self.t.block_layers[block] if block < len(self.t.block_layers) else []
         return list(self.layers)
+
+    def wants_sink_scores(self, epoch: int) -> bool:
+        """SinkStatsCallback skips its probed forward when no consumer needs the scores (clean-input block epochs
+        after the first; the first still records the sink diagnostics)."""
+        return epoch == 0 or self.pruner.inputs == "noised"
 
     @override
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self.single_pass and self.pruner.weighting.sink_aware and self.mode == "oneshot":
-            # Capture the inputs of SinkStatsCallback's probed forward (bit-identical to a plain one).
+        if self.single_pass and self.pruner.weighting.sink_aware and self.pruner.inputs == "noised":
+            # Capture the inputs of SinkStatsCallback's probed forward (bit-identical to a plain one); in sequential
+            # mode too: the probed forward runs the same partly pruned model, so block i's inputs are the same bits.
             self._captured = {}
             self._capture_handles = [self.layers[n].register_forward_hook(
                 lambda mod, inp, out, n=n: self._captured.__setitem__(n, (inp[0].detach(), self._routed(n))))
                 for n in self._active_layers(trainer.current_epoch)]
 
     def on_noised_batch(self, trainer, pl_module, nb: NoisedBatch) -> None:
+        if trainer.current_epoch < self.offset and not self.masks_from:
+            self._add_mean_scores(nb)
+            return
         names = self._active_layers(trainer.current_epoch)
         if not names:
             return
+        if self.pruner.inputs == "clean":
+            if nb.step != 0:  # clean inputs: one pass per sample, not one per timestep
+                return
+            nb = self._clean_batch(nb)
         if self.pruner.weighting.sink_aware and nb.sink_scores is None:
             raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")
         epoch = trainer.current_epoch
@@ -132,15 +162,47 @@ class PruneCallback(Callback):
             self._forward_and_accumulate(trainer, pl_module, nb, names, fresh)
         self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids if sid >= 0)
 
+    def _add_mean_scores(self, nb: NoisedBatch) -> None:
+        """Σ_t s_t per sample, in the timesteps' order (float32, as the reference adds them)."""
+        if nb.sink_scores is None:
+            raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")
+        for b, sid in enumerate(nb.sample_ids):
+            if sid < 0 or (0, sid, nb.step) in self.seen:
+                continue
+            scores = nb.sink_scores[b].detach().float().cpu()
+            if sid in self.mean_scores:
+                self.mean_scores[sid][0] = self.mean_scores[sid][0] + scores
+                self.mean_scores[sid][1] += 1
+            else:
+                self.mean_scores[sid] = [scores, 1]
+            self.seen.add((0, sid, nb.step))
+
+    def _clean_batch(self, nb: NoisedBatch) -> NoisedBatch:
+        """The clean text x_0 of the batch, carrying s̄ (each sample's mean sink scores) when the pruner uses them."""
+        scores = None
+        if self.pruner.mean_scores and self.pruner.weighting.sink_aware:
+            missing = [sid for sid in nb.sample_ids if sid >= 0 and sid not in self.mean_scores]
+            if missing:
+                raise RuntimeError(f"prune flavor={self.flavor}: no mean sink scores for samples {missing[:4]}; "
+                                   "the first (scores) epoch must see every calibration sample")
+            length = nb.clean_ids.shape[1]
+            scores = torch.stack([self.mean_scores[sid][0] / self.mean_scores[sid][1] if sid >= 0 else torch.zeros(length)
+                                  for sid in nb.sample_ids]).to(nb.clean_ids.device)
+        return NoisedBatch(nb.clean_ids, nb.clean_ids, torch.zeros_like(nb.masked), 0.0, nb.step, nb.sample_ids,
+                           nb.attention_mask, sink_scores=scores)
+
     def _forward_and_accumulate(self, trainer, pl_module, nb, names, fresh) -> None:
         handles = [self.layers[n].register_forward_hook(
             lambda mod, inp, out, n=n: accumulate(self.pruner, self.sums, n, inp[0].detach(), self._routed(n), nb, fresh))
             for n in names]
         # sequential: blocks after the one being calibrated are not needed yet; one-shot: nothing after the last target
-        last = self.t.block_modules[trainer.current_epoch] if self.mode == "sequential" else self.t.block_modules[-1]
+        last = self.t.block_modules[trainer.current_epoch - self.offset] if self.mode == "sequential" else self.t.block_modules[-1]
+        stance = force_eager() if self.eager else None
         try:
             forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask, stop_after=last)
         finally:
+            if stance is not None:
+                stance.__exit__(None, None, None)
             for h in handles:
                 h.remove()
 
@@ -155,7 +217,10 @@ class PruneCallback(Callback):
             h.remove()
         self._capture_handles, self._captured = [], {}
         epoch = trainer.current_epoch
-        if self.masks_from or (epoch > 0 and not (self.mode == "sequential" and self.pruner.statistic)):
+        if epoch < self.offset and not self.masks_from:  # every rank gets every sample's s̄
+            self.mean_scores = {int(k): v for k, v in gather_records(self.mean_scores).items()}
+            return
+        if self.masks_from or (epoch > self.offset and not (self.mode == "sequential" and self.pruner.statistic)):
             return
         names = self._active_layers(epoch) if self.pruner.statistic else list(self.layers)
         t0 = time.time()
@@ -187,7 +252,8 @@ class PruneCallback(Callback):
     @override
     def state_dict(self) -> dict:
         return {"masks": self.masks, "sums": self.sums.state_dict() if self.sums else None,
-                "seen": sorted(self.seen), "pruned_weights": self.pruned_weights, "expert_tokens": self.expert_tokens}
+                "seen": sorted(self.seen), "pruned_weights": self.pruned_weights, "expert_tokens": self.expert_tokens,
+                "mean_scores": self.mean_scores}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
@@ -195,6 +261,7 @@ class PruneCallback(Callback):
         self.seen = {tuple(k) for k in state_dict.get("seen", [])}
         self.pruned_weights = state_dict.get("pruned_weights", {})
         self.expert_tokens = state_dict.get("expert_tokens", {})
+        self.mean_scores = state_dict.get("mean_scores", {})
         if state_dict.get("sums") is not None:
             self.sums = SlotSums(self.reduction_slots)
             self.sums.load_state_dict(state_dict["sums"])

@@ -63,6 +63,9 @@ class SinkStatsCallback(Callback):
 
     # --- per noised batch --------------------------------------------------------------------------
     def on_noised_batch_start(self, trainer, pl_module, nb: NoisedBatch) -> None:
+        consumers = [cb for cb in trainer.callbacks if hasattr(cb, "wants_sink_scores")]
+        if consumers and not any(cb.wants_sink_scores(trainer.current_epoch) for cb in consumers):
+            return  # e.g. flavor="reference" SparseGPT's clean-input block epochs
         valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
         with AttentionMassProbe(per_layer=self.per_layer, chunk_size=self.chunk_size, query_weights=valid) as probe:
             forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask, stop_after=self._stop_after)

@@ -31,10 +31,10 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", ["sink_wanda", "sink_sparsegpt"])
-def test_single_pass_equals_two_pass(tmp_path, method):
-    _, two, r2 = _run(tmp_path, "two", method=method)
-    _, one, r1 = _run(tmp_path, "one", method=method, prune_args={"single_pass": True})
+@pytest.mark.parametrize("method,mode", [("sink_wanda", "oneshot"), ("sink_sparsegpt", "oneshot"), ("sink_sparsegpt", "sequential")])
+def test_single_pass_equals_two_pass(tmp_path, method, mode):
+    _, two, r2 = _run(tmp_path, "two", method=method, prune_args={"single_pass": False, "mode": mode})
+    _, one, r1 = _run(tmp_path, "one", method=method, prune_args={"single_pass": True, "mode": mode})
     assert _same(one, two)
     assert r1["pruned"]["heldout"] == r2["pruned"]["heldout"]
 

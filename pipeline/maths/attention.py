@@ -293,6 +293,9 @@ class AttentionMassProbe:
             stance.__exit__(None, None, None)
 
 
+force_eager = _force_eager  # public name: PruneCallback runs its hooked forwards under the same stance
+
+
 def probed_forward(model, *args, per_layer: bool = False, query_weights=None, chunk_size: int = 128, **kwargs):
     """One forward under a fresh probe: returns (model output, probe), raising if no attention was seen."""
     with AttentionMassProbe(per_layer=per_layer, query_weights=query_weights, chunk_size=chunk_size) as probe:

@@ -8,6 +8,9 @@ reduction slot of `callbacks/reduction.SlotSums`) and the summed statistic into 
     pruner.add(sums, name, sample_id, x_b, w_b)              # x_b [T, d_in], w_b [T]
     result = pruner.solve(weight, sums.total(name))          # PruneResult(mask, weight, info)
 
+flavor="reference" (Reference* classes below) computes what the paper's reference code computes, including its
+calibration schedule (clean or noised inputs, one-shot or layer-sequential, per-sample mean sink scores).
+
 Sink-awareness is a policy, not a method: `SinkWeighting` weights each token by 1 − sink score,
 `PlainWeighting` by 1 (both 0 on padding).  A *flavour* is a variant of a pruner (a subclass registered
 under (method, flavour) in FLAVORS), so a new one is a new class here and nothing else changes.
@@ -56,10 +59,18 @@ class PruneResult:
 class Pruner:
     """Magnitude pruning; the base of every method.  `sparsity` is None for N:M patterns."""
     method = "magnitude"
-    statistic: str | None = None  # what `add` accumulates: None, "act_sq_sum" or "hessian"
+    statistic: str | None = None  # what `add` accumulates: None, "act_sq_sum", "act_norm_sum" or "hessian"
+    flavor = "default"
+    mode: str | None = None       # the calibration mode the flavour imposes (None: PruneCallback's `mode`)
+    inputs = "noised"             # "noised": x_t at every timestep; "clean": x_0, once per sample
+    mean_scores = False           # True: a first epoch averages each sample's sink scores over the timesteps
 
     def __init__(self, sparsity: float | None, n_m: tuple[int, int] | None, weighting: PlainWeighting | None = None,
-                 blocksize: int = 128, percdamp: float = 0.01):
+                 blocksize: int = 128, percdamp: float = 0.01, use_variant: bool = False):
+        if use_variant and not (getattr(self, "variant_capable", False) and not n_m):
+            raise ValueError("prune use_variant=true is the reference's Wanda variant: it needs method=wanda, "
+                             "flavor=reference and an unstructured sparsity (no n_m)")
+        self.use_variant = use_variant
         self.sparsity = None if n_m else sparsity
         self.n_m = n_m
         self.weighting = weighting or PlainWeighting()
@@ -86,7 +97,7 @@ class Wanda(Pruner):
 
     def add(self, sums, name, sample_id, xb, wb, value=None):
         if value is None:
-            value = sp.sample_act_sq_sums(xb[None], None if wb is None else wb[None])[0]
+            value = self.batch_values(xb[None], None if wb is None else wb[None])[0]
         sums.add(name, sample_id, value)
         return bool(torch.isfinite(value).all())
 
@@ -110,8 +121,72 @@ class SparseGPT(Pruner):
         return PruneResult(mask, new_weight, info)
 
 
+# --- flavor="reference": what github.com/VILA-Lab/Sink-Aware-Pruning computes (docs/reference.md) -------------
+# A flavour also says how PruneCallback calibrates it: `mode` (None: the user's), `inputs` ("noised" x_t at every
+# timestep, or "clean" x_0 once per sample) and `mean_scores` (a first epoch that averages each sample's sink
+# scores over the timesteps, s̄, before the block epochs that weight the clean inputs by 1 − s̄).
+
+class ReferenceMagnitude(Pruner):
+    """The reference's `prune_magnitude`: one |W| threshold per layer (rows vary); N:M per group."""
+    flavor = "reference"
+
+    def solve(self, weight, stat):
+        return PruneResult(sp.layerwise_magnitude_mask(weight, self.sparsity, self.n_m))
+
+
+class ReferenceWanda(Wanda):
+    """The reference's `prune_wanda`: clean windows, layer-sequential; |W|·√(Σ x²) with a stable per-row sort
+    (= its √mean: the same ranking)."""
+    flavor, mode, inputs = "reference", "sequential", "clean"
+    variant_capable = True
+
+    def solve(self, weight, stat):
+        if not self.use_variant:
+            return super().solve(weight, stat)
+        mask, alpha = sp.wanda_variant_mask(sp.wanda_scores(weight.float(), stat.to(weight.device)), self.sparsity)
+        return PruneResult(mask, info={"alpha": alpha})
+
+
+class ReferenceSinkWanda(Wanda):
+    """The reference's `prune_sink`: one-shot on the dense model over the noised batches; the statistic is
+    Σ over (sample, timestep) of ‖x ⊙ (1 − s)‖₂ per input feature (a sum of norms, not the root of a sum of
+    squares), the mask on |W|·Σ (no square root).  The reference takes one norm per (batch, timestep) over the
+    batch's B·T rows; we take one per (sample, timestep) so that sums stay exact across DDP world sizes: the same
+    thing at its batch size 1, the reference at batch 1 otherwise.  The reference ignores N:M here (always
+    unstructured per row); this flavour honours N:M."""
+    flavor, mode, inputs = "reference", "oneshot", "noised"
+    statistic = "act_norm_sum"
+
+    def batch_values(self, x, weights):
+        return sp.sample_act_sq_sums(x, weights).sqrt()
+
+    def solve(self, weight, stat):
+        metric = weight.float().abs() * stat.to(weight.device, torch.float32).unsqueeze(0)
+        return PruneResult(sp.select_mask(metric, self.sparsity, self.n_m))
+
+
+class ReferenceSparseGPT(SparseGPT):
+    """The reference's `prune_sparsegpt`: clean windows, layer-sequential, unstructured masks with one threshold
+    per 128-column block over all rows (its `fasterprune`); damping percdamp · mean diag."""
+    flavor, mode, inputs = "reference", "sequential", "clean"
+
+    def solve(self, weight, stat):
+        new_weight, mask, info = sp.sparsegpt_prune(weight, stat.to(weight.device), sparsity=self.sparsity, n_m=self.n_m,
+                                                    blocksize=self.blocksize, percdamp=self.percdamp, threshold="block")
+        return PruneResult(mask, new_weight, info)
+
+
+class ReferenceSinkSparseGPT(ReferenceSparseGPT):
+    """The reference's `prune_sink_sparsegpt`: s̄ = each sample's sink scores averaged over the timesteps (first
+    epoch), then ReferenceSparseGPT with H from the clean inputs weighted by 1 − s̄."""
+    mean_scores = True
+
+
 FLAVORS: dict[tuple[str, str], type[Pruner]] = {
     ("magnitude", "default"): Pruner, ("wanda", "default"): Wanda, ("sparsegpt", "default"): SparseGPT,
+    ("magnitude", "reference"): ReferenceMagnitude, ("wanda", "reference"): ReferenceWanda,
+    ("sink_wanda", "reference"): ReferenceSinkWanda, ("sparsegpt", "reference"): ReferenceSparseGPT,
+    ("sink_sparsegpt", "reference"): ReferenceSinkSparseGPT,
 }
 
 
@@ -120,9 +195,9 @@ def make_pruner(method: str, sparsity: float | None, n_m=None, flavor: str = "de
     if method not in METHODS:
         raise ValueError(f"prune method={method!r} is unknown; choose one of {', '.join(METHODS)}")
     base = method.removeprefix("sink_")
-    cls = FLAVORS.get((base, flavor))
+    cls = FLAVORS.get((method, flavor)) or FLAVORS.get((base, flavor))  # a sink-specific variant first
     if cls is None:
-        known = sorted(f for m, f in FLAVORS if m == base)
+        known = sorted({f for m, f in FLAVORS if m in (base, method)})
         raise ValueError(f"prune flavor={flavor!r} is unknown for {base}; choose one of {', '.join(known)}")
     weighting = SinkWeighting() if method.startswith("sink_") else PlainWeighting()
     return cls(sparsity, n_m, weighting, **kwargs)

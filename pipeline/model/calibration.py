@@ -59,6 +59,22 @@ def noised_batches(batch: dict, timesteps: list[float], mask_token_id: int, *, s
         yield NoisedBatch(noisy, x0, masked, float(t), step, sample_ids, batch.get("attention_mask"))
 
 
+def reference_noised_batches(batch: dict, timesteps: list[float], mask_token_id: int, generator: torch.Generator,
+                             *, eps: float = DEFAULT_EPS):
+    """The reference's noise order: one [B, L] uniform draw per timestep, in order, from ONE generator that the
+    caller seeds once (`torch.Generator().manual_seed(seed)`, the stream `torch.manual_seed(seed)` gives the
+    reference's CPU runs) and draws from across batches in window order; masked where u < (1 − eps)·t + eps
+    (computed in double, as the reference's Python float).  Bit-identical to the reference's masks only in a single
+    process with batch size 1, unshuffled windows and no resume; `keep` is ignored (the reference keeps nothing)."""
+    x0 = batch["input_ids"]
+    sample_ids = [int(i) for i in batch["index"]]
+    for step, t in enumerate(timesteps):
+        uniform = torch.rand(tuple(x0.shape), generator=generator).to(x0.device)
+        masked = uniform < ((1.0 - eps) * float(t) + eps)
+        noisy = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
+        yield NoisedBatch(noisy, x0, masked, float(t), step, sample_ids, batch.get("attention_mask"))
+
+
 def calibration_forward(module, input_ids, attention_mask=None):
     """The module's `calibration_forward` if it has one, else `module.model(input_ids, attention_mask)`."""
     fn = getattr(module, "calibration_forward", None)

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from typing_extensions import override
 
-from pipeline.model.calibration import calibration_forward, dispatch_noised_batch, noised_batches
+from pipeline.model.calibration import calibration_forward, dispatch_noised_batch, noised_batches, reference_noised_batches
 from pipeline.maths.diffusion import DEFAULT_EPS, config_max_length, timestep_grid
 from pipeline.model.loading import load_dlm, resolve_mask_token_id, resolve_path
 from pipeline.run.phase import set_current
@@ -48,15 +48,23 @@ class DLMModule(L.LightningModule):
         heldout_timesteps: int = 8,
         attn_implementation: str | None = "sdpa",
         keep_special_tokens: bool = False,
+        noise: str = "per_sample",
     ):
         """Args:
             keep_special_tokens: never mask the special token the data puts first (BOS / [CLS]), in
                 calibration and in held-out scoring, for models trained that way (minilm-dlm, tiny-llada).
                 The default masks every position, like the reference and LLaDA's pretraining.
+            noise: "per_sample" (default: each (sample, timestep) from its own hashed seed, identical across DDP world
+                sizes and batch sizes) or "reference" (the reference's order: one generator seeded once per epoch,
+                one draw per (batch, timestep) in window order; with batch_size 1 in a single process the noised
+                inputs are bit-identical to the reference's, see pipeline/model/calibration.py).
         """
         super().__init__()
         self.save_hyperparameters()
         self.timesteps = validate_timesteps(timesteps)
+        if noise not in ("per_sample", "reference"):
+            raise ValueError(f"model.noise={noise!r} must be 'per_sample' (default) or 'reference' (the reference's draw order)")
+        self._noise_generator: torch.Generator | None = None
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"model.eps={eps} must be in [0, 1); the default is 1e-3")
         if torch_dtype is not None and str(torch_dtype) not in DTYPES:
@@ -118,13 +126,21 @@ class DLMModule(L.LightningModule):
     @override
     def on_train_epoch_start(self):
         self.model.eval()
+        if self.hparams.noise == "reference":  # every epoch replays the same stream (the reference draws it once)
+            self._noise_generator = torch.Generator().manual_seed(self.hparams.seed)
 
     @override
     def training_step(self, batch, batch_idx):
         set_current(f"calibrating (epoch {self.current_epoch + 1}, batch {batch_idx + 1})")
         with torch.no_grad():
             batch = {**batch, "keep": self.keep(batch)}
-            for nb in noised_batches(batch, self.timesteps, self.mask_token_id, seed=self.hparams.seed, eps=self.hparams.eps):
+            if self.hparams.noise == "reference":
+                if self._noise_generator is None:  # resumed mid-epoch: the stream restarts (not the reference's)
+                    self._noise_generator = torch.Generator().manual_seed(self.hparams.seed)
+                batches = reference_noised_batches(batch, self.timesteps, self.mask_token_id, self._noise_generator, eps=self.hparams.eps)
+            else:
+                batches = noised_batches(batch, self.timesteps, self.mask_token_id, seed=self.hparams.seed, eps=self.hparams.eps)
+            for nb in batches:
                 dispatch_noised_batch(self.trainer, self, nb)
         return None
 

@@ -1,0 +1,275 @@
+"""flavor="reference" against the float64 oracle of the reference's formulas (tests/reference_formulas.py).
+
+Each test runs the flavour on tiny-llada (batch size 1, as the reference), records every noised batch and its
+sink scores, then recomputes the masks with the oracle from the same model and the same inputs.
+"""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.prune import PruneCallback
+from callbacks.sink_stats import SinkStatsCallback
+from pipeline.maths.pruners import make_pruner
+from pipeline.model.calibration import find_blocks
+from pipeline.model.module import DLMModule
+from tests import reference_formulas as ref
+
+NSAMPLES, SEQLEN, TIMESTEPS = 6, 128, 2
+
+
+class Recorder(L.Callback):
+    """Listed after PruneCallback: keeps every noised batch (ids, sink scores) in dispatch order, epoch 0 only."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_noised_batch(self, trainer, pl_module, nb):
+        if trainer.current_epoch == 0:
+            self.batches.append((list(nb.sample_ids), nb.input_ids.clone(), nb.clean_ids.clone(), nb.sink_scores.clone()))
+
+
+def _windows():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(4, 4096, (NSAMPLES, SEQLEN), generator=g)
+
+
+def _run(method: str, tmp_path, **prune_kwargs):
+    module = DLMModule(pretrained="tiny-llada", timesteps=TIMESTEPS, seed=0)
+    prune = PruneCallback(method=method, sparsity=0.5, flavor="reference", **prune_kwargs)
+    recorder = Recorder()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[SinkStatsCallback(record=False, heatmap=False), prune, recorder])
+    loader = torch.utils.data.DataLoader([{"input_ids": w, "index": i, "keep": torch.zeros_like(w, dtype=torch.bool)} for i, w in enumerate(_windows())], batch_size=1)
+    trainer.fit(module, train_dataloaders=loader)
+    return module, prune, recorder
+
+
+def _dense_model():
+    module = DLMModule(pretrained="tiny-llada", timesteps=TIMESTEPS, seed=0)
+    module.configure_model()
+    return module.model.eval()
+
+
+def _linear_inputs(model, ids, names):
+    """Each named Linear's input [1, T, d_in] for one forward of `ids` (whole model)."""
+    modules = dict(model.named_modules())
+    got = {}
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, i[0].detach().clone())) for n in names]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return got
+
+
+def _agreement(a, b):
+    return float((a == b).double().mean())
+
+
+def test_sink_wanda_reference_matches_oracle(tmp_path):
+    module, prune, recorder = _run("sink_wanda", tmp_path, single_pass=True)
+    assert prune.mode == "oneshot" and len(recorder.batches) == NSAMPLES * TIMESTEPS
+    dense = _dense_model()
+    names = list(prune.masks)
+    per_layer = {n: [] for n in names}
+    for _, ids, _, scores in recorder.batches:
+        for n, x in _linear_inputs(dense, ids, names).items():
+            per_layer[n].append((x, scores))
+    worst = 1.0
+    for n in names:
+        weight = dict(dense.named_modules())[n].weight.detach()
+        expected = ref.sink_wanda_mask(weight, ref.wanda_norm_sum(per_layer[n]), 0.5)
+        worst = min(worst, _agreement(prune.masks[n], expected))
+    # float32 per-sample sums vs the oracle's float64: only near-ties at the threshold may swap
+    print("worst agreement", worst)
+    assert worst >= 0.999, worst
+
+
+def test_sink_wanda_reference_honours_n_m(tmp_path):
+    _, prune, _ = _run("sink_wanda", tmp_path, n_m="2:4")
+    mask = next(iter(prune.masks.values()))
+    assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()
+
+
+def _fasterprune64(weight, hessian, sparsity, blocksize=128, percdamp=0.01):
+    """The reference's fasterprune (docs/reference.md), float64, unstructured: returns the mask (True = pruned)."""
+    W = weight.double().clone()
+    H = hessian.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    cols = W.shape[1]
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        d = Hinv1.diagonal()
+        mask1 = ref.blockwise_threshold_mask(W1 ** 2 / d.unsqueeze(0) ** 2, sparsity, blocksize)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return mask
+
+
+def test_sink_sparsegpt_reference_matches_oracle(tmp_path):
+    module, prune, recorder = _run("sink_sparsegpt", tmp_path)
+    assert prune.mode == "sequential" and prune.offset == 1
+    # s̄ per sample from the recorded scores (the scores epoch), in the timesteps' order
+    per_sample = {}
+    for sids, _, clean, scores in recorder.batches:
+        per_sample.setdefault(sids[0], [clean, []])[1].append(scores[0])
+    mean = {sid: ref.mean_over_timesteps(s) for sid, (_, s) in per_sample.items()}
+    for sid, m in mean.items():  # the callback's own s̄ agrees
+        got = prune.mean_scores[sid][0] / prune.mean_scores[sid][1]
+        assert torch.allclose(got.double(), m, atol=1e-6)
+    # block by block: the dense block i after the flavour's pruned blocks 0..i-1, on the clean windows
+    oracle_model = _dense_model()
+    pruned = dict(module.model.named_modules())
+    modules = dict(oracle_model.named_modules())
+    worst64, worst32 = 1.0, 1.0
+    for prefix, block in find_blocks(oracle_model):
+        names = [n for n in prune.masks if n.startswith(prefix + ".")]
+        inputs = {n: [] for n in names}
+        for sid, (clean, _) in sorted(per_sample.items()):
+            for n, x in _linear_inputs(oracle_model, clean, names).items():
+                inputs[n].append(x[0])
+        for n in names:
+            weight = modules[n].weight.detach()
+            scores = [mean[sid] for sid in sorted(per_sample)]
+            h64 = ref.weighted_hessian(inputs[n], scores)
+            h32 = torch.zeros(h64.shape, dtype=torch.float32)  # the same sum accumulated in float32, as the reference does
+            for x, s in zip(inputs[n], scores):
+                y = x.float() * (1 - s.float()).unsqueeze(-1)
+                h32.addmm_(y.T, y)
+            worst64 = min(worst64, _agreement(prune.masks[n], _fasterprune64(weight, h64, 0.5)))
+            worst32 = min(worst32, _agreement(prune.masks[n], _fasterprune64(weight, h32, 0.5)))
+        with torch.no_grad():
+            for n in names:
+                modules[n].weight.copy_(pruned[n].weight)
+    print("worst agreement: float32 H", worst32, "float64 H", worst64)
+    # Not bit-exact: the flavour solves in float32 (as the reference does), the oracle in float64, and H is summed
+    # in another order; the OBS updates carry the rounding to later columns, so a few saliencies that lie within
+    # rounding of their block's threshold swap (measured 0.99982 on the worst layer).
+    assert worst32 >= 0.999, worst32
+    assert worst64 >= 0.999, worst64
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_reference_baselines_schedule(method):
+    pruner = make_pruner(method, 0.5, flavor="reference")
+    assert pruner.flavor == "reference"
+    if method != "magnitude":
+        assert (pruner.mode, pruner.inputs) == ("sequential", "clean")
+
+
+def test_layerwise_magnitude_matches_oracle():
+    from pipeline.maths.sparsity import layerwise_magnitude_mask
+
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(layerwise_magnitude_mask(w, 0.5), ref.layerwise_threshold_mask(w, 0.5))
+
+
+def test_blockwise_sparsegpt_mask_rule():
+    from pipeline.maths.sparsity import sparsegpt_prune
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(16, 64, generator=g), torch.randn(200, 64, generator=g)
+    H = (x.T @ x).double()
+    _, mask, _ = sparsegpt_prune(w, H, sparsity=0.5, blocksize=32, threshold="block")
+    assert _agreement(mask, _fasterprune64(w, H, 0.5, blocksize=32)) >= 0.999
+
+
+def test_reference_noise_order_replays_the_global_generator():
+    """noise="reference": the k-th draw after manual_seed(seed) noises (window k // n_t, timestep k % n_t)."""
+    from pipeline.maths.diffusion import timestep_grid
+    from pipeline.model.calibration import reference_noised_batches
+
+    windows, steps, eps = _windows(), timestep_grid(10), 1e-3
+    gen = torch.Generator().manual_seed(0)
+    ours = [nb.input_ids for i, w in enumerate(windows)
+            for nb in reference_noised_batches({"input_ids": w[None], "index": [i]}, steps, 2, gen, eps=eps)]
+    state = torch.random.get_rng_state()
+    try:
+        torch.random.manual_seed(0)  # the reference's loop (docs/reference.md, "Diffusion noise")
+        theirs = []
+        for w in windows:
+            ids = w[None]
+            for step in range(5, 55, 5):
+                p = (1 - eps) * (step / 50) + eps
+                theirs.append(torch.where(torch.rand_like(ids.float()) < p, torch.full_like(ids, 2), ids))
+    finally:
+        torch.random.set_rng_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs)) and len(ours) == len(theirs)
+
+
+def test_wanda_variant_matches_a_literal_bisection():
+    """use_variant: per row, prune where the cumulative sorted metric ≤ alpha · row sum; alpha bisected on [0, 0.8]."""
+    from pipeline.maths.sparsity import wanda_variant_mask
+
+    metric = torch.rand(32, 64, generator=torch.Generator().manual_seed(0)).double()
+
+    def given(alpha):
+        mask = torch.zeros_like(metric, dtype=torch.bool)
+        for r in range(metric.shape[0]):
+            values = sorted(float(v) for v in metric[r])
+            total, running, thresh = float(metric[r].sum()), 0.0, None
+            for v in values:
+                running += v
+                if running <= alpha * total:
+                    thresh = v
+            if thresh is not None:
+                mask[r] = metric[r] <= thresh
+        return mask, float(mask.double().mean())
+
+    alpha, low, high = 0.4, 0.0, 0.8
+    mask, cur = given(alpha)
+    while abs(cur - 0.5) > 0.001 and high - low >= 0.001:
+        alpha, low, high = ((alpha + low) / 2, low, alpha) if cur > 0.5 else ((alpha + high) / 2, alpha, high)
+        mask, cur = given(alpha)
+    got, got_alpha = wanda_variant_mask(metric, 0.5)
+    assert got_alpha == pytest.approx(alpha) and _agreement(got, mask) >= 0.999
+    with pytest.raises(ValueError, match="use_variant"):
+        make_pruner("wanda", 0.5, flavor="default", use_variant=True)
+    assert make_pruner("wanda", 0.5, flavor="reference", use_variant=True).use_variant
+
+
+def test_wanda_reference_clean_sequential_matches_oracle(tmp_path):
+    """Plain Wanda, flavor=reference: clean windows, block by block through the already pruned blocks, |W|·√Σx²."""
+    module, prune, recorder = _run("wanda", tmp_path, use_variant=False)
+    assert prune.mode == "sequential" and prune.offset == 0
+    clean = {sids[0]: c for sids, _, c, _ in recorder.batches}
+    oracle_model, pruned = _dense_model(), dict(module.model.named_modules())
+    modules = dict(oracle_model.named_modules())
+    for prefix, _ in find_blocks(oracle_model):
+        names = [n for n in prune.masks if n.startswith(prefix + ".")]
+        sq = {n: 0 for n in names}
+        for sid in sorted(clean):
+            for n, x in _linear_inputs(oracle_model, clean[sid], names).items():
+                sq[n] = sq[n] + (x[0].double() ** 2).sum(0)
+        for n in names:
+            expected = ref.per_row_lowest(modules[n].weight.detach().double().abs() * sq[n].sqrt(), modules[n].weight.shape[1] // 2)
+            assert _agreement(prune.masks[n], expected) >= 0.999, n
+        with torch.no_grad():
+            for n in names:
+                modules[n].weight.copy_(pruned[n].weight)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
+def test_reference_baselines_run(tmp_path, method):
+    _, prune, _ = _run(method, tmp_path)
+    sparsity = sum(int(m.sum()) for m in prune.masks.values()) / sum(m.numel() for m in prune.masks.values())
+    assert abs(sparsity - 0.5) < 0.01  # block-wise / layer-wise thresholds: rows vary, the total does not

@@ -1,13 +1,8 @@
-"""PruneCallback: calibration statistics → masks → applied in place (pruners in pipeline/maths/pruners.py).
+"""PruneCallback: calibration statistics → masks → applied in place (pruners: pipeline/maths/pruners.py).
 
-It hooks the targeted Linear layers (callbacks/layers.py), adds each sample's statistic to a reduction
-slot (exact across DDP world sizes, callbacks/reduction.py) and at the epoch's end solves every layer's
-mask, identically on every rank.  Token weights come from the pruner's weighting policy.
-
-`sequential` calibrates block i on the outputs of the already-pruned blocks before it, one epoch per block
-(one block's statistics alive at a time).  MoE experts count only the tokens routed to them.  Scoring,
-reports and saving are EvaluateExportCallback's (callbacks/evaluate.py).
-"""
+Per-sample statistics of the targeted Linear inputs (callbacks/layers.py) go to DDP-exact reduction slots
+(callbacks/reduction.py); at the epoch's end every rank solves every layer's mask identically. Scoring,
+reports and saving belong to EvaluateExportCallback (callbacks/evaluate.py)."""
 from __future__ import annotations
 
 import time
@@ -15,16 +10,16 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from callbacks import moe
-from callbacks.reduction import SlotSums, gather_records
+from callbacks.reduction import SlotSums
+from callbacks.schedule import MeanSinkScores
 from callbacks.sink_stats import SinkStatsCallback
-from callbacks.layers import Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks
+from callbacks.layers import (Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, hooked_forward,
+                              load_masks, reapply, solve_layer)
 from pipeline.maths import sparsity as sp
-from pipeline.maths.attention import force_eager
-from pipeline.model.calibration import NoisedBatch, forward_through_blocks
+from pipeline.model.calibration import NoisedBatch
 from pipeline.run.phase import phase
 from pipeline.maths.pruners import METHODS, check_prune_args, make_pruner
 
@@ -41,16 +36,12 @@ class PruneCallback(Callback):
         blocksize / percdamp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).
         reduction_slots: fixed slots for DDP-exact sums (window i goes to slot i mod reduction_slots).
         masks_from: a previous run's output folder: apply its masks.safetensors instead of calibrating.
-        single_pass: reuse SinkStatsCallback's probed forward instead of a second forward (sink-aware methods on
-            noised inputs, one-shot or sequential; the same statistics bit for bit); default true, false runs it.
-        use_variant: the reference's Wanda variant (per-row cumulative-metric threshold, alpha bisected to the
-            sparsity); method=wanda, flavor=reference, unstructured only.
-        eager: run the hooked calibration forwards in torch.compile's "force_eager" stance (as the sink probe does):
-            a few hundred calibration forwards seldom repay a cold compile (LLaDA's remote code compiles its SDPA
-            wrapper); false lets compiled code compile.
-        flavor: the pruner variant (pipeline/maths/pruners.py FLAVORS): "default" (this project's) or
-            "reference" (what the paper's code computes, its calibration schedule included: `mode` is then the
-            reference's: one-shot for sink_wanda, layer-sequential on clean windows for the others).
+        single_pass: read the Linear inputs of SinkStatsCallback's probed forward instead of running a second
+            forward (the same statistics bit for bit).
+        use_variant: the reference's Wanda variant (alpha bisected per row); wanda, flavor=reference only.
+        eager: hooked forwards in torch.compile's "force_eager" stance (no cold compile of a compiled SDPA).
+        flavor: "default" (this project's) or "reference" (the paper's code, its calibration schedule included:
+            one-shot sink_wanda, layer-sequential on clean windows for the others).
     """
 
     def __init__(self, method: str = "sink_wanda", sparsity: float | None = None, n_m: str | None = None,
@@ -68,7 +59,7 @@ class PruneCallback(Callback):
         self.mode = self.pruner.mode or mode
         # epochs before the block epochs: 1 when the pruner needs each sample's mean sink scores first
         self.offset = 1 if self.pruner.mean_scores and self.pruner.statistic else 0
-        self.mean_scores: dict[int, list] = {}  # sample id -> [Σ_t s_t (float32 [L]), number of timesteps]
+        self.mean_scores = MeanSinkScores()
         self.targets, self.ignore = compile_patterns("targets", targets), compile_patterns("ignore", ignore)
         self.reduction_slots, self.masks_from, self.single_pass, self.eager = reduction_slots, masks_from, single_pass, eager
         self.t = Targets()
@@ -100,12 +91,7 @@ class PruneCallback(Callback):
             trainer.fit_loop.max_epochs = len(self.t.block_layers) + self.offset
         if self.sums is None:
             self.sums = SlotSums(self.reduction_slots)
-        with torch.no_grad():  # resumed from a checkpoint: layers pruned before the interruption get their state back
-            for name, mask in self.masks.items():
-                weight = self.layers[name].weight
-                if name in self.pruned_weights:
-                    weight.copy_(self.pruned_weights[name].to(weight.device, weight.dtype))
-                sp.apply_mask_(weight, mask.to(weight.device))
+        reapply(self.layers, self.masks, self.pruned_weights)  # resumed: restore the layers pruned before
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:
@@ -140,7 +126,7 @@ class PruneCallback(Callback):
 
     def on_noised_batch(self, trainer, pl_module, nb: NoisedBatch) -> None:
         if trainer.current_epoch < self.offset and not self.masks_from:
-            self._add_mean_scores(nb)
+            self.mean_scores.add(nb, self.seen, self.method)
             return
         names = self._active_layers(trainer.current_epoch)
         if not names:
@@ -148,7 +134,7 @@ class PruneCallback(Callback):
         if self.pruner.inputs == "clean":
             if nb.step != 0:  # clean inputs: one pass per sample, not one per timestep
                 return
-            nb = self._clean_batch(nb)
+            nb = self.mean_scores.clean_batch(nb, self.pruner.mean_scores and self.pruner.weighting.sink_aware, self.flavor)
         if self.pruner.weighting.sink_aware and nb.sink_scores is None:
             raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")
         epoch = trainer.current_epoch
@@ -162,49 +148,12 @@ class PruneCallback(Callback):
             self._forward_and_accumulate(trainer, pl_module, nb, names, fresh)
         self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids if sid >= 0)
 
-    def _add_mean_scores(self, nb: NoisedBatch) -> None:
-        """Σ_t s_t per sample, in the timesteps' order (float32, as the reference adds them)."""
-        if nb.sink_scores is None:
-            raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")
-        for b, sid in enumerate(nb.sample_ids):
-            if sid < 0 or (0, sid, nb.step) in self.seen:
-                continue
-            scores = nb.sink_scores[b].detach().float().cpu()
-            if sid in self.mean_scores:
-                self.mean_scores[sid][0] = self.mean_scores[sid][0] + scores
-                self.mean_scores[sid][1] += 1
-            else:
-                self.mean_scores[sid] = [scores, 1]
-            self.seen.add((0, sid, nb.step))
-
-    def _clean_batch(self, nb: NoisedBatch) -> NoisedBatch:
-        """The clean text x_0 of the batch, carrying s̄ (each sample's mean sink scores) when the pruner uses them."""
-        scores = None
-        if self.pruner.mean_scores and self.pruner.weighting.sink_aware:
-            missing = [sid for sid in nb.sample_ids if sid >= 0 and sid not in self.mean_scores]
-            if missing:
-                raise RuntimeError(f"prune flavor={self.flavor}: no mean sink scores for samples {missing[:4]}; "
-                                   "the first (scores) epoch must see every calibration sample")
-            length = nb.clean_ids.shape[1]
-            scores = torch.stack([self.mean_scores[sid][0] / self.mean_scores[sid][1] if sid >= 0 else torch.zeros(length)
-                                  for sid in nb.sample_ids]).to(nb.clean_ids.device)
-        return NoisedBatch(nb.clean_ids, nb.clean_ids, torch.zeros_like(nb.masked), 0.0, nb.step, nb.sample_ids,
-                           nb.attention_mask, sink_scores=scores)
-
     def _forward_and_accumulate(self, trainer, pl_module, nb, names, fresh) -> None:
-        handles = [self.layers[n].register_forward_hook(
-            lambda mod, inp, out, n=n: accumulate(self.pruner, self.sums, n, inp[0].detach(), self._routed(n), nb, fresh))
-            for n in names]
         # sequential: blocks after the one being calibrated are not needed yet; one-shot: nothing after the last target
         last = self.t.block_modules[trainer.current_epoch - self.offset] if self.mode == "sequential" else self.t.block_modules[-1]
-        stance = force_eager() if self.eager else None
-        try:
-            forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask, stop_after=last)
-        finally:
-            if stance is not None:
-                stance.__exit__(None, None, None)
-            for h in handles:
-                h.remove()
+        hooked_forward(pl_module, self.layers, names,
+                       lambda n, x: accumulate(self.pruner, self.sums, n, x, self._routed(n), nb, fresh),
+                       nb.input_ids, nb.attention_mask, last, self.eager)
 
     def _routed(self, name: str) -> torch.Tensor | None:
         """For a Linear inside an MoE expert, called from its hook: the flat [B·L] token index of each input row."""
@@ -218,7 +167,7 @@ class PruneCallback(Callback):
         self._capture_handles, self._captured = [], {}
         epoch = trainer.current_epoch
         if epoch < self.offset and not self.masks_from:  # every rank gets every sample's s̄
-            self.mean_scores = {int(k): v for k, v in gather_records(self.mean_scores).items()}
+            self.mean_scores.gather()
             return
         if self.masks_from or (epoch > self.offset and not (self.mode == "sequential" and self.pruner.statistic)):
             return
@@ -233,27 +182,18 @@ class PruneCallback(Callback):
         self.info["timings"]["prune_s"] = self.info["timings"].get("prune_s", 0.0) + time.time() - t0
 
     def _prune_layer(self, name: str) -> None:
-        weight = self.layers[name].weight
-        if not torch.isfinite(weight).all():
-            raise FloatingPointError(f"NaN/Inf in the weight of {name} before pruning")
         stat = self.sums.total(name) if self.pruner.statistic else None
-        if self.pruner.statistic and stat is None:
-            raise RuntimeError(f"prune: no calibration statistics reached {name}; the layer never ran in the calibration forward")
-        result = self.pruner.solve(weight, stat)
-        if result.weight is not None:
-            weight.copy_(result.weight)
-            self.pruned_weights[name] = result.weight.detach().cpu()
-            if result.info.get("retries"):
-                rank_zero_warn(f"{name}: Cholesky failed, retried with damping {result.info.get('percdamp')}")
-            self.info.setdefault("sparsegpt", {})[name] = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str))}
-        sp.apply_mask_(weight, result.mask.to(weight.device))
-        self.masks[name] = result.mask.to(torch.bool).cpu()
+        mask, new_weight, info = solve_layer(self.pruner, name, self.layers[name].weight, stat)
+        self.masks[name] = mask
+        if new_weight is not None:
+            self.pruned_weights[name] = new_weight
+            self.info.setdefault("sparsegpt", {})[name] = info
 
     @override
     def state_dict(self) -> dict:
         return {"masks": self.masks, "sums": self.sums.state_dict() if self.sums else None,
                 "seen": sorted(self.seen), "pruned_weights": self.pruned_weights, "expert_tokens": self.expert_tokens,
-                "mean_scores": self.mean_scores}
+                "mean_scores": self.mean_scores.sums}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
@@ -261,7 +201,7 @@ class PruneCallback(Callback):
         self.seen = {tuple(k) for k in state_dict.get("seen", [])}
         self.pruned_weights = state_dict.get("pruned_weights", {})
         self.expert_tokens = state_dict.get("expert_tokens", {})
-        self.mean_scores = state_dict.get("mean_scores", {})
+        self.mean_scores.sums = state_dict.get("mean_scores", {})
         if state_dict.get("sums") is not None:
             self.sums = SlotSums(self.reduction_slots)
             self.sums.load_state_dict(state_dict["sums"])

@@ -134,7 +134,7 @@ def test_sink_sparsegpt_reference_matches_oracle(tmp_path):
         per_sample.setdefault(sids[0], [clean, []])[1].append(scores[0])
     mean = {sid: ref.mean_over_timesteps(s) for sid, (_, s) in per_sample.items()}
     for sid, m in mean.items():  # the callback's own s̄ agrees
-        got = prune.mean_scores[sid][0] / prune.mean_scores[sid][1]
+        got = prune.mean_scores.sums[sid][0] / prune.mean_scores.sums[sid][1]
         assert torch.allclose(got.double(), m, atol=1e-6)
     # block by block: the dense block i after the flavour's pruned blocks 0..i-1, on the clean windows
     oracle_model = _dense_model()

@@ -63,15 +63,18 @@ class EvaluateExportCallback(Callback):
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.score_dense and "heldout" not in self.dense:
+            t0 = time.time()
             with phase("scoring the dense model on held-out text"):
-                self.dense["heldout"] = pl_module.score_heldout()
+                self.dense["heldout"] = pl_module.score_heldout("dense: held-out text")
+            self.dense_windows = dict(getattr(pl_module, "heldout_windows", {}))
+            self.timings["dense_score_s"] = time.time() - t0
             r = self.dense["heldout"]
             _say(f"[bold]dense[/] held-out masked-diffusion NLL {r['nll']:.4f} nats/token, "
                  f"perplexity {r['ppl']:.2f} ({r['tokens']} tokens)")
         if self.tasks and self.score_dense_tasks and "tasks" not in self.dense:
             t0 = time.time()
             with phase("running lm-eval tasks on the dense model"):
-                self.dense["tasks"] = self._evaluate_tasks(pl_module)
+                self.dense["tasks"] = self._evaluate_tasks(pl_module, "dense: ")
             self.timings["dense_tasks_s"] = time.time() - t0
 
     @override
@@ -88,12 +91,16 @@ class EvaluateExportCallback(Callback):
             results["moe"] = {"expert_tokens": dict(sorted(prune.expert_tokens.items())), "dense_routers": prune.t.dense_routers}
         pruned = self._score_pruned(pl_module, timings)
         results.update({"dense": dict(self.dense), "pruned": pruned, "timings": timings, "sparsegpt": prune.info.get("sparsegpt", {})})
+        results["paired"] = self._paired(pl_module, pruned)
         results["run"] = run_metadata(trainer, pl_module, prune)
         self.results = results
         if trainer.is_global_zero:
             self._print(report, pruned, prune.method)
+            t0 = time.time()
             with phase("saving"):
                 self._save(pl_module, prune, results, self.output_path(trainer))
+            timings["save_s"] = time.time() - t0
+            self._summary(timings)
         if trainer.world_size > 1:
             trainer.strategy.barrier("prune_saved")
 
@@ -102,31 +109,57 @@ class EvaluateExportCallback(Callback):
         if self.score:
             t0 = time.time()
             with phase("scoring the pruned model on held-out text"):
-                pruned["heldout"] = pl_module.score_heldout()
+                pruned["heldout"] = pl_module.score_heldout("pruned: held-out text")
             timings["score_s"] = time.time() - t0
         if self.tasks:
             t0 = time.time()
             with phase("running lm-eval tasks on the pruned model"):
-                pruned["tasks"] = self._evaluate_tasks(pl_module)
+                pruned["tasks"] = self._evaluate_tasks(pl_module, "pruned: ")
             timings["tasks_s"] = time.time() - t0
         return pruned
+
+    def _paired(self, pl_module, pruned: dict) -> dict:
+        """Pruned − dense on the same held-out windows (same masks) and the same questions, with paired s.e."""
+        from pipeline.evaluation.scoring import paired_task_differences
+        from pipeline.maths.metrics import paired_difference, within_noise
+
+        out: dict = {}
+        dense_windows = getattr(self, "dense_windows", {})
+        if dense_windows and "heldout" in pruned:
+            heldout = paired_difference(dense_windows, getattr(pl_module, "heldout_windows", {}))
+            if heldout is not None:
+                heldout["within_noise"] = within_noise(heldout["delta_nll"], heldout["stderr"])
+                out["heldout"] = heldout
+        if self.dense.get("tasks") and pruned.get("tasks"):
+            out["tasks"] = paired_task_differences(self.dense["tasks"], pruned["tasks"])
+        return out
+
+    def _summary(self, timings: dict) -> None:
+        """Phase timings, after everything else (also in results.json under `timings`)."""
+        names = {"dense_score_s": "dense: held-out text", "dense_tasks_s": "dense: benchmarks", "calibration_s": "calibration + pruning",
+                 "score_s": "pruned: held-out text", "tasks_s": "pruned: benchmarks", "save_s": "saving"}
+        from pipeline.run.console import render_timings
+
+        shown = {label: timings[key] for key, label in names.items() if isinstance(timings.get(key), (int, float))}
+        Console().print(render_timings(shown))
 
     def _print(self, report: dict, pruned: dict, method: str) -> None:
         from pipeline.evaluation.report import render_scores, render_sparsity
 
         console = Console()
         console.print(render_sparsity(report))
-        console.print(render_scores(self.dense, pruned, method))
+        console.print(render_scores(self.dense, pruned, method, paired=(self.results or {}).get("paired", {}).get("heldout")))
         if self.tasks:
             from pipeline.evaluation.scoring import render_comparison
 
             console.print(render_comparison(self.dense.get("tasks", {}), pruned.get("tasks", {}),
                                             title=f"benchmarks, dense vs pruned ({method})"))
 
-    def _evaluate_tasks(self, pl_module) -> dict:
+    def _evaluate_tasks(self, pl_module, label: str = "") -> dict:
         from pipeline.evaluation.scoring import evaluate_tasks
 
-        return evaluate_tasks(pl_module.model, pl_module.tokenizer, pl_module.mask_token_id, self.tasks, **self.eval_kwargs)
+        kwargs = {"show_progress": "rich", "label": label, **self.eval_kwargs}
+        return evaluate_tasks(pl_module.model, pl_module.tokenizer, pl_module.mask_token_id, self.tasks, **kwargs)
 
     def _save(self, pl_module, prune: PruneCallback, results: dict, out: Path) -> None:
         from safetensors.torch import save_file

@@ -202,7 +202,8 @@ class DiffusionLM(LM):
         self.gen_length, self.block_length, self.steps = int(gen_length), int(block_length), int(steps)
         self.temperature, self.remasking = float(temperature), str(remasking)
         self.seed = int(seed)
-        self.show_progress = bool(show_progress)
+        self.show_progress = show_progress if show_progress == "rich" else bool(show_progress)
+        self.task_label: str | None = None
         if add_bos is None:
             self.prefix_ids = special_prefix_ids(tokenizer)
         else:
@@ -302,6 +303,10 @@ class DiffusionLM(LM):
         return ll, greedy
 
     def _progress(self, requests, desc: str):
+        if self.show_progress == "rich":
+            from pipeline.run.console import track
+
+            return track(requests, f"{self.task_label or desc}", total=len(requests), unit="requests")
         return tqdm(requests, desc=desc, disable=not self.show_progress or self.rank != 0)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:

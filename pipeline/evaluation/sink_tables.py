@@ -94,7 +94,8 @@ def render_timestep_table(summary: dict) -> Table:
     return table
 
 
-def plot_heatmap(matrix, path, title: str = "", ylabels=None, xlabel: str = "key position") -> Path:
+def plot_heatmap(matrix, path, title: str = "", ylabels=None, xlabel: str = "key position",
+                 ylabel: str = "timestep t (mask rate)", log: bool = True) -> Path:
     """Save `matrix` [timesteps x positions] as a PNG heatmap (NaN cells blank).  Callers write it inside an
     AtomicDir temp folder, which makes it atomic with the rest of their output."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's state
@@ -107,9 +108,22 @@ def plot_heatmap(matrix, path, title: str = "", ylabels=None, xlabel: str = "key
     fig = Figure(figsize=(min(16, 3 + cols * 0.12), min(12, 1.5 + rows * 0.3)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis")
-    fig.colorbar(image, ax=ax, label="share of attention mass")
+    norm = None
+    positive = data[(data > 0) & ~torch.isnan(torch.as_tensor(data)).numpy()]
+    if log and positive.size and positive.max() > positive.min():
+        from matplotlib.colors import LogNorm
+
+        norm = LogNorm(vmin=max(float(positive.min()), float(positive.max()) * 1e-4), vmax=float(positive.max()))
+        data = data.clip(min=norm.vmin)
+    image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
+    fig.colorbar(image, ax=ax, label="share of attention mass" + (" (log scale)" if norm is not None else ""))
+    # each row's strongest position (its sink) marked
+    finite = torch.nan_to_num(torch.as_tensor(data), nan=-1.0)
+    if cols > 1:
+        ax.scatter(finite.argmax(dim=1).numpy(), range(rows), marker="x", color="red", s=18, label="row max (sink)")
+        ax.legend(loc="upper right", fontsize="small")
     ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     if ylabels is not None:
         labels = list(ylabels)
         stride = max(1, math.ceil(len(labels) / 30))

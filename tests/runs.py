@@ -11,7 +11,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
-EVALUATE_KEYS = ("output_dir", "overwrite", "save_model", "score", "score_dense", "tasks", "score_dense_tasks", "eval_kwargs")
+EVALUATE_KEYS = ("output_dir", "overwrite", "save_model", "score", "score_dense", "tasks", "score_dense_tasks", "eval_kwargs",
+                 "cache_dense")
 
 
 def tiny_config(root: Path, *, method: str | None = "sink_wanda", sparsity=0.5, n_m=None, nsamples=6, seqlen=64,

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 # Messages no user can act on (library tips, deprecations inside libraries, expected states of this pipeline).
@@ -127,6 +128,16 @@ def track(iterable, description: str, total: int | None = None, unit: str = "ite
             yield item
             progress.advance(task)
     record_time(description, time.time() - start)
+
+
+@contextmanager
+def status(message: str, when=lambda: True):
+    """A spinner with `message` on rank zero while a step without countable items runs (only if when())."""
+    if not is_rank_zero() or not when():
+        yield
+        return
+    with _console().status(message):
+        yield
 
 
 def record_time(name: str, seconds: float) -> None:

@@ -113,3 +113,9 @@ def test_tiny_run_console_is_quiet(tmp_path):
     assert "calibration + pruning" in results["phase_timings"]
     assert {"delta_nll", "stderr", "windows"} <= set(results["paired"]["heldout"])
     assert "layer" in results["sparsity_report"]["layers"][0] and "." in results["sparsity_report"]["layers"][0]["layer"]
+
+
+def test_eval_help_mentions_dlm_and_offline_tasks():
+    done = subprocess.run([sys.executable, "-m", "pipeline.evaluation.harness", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert "--model dlm" in done.stdout and "wiki_cloze_offline" in done.stdout and "mmlu_dev_offline" in done.stdout

@@ -20,6 +20,7 @@ NOISE = (
     r".*litlogger.*",
     r".*configure_optimizers.*returned `None`.*",
     r".*LeafSpec.*",
+    r".*module\(s\) in eval mode.*",
     r".*modules? in eval mode.*",
     r".*pooler.*",
     r".*Custom kwargs can be passed.*",
@@ -40,7 +41,8 @@ _timings: dict[str, float] = {}
 def quiet_warnings() -> None:
     """The known library warnings off (stdlib only: safe before any heavy import)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's request-building bars; ours are rich
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # lm-eval's request-building bars; ours are rich
     if _log_handler:
         return  # everything goes to run.log already
     for pattern in NOISE:
@@ -73,8 +75,17 @@ def quiet_libraries(seed: int | None = 0) -> None:
 
 def log_to_run_folder(root: str | Path) -> Path | None:
     """Library warnings and log records (INFO and up) to <root>/run.log, not the console."""
+    target = (Path(root) / "run.log").resolve()
     if _log_handler:
-        return Path(_log_handler[0].baseFilename)
+        old = _log_handler.pop()
+        if Path(old.baseFilename) == target:
+            _log_handler.append(old)
+            return target
+        for name in (*NOISY_LOGGERS, "py.warnings"):  # an earlier run in this process: its run.log is closed
+            logger = logging.getLogger(name)
+            if old in logger.handlers:
+                logger.removeHandler(old)
+        old.close()
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(Path(root) / "run.log", mode="w", encoding="utf-8")

@@ -98,8 +98,7 @@ NOISE = ("No seed found", "Seed set to", "litlogger", "configure_optimizers", "L
 
 def test_tiny_run_console_is_quiet(tmp_path):
     config = tiny_config(tmp_path, nsamples=2, seqlen=32, timesteps=2, prune_args={
-        "tasks": [{"name": "wiki_cloze_offline", "num_fewshot": 0, "mc_num": 1, "limit": 4}], "save_model": False,
-        "cache_dense": False})
+        "tasks": [{"name": "wiki_cloze_offline", "num_fewshot": 0, "mc_num": 1, "limit": 4}], "save_model": False})
     done = run_cli(config, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     console = done.stdout + done.stderr
@@ -119,3 +118,19 @@ def test_eval_help_mentions_dlm_and_offline_tasks():
     done = subprocess.run([sys.executable, "-m", "pipeline.evaluation.harness", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert "--model dlm" in done.stdout and "wiki_cloze_offline" in done.stdout and "mmlu_dev_offline" in done.stdout
+
+
+def test_dense_cache_gives_the_same_numbers(tmp_path, monkeypatch):
+    import json
+
+    results = []
+    for run in ("first", "second"):
+        root = tmp_path / run
+        config = tiny_config(root, nsamples=2, seqlen=32, timesteps=2, prune_args={"save_model": False, "cache_dense": True})
+        monkeypatch.setenv("SINKPRUNE_DENSE_CACHE_DIR", str(tmp_path / "cache"))
+        done = run_cli(config, tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results.append(json.loads((root / "pruned" / "results.json").read_text()))
+    first, second = results
+    assert "dense_cached" not in first["timings"] and second["timings"]["dense_cached"] is True
+    assert first["dense"] == second["dense"] and first["paired"] == second["paired"]

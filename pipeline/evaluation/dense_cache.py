@@ -3,7 +3,7 @@
 Keyed by the sha256 of the model's weights, the held-out windows' token ids, the scoring settings (seed,
 eps, held-out timesteps, mask id, tasks, lm-eval settings), torch's version and the source of the scoring
 code, so any change to what would be computed misses the cache.  Entries: $SINKPRUNE_CACHE/dense_scores/
-<key>.json.  Off with EvaluateExportCallback(cache_dense=False) or SINKPRUNE_NO_DENSE_CACHE=1.
+<key>.json (or $SINKPRUNE_DENSE_CACHE_DIR).  Off with EvaluateExportCallback(cache_dense=False) or SINKPRUNE_NO_DENSE_CACHE=1.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ SCORING_SOURCES = ("maths/metrics.py", "maths/diffusion.py", "evaluation/harness
 
 
 def cache_dir() -> Path:
+    if os.environ.get("SINKPRUNE_DENSE_CACHE_DIR"):
+        return Path(os.environ["SINKPRUNE_DENSE_CACHE_DIR"])
     return Path(os.environ.get("SINKPRUNE_CACHE", Path.home() / ".cache" / "sinkprune")) / "dense_scores"
 
 

@@ -81,9 +81,11 @@ def _mean_share(recs: list[dict], seqlen: int) -> list:
 
 
 def render_timestep_table(summary: dict) -> Table:
-    table = Table(title=f"attention sinks per timestep (sink-position variance across timesteps: {summary['sink_position_variance']:.2f})")
-    for col in ("t", "top-1 share", "vs uniform", "norm. entropy", "modal sink pos.", "same pos.", "sinks/sample", "sink tokens"):
-        table.add_column(col, justify="right")
+    table = Table(title=f"attention sinks per timestep (sink-position variance across timesteps: {summary['sink_position_variance']:.2f})",
+                  caption="top-1: largest share of attention mass; pos.: modal sink position (share of windows); "
+                          "entropy: normalized", caption_justify="left")
+    for col in ("t", "top-1", "×unif.", "entropy", "pos.", "same", "sinks", "sink tokens"):
+        table.add_column(col, justify="left" if col == "sink tokens" else "right", no_wrap=True)
     for r in summary["timesteps"]:
         kinds = ", ".join(f"{k} {v}" for k, v in list(r["dominant_kinds"].items())[:3])
         table.add_row(

@@ -20,16 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
-from jsonargparse import ArgumentError  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
-from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
-from torch.multiprocessing.spawn import ProcessException, ProcessRaisedException  # noqa: E402
+from pipeline.run.phase import current, set_current  # noqa: E402  (stdlib only)
 
-import pipeline.run.strategy  # noqa: E402,F401  (registers calibration_ddp strategies)
-from pipeline.model.data import CalibrationData  # noqa: E402
-from pipeline.model.module import DLMModule  # noqa: E402
-from pipeline.run.phase import current, set_current  # noqa: E402
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
@@ -50,37 +43,22 @@ class RunInterrupted(BaseException):
         self.signum = signum
 
 
-class SinkPruneCLI(LightningCLI):
-    result_dirs: list = []  # (field, folder, existed before the run): removed again if the run fails
-
-    def add_arguments_to_parser(self, parser):
-        parser.link_arguments("model.init_args.pretrained", "data.init_args.tokenizer")
-
-    def before_fit(self):
-        from preflight import check_run
-
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        set_current("checking the inputs")
-        SinkPruneCLI.result_dirs = check_run(self.model, self.datamodule, self.trainer, config.get("ckpt_path"),
-                                             config.get("trainer", {}).get("max_epochs"))
-        set_current("loading the model")
-        # recorded in results.json, so a run can be repeated from its own output
-        self.model.resolved_config = self.parser.dump(self.config, skip_none=False, format="yaml")
-
-
 def _on_signal(signum, frame):
     raise RunInterrupted(signum)
 
 
 def remove_partial_outputs() -> None:
     """A failed run leaves nothing: result folders it created go, and so do its temp folders."""
-    for _field, folder, existed in SinkPruneCLI.result_dirs:
+    holder = sys.modules.get("pipeline.run.lightning_cli")
+    cli_class = getattr(holder, "SinkPruneCLI", None)
+    for _field, folder, existed in (cli_class.result_dirs if cli_class else []):
         if not existed and folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
         if folder.parent.is_dir():
             for tmp in folder.parent.glob(f".{folder.name}.tmp-{os.getpid()}-*"):
                 shutil.rmtree(tmp, ignore_errors=True)
-    SinkPruneCLI.result_dirs = []
+    if cli_class is not None:
+        cli_class.result_dirs = []
 
 
 def main(args=None):
@@ -90,10 +68,26 @@ def main(args=None):
     args = [a for a in args if a != "--debug"]
     if from_argv:  # LightningCLI warns when given both argv and args
         sys.argv = [sys.argv[0], *args]
+    if wants_short_help(args):
+        print(help_text())
+        return
+    if "--help-all" in args:
+        args = ["--help" if a == "--help-all" else a for a in args]
     handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     set_current("parsing the config")
     try:
-        check_config_files(args)
+        from pipeline.run.console import quiet_warnings
+
+        quiet_warnings()
+        args, flags = short_flags(args)
+        args = check_config_files(args)
+        if from_argv:
+            sys.argv = [sys.argv[0], *args]
+        from pipeline.model.data import CalibrationData
+        from pipeline.model.module import DLMModule
+        from pipeline.run.lightning_cli import SinkPruneCLI
+
+        SinkPruneCLI.short_flags = flags
         SinkPruneCLI(
             DLMModule,
             CalibrationData,
@@ -112,13 +106,13 @@ def main(args=None):
         print(f"error: stopped by {exc} while {where}; nothing was saved. Run the same command again to start over"
               f"{resume_hint(args)}", file=sys.stderr)
         sys.exit(128 + exc.signum)
-    except CLEAN_ERRORS as exc:
+    except _clean_errors() as exc:
         remove_partial_outputs()
         if debug:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
-    except ProcessException as exc:
+    except _process_exception() as exc:
         # A rank of a spawned run (calibration_ddp_spawn) failed; torch has already stopped the other ranks.
         # Its exception lives in the child, so all we hold is its traceback text (or its exit code / signal).
         if os.environ.get("SINKPRUNE_TRACEBACK"):
@@ -136,25 +130,61 @@ def main(args=None):
             signal.signal(s, h)
 
 
-CLEAN_ERRORS = (ValueError, OSError, RuntimeError, ArithmeticError, ArgumentError, MisconfigurationException)
+def __getattr__(name: str):
+    """Lightning-heavy names load on first use, so `--help` prints before torch is imported."""
+    if name in ("SinkPruneCLI", "CLEAN_ERRORS"):
+        from pipeline.run import lightning_cli
+
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module 'cli' has no attribute {name!r}")
 
 
-def check_config_files(args: list[str]) -> None:
+def _process_exception() -> type:
+    from torch.multiprocessing.spawn import ProcessException
+
+    return ProcessException
+
+
+def _clean_errors() -> tuple:
+    from pipeline.run.lightning_cli import CLEAN_ERRORS
+
+    return CLEAN_ERRORS
+
+
+def recipes() -> list[str]:
+    """The packaged recipes (configs/*.yaml), by name."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(value: str) -> Path:
+    """A --config value: a file, else NAME or NAME.yaml among the packaged recipes (configs/)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    name = Path(value).name
+    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / value, CONFIG_DIR / f"{value}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"--config {value}: no such file or recipe; give a YAML path or one of the recipes "
+                            f"{', '.join(recipes())}")
+
+
+def check_config_files(args: list[str]) -> list[str]:
     """Each --config file exists and is valid YAML, reported with its own name and line; a resume checkpoint
-    loads (LightningCLI unpickles it while parsing, before any hook of ours runs)."""
+    loads (LightningCLI unpickles it while parsing, before any hook of ours runs).  Returns the arguments with
+    each --config NAME of a packaged recipe replaced by its path."""
     import yaml
 
     from preflight import check_checkpoint
 
     args = [part for a in args for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
-    for flag, value in zip(args, args[1:]):
+    for i, (flag, value) in enumerate(zip(args, args[1:])):
         if flag == "--ckpt_path":
             check_checkpoint(value)
         if flag != "--config":
             continue
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {value}: no such file; give a path to a YAML config (see configs/)")
+        path = find_config(value)
+        args[i + 1] = str(path)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:
@@ -166,6 +196,100 @@ def check_config_files(args: list[str]) -> None:
             raise ValueError(f"--config {value}{where}: invalid YAML ({problem}); fix the syntax there") from None
         if isinstance(loaded, dict) and loaded.get("ckpt_path"):
             check_checkpoint(loaded["ckpt_path"])
+    return args
+
+
+SHORT_FLAGS = {"--method": "method", "--sparsity": "sparsity", "--n-m": "n_m", "--nm": "n_m",
+               "--model": "model", "--data": "data", "--output": "output", "-o": "output"}
+
+
+def short_flags(args: list[str]) -> tuple[list[str], dict]:
+    """The everyday options: --model and --data become model/data overrides and --output the run folder
+    (trainer.default_root_dir) here; --method, --sparsity and --n-m are returned, for the PruneCallback.
+
+    `--model X.yaml` and `--data X.yaml` (and class paths) keep LightningCLI's meaning."""
+    out, flags, i = [], {}, 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, inline = arg.partition("=") if arg.startswith("-") else (arg, "", "")
+        key = SHORT_FLAGS.get(flag)
+        if key is None:
+            out.append(arg)
+            i += 1
+            continue
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+        else:
+            raise ValueError(f"{flag}: needs a value; see sinkprune --help")
+        if key in ("model", "data") and (value.endswith((".yaml", ".yml", ".json")) or value.rsplit(".", 1)[-1][:1].isupper()
+                                         or value.lstrip().startswith("{")):
+            out += [flag, value]
+        elif key == "model":
+            out += ["--model.init_args.pretrained", value]
+        elif key == "data":
+            out += ["--data.init_args.dataset", value]
+        elif key == "output":
+            out += ["--trainer.default_root_dir", value]
+        elif key == "sparsity":
+            try:
+                flags["sparsity"] = float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
+            except ValueError:
+                raise ValueError(f"--sparsity {value}: not a number; e.g. --sparsity 0.5") from None
+        elif key == "n_m":
+            if not re.fullmatch(r"\d+:\d+", value):
+                raise ValueError(f"--n-m {value}: expected N:M, e.g. --n-m 2:4")
+            flags["n_m"] = value
+        else:
+            flags[key] = value
+    return out, flags
+
+
+def wants_short_help(args: list[str]) -> bool:
+    """`sinkprune`, `sinkprune --help`, `sinkprune fit --help`: ours (fast); `--help-all`: Lightning's full list."""
+    rest = [a for a in args if a not in ("fit",)]
+    return not args or (rest and rest[0] in ("-h", "--help") and len(rest) == 1)
+
+
+def help_text() -> str:
+    names = recipes()
+    tiny = [n for n in names if n.startswith("tiny_")]
+    big = [n for n in names if not n.startswith("tiny_")]
+    return f"""usage: sinkprune fit --config RECIPE [--method M] [--sparsity S | --n-m N:M] [--model M] [--data D] [--output DIR]
+       (python cli.py ... is the same)
+
+Sink-aware pruning of diffusion language models (LLaDA, Dream, minilm-dlm).  One `fit` calibrates
+on a few hundred noised windows (no training), measures where attention sinks sit at each noise level,
+prunes every linear layer to the target sparsity, then prints dense-vs-pruned held-out perplexity and
+benchmark scores and saves results.json, masks.safetensors and the pruned model in the run folder.
+
+methods (--method):
+  sink_wanda       Wanda |W|*||X||, each token's activations down-weighted by 1 - its sink score
+  sink_sparsegpt   SparseGPT with the same sink-weighted Hessian
+  wanda, sparsegpt, magnitude   the usual baselines
+
+recipes (--config NAME, from {CONFIG_DIR}; or a path to your own YAML):
+  offline, CPU, about a minute:  {', '.join(tiny)}
+  GPU, real models:             {', '.join(big)}
+
+everyday options (map onto the recipe's classes):
+  --config NAME        a recipe above (with or without .yaml) or a YAML file
+  --method M           PruneCallback method (sink_wanda, sink_sparsegpt, wanda, sparsegpt, magnitude)
+  --sparsity S         fraction of each row's weights pruned, e.g. 0.5 (or 50%)
+  --n-m N:M            semi-structured instead: N zeros in every M inputs, e.g. 2:4
+  --model NAME         model.init_args.pretrained: embedded name (minilm-dlm, tiny-llada), folder or hub id
+  --data NAME          data.init_args.dataset: wiki-embedded (offline), wikitext2, c4, or a local file
+  --output DIR         trainer.default_root_dir: run folder (results.json, sinks/, pruned/, run.log)
+  --debug              show tracebacks
+
+examples:
+  sinkprune fit --config tiny_sink50
+  sinkprune fit --config tiny_sink50 --method wanda --n-m 2:4 --output runs/wanda24
+  sinkprune fit --config llada_sink50 --trainer.devices 8 --trainer.strategy calibration_ddp
+
+Every other field is a jsonargparse override (--trainer.devices 8, --data.init_args.nsamples 64);
+`sinkprune fit --help-all` lists them all.  Benchmarks alone: `sinkprune-eval --help`."""
 
 
 def resume_hint(args: list[str]) -> str:
@@ -186,11 +310,13 @@ def resume_hint(args: list[str]) -> str:
     return f", or resume with --ckpt_path {found[0]}" if found else ""
 
 
-def rank_error(exc: ProcessException) -> tuple[str, str, bool]:
+def rank_error(exc) -> tuple[str, str, bool]:
     """(exception type, first line of its message, whether the type is one of CLEAN_ERRORS) of a failed rank.
 
     ProcessRaisedException carries the child's formatted traceback: the exception line is the first
     unindented line after its last "Traceback (most recent call last):" header."""
+    from torch.multiprocessing.spawn import ProcessRaisedException
+
     if not isinstance(exc, ProcessRaisedException):  # exited with a code or killed by a signal: no exception
         what = exc.msg.replace(f"process {exc.error_index} ", "", 1)
         return "ProcessExitedException", f"{what} (killed, out of memory, or os._exit?); the other ranks were stopped", True
@@ -213,7 +339,7 @@ def _is_clean(qualified_name: str) -> bool:
         cls = getattr(importlib.import_module(module) if module else builtins, name)
     except (ImportError, AttributeError, ValueError):
         return False
-    return isinstance(cls, type) and issubclass(cls, CLEAN_ERRORS)
+    return isinstance(cls, type) and issubclass(cls, _clean_errors())
 
 
 def one_line(exc: BaseException) -> str:
@@ -233,8 +359,9 @@ def one_line(exc: BaseException) -> str:
     wrong_type = re.match(r"Expected a <class '(\w+)'>\. Got value: (.*)", root)
     if wrong_type:
         root = f"expected a {wrong_type.group(1)}, got {wrong_type.group(2)!r}; write a plain number (e.g. 0.5, not '50%')"
-    if isinstance(exc, MisconfigurationException) and not torch.cuda.is_available():
-        root = f"trainer: {root} (this torch sees no CUDA device); use --trainer.accelerator cpu or a CUDA build of torch"
+    from pipeline.run.lightning_cli import one_line_root
+
+    root = one_line_root(root, exc)
     return f"{' '.join(path)}: {root}" if path else root
 
 

@@ -38,14 +38,17 @@ class EvaluateExportCallback(Callback):
         tasks: lm-eval task specs ({name, num_fewshot, mc_num, cfg, limit, ...}) for dense and pruned.
         score_dense_tasks: also run `tasks` on the dense model.
         eval_kwargs: keyword arguments for pipeline.evaluation.scoring.evaluate_tasks (batch_size, include_path, ...).
+        cache_dense: reuse the dense model's scores from an earlier run with the same weights, held-out windows
+            and settings (pipeline/evaluation/dense_cache.py); the printed numbers are the same.
     """
 
     def __init__(self, output_dir: str | None = None, overwrite: bool = False, save_model: bool = True, score: bool = True,
                  score_dense: bool = True, tasks: list[dict] | None = None, score_dense_tasks: bool = True,
-                 eval_kwargs: dict | None = None):
+                 eval_kwargs: dict | None = None, cache_dense: bool = True):
         self.output_dir, self.overwrite, self.save_model = output_dir, overwrite, save_model
         self.score, self.score_dense, self.tasks = score, score_dense, tasks or []
         self.score_dense_tasks, self.eval_kwargs = score_dense_tasks, eval_kwargs or {}
+        self.cache_dense = cache_dense
         self.dense: dict = {}
         self.timings: dict = {}
         self.results: dict | None = None
@@ -60,19 +63,44 @@ class EvaluateExportCallback(Callback):
         if self.prune is not None:
             prepare_output_dir(self.output_path(trainer), self.overwrite)
 
+    def _dense_cache_key(self, trainer, pl_module) -> str | None:
+        from pipeline.evaluation import dense_cache
+
+        if not (self.cache_dense and dense_cache.enabled()) or trainer.world_size > 1:
+            return None
+        settings = {"tasks": self.tasks if self.score_dense_tasks else [], "eval_kwargs": self.eval_kwargs,
+                    "heldout": self.score_dense}
+        return dense_cache.dense_key(pl_module, settings)
+
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
+        from pipeline.evaluation import dense_cache
+
+        key = self._dense_cache_key(trainer, pl_module) if not self.dense else None
+        cached = dense_cache.load(key) if key else None
+        if cached is not None:
+            self.dense = cached["dense"]
+            self.dense_windows = cached.get("heldout_windows", {})
+            self.timings["dense_cached"] = True
+            _say(f"dense scores from the cache ({dense_cache.cache_dir() / key[:12]}…; "
+                 "SINKPRUNE_NO_DENSE_CACHE=1 rescores)")
         if self.score_dense and "heldout" not in self.dense:
+            t0 = time.time()
             with phase("scoring the dense model on held-out text"):
-                self.dense["heldout"] = pl_module.score_heldout()
+                self.dense["heldout"] = pl_module.score_heldout("dense: held-out text")
+            self.dense_windows = dict(getattr(pl_module, "heldout_windows", {}))
+            self.timings["dense_score_s"] = time.time() - t0
+        if "heldout" in self.dense and (cached is not None or "dense_score_s" in self.timings):
             r = self.dense["heldout"]
             _say(f"[bold]dense[/] held-out masked-diffusion NLL {r['nll']:.4f} nats/token, "
                  f"perplexity {r['ppl']:.2f} ({r['tokens']} tokens)")
         if self.tasks and self.score_dense_tasks and "tasks" not in self.dense:
             t0 = time.time()
             with phase("running lm-eval tasks on the dense model"):
-                self.dense["tasks"] = self._evaluate_tasks(pl_module)
+                self.dense["tasks"] = self._evaluate_tasks(pl_module, "dense: ")
             self.timings["dense_tasks_s"] = time.time() - t0
+        if key and cached is None:
+            dense_cache.store(key, {"dense": self.dense, "heldout_windows": getattr(self, "dense_windows", {})})
 
     @override
     def on_train_end(self, trainer, pl_module) -> None:
@@ -88,12 +116,20 @@ class EvaluateExportCallback(Callback):
             results["moe"] = {"expert_tokens": dict(sorted(prune.expert_tokens.items())), "dense_routers": prune.t.dense_routers}
         pruned = self._score_pruned(pl_module, timings)
         results.update({"dense": dict(self.dense), "pruned": pruned, "timings": timings, "sparsegpt": prune.info.get("sparsegpt", {})})
+        results["paired"] = self._paired(pl_module, pruned)
         results["run"] = run_metadata(trainer, pl_module, prune)
+        from pipeline.run.console import phase_timings
+
+        results["phase_timings"] = self._phases(phase_timings(), timings)
         self.results = results
         if trainer.is_global_zero:
             self._print(report, pruned, prune.method)
+            t0 = time.time()
             with phase("saving"):
                 self._save(pl_module, prune, results, self.output_path(trainer))
+            timings["save_s"] = time.time() - t0
+            results["phase_timings"]["saving"] = timings["save_s"]
+            self._summary(results["phase_timings"])
         if trainer.world_size > 1:
             trainer.strategy.barrier("prune_saved")
 
@@ -102,31 +138,65 @@ class EvaluateExportCallback(Callback):
         if self.score:
             t0 = time.time()
             with phase("scoring the pruned model on held-out text"):
-                pruned["heldout"] = pl_module.score_heldout()
+                pruned["heldout"] = pl_module.score_heldout("pruned: held-out text")
             timings["score_s"] = time.time() - t0
         if self.tasks:
             t0 = time.time()
             with phase("running lm-eval tasks on the pruned model"):
-                pruned["tasks"] = self._evaluate_tasks(pl_module)
+                pruned["tasks"] = self._evaluate_tasks(pl_module, "pruned: ")
             timings["tasks_s"] = time.time() - t0
         return pruned
+
+    def _paired(self, pl_module, pruned: dict) -> dict:
+        """Pruned − dense on the same held-out windows (same masks) and the same questions, with paired s.e."""
+        from pipeline.evaluation.scoring import paired_task_differences
+        from pipeline.maths.metrics import paired_difference, within_noise
+
+        out: dict = {}
+        dense_windows = getattr(self, "dense_windows", {})
+        if dense_windows and "heldout" in pruned:
+            heldout = paired_difference(dense_windows, getattr(pl_module, "heldout_windows", {}))
+            if heldout is not None:
+                heldout["within_noise"] = within_noise(heldout["delta_nll"], heldout["stderr"])
+                out["heldout"] = heldout
+        if self.dense.get("tasks") and pruned.get("tasks"):
+            out["tasks"] = paired_task_differences(self.dense["tasks"], pruned["tasks"])
+        return out
+
+    @staticmethod
+    def _phases(tracked: dict, timings: dict) -> dict:
+        """Phase -> seconds in run order: merge, dense scoring, calibration, pruned scoring (saving added later)."""
+        order = [k for k in tracked if k.startswith("merging")] + [k for k in tracked if k.startswith("dense:")]
+        out = {k: tracked[k] for k in order}
+        if timings.get("dense_cached"):
+            out["dense: from the cache"] = 0.0
+        out["calibration + pruning"] = timings.get("calibration_s", 0.0)
+        out.update({k: v for k, v in tracked.items() if k not in out})
+        return out
+
+    def _summary(self, phases: dict) -> None:
+        """Phase timings, after everything else (also in results.json under `phase_timings`)."""
+        from pipeline.run.console import render_timings
+
+        Console().print(render_timings(phases))
 
     def _print(self, report: dict, pruned: dict, method: str) -> None:
         from pipeline.evaluation.report import render_scores, render_sparsity
 
         console = Console()
         console.print(render_sparsity(report))
-        console.print(render_scores(self.dense, pruned, method))
+        console.print(render_scores(self.dense, pruned, method, paired=(self.results or {}).get("paired", {}).get("heldout")))
         if self.tasks:
             from pipeline.evaluation.scoring import render_comparison
 
             console.print(render_comparison(self.dense.get("tasks", {}), pruned.get("tasks", {}),
                                             title=f"benchmarks, dense vs pruned ({method})"))
 
-    def _evaluate_tasks(self, pl_module) -> dict:
+    def _evaluate_tasks(self, pl_module, label: str = "") -> dict:
         from pipeline.evaluation.scoring import evaluate_tasks
 
-        return evaluate_tasks(pl_module.model, pl_module.tokenizer, pl_module.mask_token_id, self.tasks, **self.eval_kwargs)
+        kwargs = {"show_progress": "rich", "label": label, **self.eval_kwargs}
+        return evaluate_tasks(pl_module.model, pl_module.tokenizer, pl_module.mask_token_id, self.tasks, **kwargs)
 
     def _save(self, pl_module, prune: PruneCallback, results: dict, out: Path) -> None:
         from safetensors.torch import save_file
@@ -142,9 +212,10 @@ class EvaluateExportCallback(Callback):
 
     @override
     def state_dict(self) -> dict:
-        return {"dense": self.dense, "timings": self.timings}
+        return {"dense": self.dense, "timings": self.timings, "dense_windows": getattr(self, "dense_windows", {})}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         self.dense = state_dict.get("dense", {})
         self.timings = state_dict.get("timings", {})
+        self.dense_windows = state_dict.get("dense_windows", {})

@@ -11,7 +11,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
-EVALUATE_KEYS = ("output_dir", "overwrite", "save_model", "score", "score_dense", "tasks", "score_dense_tasks", "eval_kwargs")
+EVALUATE_KEYS = ("output_dir", "overwrite", "save_model", "score", "score_dense", "tasks", "score_dense_tasks", "eval_kwargs",
+                 "cache_dense")
 
 
 def tiny_config(root: Path, *, method: str | None = "sink_wanda", sparsity=0.5, n_m=None, nsamples=6, seqlen=64,
@@ -20,7 +21,7 @@ def tiny_config(root: Path, *, method: str | None = "sink_wanda", sparsity=0.5, 
     """A small run.  `prune_args` may also hold EvaluateExportCallback's keys (EVALUATE_KEYS), and
     `model_args` its `score_dense`: they go to that callback, listed last."""
     prune_args, model_args = dict(prune_args or {}), dict(model_args or {})
-    evaluate = {"output_dir": str(root / "pruned")}
+    evaluate = {"output_dir": str(root / "pruned"), "cache_dense": False}  # tests score the dense model themselves
     evaluate.update({k: prune_args.pop(k) for k in EVALUATE_KEYS if k in prune_args})
     if "score_dense" in model_args:
         evaluate["score_dense"] = model_args.pop("score_dense")

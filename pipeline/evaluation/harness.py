@@ -202,7 +202,8 @@ class DiffusionLM(LM):
         self.gen_length, self.block_length, self.steps = int(gen_length), int(block_length), int(steps)
         self.temperature, self.remasking = float(temperature), str(remasking)
         self.seed = int(seed)
-        self.show_progress = bool(show_progress)
+        self.show_progress = show_progress if show_progress == "rich" else bool(show_progress)
+        self.task_label: str | None = None
         if add_bos is None:
             self.prefix_ids = special_prefix_ids(tokenizer)
         else:
@@ -302,6 +303,10 @@ class DiffusionLM(LM):
         return ll, greedy
 
     def _progress(self, requests, desc: str):
+        if self.show_progress == "rich":
+            from pipeline.run.console import track
+
+            return track(requests, f"{self.task_label or desc}", total=len(requests), unit="requests")
         return tqdm(requests, desc=desc, disable=not self.show_progress or self.rank != 0)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
@@ -372,8 +377,34 @@ class DiffusionLM(LM):
         return results
 
 
+EVAL_HELP = """sinkprune-eval: lm-eval's command line with the `dlm` model type (masked-diffusion LMs) registered.
+
+  --model dlm --model_args pretrained=NAME[,mc_num=128,cfg=0.0,batch_size=32,dtype=bfloat16,...]
+      NAME: an embedded model (minilm-dlm, tiny-llada), a saved sinkprune run (RUN/pruned/model), a folder
+      or a hub id (GSAI-ML/LLaDA-8B-Base).  mc_num: Monte Carlo draws per loglikelihood request.
+  offline tasks (no network; add --include_path {tasks}):
+      {names}
+  example:
+      HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 sinkprune-eval --model dlm --model_args pretrained=minilm-dlm,mc_num=8 \\
+          --tasks wiki_cloze_offline --include_path {tasks} --limit 20 --batch_size 8
+  --device defaults to cpu when this torch sees no CUDA device.
+
+lm-eval's own options follow.
+"""
+
+
 def main() -> None:
     """lm-eval's CLI with the `dlm` model type registered."""
+    import sys
+    from pathlib import Path
+
+    argv = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in argv):
+        tasks = Path(__file__).resolve().parents[2] / "configs" / "tasks"
+        names = ", ".join(sorted(p.stem for p in tasks.glob("*.yaml")))
+        print(EVAL_HELP.format(tasks=tasks, names=names))
+    elif not any(a == "--device" or a.startswith("--device=") for a in argv) and not torch.cuda.is_available():
+        sys.argv.extend(["--device", "cpu"])  # lm-eval's default is cuda; on a CPU-only machine that is not a choice
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()

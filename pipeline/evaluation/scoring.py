@@ -69,6 +69,20 @@ def metrics_from_results(task_result: dict) -> dict[str, dict[str, float | None]
     return metrics
 
 
+def per_item(samples: list[dict]) -> dict[str, dict[str, float]]:
+    """{metric: {doc_id: value}} from lm-eval's logged samples (for paired dense-vs-pruned tests)."""
+    out: dict[str, dict[str, float]] = {}
+    for sample in samples:
+        for key, value in sample.items():
+            if key in ("doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics",
+                       "doc_hash", "prompt_hash", "target_hash"):
+                continue
+            number = _as_float(value)
+            if number is not None:
+                out.setdefault(key, {})[str(sample.get("doc_id"))] = number
+    return out
+
+
 def _as_float(value) -> float | None:
     try:
         out = float(value)
@@ -94,7 +108,8 @@ def evaluate_tasks(
     seed: int = 0,
     bootstrap_iters: int = 1000,
     greedy_check: str = "single",
-    show_progress: bool = False,
+    show_progress: bool | str = False,
+    label: str = "",
 ) -> dict:
     """Run lm-eval on `model` (in memory) for each task; return {task: {metrics, n_samples, settings}}.
 
@@ -123,39 +138,57 @@ def evaluate_tasks(
         if unknown:
             raise ValueError(f"gen_kwargs {sorted(unknown)} unknown; sampler settings are {sorted(SAMPLER_KEYS)}")
         lm.mc_num, lm.cfg, lm.batch_size = settings["mc_num"], settings["cfg"], settings["batch_size"]
+        lm.task_label = f"{label}{spec['name']}"
         for key, default in sampler_defaults.items():  # per task: defaults, then this task's overrides
             setattr(lm, key, type(default)(settings["gen_kwargs"].get(key, default)))
         out = lm_eval.simple_evaluate(
             model=lm, tasks=[spec["name"]], num_fewshot=settings["num_fewshot"], limit=settings["limit"],
             task_manager=manager, bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed, log_samples=True,
         )
         if out is None:  # a non-zero DDP rank: rank 0 holds the results
             continue
         for task_name, task_result in out["results"].items():
             n = out.get("n-samples", {}).get(task_name, {}).get("effective")
             results[task_name] = {"metrics": metrics_from_results(task_result), "n_samples": n,
-                                  "settings": settings}
+                                  "settings": settings, "per_item": per_item(out.get("samples", {}).get(task_name, []))}
     return results
 
 
 def _fmt(entry: dict | None) -> str:
     if not entry or entry.get("value") is None:
         return "—"
-    text = f"{entry['value']:.4f}"
+    text = f"{entry['value']:.3f}"
     if entry.get("stderr") is not None:
-        text += f" ± {entry['stderr']:.4f}"
+        text += f"±{entry['stderr']:.3f}"
     return text
+
+
+def paired_task_differences(dense: dict, pruned: dict) -> dict:
+    """{task: {metric: paired_items(...) + within_noise}} from the per-item scores of both runs."""
+    from pipeline.maths.metrics import paired_items, within_noise
+
+    out: dict = {}
+    for task in dense:
+        d_items, p_items = dense[task].get("per_item", {}), pruned.get(task, {}).get("per_item", {})
+        for metric in d_items:
+            paired = paired_items(d_items[metric], p_items.get(metric, {}))
+            if paired is not None:
+                paired["within_noise"] = within_noise(paired["delta"], paired["stderr"])
+                out.setdefault(task, {})[metric] = paired
+    return out
 
 
 def render_comparison(dense: dict, pruned: dict, *, title: str = "dense vs pruned"):
     """A rich Table: per task and metric, dense ± stderr, pruned ± stderr, and pruned − dense."""
     from rich.table import Table
 
-    table = Table(title=title)
+    paired = paired_task_differences(dense, pruned)
+    table = Table(title=title, caption="Δ ± paired s.e. over the same questions and Monte Carlo draws; "
+                                       "'noise': |Δ| < 1.96 s.e.")
     for column, justify in (("task", "left"), ("metric", "left"), ("dense", "right"), ("pruned", "right"),
-                            ("Δ", "right")):
-        table.add_column(column, justify=justify)
+                            ("Δ (paired)", "right")):
+        table.add_column(column, justify=justify, no_wrap=column != "task")
     for task in list(dict.fromkeys([*dense, *pruned])):
         dense_metrics = dense.get(task, {}).get("metrics", {})
         pruned_metrics = pruned.get(task, {}).get("metrics", {})
@@ -164,8 +197,15 @@ def render_comparison(dense: dict, pruned: dict, *, title: str = "dense vs prune
             delta = "—"
             if d and p and d.get("value") is not None and p.get("value") is not None:
                 diff = p["value"] - d["value"]
-                style = "green" if diff > 0 else "red" if diff < 0 else ""
-                delta = f"[{style}]{diff:+.4f}[/{style}]" if style else f"{diff:+.4f}"
-            table.add_row(task, metric, _fmt(d), _fmt(p), delta)
+                test = paired.get(task, {}).get(metric)
+                noise = test is not None and test["within_noise"]
+                style = "" if noise else "green" if diff > 0 else "red" if diff < 0 else ""
+                delta = f"{diff:+.3f}"
+                if test is not None and test["stderr"] is not None:
+                    delta += f"±{test['stderr']:.3f}"
+                if noise:
+                    delta += " noise"
+                delta = f"[{style}]{delta}[/{style}]" if style else delta
+            table.add_row(task.replace("_offline", ""), metric, _fmt(d), _fmt(p), delta)
     return table
 

@@ -81,9 +81,11 @@ def _mean_share(recs: list[dict], seqlen: int) -> list:
 
 
 def render_timestep_table(summary: dict) -> Table:
-    table = Table(title=f"attention sinks per timestep (sink-position variance across timesteps: {summary['sink_position_variance']:.2f})")
-    for col in ("t", "top-1 share", "vs uniform", "norm. entropy", "modal sink pos.", "same pos.", "sinks/sample", "sink tokens"):
-        table.add_column(col, justify="right")
+    table = Table(title=f"attention sinks per timestep (sink-position variance across timesteps: {summary['sink_position_variance']:.2f})",
+                  caption="top-1: largest share of attention mass; pos.: modal sink position (share of windows); "
+                          "entropy: normalized", caption_justify="left")
+    for col in ("t", "top-1", "×unif.", "entropy", "pos.", "same", "sinks", "sink tokens"):
+        table.add_column(col, justify="left" if col == "sink tokens" else "right", no_wrap=True)
     for r in summary["timesteps"]:
         kinds = ", ".join(f"{k} {v}" for k, v in list(r["dominant_kinds"].items())[:3])
         table.add_row(
@@ -94,7 +96,8 @@ def render_timestep_table(summary: dict) -> Table:
     return table
 
 
-def plot_heatmap(matrix, path, title: str = "", ylabels=None, xlabel: str = "key position") -> Path:
+def plot_heatmap(matrix, path, title: str = "", ylabels=None, xlabel: str = "key position",
+                 ylabel: str = "timestep t (mask rate)", log: bool = True) -> Path:
     """Save `matrix` [timesteps x positions] as a PNG heatmap (NaN cells blank).  Callers write it inside an
     AtomicDir temp folder, which makes it atomic with the rest of their output."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's state
@@ -107,9 +110,22 @@ def plot_heatmap(matrix, path, title: str = "", ylabels=None, xlabel: str = "key
     fig = Figure(figsize=(min(16, 3 + cols * 0.12), min(12, 1.5 + rows * 0.3)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis")
-    fig.colorbar(image, ax=ax, label="share of attention mass")
+    norm = None
+    positive = data[(data > 0) & ~torch.isnan(torch.as_tensor(data)).numpy()]
+    if log and positive.size and positive.max() > positive.min():
+        from matplotlib.colors import LogNorm
+
+        norm = LogNorm(vmin=max(float(positive.min()), float(positive.max()) * 1e-4), vmax=float(positive.max()))
+        data = data.clip(min=norm.vmin)
+    image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
+    fig.colorbar(image, ax=ax, label="share of attention mass" + (" (log scale)" if norm is not None else ""))
+    # each row's strongest position (its sink) marked
+    finite = torch.nan_to_num(torch.as_tensor(data), nan=-1.0)
+    if cols > 1:
+        ax.scatter(finite.argmax(dim=1).numpy(), range(rows), marker="x", color="red", s=18, label="row max (sink)")
+        ax.legend(loc="upper right", fontsize="small")
     ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     if ylabels is not None:
         labels = list(ylabels)
         stride = max(1, math.ceil(len(labels) / 30))

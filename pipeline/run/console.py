@@ -1,0 +1,174 @@
+"""A quiet console: library noise goes to <run folder>/run.log, progress bars for long phases, phase timings.
+
+    quiet_libraries(seed=0)           # before the Trainer exists: Lightning's / lm-eval's / transformers' chatter off
+    log_to_run_folder("runs/x")       # warnings and library log records from now on land in runs/x/run.log
+    for batch in track(loader, "scoring the dense model", total=len(loader)): ...
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+# Messages no user can act on (library tips, deprecations inside libraries, expected states of this pipeline).
+NOISE = (
+    r".*No seed found, seed set to.*",
+    r".*litlogger.*",
+    r".*configure_optimizers.*returned `None`.*",
+    r".*LeafSpec.*",
+    r".*module\(s\) in eval mode.*",
+    r".*modules? in eval mode.*",
+    r".*pooler.*",
+    r".*Custom kwargs can be passed.*",
+    r".*Overwriting default num_fewshot.*",
+    r".*requested but CUDA is not available.*",
+    r".*does not have many workers.*",
+    r".*GPU available.*|.*TPU available.*|.*HPU available.*",
+    r".*Seed set to.*",
+)
+NOISY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning",
+                 "lm_eval", "lm-eval", "lm_eval.evaluator", "lm_eval.api.task", "lm_eval.tasks",
+                 "lm_eval.models.huggingface", "transformers", "datasets", "filelock", "urllib3",
+                 "pipeline.evaluation.harness")
+_log_handler: list[logging.Handler] = []
+_timings: dict[str, float] = {}
+
+
+def quiet_warnings() -> None:
+    """The known library warnings off (stdlib only: safe before any heavy import)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # lm-eval's request-building bars; ours are rich
+    if _log_handler:
+        return  # everything goes to run.log already
+    for pattern in NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def quiet_libraries(seed: int | None = 0) -> None:
+    """Silence library chatter at its source; warnings still reach run.log once log_to_run_folder is called."""
+    quiet_warnings()
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)
+        logger.propagate = bool(_log_handler)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except Exception:
+        pass
+    if seed is not None:
+        from lightning.fabric.utilities.seed import seed_everything
+
+        level = logging.getLogger("lightning.fabric.utilities.seed").level
+        logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.ERROR)
+        seed_everything(seed, workers=True, verbose=False)
+        logging.getLogger("lightning.fabric.utilities.seed").setLevel(level or logging.ERROR)
+
+
+def log_to_run_folder(root: str | Path) -> Path | None:
+    """Library warnings and log records (INFO and up) to <root>/run.log, not the console."""
+    target = (Path(root) / "run.log").resolve()
+    if _log_handler:
+        old = _log_handler.pop()
+        if Path(old.baseFilename) == target:
+            _log_handler.append(old)
+            return target
+        for name in (*NOISY_LOGGERS, "py.warnings"):  # an earlier run in this process: its run.log is closed
+            logger = logging.getLogger(name)
+            if old in logger.handlers:
+                logger.removeHandler(old)
+        old.close()
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(root) / "run.log", mode="w", encoding="utf-8")
+    except OSError:
+        return None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    _log_handler.append(handler)
+    logging.captureWarnings(True)
+    warnings.resetwarnings()  # every warning is recorded in run.log ...
+    warnings.simplefilter("default")
+    wlog = logging.getLogger("py.warnings")
+    wlog.handlers, wlog.propagate = [handler], False  # ... and none reaches the console
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.StreamHandler) or isinstance(h, logging.FileHandler)]
+        logger.addHandler(handler)
+        logger.propagate = False
+    return Path(handler.baseFilename)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def track(iterable, description: str, total: int | None = None, unit: str = "items"):
+    """A rich progress bar (phase, items, elapsed, ETA) on rank zero; the phase's time goes to phase_timings()."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    start = time.time()
+    if total is None:
+        try:
+            total = len(iterable)
+        except TypeError:
+            total = None
+    if not is_rank_zero():
+        yield from iterable
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn(unit),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=_console(), transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        for item in iterable:
+            yield item
+            progress.advance(task)
+    record_time(description, time.time() - start)
+
+
+@contextmanager
+def status(message: str, when=lambda: True):
+    """A spinner with `message` on rank zero while a step without countable items runs (only if when())."""
+    if not is_rank_zero() or not when():
+        yield
+        return
+    with _console().status(message):
+        yield
+
+
+def record_time(name: str, seconds: float) -> None:
+    _timings[name] = _timings.get(name, 0.0) + seconds
+
+
+def phase_timings() -> dict[str, float]:
+    return dict(_timings)
+
+
+def reset_timings() -> None:
+    _timings.clear()
+
+
+def render_timings(timings: dict[str, float]):
+    from rich.table import Table
+
+    table = Table(title="where the time went", min_width=40)
+    table.add_column("phase")
+    table.add_column("seconds", justify="right")
+    for name, seconds in timings.items():
+        table.add_row(name, f"{seconds:.1f}")
+    return table

@@ -1,0 +1,78 @@
+"""The LightningCLI behind `cli.py` (imported only once a run starts, so `--help` stays fast)."""
+from __future__ import annotations
+
+import torch
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+import pipeline.run.strategy  # noqa: F401  (registers calibration_ddp strategies)
+from pipeline.run.phase import set_current
+
+from pipeline.run.console import quiet_libraries  # noqa: E402
+
+quiet_libraries(seed=None)  # Lightning sets its loggers up at import: quiet them before LightningCLI seeds and logs
+CLEAN_ERRORS = (ValueError, OSError, RuntimeError, ArithmeticError, ArgumentError, MisconfigurationException)
+SINK_STATS = "callbacks.sink_stats.SinkStatsCallback"
+PRUNE = "callbacks.prune.PruneCallback"
+
+
+class SinkPruneCLI(LightningCLI):
+    result_dirs: list = []  # (field, folder, existed before the run): removed again if the run fails
+    short_flags: dict = {}  # --method / --sparsity / --n-m, applied to the recipe's PruneCallback
+
+    def add_arguments_to_parser(self, parser):
+        parser.link_arguments("model.init_args.pretrained", "data.init_args.tokenizer")
+
+    def before_instantiate_classes(self):
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        apply_method_flags(config, SinkPruneCLI.short_flags)
+        from pipeline.run.console import quiet_libraries
+
+        seed = config.get("model", {}).get("init_args", {}).get("seed", 0)
+        quiet_libraries(seed if config.get("seed_everything") in (None, True) else None)
+
+    def before_fit(self):
+        from preflight import check_run
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        set_current("checking the inputs")
+        SinkPruneCLI.result_dirs = check_run(self.model, self.datamodule, self.trainer, config.get("ckpt_path"),
+                                             config.get("trainer", {}).get("max_epochs"))
+        from pipeline.run.console import log_to_run_folder
+
+        log_to_run_folder(self.trainer.default_root_dir)
+        set_current("loading the model")
+        # recorded in results.json, so a run can be repeated from its own output
+        self.model.resolved_config = self.parser.dump(self.config, skip_none=False, format="yaml")
+
+
+def apply_method_flags(config, flags: dict) -> None:
+    """--method / --sparsity / --n-m onto the PruneCallback of trainer.callbacks (a SinkStatsCallback is added
+    before it for a sink_* method when the recipe has none)."""
+    if not flags:
+        return
+    callbacks = config["trainer"].get("callbacks") or []
+    index = next((i for i, cb in enumerate(callbacks) if getattr(cb, "class_path", None) == PRUNE), None)
+    if index is None:
+        raise ValueError(f"--{'/--'.join(k.replace('_', '-') for k in flags)}: this recipe has no PruneCallback; "
+                         "start from a pruning recipe (e.g. --config tiny_sink50)")
+    args = callbacks[index].init_args
+    if "method" in flags:
+        from pipeline.maths.pruners import METHODS
+
+        if flags["method"] not in METHODS:
+            raise ValueError(f"--method {flags['method']}: unknown; choose one of {', '.join(METHODS)}")
+        args.method = flags["method"]
+    if "sparsity" in flags:
+        args.sparsity, args.n_m = flags["sparsity"], None
+    if "n_m" in flags:
+        args.n_m, args.sparsity = flags["n_m"], None
+    if str(args.method).startswith("sink_") and not any(getattr(cb, "class_path", None) == SINK_STATS for cb in callbacks[:index]):
+        callbacks.insert(index, Namespace(class_path=SINK_STATS, init_args=Namespace()))
+
+
+def one_line_root(root: str, exc: BaseException) -> str:
+    if isinstance(exc, MisconfigurationException) and not torch.cuda.is_available():
+        root = f"trainer: {root} (this torch sees no CUDA device); use --trainer.accelerator cpu or a CUDA build of torch"
+    return root

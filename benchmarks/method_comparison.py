@@ -176,7 +176,29 @@ def render(model_name: str, seeds, per_seed: list[dict], paired: dict, hist: lis
     return [table, diff]
 
 
+def markdown(path: Path) -> str:
+    """The README's tables from a results JSON: NLL mean ± std over seeds, and sink − plain paired by seed."""
+    d = json.loads(Path(path).read_text())
+    per_seed, paired, hist = d["per_seed"], d["sink_minus_plain"], d["s_histogram"]["counts"]
+    fmt = lambda v: f"{statistics.mean(v):.4f} ± {statistics.pstdev(v):.4f}"  # noqa: E731
+    lines = [f"dense: {fmt([r['nll']['dense'] for r in per_seed])} nats/token, seeds {d['args']['seeds']}", "",
+             "| method | " + " | ".join(SETTINGS) + " |", "|---|" + "---:|" * len(SETTINGS)]
+    lines += [f"| {m} | " + " | ".join(fmt([r["nll"][f"{m} {s}"] for r in per_seed]) for s in SETTINGS) + " |" for m in METHODS]
+    lines += ["", "| sink-aware − plain | per seed | signs | mean | paired t p | mask entries differ |", "|---|---|---|---:|---:|---:|"]
+    for name, r in paired.items():
+        p = "n/a" if r["paired_t_p"] is None else f"{r['paired_t_p']:.3f}"
+        lines.append(f"| {name} | {' '.join(f'{x:+.4f}' for x in r['per_seed'])} | {r['signs']} | {r['mean']:+.4f} | {p} | "
+                     f"{r['mask_entries_differ']:.2%} |")
+    total = sum(hist)
+    lines += ["", "sink scores s: " + ", ".join(f"{lab} {c / total:.2%}" for lab, c in
+                                                 zip(("< 0.01", "0.01–0.5", "0.5–0.99", "≥ 0.99"), hist))]
+    return "\n".join(lines)
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--markdown":
+        print(markdown(Path(sys.argv[2])))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm-dlm")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
-EMBEDDED = ("minilm-dlm", "minilm-dlm-rel", "minilm-ar", "tiny-llada", "tiny-ar", "tiny-llada-moe")
+ZOO_FOLDERS = ("tiny-llada", "tiny-ar", "tiny-llada-moe", "tiny-dream", "tiny-sdar")  # remote-code folders in pipeline/zoo
+EMBEDDED = ("minilm-dlm", "minilm-dlm-rel", "minilm-ar", *ZOO_FOLDERS)
 # Fallback mask ids by model_type, for checkpoints whose tokenizer and config do not name one.
 KNOWN_MASK_IDS = {"llada": 126336, "dream": 151666}
 
@@ -25,7 +26,7 @@ def resolve_path(pretrained: str) -> str:
         from pipeline.zoo import minilm_dlm
 
         return str(minilm_dlm.materialize(pretrained))
-    if pretrained in ("tiny-llada", "tiny-ar", "tiny-llada-moe"):
+    if pretrained in ZOO_FOLDERS:
         return str(ZOO_DIR / pretrained.replace("-", "_"))
     looks_local = pretrained.startswith((".", "/", "~")) or Path(pretrained).expanduser().exists()
     if looks_local:

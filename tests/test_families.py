@@ -92,3 +92,58 @@ def test_prune_2of4_save_reload(tmp_path, pretrained, method):
     w = reloaded.get_parameter("model.layers.1.mlp.down_proj.weight")
     assert torch.all((w.reshape(-1, 4) != 0).sum(-1) <= 2)                       # 2:4 survived the round trip
     assert _heldout(saved) == results["pruned"]["heldout"]
+
+
+# --- random-token noise (DiffusionGemma-style) -------------------------------------------------------------------
+from pipeline.maths.diffusion import forward_process, mask_probability, per_sample_tokens, per_sample_uniform  # noqa: E402
+from pipeline.model.calibration import noised_batches  # noqa: E402
+
+
+@pytest.mark.parametrize("vocab", [7, 4096])
+def test_uniform_noise_changes_p_times_one_minus_one_over_v(vocab):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(vocab, (64, 512), generator=g)
+    t = 0.6
+    noisy, masked, p = forward_process(x0, t, mask_token_id=10**6, noise="uniform", vocab_size=vocab, generator=g)
+    p = float(mask_probability(t))
+    assert abs(masked.float().mean().item() - p) < 0.01                          # positions noised: p(t)
+    changed = (noisy != x0).float().mean().item()
+    assert abs(changed - p * (1 - 1 / vocab)) < 0.01                            # a draw may hit the original token
+    assert torch.equal(noisy[~masked], x0[~masked]) and noisy.max() < vocab      # never the (absent) mask id
+    assert not (noisy != x0)[~masked].any() and ((noisy != x0) <= masked).all()
+
+
+def test_uniform_noise_is_reproducible_per_sample():
+    x0 = torch.randint(100, (3, 32), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": x0, "index": torch.tensor([5, 9, 2]), "keep": torch.zeros_like(x0, dtype=torch.bool)}
+    runs = [list(noised_batches(batch, [0.3, 0.9], 99, seed=4, noise="uniform", vocab_size=100)) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.masked, b.masked)
+    # a sample's noise does not depend on its batch company (DDP-exact): sample 9 alone
+    alone = {k: v[1:2] for k, v in batch.items()}
+    single = list(noised_batches(alone, [0.3, 0.9], 99, seed=4, noise="uniform", vocab_size=100))
+    for a, s in zip(runs[0], single):
+        assert torch.equal(a.input_ids[1:2], s.input_ids)
+    # the same noised positions as mask noise; only what is written there differs
+    masks = list(noised_batches(batch, [0.3, 0.9], 99, seed=4))
+    for a, m in zip(runs[0], masks):
+        assert torch.equal(a.masked, m.masked) and (m.input_ids[m.masked] == 99).all() and (a.input_ids < 100).all()
+    u = per_sample_uniform((3, 32), [1, 2, 3])
+    r = per_sample_tokens((3, 32), [1, 2, 3], 100)
+    n1, _, _ = forward_process(x0, 0.5, 99, uniform=u, noise="uniform", replacement=r)
+    n2, _, _ = forward_process(x0, 0.5, 99, uniform=u, noise="uniform", replacement=per_sample_tokens((3, 32), [1, 2, 3], 100))
+    assert torch.equal(n1, n2)
+
+
+def test_uniform_noise_needs_a_vocabulary():
+    with pytest.raises(ValueError, match="vocab_size"):
+        forward_process(torch.zeros(1, 4, dtype=torch.long), 0.5, 0, noise="uniform")
+    with pytest.raises(ValueError, match="noise='gauss'"):
+        forward_process(torch.zeros(1, 4, dtype=torch.long), 0.5, 0, noise="gauss")
+
+
+def test_module_uniform_noise_end_to_end(tmp_path):
+    root, code, err = _run(tmp_path, "tiny-dream", method="sink_wanda", model_args={"noise": "uniform"})
+    assert code == 0, err[-3000:]
+    results = json.loads((root / "pruned" / "results.json").read_text())
+    assert results["sparsity_report"]["meets_target"]

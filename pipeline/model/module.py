@@ -11,7 +11,7 @@ import torch
 from typing_extensions import override
 
 from pipeline.model.calibration import calibration_forward, dispatch_noised_batch, noised_batches
-from pipeline.maths.diffusion import DEFAULT_EPS, config_max_length, timestep_grid
+from pipeline.maths.diffusion import DEFAULT_EPS, NOISES, config_max_length, timestep_grid
 from pipeline.model.loading import load_dlm, resolve_mask_token_id, resolve_path
 from pipeline.run.phase import set_current
 from pipeline.maths.metrics import MaskedDiffusionPerplexity, elbo_nll
@@ -48,11 +48,15 @@ class DLMModule(L.LightningModule):
         heldout_timesteps: int = 8,
         attn_implementation: str | None = "sdpa",
         keep_special_tokens: bool = False,
+        noise: str = "mask",
     ):
         """Args:
             keep_special_tokens: never mask the special token the data puts first (BOS / [CLS]), in
                 calibration and in held-out scoring, for models trained that way (minilm-dlm, tiny-llada).
                 The default masks every position, like the reference and LLaDA's pretraining.
+            noise: "mask" (a noised position becomes the mask token: LLaDA, Dream, SDAR) or "uniform" (it becomes
+                a uniformly random vocabulary token: DiffusionGemma-style random-token noise), in calibration
+                and in held-out scoring.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -63,6 +67,8 @@ class DLMModule(L.LightningModule):
             raise ValueError(f"model.torch_dtype={torch_dtype!r} is not a dtype; use one of {', '.join(DTYPES)}")
         if heldout_timesteps < 1:
             raise ValueError(f"model.heldout_timesteps={heldout_timesteps} must be >= 1 (timesteps per held-out window)")
+        if noise not in NOISES:
+            raise ValueError(f"model.noise={noise!r}: use one of {', '.join(NOISES)}")
         resolve_path(pretrained)  # a missing local path fails here, before anything is loaded
         self.model = None  # loaded in configure_model, after every config check has passed
         self.tokenizer = None
@@ -124,13 +130,21 @@ class DLMModule(L.LightningModule):
         set_current(f"calibrating (epoch {self.current_epoch + 1}, batch {batch_idx + 1})")
         with torch.no_grad():
             batch = {**batch, "keep": self.keep(batch)}
-            for nb in noised_batches(batch, self.timesteps, self.mask_token_id, seed=self.hparams.seed, eps=self.hparams.eps):
+            for nb in noised_batches(batch, self.timesteps, self.mask_token_id, seed=self.hparams.seed, eps=self.hparams.eps,
+                                     noise=self.hparams.noise, vocab_size=self.vocab_size):
                 dispatch_noised_batch(self.trainer, self, nb)
         return None
 
     # --- scoring -----------------------------------------------------------------------------------
     def logits(self, input_ids):
         return calibration_forward(self, input_ids).logits
+
+    @property
+    def vocab_size(self) -> int:
+        """The range random-token noise draws from: the tokenizer's tokens, never the embedding's padding rows
+        (Qwen-style checkpoints pad the embedding past the tokenizer)."""
+        rows = self.model.get_input_embeddings().num_embeddings
+        return min(rows, len(self.tokenizer)) if self.tokenizer is not None else rows
 
     def keep(self, batch: dict) -> torch.Tensor:
         """[B, L] positions the forward process never masks: the data's leading special token, or none."""
@@ -148,7 +162,7 @@ class DLMModule(L.LightningModule):
             nll, scored = elbo_nll(
                 self.logits, ids, self.keep(batch).to(self.device), [int(i) for i in batch["index"]],
                 self.mask_token_id, n_timesteps=self.hparams.heldout_timesteps, seed=self.hparams.seed,
-                eps=self.hparams.eps,
+                eps=self.hparams.eps, noise=self.hparams.noise, vocab_size=self.vocab_size,
             )
             real = (batch["index"] >= 0).double()  # DDP padding windows count for nothing
             metric.update((nll * real).to(self.device), (scored * real).to(self.device))

@@ -147,3 +147,67 @@ def test_module_uniform_noise_end_to_end(tmp_path):
     assert code == 0, err[-3000:]
     results = json.loads((root / "pruned" / "results.json").read_text())
     assert results["sparsity_report"]["meets_target"]
+
+
+# --- family configs (offline: parsed, never loaded) ----------------------------------------------------------------
+import yaml  # noqa: E402
+
+from tests.runs import REPO  # noqa: E402
+
+# recipe -> (model config, twin, real vocabulary size, model_type the twin mirrors, block length or None)
+FAMILY_RECIPES = {
+    "llada_sink50": ("llada_8b", "tiny-llada", 126464, "llada", None),
+    "llada15_sink50": ("llada_1_5", "tiny-llada", 126464, "llada", None),
+    "mmada_sink50": ("mmada_8b", "tiny-llada", 126464, "llada", None),
+    "llada_moe_sink50": ("llada_moe_7b", "tiny-llada-moe", 157184, "llada_moe", None),
+    "llada2_mini_sink50": ("llada2_mini", "tiny-llada-moe", 157184, "llada_moe", 32),
+    "dream_sink50": ("dream_7b", "tiny-dream", 152064, "Dream", None),
+    "dream_coder_sink50": ("dream_coder_7b", "tiny-dream", 152064, "Dream", None),
+    "sdar_sink50": ("sdar_8b", "tiny-sdar", 151936, "sdar", 4),
+}
+KNOWN_MASK = {"llada_8b": 126336, "llada_1_5": 126336, "mmada_8b": 126336, "llada_moe_7b": 156895,
+              "llada2_mini": 156895, "dream_7b": 151666, "dream_coder_7b": 151666, "sdar_8b": 151669}
+
+
+@pytest.mark.parametrize("recipe", sorted(FAMILY_RECIPES))
+def test_family_recipe_parses(tmp_path, recipe, capsys):
+    """`cli.py fit --config configs/<recipe>.yaml --print_config` composes model + data + method + evaluate offline."""
+    import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fit", "--config", str(REPO / "configs" / f"{recipe}.yaml"), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model = printed["model"]["init_args"]
+    config_name, _, _, _, _ = FAMILY_RECIPES[recipe]
+    source = yaml.safe_load((REPO / "configs" / "model" / f"{config_name}.yaml").read_text())["init_args"]
+    assert model["pretrained"] == source["pretrained"] and model["trust_remote_code"] is True
+    callbacks = [c["class_path"] for c in printed["trainer"]["callbacks"]]
+    assert callbacks[-1] == "callbacks.evaluate.EvaluateExportCallback" and "callbacks.prune.PruneCallback" in callbacks
+
+
+@pytest.mark.parametrize("recipe", sorted(FAMILY_RECIPES))
+def test_family_structure_matches_twin(recipe):
+    """Mask id inside the real vocabulary, the twin mirrors the family (model_type, mask id in its own vocabulary),
+    block-diffusion families: the sampler's block length in the recipe, a block-causal mask in the twin."""
+    from transformers import AutoConfig
+
+    from pipeline.model.loading import resolve_path
+
+    config_name, twin, vocab, model_type, block = FAMILY_RECIPES[recipe]
+    model = yaml.safe_load((REPO / "configs" / "model" / f"{config_name}.yaml").read_text())["init_args"]
+    mask = model.get("mask_token_id", KNOWN_MASK[config_name])
+    assert mask == KNOWN_MASK[config_name] and 0 <= mask < vocab
+    twin_config = AutoConfig.from_pretrained(resolve_path(twin), trust_remote_code=True)
+    assert twin_config.model_type == model_type
+    twin_vocab = getattr(twin_config, "vocab_size", None) or twin_config.embedding_size
+    assert 0 <= twin_config.mask_token_id < twin_vocab
+    recipe_yaml = yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text())
+    evaluate = yaml.safe_load((REPO / "configs" / recipe_yaml["trainer"]["callbacks"][-1]).read_text())
+    lengths = {t.get("block_length") for t in evaluate["init_args"]["tasks"] if "gen_length" in t}
+    if block is None:
+        assert not getattr(twin_config, "block_causal", False)
+    else:
+        assert lengths == {block}
+        assert twin_config.block_length > 0 and twin_config.block_length < twin_config.max_position_embeddings
+        assert model_type != "llada_moe" or hasattr(twin_config, "block_causal")  # LLaDA2: switched on per run

@@ -6,6 +6,8 @@ timestep of the schedule and hands each noised batch to the callbacks (see pipel
 """
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
 from typing_extensions import override
@@ -100,6 +102,10 @@ class DLMModule(L.LightningModule):
         if not 0 <= self.mask_token_id < vocab:
             raise ValueError(f"model.mask_token_id={self.mask_token_id} is outside the vocabulary (0 … {vocab - 1}); "
                              "use the tokenizer's [MASK] id or leave mask_token_id unset")
+        named = getattr(self.tokenizer, "mask_token_id", None)
+        if hp.mask_token_id is not None and named is not None and int(named) != self.mask_token_id:
+            warnings.warn(f"model.mask_token_id={self.mask_token_id} differs from the tokenizer's mask token id {named} "
+                          f"({self.tokenizer.mask_token!r}); the configured id is used", stacklevel=2)
         self.model.requires_grad_(False)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         seqlen = getattr(getattr(dm, "hparams", None), "seqlen", None) if dm is not None else None

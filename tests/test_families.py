@@ -5,6 +5,7 @@ remote code, reloaded with trust_remote_code, identical held-out score.  tiny-sd
 mass on keys its block-causal mask hides.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from pipeline.model.loading import load_dlm
 from tests.runs import run_inprocess, tiny_config
 from tests.test_moe import _heldout
 
+pytestmark = pytest.mark.tf5  # also run on transformers 5 (.ci/run)
 torch.set_num_threads(1)
 LAYERS = ["model.layers.0", "model.layers.1"]
 NSAMPLES, SEQLEN, TIMESTEPS = 4, 64, 2
@@ -36,6 +38,20 @@ def test_find_blocks_and_layout(twin):
     assert (attn.q_proj.bias is not None) == (name == "tiny-dream")               # Qwen2 biases; Qwen3 none
     assert hasattr(attn, "q_norm") == (name == "tiny-sdar")
     assert model.config.mask_token_id == 2 and "AutoModel" in model.config.auto_map
+
+
+@pytest.mark.parametrize("name", sorted(REMOTE_CODE))
+def test_builder_rebuilds_the_checkpoint_bit_for_bit(tmp_path, name):
+    from safetensors.torch import load_file
+
+    from pipeline.model.loading import resolve_path
+    from pipeline.zoo.build_tiny_families import build
+
+    build(name, tmp_path / "rebuilt")
+    shipped = load_file(str(Path(resolve_path(name)) / "model.safetensors"))
+    rebuilt = load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
+    assert shipped.keys() == rebuilt.keys() and all(torch.equal(shipped[k], rebuilt[k]) for k in shipped)
+    assert (Path(resolve_path(name)) / "model.safetensors").stat().st_size < 2 * 2**20
 
 
 def _visible(length: int, block: int) -> torch.Tensor:

@@ -135,12 +135,16 @@ def restore_non_persistent_buffers(model) -> list[str]:
     transformers 5 builds the model on the meta device and then gives every non-persistent buffer an
     uninitialised `torch.empty` placeholder, expecting the model's `_init_weights` to fill it; 4.x-era remote
     code computes those buffers in `__init__` only, so they would hold garbage (silently wrong logits).  This
-    builds the class once more with its parameters on the meta device (no weight memory, no init) and copies
-    the buffers its `__init__` computed.  Returns the names restored."""
+    builds the class once more with its parameters moved to the meta device as they are registered (so only one
+    tensor at a time is ever real, and none is initialised) and copies the buffers its `__init__` computed, in
+    the loaded buffer's dtype.  Returns the names restored."""
     names = _non_persistent_buffers(model)
     if not names:
         return []
-    from transformers.initialization import no_init_weights
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # a 5.x without it: the skeleton's parameters are on meta anyway, init is then a no-op
+        from contextlib import nullcontext as no_init_weights
 
     with _ParametersOnMeta(), no_init_weights():
         skeleton = type(model)(model.config)

@@ -147,7 +147,7 @@ def run_project(ckpt: Path, windows, method: str, seed: int, timesteps: int, mod
     from callbacks.sink_stats import SinkStatsCallback
     from pipeline.model.module import DLMModule
 
-    module = DLMModule(pretrained=str(ckpt), timesteps=timesteps, seed=seed, noise=noise)
+    module = DLMModule(pretrained=str(ckpt), timesteps=timesteps, seed=seed, noise_order=noise)
     prune = PruneCallback(method=method, sparsity=0.5, mode=mode, flavor=flavor, single_pass=single_pass, eager=eager)
     callbacks = ([SinkStatsCallback(record=False, heatmap=False)] if method.startswith("sink_") else []) + [prune]
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

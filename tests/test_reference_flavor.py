@@ -194,7 +194,7 @@ def test_blockwise_sparsegpt_mask_rule():
 
 
 def test_reference_noise_order_replays_the_global_generator():
-    """noise="reference": the k-th draw after manual_seed(seed) noises (window k // n_t, timestep k % n_t)."""
+    """noise_order="reference": the k-th draw after manual_seed(seed) noises (window k // n_t, timestep k % n_t)."""
     from pipeline.maths.diffusion import timestep_grid
     from pipeline.model.calibration import reference_noised_batches
 

@@ -3,6 +3,10 @@
 A masked-diffusion LM is trained to undo x_t = forward_process(x_0, t): every token is replaced by the
 mask token with probability p(t) = (1 - eps)·t + eps.  The negative ELBO per token is
 E_t[ Σ_masked CE / p(t) ] / L, which is what LLaDA trains on and what we report as perplexity.
+
+`noise="uniform"` is the random-token variant (DiffusionGemma, uniform-state diffusion): a noised position is
+replaced by a token drawn uniformly from the vocabulary [0, vocab_size) instead of the mask token, so a
+fraction p(t)·(1 - 1/V) of the tokens actually changes; `masked` still reports every noised position.
 """
 from __future__ import annotations
 
@@ -49,6 +53,20 @@ def per_sample_uniform(shape: tuple[int, int], seeds: list[int]) -> torch.Tensor
     return torch.stack(rows) if rows else torch.empty(shape)
 
 
+NOISES = ("mask", "uniform")
+
+
+def per_sample_tokens(shape: tuple[int, int], seeds: list[int], vocab_size: int) -> torch.Tensor:
+    """Uniform random token ids [B, L] in [0, vocab_size), row b from its own generator seeded with seeds[b]."""
+    rows = [torch.randint(vocab_size, (shape[1],), generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.stack(rows) if rows else torch.empty(shape, dtype=torch.long)
+
+
+def token_seed(seed: int) -> int:
+    """The seed of the replacement tokens that go with a noise seed (a separate stream, same determinism)."""
+    return hashed_seed(f"tokens:{seed}")
+
+
 def forward_process(
     input_ids: torch.Tensor,
     t: torch.Tensor | float,
@@ -58,13 +76,22 @@ def forward_process(
     keep: torch.Tensor | None = None,
     uniform: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise: str = "mask",
+    vocab_size: int | None = None,
+    replacement: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mask each token with probability (1 - eps)·t + eps.
+    """Noise each token with probability (1 - eps)·t + eps.
 
-    t is a scalar or one value per row.  `keep` marks positions never masked (prompt, BOS).  `uniform`
+    t is a scalar or one value per row.  `keep` marks positions never noised (prompt, BOS).  `uniform`
     supplies the [B, L] noise explicitly (for per-sample seeds); otherwise it is drawn from `generator`.
-    Returns (noisy ids, bool mask of masked positions, p_mask per row [B, 1]).
+    noise="mask" writes `mask_token_id`; noise="uniform" writes a uniformly random token of [0, vocab_size):
+    `replacement` [B, L] supplies those tokens (e.g. `per_sample_tokens`), else they are drawn from `generator`.
+    Returns (noisy ids, bool mask of noised positions, p_mask per row [B, 1]).
     """
+    if noise not in NOISES:
+        raise ValueError(f"noise={noise!r}: use one of {', '.join(NOISES)}")
+    if noise == "uniform" and replacement is None and not (isinstance(vocab_size, int) and vocab_size > 1):
+        raise ValueError(f"noise='uniform' needs vocab_size > 1 (got {vocab_size!r}) or explicit replacement tokens")
     b, length = input_ids.shape
     p_mask = mask_probability(t, eps).reshape(-1, 1).expand(b, 1).to(input_ids.device)
     if uniform is None:
@@ -72,7 +99,13 @@ def forward_process(
     masked = uniform.to(input_ids.device) < p_mask
     if keep is not None:
         masked &= ~keep.to(torch.bool)
-    noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    if noise == "uniform":
+        if replacement is None:
+            replacement = torch.randint(vocab_size, (b, length), generator=generator)
+        fill = replacement.to(device=input_ids.device, dtype=input_ids.dtype)
+    else:
+        fill = torch.full_like(input_ids, mask_token_id)
+    noisy = torch.where(masked, fill, input_ids)
     return noisy, masked, p_mask
 
 

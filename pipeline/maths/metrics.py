@@ -13,7 +13,8 @@ import math
 import torch
 from torchmetrics import Metric
 
-from pipeline.maths.diffusion import DEFAULT_EPS, forward_process, masked_token_nll, noise_seed, per_sample_uniform
+from pipeline.maths.diffusion import (DEFAULT_EPS, forward_process, masked_token_nll, noise_seed, per_sample_tokens,
+                                      per_sample_uniform, token_seed)
 
 
 class MaskedDiffusionPerplexity(Metric):
@@ -45,8 +46,11 @@ def elbo_nll(
     n_timesteps: int = 8,
     seed: int = 0,
     eps: float = DEFAULT_EPS,
+    noise: str = "mask",
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-window (Σ_t-averaged masked NLL, number of scored tokens).  logits_fn(ids) -> [B, L, V]."""
+    """Per-window (Σ_t-averaged masked NLL, number of scored tokens).  logits_fn(ids) -> [B, L, V].
+    noise="uniform": noised positions hold random tokens of [0, vocab_size) (see forward_process)."""
     b, length = input_ids.shape
     total = torch.zeros(b, dtype=torch.float64)
     offsets = torch.tensor(
@@ -54,8 +58,11 @@ def elbo_nll(
     )
     for k in range(n_timesteps):
         t = ((k + offsets) / n_timesteps).clamp_min(1e-6)
-        uniform = per_sample_uniform((b, length), [noise_seed(seed, i, k) for i in indices])
-        noisy, masked, p_mask = forward_process(input_ids, t, mask_token_id, eps=eps, keep=keep, uniform=uniform)
+        seeds = [noise_seed(seed, i, k) for i in indices]
+        uniform = per_sample_uniform((b, length), seeds)
+        replacement = per_sample_tokens((b, length), [token_seed(s) for s in seeds], vocab_size) if noise == "uniform" else None
+        noisy, masked, p_mask = forward_process(input_ids, t, mask_token_id, eps=eps, keep=keep, uniform=uniform,
+                                                noise=noise, vocab_size=vocab_size, replacement=replacement)
         logits = logits_fn(noisy)
         total += (masked_token_nll(logits, input_ids, masked) / p_mask.squeeze(1)).double().cpu()
     scored = (~keep).sum(dim=1).double().cpu()

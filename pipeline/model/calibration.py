@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from pipeline.maths.diffusion import DEFAULT_EPS, forward_process, noise_seed, per_sample_uniform
+from pipeline.maths.diffusion import DEFAULT_EPS, forward_process, noise_seed, per_sample_tokens, per_sample_uniform, token_seed
 
 
 @dataclass
@@ -48,14 +48,19 @@ class CalibrationModule(Protocol):
     mask_token_id: int
 
 
-def noised_batches(batch: dict, timesteps: list[float], mask_token_id: int, *, seed: int, eps: float = DEFAULT_EPS):
-    """Yield one NoisedBatch per timestep; noise depends only on (seed, sample index, step)."""
+def noised_batches(batch: dict, timesteps: list[float], mask_token_id: int, *, seed: int, eps: float = DEFAULT_EPS,
+                   noise: str = "mask", vocab_size: int | None = None):
+    """Yield one NoisedBatch per timestep; noise depends only on (seed, sample index, step).
+    noise="uniform" replaces noised positions by random tokens of [0, vocab_size) (seeded the same way)."""
     x0 = batch["input_ids"]
     keep = batch.get("keep")
     sample_ids = [int(i) for i in batch["index"]]
     for step, t in enumerate(timesteps):
-        uniform = per_sample_uniform(tuple(x0.shape), [noise_seed(seed, i, step) for i in sample_ids])
-        noisy, masked, _ = forward_process(x0, t, mask_token_id, eps=eps, keep=keep, uniform=uniform)
+        seeds = [noise_seed(seed, i, step) for i in sample_ids]
+        uniform = per_sample_uniform(tuple(x0.shape), seeds)
+        replacement = per_sample_tokens(tuple(x0.shape), [token_seed(s) for s in seeds], vocab_size) if noise == "uniform" else None
+        noisy, masked, _ = forward_process(x0, t, mask_token_id, eps=eps, keep=keep, uniform=uniform, noise=noise,
+                                           vocab_size=vocab_size, replacement=replacement)
         yield NoisedBatch(noisy, x0, masked, float(t), step, sample_ids, batch.get("attention_mask"))
 
 

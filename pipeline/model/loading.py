@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
-EMBEDDED = ("minilm-dlm", "minilm-dlm-rel", "minilm-ar", "tiny-llada", "tiny-ar", "tiny-llada-moe")
+ZOO_FOLDERS = ("tiny-llada", "tiny-ar", "tiny-llada-moe", "tiny-dream", "tiny-sdar")  # remote-code folders in pipeline/zoo
+EMBEDDED = ("minilm-dlm", "minilm-dlm-rel", "minilm-ar", *ZOO_FOLDERS)
 # Fallback mask ids by model_type, for checkpoints whose tokenizer and config do not name one.
 KNOWN_MASK_IDS = {"llada": 126336, "dream": 151666}
 
@@ -34,7 +35,7 @@ def resolve_path(pretrained: str) -> str:
         if time.time() - start > 1:
             record_time(f"merging {pretrained}", time.time() - start)
         return str(path)
-    if pretrained in ("tiny-llada", "tiny-ar", "tiny-llada-moe"):
+    if pretrained in ZOO_FOLDERS:
         return str(ZOO_DIR / pretrained.replace("-", "_"))
     looks_local = pretrained.startswith((".", "/", "~")) or Path(pretrained).expanduser().exists()
     if looks_local:
@@ -62,6 +63,109 @@ def _model_class(config, model_class: str):
     return transformers.AutoModel
 
 
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def _remote_class(config, cls, trust_remote_code: bool):
+    """The concrete remote-code class an Auto class would build from `config.auto_map`, or None."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    ref = auto_map.get(getattr(cls, "__name__", ""))
+    if not trust_remote_code or not ref:
+        return None
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    path = getattr(config, "_name_or_path", None)
+    return get_class_from_dynamic_module(ref, path) if path else None
+
+
+def adapt_remote_code(model_cls) -> bool:
+    """Let transformers 5 load remote code written for 4.x (LLaDA's, Dream's hub code; sinkprune's twins).
+    (`load_dlm` also calls `restore_non_persistent_buffers` after loading such a class.)
+
+    transformers 5's `from_pretrained` reads attributes that `PreTrainedModel.post_init()` sets
+    (`all_tied_weights_keys`, and the set-valued `_no_split_modules`, `_keep_in_fp32_modules`, ... it builds
+    from the class lists).  4.x tolerated models whose `__init__` never called `post_init()` -- LLaDA's hub
+    `LLaDAModelLM` is one -- and loading those fails with "'LLaDAModelLM' object has no attribute
+    'all_tied_weights_keys'".  This wraps such a class's `__init__` so that, when it returns without
+    `post_init()` having run, `post_init()` runs then (what transformers 5 requires of every model).  Only for
+    remote-code classes (module under `transformers_modules`) and only under transformers >= 5; classes that
+    call post_init themselves are untouched at run time.  Returns True when the class was (already) wrapped.
+    """
+    if model_cls is None or _transformers_major() < 5 or not model_cls.__module__.startswith("transformers_modules"):
+        return False
+    if getattr(model_cls, "_sinkprune_tf5_adapted", False):
+        return True
+    original = model_cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if type(self) is model_cls and not hasattr(self, "all_tied_weights_keys"):
+            self.post_init()
+
+    __init__.__wrapped__ = original
+    model_cls.__init__ = __init__
+    model_cls._sinkprune_tf5_adapted = True
+    return True
+
+
+def _non_persistent_buffers(model) -> list[str]:
+    names = []
+    for name, _ in model.named_buffers():
+        parent, _, leaf = name.rpartition(".")
+        if leaf in model.get_submodule(parent)._non_persistent_buffers_set:
+            names.append(name)
+    return names
+
+
+class _ParametersOnMeta:
+    """While active, every registered parameter moves to the meta device (buffers stay real, on the CPU)."""
+
+    def __enter__(self):
+        self._original = original = torch.nn.Module.register_parameter
+
+        def register_parameter(module, name, param):
+            original(module, name, param)
+            if param is not None and param.device.type != "meta":
+                module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+        torch.nn.Module.register_parameter = register_parameter
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.Module.register_parameter = self._original
+
+
+def restore_non_persistent_buffers(model) -> list[str]:
+    """Recompute a remote-code model's non-persistent buffers (RoPE `inv_freq` and the like) under transformers 5.
+
+    transformers 5 builds the model on the meta device and then gives every non-persistent buffer an
+    uninitialised `torch.empty` placeholder, expecting the model's `_init_weights` to fill it; 4.x-era remote
+    code computes those buffers in `__init__` only, so they would hold garbage (silently wrong logits).  This
+    builds the class once more with its parameters moved to the meta device as they are registered (so only one
+    tensor at a time is ever real, and none is initialised) and copies the buffers its `__init__` computed, in
+    the loaded buffer's dtype.  Returns the names restored."""
+    names = _non_persistent_buffers(model)
+    if not names:
+        return []
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # a 5.x without it: the skeleton's parameters are on meta anyway, init is then a no-op
+        from contextlib import nullcontext as no_init_weights
+
+    with _ParametersOnMeta(), no_init_weights():
+        skeleton = type(model)(model.config)
+    for name in names:
+        buffer, fresh = model.get_buffer(name), skeleton.get_buffer(name)
+        if fresh.device.type == "meta":
+            raise RuntimeError(f"{type(model).__name__}: cannot recompute the non-persistent buffer {name} under transformers 5")
+        with torch.no_grad():
+            buffer.copy_(fresh.to(dtype=buffer.dtype))
+    return names
+
+
 def load_dlm(
     pretrained: str,
     *,
@@ -86,7 +190,10 @@ def load_dlm(
         kwargs["device_map"] = device_map
     if attn_implementation and not getattr(config, "auto_map", None):
         kwargs["attn_implementation"] = attn_implementation  # remote code picks its own attention
+    remote_tf5 = _transformers_major() >= 5 and adapt_remote_code(_remote_class(config, cls, trust_remote_code))
     model = cls.from_pretrained(path, **kwargs)
+    if remote_tf5:
+        restore_non_persistent_buffers(model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model.eval()
     return model, tokenizer

@@ -6,12 +6,14 @@ timestep of the schedule and hands each noised batch to the callbacks (see pipel
 """
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
 from typing_extensions import override
 
 from pipeline.model.calibration import calibration_forward, dispatch_noised_batch, noised_batches, reference_noised_batches
-from pipeline.maths.diffusion import DEFAULT_EPS, config_max_length, timestep_grid
+from pipeline.maths.diffusion import DEFAULT_EPS, NOISES, config_max_length, timestep_grid
 from pipeline.model.loading import load_dlm, resolve_mask_token_id, resolve_path
 from pipeline.run.phase import set_current
 from pipeline.maths.metrics import MaskedDiffusionPerplexity, elbo_nll
@@ -48,22 +50,27 @@ class DLMModule(L.LightningModule):
         heldout_timesteps: int = 8,
         attn_implementation: str | None = "sdpa",
         keep_special_tokens: bool = False,
-        noise: str = "per_sample",
+        noise: str = "mask",
+        noise_order: str = "per_sample",
     ):
         """Args:
             keep_special_tokens: never mask the special token the data puts first (BOS / [CLS]), in
                 calibration and in held-out scoring, for models trained that way (minilm-dlm, tiny-llada).
                 The default masks every position, like the reference and LLaDA's pretraining.
-            noise: "per_sample" (default: each (sample, timestep) from its own hashed seed, identical across DDP world
-                sizes and batch sizes) or "reference" (the reference's order: one generator seeded once per epoch,
-                one draw per (batch, timestep) in window order; with batch_size 1 in a single process the noised
-                inputs are bit-identical to the reference's, see pipeline/model/calibration.py).
+            noise: "mask" (a noised position becomes the mask token: LLaDA, Dream, SDAR) or "uniform" (it becomes
+                a uniformly random vocabulary token: DiffusionGemma-style random-token noise), in calibration
+                and in held-out scoring.
+            noise_order: "per_sample" (default: each (sample, timestep) from its own hashed seed, identical across
+                DDP world sizes and batch sizes) or "reference" (the reference's order: one generator seeded once per
+                epoch, one draw per (batch, timestep) in window order; with batch_size 1 in a single process the
+                noised inputs are bit-identical to the reference's, see pipeline/model/calibration.py; mask noise only).
         """
         super().__init__()
         self.save_hyperparameters()
         self.timesteps = validate_timesteps(timesteps)
-        if noise not in ("per_sample", "reference"):
-            raise ValueError(f"model.noise={noise!r} must be 'per_sample' (default) or 'reference' (the reference's draw order)")
+        if noise_order not in ("per_sample", "reference") or (noise_order == "reference" and noise != "mask"):
+            raise ValueError(f"model.noise_order={noise_order!r} must be 'per_sample' (default) or 'reference' (the "
+                             "reference's draw order, with noise: mask)")
         self._noise_generator: torch.Generator | None = None
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"model.eps={eps} must be in [0, 1); the default is 1e-3")
@@ -71,6 +78,8 @@ class DLMModule(L.LightningModule):
             raise ValueError(f"model.torch_dtype={torch_dtype!r} is not a dtype; use one of {', '.join(DTYPES)}")
         if heldout_timesteps < 1:
             raise ValueError(f"model.heldout_timesteps={heldout_timesteps} must be >= 1 (timesteps per held-out window)")
+        if noise not in NOISES:
+            raise ValueError(f"model.noise={noise!r}: use one of {', '.join(NOISES)}")
         resolve_path(pretrained)  # a missing local path fails here, before anything is loaded
         self.model = None  # loaded in configure_model, after every config check has passed
         self.tokenizer = None
@@ -102,6 +111,10 @@ class DLMModule(L.LightningModule):
         if not 0 <= self.mask_token_id < vocab:
             raise ValueError(f"model.mask_token_id={self.mask_token_id} is outside the vocabulary (0 … {vocab - 1}); "
                              "use the tokenizer's [MASK] id or leave mask_token_id unset")
+        named = getattr(self.tokenizer, "mask_token_id", None)
+        if hp.mask_token_id is not None and named is not None and int(named) != self.mask_token_id:
+            warnings.warn(f"model.mask_token_id={self.mask_token_id} differs from the tokenizer's mask token id {named} "
+                          f"({self.tokenizer.mask_token!r}); the configured id is used", stacklevel=2)
         self.model.requires_grad_(False)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         seqlen = getattr(getattr(dm, "hparams", None), "seqlen", None) if dm is not None else None
@@ -126,7 +139,7 @@ class DLMModule(L.LightningModule):
     @override
     def on_train_epoch_start(self):
         self.model.eval()
-        if self.hparams.noise == "reference":  # every epoch replays the same stream (the reference draws it once)
+        if self.hparams.noise_order == "reference":  # every epoch replays the same stream (the reference draws it once)
             self._noise_generator = torch.Generator().manual_seed(self.hparams.seed)
 
     @override
@@ -134,12 +147,13 @@ class DLMModule(L.LightningModule):
         set_current(f"calibrating (epoch {self.current_epoch + 1}, batch {batch_idx + 1})")
         with torch.no_grad():
             batch = {**batch, "keep": self.keep(batch)}
-            if self.hparams.noise == "reference":
+            if self.hparams.noise_order == "reference":
                 if self._noise_generator is None:  # resumed mid-epoch: the stream restarts (not the reference's)
                     self._noise_generator = torch.Generator().manual_seed(self.hparams.seed)
                 batches = reference_noised_batches(batch, self.timesteps, self.mask_token_id, self._noise_generator, eps=self.hparams.eps)
             else:
-                batches = noised_batches(batch, self.timesteps, self.mask_token_id, seed=self.hparams.seed, eps=self.hparams.eps)
+                batches = noised_batches(batch, self.timesteps, self.mask_token_id, seed=self.hparams.seed, eps=self.hparams.eps,
+                                         noise=self.hparams.noise, vocab_size=self.vocab_size)
             for nb in batches:
                 dispatch_noised_batch(self.trainer, self, nb)
         return None
@@ -147,6 +161,13 @@ class DLMModule(L.LightningModule):
     # --- scoring -----------------------------------------------------------------------------------
     def logits(self, input_ids):
         return calibration_forward(self, input_ids).logits
+
+    @property
+    def vocab_size(self) -> int:
+        """The range random-token noise draws from: the tokenizer's tokens, never the embedding's padding rows
+        (Qwen-style checkpoints pad the embedding past the tokenizer)."""
+        rows = self.model.get_input_embeddings().num_embeddings
+        return min(rows, len(self.tokenizer)) if self.tokenizer is not None else rows
 
     def keep(self, batch: dict) -> torch.Tensor:
         """[B, L] positions the forward process never masks: the data's leading special token, or none."""
@@ -168,7 +189,7 @@ class DLMModule(L.LightningModule):
             nll, scored = elbo_nll(
                 self.logits, ids, self.keep(batch).to(self.device), [int(i) for i in batch["index"]],
                 self.mask_token_id, n_timesteps=self.hparams.heldout_timesteps, seed=self.hparams.seed,
-                eps=self.hparams.eps,
+                eps=self.hparams.eps, noise=self.hparams.noise, vocab_size=self.vocab_size,
             )
             real = (batch["index"] >= 0).double()  # DDP padding windows count for nothing
             for i, n, s in zip(batch["index"].tolist(), nll.tolist(), scored.tolist()):

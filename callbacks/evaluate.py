@@ -68,6 +68,10 @@ class EvaluateExportCallback(Callback):
 
         if not (self.cache_dense and dense_cache.enabled()) or trainer.world_size > 1:
             return None
+        if not (self.score_dense or (self.tasks and self.score_dense_tasks)):
+            return None  # nothing dense to score, so nothing to cache
+        if not (hasattr(pl_module, "score_heldout") and hasattr(getattr(trainer, "datamodule", None), "heldout_dataloader")):
+            return None  # the key needs CalibrationModule scoring and held-out windows (a plain module has neither)
         settings = {"tasks": self.tasks if self.score_dense_tasks else [], "eval_kwargs": self.eval_kwargs,
                     "heldout": self.score_dense}
         return dense_cache.dense_key(pl_module, settings)

@@ -39,7 +39,8 @@ def dense_key(pl_module, settings: dict) -> str:
             h.update(batch[field].cpu().contiguous().numpy().tobytes())
     hp = pl_module.hparams
     h.update(json.dumps({"seed": hp.seed, "eps": hp.eps, "heldout_timesteps": hp.heldout_timesteps,
-                         "keep_special_tokens": hp.keep_special_tokens, "mask": pl_module.mask_token_id,
+                         "keep_special_tokens": hp.keep_special_tokens, "noise": getattr(hp, "noise", "mask"),
+                         "mask": pl_module.mask_token_id,
                          "torch": torch.__version__, **settings}, sort_keys=True, default=str).encode())
     root = Path(__file__).resolve().parents[1]
     for source in SCORING_SOURCES:

@@ -61,6 +61,26 @@ def remove_partial_outputs() -> None:
         cli_class.result_dirs = []
 
 
+def _run(args: list[str], from_argv: bool) -> list[str]:
+    """Quiet the libraries, apply the short flags, check the config files, run LightningCLI; returns the args."""
+    from pipeline.run.console import quiet_warnings
+
+    quiet_warnings()
+    args, flags = short_flags(args)
+    args = check_config_files(args)
+    if from_argv:
+        sys.argv = [sys.argv[0], *args]
+    from pipeline.model.data import CalibrationData
+    from pipeline.model.module import DLMModule
+    from pipeline.run.lightning_cli import SinkPruneCLI
+
+    SinkPruneCLI.short_flags = flags
+    SinkPruneCLI(DLMModule, CalibrationData, subclass_mode_model=True, subclass_mode_data=True,
+                 trainer_defaults=TRAINER_DEFAULTS, save_config_callback=None, parser_kwargs={"exit_on_error": False},
+                 args=None if from_argv else args)
+    return args
+
+
 def main(args=None):
     from_argv = args is None
     args = list(sys.argv[1:] if from_argv else args)
@@ -76,28 +96,7 @@ def main(args=None):
     handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     set_current("parsing the config")
     try:
-        from pipeline.run.console import quiet_warnings
-
-        quiet_warnings()
-        args, flags = short_flags(args)
-        args = check_config_files(args)
-        if from_argv:
-            sys.argv = [sys.argv[0], *args]
-        from pipeline.model.data import CalibrationData
-        from pipeline.model.module import DLMModule
-        from pipeline.run.lightning_cli import SinkPruneCLI
-
-        SinkPruneCLI.short_flags = flags
-        SinkPruneCLI(
-            DLMModule,
-            CalibrationData,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_callback=None,
-            parser_kwargs={"exit_on_error": False},
-            args=None if from_argv else args,
-        )
+        args = _run(args, from_argv)
     except RunInterrupted as exc:
         where = current()
         remove_partial_outputs()

@@ -61,7 +61,6 @@ def reference_dir() -> Path:
 
 def build_checkpoint(ref: Path, out: Path) -> Path:
     """The reference's LLaDA code at tiny-llada's size, tiny-llada's trained weights, saved as remote code."""
-    import torch
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(ref))
@@ -205,6 +204,31 @@ def agreement(a_path: str, b_path: str) -> float:
     return same / sum(a[n].numel() for n in a)
 
 
+def measure(a, method: str, seqlen: int) -> dict:
+    """Both sides, interleaved, cold (empty inductor cache) then warm, a.repeats times; the floor; one row."""
+    runs = {(side, kind): [] for side in ("project", "reference") for kind in ("cold", "warm")}
+    for rep in range(a.repeats):
+        for side in (("project", "reference") if rep % 2 == 0 else ("reference", "project")):
+            cache = Path(tempfile.mkdtemp(prefix="inductor-", dir=a.workdir))  # empty: cold
+            runs[(side, "cold")].append(spawn(a, side, method, seqlen, a.seed, cache, f"cold{rep}"))
+            runs[(side, "warm")].append(spawn(a, side, method, seqlen, a.seed, cache, f"warm{rep}"))
+            shutil.rmtree(cache, ignore_errors=True)
+    floor = spawn(a, "reference", method, seqlen, a.seed + 1, a.workdir, "floor")
+    ref_masks = runs[("reference", "warm")][0]["masks"]
+    med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    return {
+        "T": seqlen, "method": method, "flavor": a.flavor, "noise": a.noise, "single_pass": a.single_pass, "eager": a.eager,
+        "project_cold_s": med[("project", "cold")], "reference_cold_s": med[("reference", "cold")],
+        "project_warm_s": med[("project", "warm")], "reference_warm_s": med[("reference", "warm")],
+        "project_peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs[("project", "warm")]),
+        "reference_peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs[("reference", "warm")]),
+        "agreement": agreement(runs[("project", "warm")][0]["masks"], ref_masks),
+        "floor": agreement(floor["masks"], ref_masks),
+        "reference_self": agreement(runs[("reference", "cold")][0]["masks"], ref_masks),  # same seed: 1.0
+        "seconds_all": {f"{s}/{k}": [round(r["seconds"], 3) for r in v] for (s, k), v in runs.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[128, 512])
@@ -252,29 +276,8 @@ def main() -> None:
     rows = []
     for seqlen in a.seqlens:
         for method in a.methods:
-            runs = {(side, kind): [] for side in ("project", "reference") for kind in ("cold", "warm")}
-            for rep in range(a.repeats):
-                for side in (("project", "reference") if rep % 2 == 0 else ("reference", "project")):
-                    cache = Path(tempfile.mkdtemp(prefix="inductor-", dir=a.workdir))  # empty: cold
-                    runs[(side, "cold")].append(spawn(a, side, method, seqlen, a.seed, cache, f"cold{rep}"))
-                    runs[(side, "warm")].append(spawn(a, side, method, seqlen, a.seed, cache, f"warm{rep}"))
-                    shutil.rmtree(cache, ignore_errors=True)
-            floor = spawn(a, "reference", method, seqlen, a.seed + 1, a.workdir, "floor")
-            ref_masks = runs[("reference", "warm")][0]["masks"]
-            med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
-            row = {
-                "T": seqlen, "method": method, "flavor": a.flavor, "noise": a.noise, "single_pass": a.single_pass, "eager": a.eager,
-                "project_cold_s": med[("project", "cold")], "reference_cold_s": med[("reference", "cold")],
-                "project_warm_s": med[("project", "warm")], "reference_warm_s": med[("reference", "warm")],
-                "project_peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs[("project", "warm")]),
-                "reference_peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs[("reference", "warm")]),
-                "agreement": agreement(runs[("project", "warm")][0]["masks"], ref_masks),
-                "floor": agreement(floor["masks"], ref_masks),
-                "reference_self": agreement(runs[("reference", "cold")][0]["masks"], ref_masks),  # same seed: 1.0
-                "seconds_all": {f"{s}/{k}": [round(r["seconds"], 3) for r in v] for (s, k), v in runs.items()},
-            }
-            rows.append(row)
-            print(render_row(row), flush=True)
+            rows.append(measure(a, method, seqlen))
+            print(render_row(rows[-1]), flush=True)
 
     print()
     print(render_table(rows, a))

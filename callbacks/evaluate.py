@@ -19,6 +19,7 @@ from callbacks.prune import PruneCallback
 from pipeline.run.outputs import AtomicDir, prepare_output_dir, run_metadata
 from pipeline.run.phase import phase
 from pipeline.evaluation.report import sparsity_report
+from pipeline.evaluation.scoring import paired_results
 
 
 @rank_zero_only
@@ -120,11 +121,12 @@ class EvaluateExportCallback(Callback):
             results["moe"] = {"expert_tokens": dict(sorted(prune.expert_tokens.items())), "dense_routers": prune.t.dense_routers}
         pruned = self._score_pruned(pl_module, timings)
         results.update({"dense": dict(self.dense), "pruned": pruned, "timings": timings, "sparsegpt": prune.info.get("sparsegpt", {})})
-        results["paired"] = self._paired(pl_module, pruned)
+        results["paired"] = paired_results(self.dense, getattr(self, "dense_windows", {}), pruned,
+                                           getattr(pl_module, "heldout_windows", {}))
         results["run"] = run_metadata(trainer, pl_module, prune)
-        from pipeline.run.console import phase_timings
+        from pipeline.run.console import ordered_phases, phase_timings
 
-        results["phase_timings"] = self._phases(phase_timings(), timings)
+        results["phase_timings"] = ordered_phases(phase_timings(), timings)
         self.results = results
         if trainer.is_global_zero:
             self._print(report, pruned, prune.method)
@@ -150,33 +152,6 @@ class EvaluateExportCallback(Callback):
                 pruned["tasks"] = self._evaluate_tasks(pl_module, "pruned: ")
             timings["tasks_s"] = time.time() - t0
         return pruned
-
-    def _paired(self, pl_module, pruned: dict) -> dict:
-        """Pruned − dense on the same held-out windows (same masks) and the same questions, with paired s.e."""
-        from pipeline.evaluation.scoring import paired_task_differences
-        from pipeline.maths.metrics import paired_difference, within_noise
-
-        out: dict = {}
-        dense_windows = getattr(self, "dense_windows", {})
-        if dense_windows and "heldout" in pruned:
-            heldout = paired_difference(dense_windows, getattr(pl_module, "heldout_windows", {}))
-            if heldout is not None:
-                heldout["within_noise"] = within_noise(heldout["delta_nll"], heldout["stderr"])
-                out["heldout"] = heldout
-        if self.dense.get("tasks") and pruned.get("tasks"):
-            out["tasks"] = paired_task_differences(self.dense["tasks"], pruned["tasks"])
-        return out
-
-    @staticmethod
-    def _phases(tracked: dict, timings: dict) -> dict:
-        """Phase -> seconds in run order: merge, dense scoring, calibration, pruned scoring (saving added later)."""
-        order = [k for k in tracked if k.startswith("merging")] + [k for k in tracked if k.startswith("dense:")]
-        out = {k: tracked[k] for k in order}
-        if timings.get("dense_cached"):
-            out["dense: from the cache"] = 0.0
-        out["calibration + pruning"] = timings.get("calibration_s", 0.0)
-        out.update({k: v for k, v in tracked.items() if k not in out})
-        return out
 
     def _summary(self, phases: dict) -> None:
         """Phase timings, after everything else (also in results.json under `phase_timings`)."""

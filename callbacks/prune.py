@@ -62,19 +62,14 @@ class PruneCallback(Callback):
         self.mean_scores = MeanSinkScores()
         self.targets, self.ignore = compile_patterns("targets", targets), compile_patterns("ignore", ignore)
         self.reduction_slots, self.masks_from, self.single_pass, self.eager = reduction_slots, masks_from, single_pass, eager
-        self.t = Targets()
+        self.t, self.sums, self.info = Targets(), None, {"timings": {}}
         self.masks: dict[str, torch.Tensor] = {}
-        self.sums: SlotSums | None = None
-        self.info: dict = {"timings": {}}
         self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
         self.pruned_weights: dict[str, torch.Tensor] = {}  # SparseGPT-updated weights, for resuming
         self.expert_tokens: dict[str, int] = {}            # expert name -> calibration tokens routed to it
-        self._captured: dict[str, tuple] = {}
-        self._capture_handles: list = []
+        self._captured, self._capture_handles = {}, []
 
-    @property
-    def layers(self) -> dict[str, torch.nn.Linear]:
-        return self.t.layers
+    layers = property(lambda self: self.t.layers)  # name -> targeted nn.Linear
 
     @override
     def setup(self, trainer, pl_module, stage=None) -> None:
@@ -100,9 +95,7 @@ class PruneCallback(Callback):
             self.masks = load_masks(self.masks_from, self.layers)
 
     def _active_layers(self, epoch: int) -> list[str]:
-        if self.masks_from or not self.pruner.statistic:
-            return []
-        if epoch < self.offset:  # the mean-scores epoch
+        if self.masks_from or not self.pruner.statistic or epoch < self.offset:  # (epoch 0 may be the s̄ epoch)
             return []
         if self.mode == "sequential":
             block = epoch - self.offset
@@ -197,11 +190,9 @@ class PruneCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
-        self.masks = state_dict.get("masks", {})
+        self.masks, self.pruned_weights = state_dict.get("masks", {}), state_dict.get("pruned_weights", {})
         self.seen = {tuple(k) for k in state_dict.get("seen", [])}
-        self.pruned_weights = state_dict.get("pruned_weights", {})
-        self.expert_tokens = state_dict.get("expert_tokens", {})
-        self.mean_scores.sums = state_dict.get("mean_scores", {})
+        self.expert_tokens, self.mean_scores.sums = state_dict.get("expert_tokens", {}), state_dict.get("mean_scores", {})
         if state_dict.get("sums") is not None:
             self.sums = SlotSums(self.reduction_slots)
             self.sums.load_state_dict(state_dict["sums"])

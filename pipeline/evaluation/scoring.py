@@ -91,6 +91,23 @@ def _as_float(value) -> float | None:
     return out if math.isfinite(out) else None
 
 
+def _task_settings(spec: dict, num_fewshot, limit, mc_num, cfg, batch_size, gen_kwargs, seed) -> dict:
+    """One task's settings: its spec's values over the call's defaults."""
+    settings = {
+        "num_fewshot": spec.get("num_fewshot", num_fewshot),
+        "limit": spec.get("limit", limit),
+        "mc_num": int(spec.get("mc_num", mc_num)),
+        "cfg": float(spec.get("cfg", cfg)),
+        "batch_size": int(spec.get("batch_size", batch_size)),
+        "gen_kwargs": {**(gen_kwargs or {}), **(spec.get("gen_kwargs") or {})},
+        "seed": seed,
+    }
+    unknown = set(settings["gen_kwargs"]) - SAMPLER_KEYS
+    if unknown:
+        raise ValueError(f"gen_kwargs {sorted(unknown)} unknown; sampler settings are {sorted(SAMPLER_KEYS)}")
+    return settings
+
+
 def evaluate_tasks(
     model,
     tokenizer,
@@ -125,18 +142,7 @@ def evaluate_tasks(
     sampler_defaults = {key: getattr(lm, key) for key in SAMPLER_KEYS}
     results = {}
     for spec in specs:
-        settings = {
-            "num_fewshot": spec.get("num_fewshot", num_fewshot),
-            "limit": spec.get("limit", limit),
-            "mc_num": int(spec.get("mc_num", mc_num)),
-            "cfg": float(spec.get("cfg", cfg)),
-            "batch_size": int(spec.get("batch_size", batch_size)),
-            "gen_kwargs": {**(gen_kwargs or {}), **(spec.get("gen_kwargs") or {})},
-            "seed": seed,
-        }
-        unknown = set(settings["gen_kwargs"]) - SAMPLER_KEYS
-        if unknown:
-            raise ValueError(f"gen_kwargs {sorted(unknown)} unknown; sampler settings are {sorted(SAMPLER_KEYS)}")
+        settings = _task_settings(spec, num_fewshot, limit, mc_num, cfg, batch_size, gen_kwargs, seed)
         lm.mc_num, lm.cfg, lm.batch_size = settings["mc_num"], settings["cfg"], settings["batch_size"]
         lm.task_label = f"{label}{spec['name']}"
         for key, default in sampler_defaults.items():  # per task: defaults, then this task's overrides
@@ -209,3 +215,18 @@ def render_comparison(dense: dict, pruned: dict, *, title: str = "dense vs prune
             table.add_row(task.replace("_offline", ""), metric, _fmt(d), _fmt(p), delta)
     return table
 
+
+
+def paired_results(dense: dict, dense_windows: dict, pruned: dict, pruned_windows: dict) -> dict:
+    """Pruned − dense on the same held-out windows (same masks) and the same questions, with paired s.e."""
+    from pipeline.maths.metrics import paired_difference, within_noise
+
+    out: dict = {}
+    if dense_windows and "heldout" in pruned:
+        heldout = paired_difference(dense_windows, pruned_windows)
+        if heldout is not None:
+            heldout["within_noise"] = within_noise(heldout["delta_nll"], heldout["stderr"])
+            out["heldout"] = heldout
+    if dense.get("tasks") and pruned.get("tasks"):
+        out["tasks"] = paired_task_differences(dense["tasks"], pruned["tasks"])
+    return out

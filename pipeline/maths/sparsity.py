@@ -295,37 +295,13 @@ def _retry_percdamp(percdamp: float, retry: int) -> float:
     return 0.0 if retry == 0 else 1e-3 * 10 ** (retry - 1)
 
 
-def sparsegpt_prune(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    sparsity: float | None = None,
-    n_m=None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    max_damp_retries: int = 3,
-    compute_dtype: torch.dtype = torch.float32,
-    threshold: str = "row",
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """SparseGPT (Frantar & Alistarh, 2023): prune W and update the survivors to keep W X close.
-
-    hessian is Σ x x^T over calibration tokens ([in, in], any positive scale).  Returns
-    (pruned weight in weight's dtype, bool mask with True = pruned, info) where info has the relative
-    damping actually used ("percdamp"), the absolute one ("damp"), how many 10x retries were needed
-    ("retries"; a failed Cholesky is retried with 10x the damping up to max_damp_retries times, from
-    1e-3 when percdamp=0), the number of dead inputs with H_ii = 0 ("dead_inputs") and the OBS loss ("loss").
-
-    The mask is chosen inside the solve, per column block, from the saliency w^2 / [H^-1]_ii^2 of the
-    already-updated weights: unstructured prunes the same count from every row (cumulative
-    int(cols_so_far * sparsity), so each row ends with exactly int(in * sparsity) zeros, the same
-    per-row target as Wanda); N:M picks N of every M when the group is reached.  threshold="block" is the
-    reference implementation's unstructured rule instead: one threshold per column block over all its rows,
-    thresh = sorted(block saliencies)[int(numel · sparsity)], pruned where saliency ≤ thresh (rows vary).
-    """
+def _check_sparsegpt_args(weight, hessian, sparsity, n_m, blocksize, percdamp, threshold):
+    """Validate SparseGPT's inputs; returns the checked (sparsity, n_m)."""
     if threshold not in ("row", "block"):
         raise ValueError(f"threshold={threshold!r} must be 'row' (same count per row) or 'block' (the reference's)")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    rows, cols = weight.shape
+    cols = weight.shape[1]
     if hessian.shape != (cols, cols):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols}) for a weight with "
                          f"{cols} inputs; accumulate it from this layer's inputs")
@@ -342,6 +318,73 @@ def sparsegpt_prune(
     if (hessian.diagonal() < 0).any():
         raise ValueError("hessian has negative diagonal entries, so it is not a sum of x x^T; pass the accumulated "
                          "accumulate_hessian() statistic of this layer's inputs")
+    return sparsity, n_m
+
+
+def _damped_inverse_cholesky(hessian, mean_diag, percdamp: float, max_damp_retries: int):
+    """Upper Cholesky factor of (H + damp·I)^-1, retrying with 10x the damping: (factor, percdamp used, retries)."""
+    hinv_upper, used_percdamp = None, percdamp
+    for retries in range(max_damp_retries + 1):
+        used_percdamp = _retry_percdamp(percdamp, retries)
+        damped = hessian.clone()
+        damped.diagonal().add_(used_percdamp * mean_diag)
+        hinv_upper = _inverse_cholesky_upper(damped)
+        if hinv_upper is not None:
+            return hinv_upper, used_percdamp, retries
+    raise RuntimeError(
+        f"SparseGPT: Cholesky of the Hessian failed even with percdamp={used_percdamp:g} after {max_damp_retries} "
+        "10x retries; the Hessian is far from positive definite: check the calibration inputs or raise "
+        "percdamp / max_damp_retries"
+    )
+
+
+def _solve_block(block, hinv_block, block_mask, start, end, sparsity, n_m, threshold, compute_dtype) -> torch.Tensor:
+    """Prune one column block of W^T in place (mask chosen inside the solve) and return its scaled errors
+    [block, out] for the lazy update of the columns after it."""
+    hinv_diag = hinv_block.diagonal()
+    errors = torch.empty_like(block)     # row i: the scaled error of input start+i, for the lazy update
+    if n_m is None:
+        saliency = (block * block) / (hinv_diag * hinv_diag).unsqueeze(1)
+        if threshold == "block":
+            block_mask.copy_(saliency <= blockwise_threshold(saliency, sparsity))
+        else:
+            count = int(end * sparsity) - int(start * sparsity)
+            block_mask.copy_(_lowest_per_row(saliency.t().contiguous(), count).t())
+        # err_i = (w_i - q_i) / d_i = w_i * mask_i / d_i: one multiply per column in the loop.
+        err_scale = block_mask.to(compute_dtype) / hinv_diag.unsqueeze(1)
+    n_group, m_group = n_m if n_m is not None else (0, 0)
+    for i in range(end - start):
+        if n_m is not None and i % m_group == 0:
+            group = slice(i, i + m_group)
+            saliency = (block[group] * block[group]) / (hinv_diag[group] * hinv_diag[group]).unsqueeze(1)
+            block_mask[group] = _lowest_in_groups(saliency.t(), n_group, m_group).t()
+            err_scale_group = block_mask[group].to(compute_dtype) / hinv_diag[group].unsqueeze(1)
+        column_scale = err_scale[i] if n_m is None else err_scale_group[i % m_group]
+        err = torch.mul(block[i], column_scale, out=errors[i])
+        # OBS update of the not-yet-visited inputs of this block: w_j -= err * Hinv_ij (j > i).
+        block[i + 1:].addr_(hinv_block[i, i + 1:], err, alpha=-1)
+    block.masked_fill_(block_mask, 0)
+    return errors
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None = None, n_m=None,
+                    blocksize: int = 128, percdamp: float = 0.01, max_damp_retries: int = 3,
+                    compute_dtype: torch.dtype = torch.float32, threshold: str = "row") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """SparseGPT (Frantar & Alistarh, 2023): prune W and update the survivors to keep W X close.
+
+    hessian is Σ x x^T over calibration tokens ([in, in], any positive scale).  Returns (pruned weight in
+    weight's dtype, bool mask with True = pruned, info: "percdamp" and absolute "damp" used, "retries" (a
+    failed Cholesky is retried with 10x the damping), "dead_inputs" with H_ii = 0, the OBS "loss").
+
+    The mask is chosen inside the solve, per column block, from the saliency w^2 / [H^-1]_ii^2 of the
+    already-updated weights: unstructured prunes the same count from every row (cumulative
+    int(cols_so_far * sparsity), so each row ends with exactly int(in * sparsity) zeros, the same
+    per-row target as Wanda); N:M picks N of every M when the group is reached.  threshold="block" is the
+    reference implementation's unstructured rule instead: one threshold per column block over all its rows,
+    thresh = sorted(block saliencies)[int(numel · sparsity)], pruned where saliency ≤ thresh (rows vary).
+    """
+    sparsity, n_m = _check_sparsegpt_args(weight, hessian, sparsity, n_m, blocksize, percdamp, threshold)
+    rows, cols = weight.shape
 
     # Work on W^T [in, out]: every per-column step below then reads and writes contiguous rows.
     weight_t = weight.detach().to(compute_dtype).t().contiguous()
@@ -355,53 +398,15 @@ def sparsegpt_prune(
     hessian_scale = hessian.diagonal()[~dead].mean() if bool((~dead).any()) else torch.ones((), dtype=hessian.dtype)
     hessian = (hessian / hessian_scale).to(compute_dtype)
     hessian.diagonal()[dead] = 1
-
     mean_diag = hessian.diagonal().mean()
-    hinv_upper, used_percdamp = None, percdamp
-    for retries in range(max_damp_retries + 1):
-        used_percdamp = _retry_percdamp(percdamp, retries)
-        damped = hessian.clone()
-        damped.diagonal().add_(used_percdamp * mean_diag)
-        hinv_upper = _inverse_cholesky_upper(damped)
-        if hinv_upper is not None:
-            break
-    if hinv_upper is None:
-        raise RuntimeError(
-            f"SparseGPT: Cholesky of the Hessian failed even with percdamp={used_percdamp:g} after {max_damp_retries} "
-            "10x retries; the Hessian is far from positive definite: check the calibration inputs or raise "
-            "percdamp / max_damp_retries"
-        )
+    hinv_upper, used_percdamp, retries = _damped_inverse_cholesky(hessian, mean_diag, percdamp, max_damp_retries)
 
     mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=weight_t.device)
     loss = torch.zeros((), dtype=torch.float64, device=weight_t.device)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
-        block = weight_t[start:end]          # view: updated in place
-        hinv_block = hinv_upper[start:end, start:end]
-        hinv_diag = hinv_block.diagonal()
-        block_mask = mask_t[start:end]
-        errors = torch.empty_like(block)     # row i: the scaled error of input start+i, for the lazy update
-        if n_m is None:
-            saliency = (block * block) / (hinv_diag * hinv_diag).unsqueeze(1)
-            if threshold == "block":
-                block_mask.copy_(saliency <= blockwise_threshold(saliency, sparsity))
-            else:
-                count = int(end * sparsity) - int(start * sparsity)
-                block_mask.copy_(_lowest_per_row(saliency.t().contiguous(), count).t())
-            # err_i = (w_i - q_i) / d_i = w_i * mask_i / d_i: one multiply per column in the loop.
-            err_scale = block_mask.to(compute_dtype) / hinv_diag.unsqueeze(1)
-        n_group, m_group = n_m if n_m is not None else (0, 0)
-        for i in range(end - start):
-            if n_m is not None and i % m_group == 0:
-                group = slice(i, i + m_group)
-                saliency = (block[group] * block[group]) / (hinv_diag[group] * hinv_diag[group]).unsqueeze(1)
-                block_mask[group] = _lowest_in_groups(saliency.t(), n_group, m_group).t()
-                err_scale_group = block_mask[group].to(compute_dtype) / hinv_diag[group].unsqueeze(1)
-            column_scale = err_scale[i] if n_m is None else err_scale_group[i % m_group]
-            err = torch.mul(block[i], column_scale, out=errors[i])
-            # OBS update of the not-yet-visited inputs of this block: w_j -= err * Hinv_ij (j > i).
-            block[i + 1:].addr_(hinv_block[i, i + 1:], err, alpha=-1)
-        block.masked_fill_(block_mask, 0)
+        errors = _solve_block(weight_t[start:end], hinv_upper[start:end, start:end], mask_t[start:end],
+                              start, end, sparsity, n_m, threshold, compute_dtype)
         loss += (errors.double() ** 2).sum() / 2
         # Lazy batch update of everything after the block with the block's accumulated errors.
         if end < cols:

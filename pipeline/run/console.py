@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -172,3 +171,14 @@ def render_timings(timings: dict[str, float]):
     for name, seconds in timings.items():
         table.add_row(name, f"{seconds:.1f}")
     return table
+
+
+def ordered_phases(tracked: dict, timings: dict) -> dict:
+    """Phase -> seconds in run order: merge, dense scoring, calibration, pruned scoring (saving added later)."""
+    order = [k for k in tracked if k.startswith("merging")] + [k for k in tracked if k.startswith("dense:")]
+    out = {k: tracked[k] for k in order}
+    if timings.get("dense_cached"):
+        out["dense: from the cache"] = 0.0
+    out["calibration + pruning"] = timings.get("calibration_s", 0.0)
+    out.update({k: v for k, v in tracked.items() if k not in out})
+    return out

@@ -52,10 +52,11 @@ def summarize_records(records: dict) -> dict:
 
 def positional_warning(found: dict) -> str:
     kinds = ", ".join(f"{kind} {count}" for kind, count in found["kinds"].items())
+    what = (f"always the same kind of token ({kinds}: never masked? see keep_special_tokens)" if len(found["kinds"]) == 1
+            else f"whatever token is there ({kinds}: a learned position embedding?)")
     return (f"warning: positional sink: the attention sink sits on absolute position {found['position']} in "
-            f"{found['fraction']:.0%} of (window, timestep) pairs, whatever token is there ({kinds}). It cannot "
-            "move across timesteps (a learned position embedding?), so sink-aware pruning acts like the AR recipe "
-            "here; see docs/sinks.md")
+            f"{found['fraction']:.0%} of (window, timestep) pairs, {what}. It cannot move across timesteps, so "
+            "sink-aware pruning acts like the AR recipe here; see docs/sinks.md")
 
 
 def _real_length(rec: dict) -> int:

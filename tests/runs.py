@@ -43,12 +43,17 @@ def tiny_config(root: Path, *, method: str | None = "sink_wanda", sparsity=0.5, 
     }
 
 
-def run_cli(config: dict, tmp_path: Path, *extra: str, timeout=900) -> subprocess.CompletedProcess:
+def cli_command(config: dict, tmp_path: Path, *extra: str) -> tuple[list[str], dict]:
+    """(argv, env) of `cli.py fit` on `config` (written to tmp_path), one thread, offline."""
     path = tmp_path / f"config-{abs(hash(str(config)))}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "cli.py", "fit", "--config", str(path), *extra], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return [sys.executable, "cli.py", "fit", "--config", str(path), *extra], env
+
+
+def run_cli(config: dict, tmp_path: Path, *extra: str, timeout=900) -> subprocess.CompletedProcess:
+    argv, env = cli_command(config, tmp_path, *extra)
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_inprocess(config: dict, tmp_path: Path, *extra: str) -> tuple[int, str]:

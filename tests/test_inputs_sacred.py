@@ -197,11 +197,7 @@ def _prune(**kw):
 
 
 def _sink(**kw):
-    def build(c):
-        config = c.config()
-        _sink_cb(config).update(kw)
-        return config, ()
-    return build
+    return lambda c: (_sink_cb_set(c.config(), **kw), ())
 
 
 def _model(**kw):

@@ -3,30 +3,24 @@ non-zero exit, one line saying where it stopped, no partial output; a checkpoint
 still resumes to bit-identical masks."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from tests.faults import Stamp
-from tests.runs import REPO, run_inprocess, tiny_config
+from tests.runs import REPO, cli_command, run_inprocess, tiny_config
 
 TASKS = [{"name": "wiki_cloze_offline", "num_fewshot": 0, "mc_num": 4, "limit": 40}]
 
 
 def _start(config: dict, tmp_path, *extra) -> subprocess.Popen:
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.Popen([sys.executable, "cli.py", "fit", "--config", str(path), *extra], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv, env = cli_command(config, tmp_path, *extra)
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _signal_at_stamp(proc: subprocess.Popen, signum: int, delay: float, timeout: float = 600) -> tuple[float, str]:

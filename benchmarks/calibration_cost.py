@@ -35,12 +35,11 @@ from rich.table import Table
 from types import SimpleNamespace
 
 from pipeline.model.calibration import forward_through_blocks, last_block
-from pipeline.model.calibration import target_linears
 from callbacks.reduction import SlotSums
 from pipeline.maths import sparsity as sp
 from pipeline.maths.attention import AttentionMassProbe, naive_attention_mass
-from pipeline.model.loading import load_dlm, resolve_mask_token_id
 from pipeline.maths.sinks import sink_scores
+from benchmarks.bench_model import load_for_calibration
 
 
 def accumulate(captured, weights, statistic) -> SlotSums:
@@ -145,10 +144,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok = load_dlm(args.model)
-    mask_id = resolve_mask_token_id(tok, model.config)
-    layers = target_linears(model)
+    model, tok, mask_id, layers = load_for_calibration(args.model, args.threads)
     g = torch.Generator().manual_seed(0)
     rows, console = [], Console(width=140)
     for seqlen in args.seqlens:

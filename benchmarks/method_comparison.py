@@ -32,14 +32,13 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.model.calibration import noised_batches
-from pipeline.model.calibration import target_linears
 from pipeline.maths import sparsity as sp
 from pipeline.maths.attention import AttentionMassProbe
 from pipeline.model.data import CalibrationData
 from pipeline.maths.diffusion import timestep_grid
-from pipeline.model.loading import load_dlm, resolve_mask_token_id
 from pipeline.maths.metrics import MaskedDiffusionPerplexity, elbo_nll
 from pipeline.maths.sinks import sink_scores
+from benchmarks.bench_model import load_for_calibration
 
 S_BINS = [0.0, 0.01, 0.5, 0.99, 1.0 + 1e-6]  # s < 0.01, 0.01-0.5, 0.5-0.99, >= 0.99
 SETTINGS = {"50%": (0.5, None), "60%": (0.6, None), "70%": (0.7, None), "2:4": (None, (2, 4))}
@@ -210,10 +209,7 @@ def main():
     ap.add_argument("--keep-special", action="store_true", help="never mask the leading [CLS]/BOS (default: mask every position)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok = load_dlm(args.model)
-    mask_id = resolve_mask_token_id(tok, model.config)
-    layers = target_linears(model)
+    model, tok, mask_id, layers = load_for_calibration(args.model, args.threads)
     dense = {n: m.weight.detach().clone() for n, m in layers.items()}
     console = Console(width=160)
     t0 = time.time()

@@ -2,9 +2,10 @@
 
     python -m pipeline.zoo.build_tiny_families            # writes pipeline/zoo/tiny_dream/ and tiny_sdar/
     python -m pipeline.zoo.build_tiny_families --only tiny-sdar
+    python -m pipeline.zoo.build_tiny_families --out /tmp/rebuilt  # writes /tmp/rebuilt/tiny_dream/ ... instead
 
-The remote code (configuration_*.py, modeling_*.py) lives in each folder and is kept; this writes
-config.json, model.safetensors (fp32, < 2 MB), the tokenizer (tiny-llada's, copied) and README.md.
+The remote code (configuration_*.py, modeling_*.py and the link to ../twin_layers.py) lives in each folder
+and is kept; this writes config.json, model.safetensors (fp32, < 2 MB), the tokenizer (tiny-llada's, copied) and README.md.
 The models are NOT trained: they exercise the Dream (Qwen2) and SDAR (Qwen3, block diffusion) layouts
 in the pipeline, not scores.
 """
@@ -85,12 +86,7 @@ def _classes(name: str):
 def make_config(name: str, tokenizer):
     spec = FAMILIES[name]
     config_cls, model_cls = _classes(name)
-    config = config_cls(**SIZES, **spec["extra_config"], vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    config.architectures = [spec["model_cls"]]
-    config.auto_map = {"AutoConfig": f"{spec['module']}.{spec['config_cls']}", "AutoModel": f"{spec['modeling']}.{spec['model_cls']}"}
-    return config
+    return config_cls.for_tokenizer(tokenizer, model_cls, ("AutoModel",), **SIZES, **spec["extra_config"])
 
 
 def build(name: str, folder: Path | None = None, seed: int = SEED):
@@ -114,7 +110,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(FAMILIES), default=None)
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--out", type=Path, default=ZOO, help="folder that receives tiny_dream/ and tiny_sdar/ (default: the zoo)")
     args = parser.parse_args()
     for name in [args.only] if args.only else sorted(FAMILIES):
-        build(name, seed=args.seed)
-        print(f"wrote {ZOO / FAMILIES[name]['folder']}")
+        folder = args.out / FAMILIES[name]["folder"]
+        build(name, folder, seed=args.seed)
+        print(f"wrote {folder}")

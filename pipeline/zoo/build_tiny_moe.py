@@ -1,8 +1,10 @@
 """Recipe: build the embedded `tiny-llada-moe` folder (randomly initialised, seeded, reproducible).
 
-    python -m pipeline.zoo.build_tiny_moe            # writes pipeline/zoo/tiny_llada_moe/
+    python -m pipeline.zoo.build_tiny_moe                      # writes pipeline/zoo/tiny_llada_moe/
+    python -m pipeline.zoo.build_tiny_moe --out /tmp/rebuilt   # writes that folder instead
 
-The remote code (configuration_llada_moe.py, modeling_llada_moe.py) lives in that folder and is kept;
+The remote code (configuration_llada_moe.py, modeling_llada_moe.py and the link to ../twin_layers.py) lives in
+that folder and is kept;
 this writes config.json, model.safetensors (fp32, ~1.6 MB), the tokenizer (tiny-llada's, copied) and README.md.
 The model is NOT trained: it exists to exercise the MoE layout (routers, more experts than blocks,
 top-2 routing, block-causal masks) in the pipeline, not to score well.
@@ -26,17 +28,7 @@ SEED = 0
 
 
 def make_config(tokenizer) -> LLaDAMoEConfig:
-    config = LLaDAMoEConfig(
-        **SIZES, vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    config.architectures = ["LLaDAMoEModelLM"]
-    config.auto_map = {
-        "AutoConfig": "configuration_llada_moe.LLaDAMoEConfig",
-        "AutoModel": "modeling_llada_moe.LLaDAMoEModelLM",
-        "AutoModelForCausalLM": "modeling_llada_moe.LLaDAMoEModelLM",
-    }
-    return config
+    return LLaDAMoEConfig.for_tokenizer(tokenizer, LLaDAMoEModelLM, **SIZES)
 
 
 def new_model(config: LLaDAMoEConfig, seed: int = SEED) -> LLaDAMoEModelLM:

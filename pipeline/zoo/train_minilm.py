@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from pipeline.maths.diffusion import forward_process, masked_token_nll
 from pipeline.zoo import minilm_dlm
-from pipeline.zoo.training import next_token_loss, token_stream, train, windows
+from pipeline.zoo.training import next_token_loss, parse_loop_arguments, token_stream, train, windows
 
 
 
@@ -77,20 +77,13 @@ def heldout_elbo(model, stream, mask_id, cls_id, variant, seqlen=128, n_windows=
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=60.0)
-    ap.add_argument("--max-steps", type=int, default=4000)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variant", choices=sorted(minilm_dlm.VARIANTS), default="minilm-dlm")
     ap.add_argument("--init-from", choices=sorted(minilm_dlm.VARIANTS), default=None,
                     help="start from another variant's delta (e.g. minilm-dlm-rel from minilm-dlm)")
-    args = ap.parse_args()
+    args = parse_loop_arguments(ap, minutes=60.0, max_steps=4000, batch=16, lr=1e-3, threads=2)
     variant = minilm_dlm.VARIANTS[args.variant]
     ckpt_dir = Path(".cache") / f"train_{variant.folder}"
-    torch.set_num_threads(args.threads)
 
     from transformers import AutoTokenizer
 

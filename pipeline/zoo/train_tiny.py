@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 from pathlib import Path
 
 import torch
@@ -22,11 +22,11 @@ from pipeline.maths.diffusion import forward_process, masked_token_nll
 from pipeline.zoo.tiny_llada.configuration_llada import LLaDAConfig
 from pipeline.zoo.tiny_llada.modeling_llada import LLaDAModelLM, scaled_init_
 from pipeline.zoo.tiny_tokenizer import copy_tokenizer, ensure_tokenizer
-from pipeline.zoo.training import next_token_loss, token_stream, train, windows
+from pipeline.zoo.training import next_token_loss, parse_loop_arguments, token_stream, train, windows
 
 ZOO = Path(__file__).parent
-CODE_DIR = ZOO / "tiny_llada"  # the remote-code files live here and are copied into tiny_ar
-REMOTE_CODE = ("configuration_llada.py", "modeling_llada.py")
+CODE_DIR = ZOO / "tiny_llada"  # the remote-code files live here (twin_layers.py as a link) and are linked from tiny_ar
+REMOTE_CODE = ("configuration_llada.py", "modeling_llada.py", "twin_layers.py")
 SIZES = dict(d_model=192, n_heads=4, n_kv_heads=2, n_layers=4, mlp_hidden_size=512, max_sequence_length=512)
 
 
@@ -35,23 +35,7 @@ def out_dir(which: str) -> Path:
 
 
 def make_config(which: str, tokenizer) -> LLaDAConfig:
-    config = LLaDAConfig(
-        **SIZES,
-        vocab_size=len(tokenizer),
-        embedding_size=len(tokenizer),
-        causal=(which == "ar"),
-        mask_token_id=tokenizer.mask_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config.architectures = ["LLaDAModelLM"]
-    config.auto_map = {
-        "AutoConfig": "configuration_llada.LLaDAConfig",
-        "AutoModel": "modeling_llada.LLaDAModelLM",
-        "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
-    }
-    return config
+    return LLaDAConfig.for_tokenizer(tokenizer, LLaDAModelLM, **SIZES, embedding_size=len(tokenizer), causal=(which == "ar"))
 
 
 def new_model(config: LLaDAConfig, seed: int = 0) -> LLaDAModelLM:
@@ -110,13 +94,19 @@ def heldout_next_token_nll(model, stream, bos_id, seqlen=128, n_windows=64, seed
     return loss
 
 
+def link_remote_code(folder: Path) -> None:
+    """tiny_ar reads tiny_llada's remote code through relative symlinks (committed); make any that are missing."""
+    for name in REMOTE_CODE:
+        if not (folder / name).exists():
+            (folder / name).symlink_to(os.path.relpath((CODE_DIR / name).resolve(), folder.resolve()))
+
+
 def export(model, which: str, step: int, log: list, args) -> None:
-    """Write config, weights (fp32 safetensors), remote code and tokenizer into pipeline/zoo/tiny_<which>/."""
+    """Write config, weights (fp32 safetensors), remote code links and tokenizer into pipeline/zoo/tiny_<which>/."""
     folder = out_dir(which)
     model.save_pretrained(folder, safe_serialization=True)
     if folder != CODE_DIR:
-        for name in REMOTE_CODE:
-            shutil.copyfile(CODE_DIR / name, folder / name)
+        link_remote_code(folder)
         copy_tokenizer(CODE_DIR, folder)
     (folder / "training_log.json").write_text(json.dumps({"args": vars(args), "step": step, "log": log}, indent=1))
 
@@ -124,14 +114,7 @@ def export(model, which: str, step: int, log: list, args) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--which", choices=("llada", "ar"), required=True)
-    ap.add_argument("--minutes", type=float, default=20.0)
-    ap.add_argument("--max-steps", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_loop_arguments(ap, minutes=20.0, max_steps=1000, batch=32, lr=3e-3, threads=1)
 
     from transformers import AutoTokenizer
 

@@ -10,6 +10,7 @@ at `args.max_steps`. Stops at `args.max_steps` or after `args.minutes`.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from pathlib import Path
@@ -52,6 +53,21 @@ def _resume(model, opt, ckpt: Path, evaluate: Callable[[], dict]) -> tuple[int, 
     log = [{"step": 0, **evaluate()}]
     print(log[-1], flush=True)
     return 0, log
+
+
+def parse_loop_arguments(ap: argparse.ArgumentParser, *, minutes: float, max_steps: int, batch: int, lr: float,
+                         threads: int, seqlen: int = 128) -> argparse.Namespace:
+    """Add the options `train` reads (--minutes, --max-steps, --batch, --seqlen, --lr) and --threads, with the recipe's
+    defaults, to `ap`; parse the command line and set torch's thread count."""
+    ap.add_argument("--minutes", type=float, default=minutes)
+    ap.add_argument("--max-steps", type=int, default=max_steps)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--seqlen", type=int, default=seqlen)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--threads", type=int, default=threads)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def train(model, opt, params, *, stream: torch.Tensor, first_id: int,

@@ -5,10 +5,10 @@ n_heads, n_kv_heads, n_layers, mlp_hidden_size, mask_token_id, ...) read these t
 `causal` is the one addition: False for the diffusion model (bidirectional, as in LLaDA), True for the
 autoregressive twin.
 """
-from transformers import PretrainedConfig
+from .twin_layers import TwinConfig
 
 
-class LLaDAConfig(PretrainedConfig):
+class LLaDAConfig(TwinConfig):
     model_type = "llada"
     keys_to_ignore_at_inference = ["past_key_values"]
     # Generic names that transformers utilities and probes look up, mapped onto LLaDA's own.
@@ -20,55 +20,11 @@ class LLaDAConfig(PretrainedConfig):
         "intermediate_size": "mlp_hidden_size",
         "max_position_embeddings": "max_sequence_length",
     }
+    field_defaults = dict(
+        d_model=192, n_heads=4, n_kv_heads=2, n_layers=4, mlp_hidden_size=512, vocab_size=4096, embedding_size=4096,
+        max_sequence_length=512, rope_theta=10000.0, rms_norm_eps=1e-5, activation_type="silu", block_type="llama",
+        include_bias=False, weight_tying=False, causal=False, init_std=0.02,
+    )
 
-    def __init__(
-        self,
-        d_model: int = 192,
-        n_heads: int = 4,
-        n_kv_heads: int = 2,
-        n_layers: int = 4,
-        mlp_hidden_size: int = 512,
-        vocab_size: int = 4096,
-        embedding_size: int = 4096,
-        max_sequence_length: int = 512,
-        rope_theta: float = 10000.0,
-        rms_norm_eps: float = 1e-5,
-        activation_type: str = "silu",
-        block_type: str = "llama",
-        include_bias: bool = False,
-        weight_tying: bool = False,
-        causal: bool = False,
-        init_std: float = 0.02,
-        mask_token_id: int | None = None,
-        bos_token_id: int | None = None,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        use_cache: bool = False,
-        **kwargs,
-    ):
-        self.d_model = d_model
-        self.n_heads = n_heads
-        self.n_kv_heads = n_kv_heads
-        self.n_layers = n_layers
-        self.mlp_hidden_size = mlp_hidden_size
-        self.vocab_size = vocab_size
-        self.embedding_size = embedding_size
-        self.max_sequence_length = max_sequence_length
-        self.rope_theta = rope_theta
-        self.rms_norm_eps = rms_norm_eps
-        self.activation_type = activation_type
-        self.block_type = block_type
-        self.include_bias = include_bias
-        self.weight_tying = weight_tying
-        self.causal = causal
-        self.init_std = init_std
-        self.mask_token_id = mask_token_id
-        self.use_cache = use_cache
-        kwargs.pop("tie_word_embeddings", None)  # saved configs carry it; weight_tying is the source of truth
-        super().__init__(
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            tie_word_embeddings=weight_tying,
-            **kwargs,
-        )
+    def tied_head(self) -> bool:
+        return self.weight_tying  # the source of truth; LLaDA-8B's head is untied

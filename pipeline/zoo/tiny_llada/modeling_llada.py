@@ -13,7 +13,8 @@ Same module names and checkpoint keys as GSAI-ML/LLaDA-8B-Base:
 Pre-norm, RoPE, no biases, grouped-query attention.  Attention goes through
 `F.scaled_dot_product_attention`, looked up on the module at call time, so an attention probe that
 monkeypatches `torch.nn.functional.scaled_dot_product_attention` sees every call with the full
-(already repeated) key/value heads.  `config.causal` selects the autoregressive twin.
+(already repeated) key/value heads.  `config.causal` selects the autoregressive twin.  RMSNorm, RoPE, the
+q/k/v heads and the padding mask are the twins' shared code (twin_layers.py, next to this file).
 """
 from __future__ import annotations
 
@@ -26,19 +27,11 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_llada import LLaDAConfig
+from .twin_layers import RMSNorm, qkv_heads, rope, rope_frequencies, visible_keys
 
 
-class RMSLayerNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+class RMSLayerNorm(RMSNorm):
+    """LLaDA's name for the twins' RMSNorm (twin_layers.py)."""
 
 
 class RotaryEmbedding(nn.Module):
@@ -46,22 +39,10 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((-x2, x1), dim=-1)
+        self.register_buffer("inv_freq", rope_frequencies(head_dim, theta), persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seq_len = q.shape[-2]
-        positions = torch.arange(seq_len, device=q.device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq.to(q.device))
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = angles.cos()[None, None], angles.sin()[None, None]
-        rotate = lambda t: (t.float() * cos + self._rotate_half(t.float()) * sin).to(t.dtype)  # noqa: E731
-        return rotate(q), rotate(k)
+        return rope(q, k, self.inv_freq)
 
 
 class LLaDALlamaBlock(nn.Module):
@@ -86,15 +67,8 @@ class LLaDALlamaBlock(nn.Module):
 
     def attention(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         b, length, _ = x.shape
-        n_heads, n_kv = self.config.n_heads, self.config.n_kv_heads
-        q = self.q_proj(x).view(b, length, n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, length, n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, length, n_kv, self.head_dim).transpose(1, 2)
-        q, k = self.rotary_emb(q, k)
-        if n_kv != n_heads:
-            # Repeat kv heads before SDPA (as LLaDA does) so that probes see one key per query head.
-            k = k.repeat_interleave(n_heads // n_kv, dim=1)
-            v = v.repeat_interleave(n_heads // n_kv, dim=1)
+        q, k, v = qkv_heads(x, (self.q_proj, self.k_proj, self.v_proj), self.config.n_heads, self.config.n_kv_heads,
+                            self.rotary_emb.inv_freq)
         is_causal = bool(self.config.causal) and attn_mask is None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal)
         return self.attn_out(out.transpose(1, 2).reshape(b, length, -1))
@@ -122,15 +96,11 @@ class LLaDAModel(nn.Module):
             self.transformer.update({"ff_out": nn.Linear(config.d_model, config.embedding_size, bias=False)})
 
     def build_attn_mask(self, attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-        """[B, L] padding mask (1 = attend) -> boolean [B, 1, L, L] SDPA mask, None when nothing is masked."""
+        """[B, L] padding mask (1 = attend) -> boolean [B, 1, L, L] SDPA mask, None when nothing is masked (the
+        causal twin then passes `is_causal` to SDPA)."""
         if attention_mask is None or bool(attention_mask.all()):
             return None
-        keys = attention_mask.to(torch.bool)[:, None, None, :]
-        mask = keys.expand(-1, 1, length, length)
-        if self.config.causal:
-            mask = mask & torch.ones(length, length, dtype=torch.bool, device=keys.device).tril()
-        # A fully padded query row would give NaN; let it attend to itself instead.
-        return mask | torch.eye(length, dtype=torch.bool, device=keys.device)
+        return visible_keys(attention_mask, length, attention_mask.device, 1 if self.config.causal else None)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_hidden_states=False):
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds

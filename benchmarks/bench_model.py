@@ -1,4 +1,4 @@
-"""The model a calibration benchmark runs on: torch's thread count set, the model loaded, its mask id, its pruned layers."""
+"""The model a calibration benchmark runs on: torch's thread count set, the model, its mask id, its pruned layers."""
 from __future__ import annotations
 
 import torch

@@ -5,7 +5,8 @@
     python -m pipeline.zoo.build_tiny_families --out /tmp/rebuilt  # writes /tmp/rebuilt/tiny_dream/ ... instead
 
 The remote code (configuration_*.py, modeling_*.py and the link to ../twin_layers.py) lives in each folder
-and is kept; this writes config.json, model.safetensors (fp32, < 2 MB), the tokenizer (tiny-llada's, copied) and README.md.
+and is kept; this writes config.json, model.safetensors (fp32, < 2 MB), the tokenizer (tiny-llada's, copied)
+and README.md.
 The models are NOT trained: they exercise the Dream (Qwen2) and SDAR (Qwen3, block diffusion) layouts
 in the pipeline, not scores.
 """
@@ -110,7 +111,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(FAMILIES), default=None)
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--out", type=Path, default=ZOO, help="folder that receives tiny_dream/ and tiny_sdar/ (default: the zoo)")
+    parser.add_argument("--out", type=Path, default=ZOO,
+                        help="folder that receives tiny_dream/ and tiny_sdar/ (default: the zoo)")
     args = parser.parse_args()
     for name in [args.only] if args.only else sorted(FAMILIES):
         folder = args.out / FAMILIES[name]["folder"]

@@ -35,7 +35,8 @@ def out_dir(which: str) -> Path:
 
 
 def make_config(which: str, tokenizer) -> LLaDAConfig:
-    return LLaDAConfig.for_tokenizer(tokenizer, LLaDAModelLM, **SIZES, embedding_size=len(tokenizer), causal=(which == "ar"))
+    return LLaDAConfig.for_tokenizer(tokenizer, LLaDAModelLM, **SIZES, embedding_size=len(tokenizer),
+                                     causal=(which == "ar"))
 
 
 def new_model(config: LLaDAConfig, seed: int = 0) -> LLaDAModelLM:

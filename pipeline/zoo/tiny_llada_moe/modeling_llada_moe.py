@@ -76,7 +76,8 @@ class LLaDAMoEModel(TwinModel):
         allowed = visible_keys(attention_mask, x.shape[1], x.device, block_length)
         if allowed is None:
             return None
-        return torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        blocked = torch.finfo(x.dtype).min
+        return torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, blocked)
 
 
 class LLaDAMoEModelLM(TwinForDiffusionLM):

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.tf5  # also run on transformers 5 (.ci/run)
 torch.set_num_threads(1)
 LAYERS = ["model.layers.0", "model.layers.1"]
 NSAMPLES, SEQLEN, TIMESTEPS = 4, 64, 2
-REMOTE_CODE = {"tiny-dream": {"modeling_dream.py", "configuration_dream.py"},
-               "tiny-sdar": {"modeling_sdar.py", "configuration_sdar.py"}}
+REMOTE_CODE = {"tiny-dream": {"modeling_dream.py", "configuration_dream.py", "twin_layers.py"},
+               "tiny-sdar": {"modeling_sdar.py", "configuration_sdar.py", "twin_layers.py"}}
 
 
 @pytest.fixture(scope="module", params=sorted(REMOTE_CODE))

@@ -105,7 +105,7 @@ def test_prune_save_reload(tmp_path, moe, method, n_m, mode):
     results = json.loads((root / "pruned" / "results.json").read_text())
     assert results["sparsity_report"]["meets_target"]
     saved = root / "pruned" / "model"
-    assert {"modeling_llada_moe.py", "configuration_llada_moe.py"} <= {p.name for p in saved.iterdir()}
+    assert {"modeling_llada_moe.py", "configuration_llada_moe.py", "twin_layers.py"} <= {p.name for p in saved.iterdir()}
     # every expert Linear pruned, routers dense and unchanged
     masks = load_file(str(root / "pruned" / "masks.safetensors"))
     assert sum(".experts." in k for k in masks) == 2 * 8 * 3 and not any(k.endswith(".gate") for k in masks)

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
-ZOO_FOLDERS = ("tiny-llada", "tiny-ar", "tiny-llada-moe", "tiny-dream", "tiny-sdar")  # remote-code folders in pipeline/zoo
+ZOO_FOLDERS = ("tiny-llada", "tiny-ar", "tiny-llada-moe", "tiny-dream", "tiny-sdar",  # remote-code folders in pipeline/zoo
+               "tiny-diffgemma")  # native transformers-5 DiffusionGemma (no remote code)
 EMBEDDED = ("minilm-dlm", "minilm-dlm-rel", "minilm-ar", *ZOO_FOLDERS)
 # Fallback mask ids by model_type, for checkpoints whose tokenizer and config do not name one.
 KNOWN_MASK_IDS = {"llada": 126336, "dream": 151666}
@@ -179,6 +180,7 @@ def load_dlm(
     from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_path(pretrained)
+    check_model_type(pretrained, path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     cls = _model_class(config, model_class)
     kwargs = {"trust_remote_code": trust_remote_code, "config": config}
@@ -194,9 +196,82 @@ def load_dlm(
     model = cls.from_pretrained(path, **kwargs)
     if remote_tf5:
         restore_non_persistent_buffers(model)
+    if is_canvas_model(model):
+        declare_decoder_layers(model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model.eval()
     return model, tokenizer
+
+
+def check_model_type(pretrained: str, path: str) -> None:
+    """One line, before any loading, when a local checkpoint's native model_type is unknown to this transformers
+    (DiffusionGemma under 4.x), instead of transformers' multi-line KeyError/ValueError."""
+    import json
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return  # a hub id: transformers reports it
+    raw = json.loads(config_file.read_text())
+    model_type = raw.get("model_type")
+    if not model_type or raw.get("auto_map"):
+        return
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        known = {"diffusion_gemma": " (DiffusionGemma, tiny-diffgemma: transformers>=5.24)"}.get(model_type, "")
+        raise ValueError(f"model.pretrained={pretrained!r}: model_type {model_type!r} is not in transformers "
+                         f"{transformers.__version__}; install a transformers release that has it{known}")
+
+
+# --- encoder-decoder block diffusion (DiffusionGemma): a window is the decoder's canvas -------------------------------
+def is_canvas_model(model) -> bool:
+    """A block-diffusion model whose denoiser is a decoder over a canvas behind an encoder's KV cache
+    (transformers' DiffusionGemma: `config.canvas_length`, `get_decoder().layers`)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return getattr(model.config, "canvas_length", None) is not None and hasattr(decoder, "layers")
+
+
+def declare_decoder_layers(model) -> None:
+    """Make `find_blocks` pick the decoder's layers.  DiffusionGemma's encoder and decoder are two layer lists of
+    the same length whose weights are tied; `find_blocks` takes the first declared list it meets (the encoder's),
+    but calibration runs the decoder (`dlm_forward`), so the encoder's classes (its text layers, the vision
+    tower's) are taken out of every module's `_no_split_modules` on this instance (its device map is fixed by
+    now; the classes are untouched).
+    Pruning the decoder's weights prunes the encoder's, which are the same tensors."""
+    decoder_classes = {type(layer).__name__ for layer in model.get_decoder().layers}
+    encoder_classes = {type(m).__name__ for m in model.get_encoder().modules()} - decoder_classes
+    for module in model.modules():
+        declared = getattr(module, "_no_split_modules", None)
+        if declared:
+            module._no_split_modules = {name for name in declared if name not in encoder_classes}
+
+
+def empty_prompt_cache(model, batch: int):
+    """A KV cache holding an empty prompt for every decoder layer (zero-length keys and values)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.get_text_config())
+    for i, layer in enumerate(model.get_decoder().layers):
+        attn = layer.self_attn
+        weight = attn.k_proj.weight
+        empty = weight.new_zeros(batch, attn.k_proj.out_features // attn.head_dim, 0, attn.head_dim)
+        cache.update(empty, empty.clone(), i)
+    return cache
+
+
+def dlm_forward(model, input_ids, attention_mask=None):
+    """The forward sinkprune runs on a window: `model(input_ids=..., attention_mask=...)`, except for a canvas model
+    (DiffusionGemma), where the window is the decoder's canvas behind an empty prompt: bidirectional attention
+    over the window, logits [B, L, V] for every position, like a masked-diffusion LM.  (The encoder, a causal
+    pass over a clean prompt, shares the decoder's weights; it does not run here.)"""
+    if not is_canvas_model(model):
+        kwargs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return model(**kwargs)
+    kwargs = {"decoder_attention_mask": attention_mask} if attention_mask is not None else {}
+    return model(decoder_input_ids=input_ids, cache=empty_prompt_cache(model, input_ids.shape[0]), **kwargs)
 
 
 def resolve_mask_token_id(tokenizer, config, explicit: int | None = None) -> int:

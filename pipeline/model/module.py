@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from pipeline.model.calibration import calibration_forward, dispatch_noised_batch, noised_batches, reference_noised_batches
 from pipeline.maths.diffusion import DEFAULT_EPS, NOISES, config_max_length, timestep_grid
-from pipeline.model.loading import load_dlm, resolve_mask_token_id, resolve_path
+from pipeline.model.loading import dlm_forward, load_dlm, resolve_mask_token_id, resolve_path
 from pipeline.run.phase import set_current
 from pipeline.maths.metrics import MaskedDiffusionPerplexity, elbo_nll
 
@@ -157,6 +157,10 @@ class DLMModule(L.LightningModule):
             for nb in batches:
                 dispatch_noised_batch(self.trainer, self, nb)
         return None
+
+    def calibration_forward(self, input_ids, attention_mask=None):
+        """The model on a window (`loading.dlm_forward`: DiffusionGemma runs its decoder over it)."""
+        return dlm_forward(self.model, input_ids, attention_mask)
 
     # --- scoring -----------------------------------------------------------------------------------
     def logits(self, input_ids):

@@ -11,6 +11,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.model.loading import load_dlm  # noqa: E402
+
 torch.set_num_threads(1)
 
 ZOO = Path(__file__).resolve().parent.parent / "pipeline" / "zoo"
@@ -20,12 +22,11 @@ BLOCK_MODULES = ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm
 
 @pytest.fixture(scope="module", params=sorted(FOLDERS))
 def twin(request):
-    """(name, model, tokenizer) loaded through the hub-style remote-code path."""
-    from transformers import AutoModel, AutoTokenizer
-
-    folder = FOLDERS[request.param]
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-    return request.param, model, AutoTokenizer.from_pretrained(folder)
+    """(name, model, tokenizer) loaded through the hub-style remote-code path (`AutoModel`, trust_remote_code), by
+    the folder's path, as `load_dlm` does it: under transformers 5 a bare `AutoModel.from_pretrained` of this
+    4.x-era remote code leaves RoPE's non-persistent `inv_freq` uninitialised (load_dlm recomputes it)."""
+    model, tokenizer = load_dlm(str(FOLDERS[request.param]))
+    return request.param, model, tokenizer
 
 
 def sample_ids(tokenizer, n_tokens=24):
@@ -45,8 +46,6 @@ def test_config_is_llada_remote_code(twin):
 
 
 def test_loads_through_load_dlm():
-    from pipeline.model.loading import load_dlm
-
     for name in FOLDERS:
         model, tokenizer = load_dlm(name)
         assert type(model).__name__ == "LLaDAModelLM"
@@ -144,13 +143,9 @@ def test_sdpa_is_looked_up_at_call_time(twin):
 
 @torch.no_grad()
 def test_trained_llada_beats_random_init_on_heldout_elbo():
-    from transformers import AutoModel, AutoTokenizer
-
     from pipeline.zoo import train_tiny, training
 
-    folder = FOLDERS["tiny-llada"]
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    trained = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    trained, tokenizer = load_dlm(str(FOLDERS["tiny-llada"]))
     random_init = train_tiny.new_model(trained.config, seed=1).eval()
     stream = training.token_stream(tokenizer, "heldout")
     ids = (trained.config.mask_token_id, trained.config.bos_token_id)
@@ -161,15 +156,13 @@ def test_trained_llada_beats_random_init_on_heldout_elbo():
 
 @torch.no_grad()
 def test_save_pretrained_round_trip(twin, tmp_path):
-    from transformers import AutoModel
-
     name, model, tokenizer = twin
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     for code in ("configuration_llada.py", "modeling_llada.py"):
         if not (tmp_path / code).exists():
             shutil.copyfile(FOLDERS[name] / code, tmp_path / code)
-    reloaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    reloaded, _ = load_dlm(str(tmp_path))
     ids = sample_ids(tokenizer)
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert reloaded.config.mask_token_id == model.config.mask_token_id

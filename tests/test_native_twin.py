@@ -18,7 +18,8 @@ from tests.runs import run_inprocess, tiny_config
 
 HAS_DIFFUSION_GEMMA = hasattr(transformers, "DiffusionGemmaForBlockDiffusion")
 pytestmark = pytest.mark.tf5
-needs_it = pytest.mark.skipif(not HAS_DIFFUSION_GEMMA, reason=f"transformers {transformers.__version__} has no DiffusionGemma")
+needs_it = pytest.mark.skipif(not HAS_DIFFUSION_GEMMA,
+                              reason=f"transformers {transformers.__version__} has no DiffusionGemma")
 torch.set_num_threads(1)
 NAME = "tiny-diffgemma"
 DECODER_LAYERS = ["model.decoder.layers.0", "model.decoder.layers.1"]
@@ -39,7 +40,8 @@ def native():
 @needs_it
 def test_native_class_no_remote_code(native):
     model, tokenizer = native
-    assert type(model) is transformers.DiffusionGemmaForBlockDiffusion and type(model).__module__.startswith("transformers.models")
+    assert type(model) is transformers.DiffusionGemmaForBlockDiffusion
+    assert type(model).__module__.startswith("transformers.models")
     assert not getattr(model.config, "auto_map", None) and model.config._attn_implementation == "sdpa"
     assert [n for n, _ in find_blocks(model)] == DECODER_LAYERS                  # the decoder's, never the encoder's
     enc = model.model.encoder.language_model.layers[1].mlp.down_proj.weight
@@ -145,5 +147,6 @@ def test_recipe_parses_with_uniform_noise_and_dense_routers(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]["init_args"]
     assert model["pretrained"] == NAME and model["noise"] == "uniform" and model["trust_remote_code"] is False
-    prune = next(c["init_args"] for c in printed["trainer"]["callbacks"] if c["class_path"] == "callbacks.prune.PruneCallback")
+    callbacks = printed["trainer"]["callbacks"]
+    prune = next(c["init_args"] for c in callbacks if c["class_path"] == "callbacks.prune.PruneCallback")
     assert prune["n_m"] == "2:4" and prune["ignore"] == [r"\.router\."] and prune["method"] == "sink_wanda"

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
-ZOO_FOLDERS = ("tiny-llada", "tiny-ar", "tiny-llada-moe", "tiny-dream", "tiny-sdar",  # remote-code folders in pipeline/zoo
-               "tiny-diffgemma")  # native transformers-5 DiffusionGemma (no remote code)
+# folders in pipeline/zoo: remote code, and tiny-diffgemma (transformers 5's native DiffusionGemma)
+ZOO_FOLDERS = ("tiny-llada", "tiny-ar", "tiny-llada-moe", "tiny-dream", "tiny-sdar", "tiny-diffgemma")
 EMBEDDED = ("minilm-dlm", "minilm-dlm-rel", "minilm-ar", *ZOO_FOLDERS)
 # Fallback mask ids by model_type, for checkpoints whose tokenizer and config do not name one.
 KNOWN_MASK_IDS = {"llada": 126336, "dream": 151666}

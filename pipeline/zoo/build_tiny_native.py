@@ -27,9 +27,10 @@ NAME, FOLDER = "tiny-diffgemma", ZOO / "tiny_diffgemma"
 SEED = 0
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             head_dim=16, global_head_dim=16, max_position_embeddings=512, sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"], num_experts=4, top_k_experts=2, moe_intermediate_size=16)
-VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-              num_key_value_heads=1, head_dim=8, position_embedding_size=16)
+            layer_types=["sliding_attention", "full_attention"], num_experts=4, top_k_experts=2,
+            moe_intermediate_size=16)
+VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=8, position_embedding_size=16)
 CANVAS = 32
 
 CARD = """---
@@ -48,10 +49,10 @@ through `ALL_ATTENTION_FUNCTIONS` and whose forward process writes random tokens
 
 | | |
 |---|---|
-| text layers / hidden / dense MLP | {num_hidden_layers} / {hidden_size} / {intermediate_size} (GeGLU), shared by encoder and decoder (tied) |
+| layers / hidden / dense MLP | {num_hidden_layers} / {hidden_size} / {intermediate_size} (GeGLU); encoder = decoder (tied) |
 | MoE in every layer | {num_experts} experts (fused 3-D weights), top-{top_k_experts}, hidden {moe_intermediate_size} |
 | heads / kv heads | {num_attention_heads} / {num_key_value_heads}, q/k RMSNorm; layer types {layer_types} |
-| encoder / decoder | causal over the prompt (writes the KV cache) / bidirectional over the canvas ({canvas} tokens) + the cache |
+| encoder / decoder | causal over the prompt (writes the KV cache) / bidirectional over canvas ({canvas}) + cache |
 | vision tower | a one-layer Gemma 4 vision encoder (built by the class; unused on text) |
 | vocabulary | tiny-llada's 4096-token BPE, LM head tied to the embedding |
 | parameters | {params:,} (fp32 safetensors, without tied copies) |

@@ -2,8 +2,10 @@
 
 Structure (found in each transformer block, no model-specific names):
   * an *experts list* is a ModuleList inside a block whose children hold nn.Linear layers;
-  * its *router* is an nn.Linear sitting next to it (same parent) with one output per expert
-    (OLMoE / LLaDA-MoE / Mixtral `gate`).  Routers stay dense unless a `targets` pattern names them.
+  * its *router* is an nn.Linear with one output per expert sitting next to it (same parent: OLMoE / LLaDA-MoE /
+    Mixtral `gate`), or such a Linear child of a sibling module (DiffusionGemma's `router.proj`).  Routers stay
+    dense unless a `targets` pattern names them.
+Fused 3-D experts (transformers 5) are turned into such a list on loading (pipeline/model/fused_experts.py).
 
 Routed tokens: an expert's Linear layers see only the tokens routed to it, as a 2-D [n_routed, d] tensor.
 To weight each row by its own token's weight (1 − sink score, 0 on padding) the statistics need to know
@@ -25,14 +27,22 @@ def find_moe(block: torch.nn.Module, prefix: str) -> tuple[set[str], dict[str, t
         lists = {n: m for n, m in parent.named_children() if isinstance(m, torch.nn.ModuleList) and len(m)
                  and all(any(isinstance(x, torch.nn.Linear) for x in c.modules()) for c in m)}
         for list_name, experts_list in lists.items():
-            gates = [n for n, m in parent.named_children()
-                     if isinstance(m, torch.nn.Linear) and m.out_features == len(experts_list)]
+            gates = [n for n, m in _router_candidates(parent) if m.out_features == len(experts_list)]
             if not gates:
                 continue
             base = ".".join(p for p in (prefix, name) if p)
             routers.update(f"{base}.{g}" for g in gates)
             experts.update({f"{base}.{list_name}.{i}": e for i, e in enumerate(experts_list)})
     return routers, experts
+
+
+def _router_candidates(parent: torch.nn.Module):
+    """(name under parent, Linear) of the parent's Linear children and of its other children's Linear children."""
+    for n, m in parent.named_children():
+        if isinstance(m, torch.nn.Linear):
+            yield n, m
+        elif not isinstance(m, torch.nn.ModuleList):
+            yield from ((f"{n}.{c}", l) for c, l in m.named_children() if isinstance(l, torch.nn.Linear))
 
 
 def expert_of(layer_name: str, experts: dict[str, torch.nn.Module]) -> str | None:

@@ -82,6 +82,38 @@ def test_probe_mass_equals_eager_attention(native):
 
 
 @needs_it
+def test_fused_experts_unfused_bit_identical(native):
+    """load_dlm turns the fused 3-D experts into per-expert Linears: same logits as the unmodified class (its default
+    and eager experts implementations), same state-dict keys, shapes and values; encoder and decoder share them."""
+    from pipeline.model.fused_experts import UnfusedExperts
+
+    model, tokenizer = native
+    experts = model.get_submodule(f"{DECODER_LAYERS[0]}.experts")
+    assert isinstance(experts, UnfusedExperts) and len(experts) == 4
+    assert experts is model.model.encoder.language_model.layers[0].experts
+    assert isinstance(experts[3].down_proj, torch.nn.Linear) and experts[3].down_proj.weight.shape == (32, 16)
+    ids = torch.randint(4, len(tokenizer), (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        mine = dlm_forward(model, ids).logits
+        for implementation in ("grouped_mm", "eager"):
+            fused = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(
+                resolve_path(NAME), experts_implementation=implementation).eval()
+            assert torch.equal(dlm_forward(fused, ids).logits, mine), implementation
+    ours, theirs = model.state_dict(), fused.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def _assert_experts_2of4(reloaded) -> None:
+    """Every expert's gate_up / down weight 2:4 along its inputs, on the native class's fused 3-D parameters."""
+    for prefix in (*DECODER_LAYERS, "model.encoder.language_model.layers.0"):
+        for proj in ("gate_up_proj", "down_proj"):
+            w = reloaded.get_parameter(f"{prefix}.experts.{proj}")
+            assert w.dim() == 3 and w.shape[0] == 4
+            assert torch.all((w.reshape(-1, 4) != 0).sum(-1) <= 2), f"{prefix}.experts.{proj}"
+            assert (w != 0).float().mean() == 0.5                                 # pruned, not zeroed
+
+
+@needs_it
 def test_builder_rebuilds_the_checkpoint_bit_for_bit(tmp_path):
     from safetensors.torch import load_file
 
@@ -122,9 +154,23 @@ def test_prune_2of4_uniform_noise_save_reload(tmp_path, method):
     assert {layer["layer"].rsplit(".", 1)[0] for layer in results["sparsity_report"]["layers"]} >= {
         f"{DECODER_LAYERS[1]}.self_attn", f"{DECODER_LAYERS[1]}.mlp"}
     assert all(layer["layer"].startswith("model.decoder.layers.") for layer in results["sparsity_report"]["layers"])
+    pruned = {layer["layer"] for layer in results["sparsity_report"]["layers"]}
+    projections = ("gate_up_proj", "down_proj")
+    assert {f"{p}.experts.{e}.{proj}" for p in DECODER_LAYERS for e in range(4) for proj in projections} <= pruned
+    tokens = results["moe"]["expert_tokens"]                                      # per expert, routed tokens seen
+    assert sorted(tokens) == sorted(f"{p}.experts.{e}" for p in DECODER_LAYERS for e in range(4))
+    assert all(n > 0 for n in tokens.values()) and sum(tokens.values()) == 2 * 2 * NSAMPLES * SEQLEN * TIMESTEPS
+    assert results["moe"]["dense_routers"] == [f"{p}.router.proj" for p in DECODER_LAYERS]  # found beside the experts
     assert results["pruned"]["heldout"]["tokens"] > 0 and results["pruned"]["heldout"]["nll"] > 0
     saved = root / "pruned" / "model"
     assert not list(saved.glob("*.py"))                                          # native: nothing to trust
+    native, info = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(saved, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    from safetensors.torch import load_file
+    shipped = load_file(str(Path(resolve_path(NAME)) / "model.safetensors"))
+    written = load_file(str(saved / "model.safetensors"))                         # the original fused layout
+    assert {k: v.shape for k, v in written.items()} == {k: v.shape for k, v in shipped.items()}
+    _assert_experts_2of4(native)
     reloaded, _ = load_dlm(str(saved), trust_remote_code=False)
     for prefix in (DECODER_LAYERS[1], "model.encoder.language_model.layers.1"):  # tied weights stay pruned
         w = reloaded.get_parameter(f"{prefix}.mlp.down_proj.weight")

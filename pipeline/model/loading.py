@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.model.fused_experts import unfuse_experts
+
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
 # folders in pipeline/zoo: remote code, and tiny-diffgemma (transformers 5's native DiffusionGemma)
 ZOO_FOLDERS = ("tiny-llada", "tiny-ar", "tiny-llada-moe", "tiny-dream", "tiny-sdar", "tiny-diffgemma")
@@ -196,6 +198,7 @@ def load_dlm(
     model = cls.from_pretrained(path, **kwargs)
     if remote_tf5:
         restore_non_persistent_buffers(model)
+    unfuse_experts(model)  # fused 3-D MoE experts -> per-expert nn.Linear (saved back fused)
     if is_canvas_model(model):
         declare_decoder_layers(model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -174,7 +174,7 @@ class PruneCallback(Callback):
             count_expert_tokens(self.sums, self.t.experts, names, self.expert_tokens, samples)
         with torch.no_grad(), phase("computing the masks"):
             for name in names:
-                stat = self.sums.total(name) if self.pruner.statistic else None
+                stat = self.sums.take(name) if self.pruner.statistic else None  # its slots freed before the solve
                 self.masks[name], new_weight, info = solve_layer(self.pruner, name, self.layers[name].weight, stat)
                 if new_weight is not None:
                     self.updated.add(name)

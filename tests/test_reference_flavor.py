@@ -386,3 +386,28 @@ def test_reference_flavor_two_processes_equal_one(tmp_path):
         masks.append(load_file(str(root / "pruned" / "masks.safetensors")))
     assert masks[0].keys() == masks[1].keys() and len(masks[0]) == 36
     assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+
+
+def test_reference_flavor_resumes_mid_epoch_to_the_same_masks(tmp_path):
+    """The recorded windows and s̄ sums are checkpointed: interrupted after 2 of 3 batches, resumed, the same masks."""
+    from safetensors.torch import load_file
+
+    from tests.runs import run_inprocess, tiny_config
+
+    args = {"method": "sink_sparsegpt", "nsamples": 6, "prune_args": {"flavor": "reference"}}
+    code, err = run_inprocess(tiny_config(tmp_path / "whole", **args), tmp_path)
+    assert code == 0, err[-2000:]
+    root = tmp_path / "resumed"
+    config = tiny_config(root, **args)
+    ckpt = {"class_path": "callbacks.checkpoint.CalibrationCheckpoint", "init_args": {"dirpath": str(root / "ckpt")}}
+    stop = {"class_path": "tests.test_resume.InterruptAfter", "init_args": {"batches": 2}}
+    code, _ = run_inprocess({**config, "trainer": {**config["trainer"], "callbacks": config["trainer"]["callbacks"] + [ckpt, stop]}}, tmp_path)
+    assert code != 0
+    state = torch.load(root / "ckpt" / "last.ckpt", weights_only=False)
+    prune_state = next(v for k, v in state["callbacks"].items() if "PruneCallback" in k)
+    assert len(prune_state["recorded"]["batches"]) == 2 and len(prune_state["mean_scores"]) == 4  # 2 batches of 2
+    code, err = run_inprocess({**config, "trainer": {**config["trainer"], "callbacks": config["trainer"]["callbacks"] + [ckpt]}},
+                              tmp_path, "--ckpt_path", str(root / "ckpt" / "last.ckpt"))
+    assert code == 0, err[-2000:]
+    whole, resumed = (load_file(str(r / "pruned" / "masks.safetensors")) for r in (tmp_path / "whole", root))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -102,10 +102,11 @@ def count_expert_tokens(sums, experts: dict, names: list[str], expert_tokens: di
                 f"more if its router rarely picks it) or leave it dense with prune.ignore: ['{expert}\\.']")
 
 
-def accumulate(pruner, sums, name: str, x: torch.Tensor, routed, nb, fresh: list[bool]) -> None:
+def accumulate(pruner, sums, name: str, x: torch.Tensor, routed, nb, fresh: list[bool] | None = None) -> None:
     """Add each fresh sample's statistic to its slot.  Dense layers: x is [B·L, d]; experts: x is
     [n_routed, d], row r being token routed[r] of the flat [B, L] batch (and each sample also adds its
     number of real routed tokens under "<name>#tokens")."""
+    fresh = [sid >= 0 for sid in nb.sample_ids] if fresh is None else fresh  # default: every real sample
     n_samples = len(nb.sample_ids)
     weights = pruner.weighting(nb.sink_scores, nb.attention_mask)  # [B, L] or None
     if routed is None:

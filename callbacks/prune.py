@@ -16,8 +16,8 @@ from callbacks.reduction import SlotSums
 from callbacks.cached import RecordedBatches, calibrate_from_cache, uniform_block_calls
 from callbacks.schedule import MeanSinkScores, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
-from callbacks.layers import (Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks, reapply,
-                              routed_tokens, solve_layer)
+from callbacks.layers import (Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks,
+                              reapply, routed_tokens, solve_layer)
 from pipeline.maths import sparsity as sp
 from pipeline.model.calibration import NoisedBatch
 from pipeline.run.phase import phase
@@ -39,7 +39,7 @@ class PruneCallback(Callback):
         single_pass: read the Linear inputs of SinkStatsCallback's probed forward, no second forward (bit-identical).
         use_variant: the reference's Wanda variant (alpha bisected per row); wanda, flavor=reference only.
         eager: hooked forwards in torch.compile's "force_eager" stance (no cold compile of a compiled SDPA).
-        flavor: "default" (this project's) or "reference" (the paper's code and calibration schedule; docs/reference.md).
+        flavor: "default" (this project's) or "reference" (the paper's code and schedule; docs/reference.md).
     """
 
     def __init__(self, method: str = "sink_wanda", sparsity: float | None = None, n_m: str | None = None,
@@ -56,20 +56,19 @@ class PruneCallback(Callback):
                                   use_variant=use_variant)
         self.mode = self.pruner.mode or mode
         self.offset = 1 if self.pruner.mean_scores and self.pruner.statistic else 0  # 1: the epoch also collects s̄
+        self.cached = bool(self.pruner.statistic and not masks_from and (self.pruner.inputs == "clean" or self.offset))
         self.mean_scores, self.recorded = MeanSinkScores(self.pruner), RecordedBatches()
         self.targets, self.ignore = compile_patterns("targets", targets), compile_patterns("ignore", ignore)
         self.reduction_slots, self.masks_from, self.single_pass, self.eager = reduction_slots, masks_from, single_pass, eager
-        self.t, self.sums, self.info, self.masks = Targets(), None, {"timings": {}}, {}  # masks: name -> bool, True = pruned
+        self.t, self.sums, self.info, self.masks = Targets(), None, {"timings": {}}, {}  # masks: True = pruned
         self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
-        self.updated, self._resumed = set(), {}  # layers SparseGPT updated (checkpointed from the layer), weights to restore
+        self.updated, self._resumed = set(), {}  # layers SparseGPT updated; weights to restore on resume
         self.expert_tokens: dict[str, int] = {}            # expert name -> calibration tokens routed to it
         self._captured, self._capture_handles = {}, []
 
     layers = property(lambda self: self.t.layers)  # name -> targeted nn.Linear
-    pruned_weights = property(lambda self: {n: self.layers[n].weight.detach().cpu() for n in sorted(self.updated)})  # no copy kept
-    _routed = lambda self, name: routed_tokens(self.t.experts, name)  # noqa: E731 - an MoE expert's token index, or None
-    cached = property(  # from cached block inputs (callbacks/cached.py) unless statistics need the partly pruned model's s_t
-        lambda self: bool(self.pruner.statistic) and not self.masks_from and (self.pruner.inputs == "clean" or self.offset))
+    pruned_weights = property(lambda self: {n: self.layers[n].weight.detach().cpu() for n in sorted(self.updated)})
+    _routed = lambda self, name: routed_tokens(self.t.experts, name)  # noqa: E731 - an MoE expert's token rows
 
     @override
     def setup(self, trainer, pl_module, stage=None) -> None:
@@ -111,7 +110,7 @@ class PruneCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.single_pass and self.pruner.weighting.sink_aware and self.pruner.inputs == "noised":
-            # Capture the inputs of SinkStatsCallback's probed forward (bit-identical to a plain one; in sequential mode too)
+            # Capture the inputs of SinkStatsCallback's probed forward (bit-identical to a plain one; sequential too)
             self._captured = {}
             self._capture_handles = [self.layers[n].register_forward_hook(
                 lambda mod, inp, out, n=n: self._captured.__setitem__(n, (inp[0].detach(), self._routed(n))))
@@ -142,8 +141,8 @@ class PruneCallback(Callback):
     def _forward_and_accumulate(self, trainer, pl_module, nb, names, fresh) -> None:
         # sequential: the blocks after the one being calibrated are not needed yet; one-shot: none after the last target
         last = self.t.block_modules[trainer.current_epoch if self.mode == "sequential" else -1]
-        hooked_forward(pl_module, self.layers, names, lambda n, x: accumulate(self.pruner, self.sums, n, x, self._routed(n), nb, fresh),
-                       nb.input_ids, nb.attention_mask, last, self.eager)
+        add = lambda n, x: accumulate(self.pruner, self.sums, n, x, self._routed(n), nb, fresh)  # noqa: E731
+        hooked_forward(pl_module, self.layers, names, add, nb.input_ids, nb.attention_mask, last, self.eager)
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -162,9 +161,10 @@ class PruneCallback(Callback):
         if self.offset:  # every rank gets every sample's s̄
             self.mean_scores.gather()
             batches = [self.mean_scores.with_mean(nb, self.flavor) for nb in batches]
-        on_input = lambda n, x, nb: accumulate(self.pruner, self.sums, n, x, self._routed(n), nb, [s >= 0 for s in nb.sample_ids])
+        on_input = lambda n, x, nb: accumulate(self.pruner, self.sums, n, x, self._routed(n), nb)  # noqa: E731
         with phase("calibrating block by block"):
-            calibrate_from_cache(pl_module, self.t, batches, on_input, self._solve, self.eager, self.mode == "sequential", self.uniform)
+            calibrate_from_cache(pl_module, self.t, batches, on_input, self._solve, self.eager,
+                                 self.mode == "sequential", self.uniform)
 
     def _solve(self, names: list[str]) -> None:
         """Solve and apply the masks of `names` from the sums (collective), then empty the sums."""

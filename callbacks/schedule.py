@@ -67,7 +67,8 @@ def eager_stance(on: bool):
             stance.__exit__(None, None, None)
 
 
-def hooked_forward(pl_module, layers: dict, names: list[str], on_input, input_ids, attention_mask, stop_after, eager: bool) -> None:
+def hooked_forward(pl_module, layers: dict, names: list[str], on_input, input_ids, attention_mask, stop_after,
+                   eager: bool) -> None:
     """One calibration forward up to `stop_after` with on_input(name, x) called on every named layer's input."""
     handles = [layers[n].register_forward_hook(lambda mod, inp, out, n=n: on_input(n, inp[0].detach())) for n in names]
     try:

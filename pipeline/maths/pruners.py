@@ -124,8 +124,9 @@ class SparseGPT(Pruner):
 # --- flavor="reference": what github.com/VILA-Lab/Sink-Aware-Pruning computes (docs/reference.md) -------------
 # A flavour also says how PruneCallback calibrates it: `mode` (None: the user's), `inputs` ("noised" x_t at every
 # timestep, or "clean" x_0 once per sample) and `mean_scores` (the calibration epoch averages each sample's sink
-# scores over the timesteps, s̄, which then weights the inputs by 1 − s̄).  Clean inputs, or s̄, need nothing of the
-# partly pruned model: PruneCallback then calibrates block by block from cached block inputs (callbacks/cached.py).
+# scores over the timesteps, s̄, which then weights the inputs by 1 − s̄).  Clean inputs, or s̄, need nothing of
+# the partly pruned model: PruneCallback then calibrates block by block from cached block inputs
+# (callbacks/cached.py).
 
 class ReferenceMagnitude(Pruner):
     """The reference's `prune_magnitude`: one |W| threshold per layer (rows vary); N:M per group."""
@@ -174,7 +175,8 @@ class ReferenceSparseGPT(SparseGPT):
 
     def solve(self, weight, stat):
         new_weight, mask, info = sp.sparsegpt_prune(weight, stat.to(weight.device), sparsity=self.sparsity, n_m=self.n_m,
-                                                    blocksize=self.blocksize, percdamp=self.percdamp, threshold=self.threshold)
+                                                    blocksize=self.blocksize, percdamp=self.percdamp,
+                                                    threshold=self.threshold)
         return PruneResult(mask, new_weight, info)
 
 

@@ -3,13 +3,14 @@
     python benchmarks/reference_ablation.py --model minilm-dlm            # and --model tiny-llada
     python benchmarks/reference_ablation.py --markdown benchmarks/results/reference_ablation_minilm-dlm.json
 
-The base row is PruneCallback(flavor="reference") with DLMModule(noise_order="reference"): what the reference computes
-(at --batch-size 1 exactly; the default 4 keeps the CPU time down, the reference's noise order is then that of its
-batch size 4 and its sink-Wanda norms stay per sample).  Each other row changes one row of README's "Differences from the reference" table, as a small
-pruner variant (a subclass overriding one attribute, registered below under its own flavour name) or one module
-option; "default" switches them all (this project's flavour, one-shot, per-sample noise).  Every row is scored by
-the held-out masked-diffusion NLL of benchmarks/method_comparison.py (`heldout_nll`, the same held-out windows and
-noise for every row of a seed), so differences are paired by seed: reported per seed, their signs, mean ± sd.
+The base row is PruneCallback(flavor="reference") with DLMModule(noise_order="reference"): what the reference
+computes (at --batch-size 1 exactly; the default 4 keeps the CPU time down, the reference's noise order is then that
+of its batch size 4 and its sink-Wanda norms stay per sample).  Each other row changes one row of README's
+"Differences from the reference" table, as a small pruner variant (a subclass overriding one attribute, registered
+below under its own flavour name) or one module option; "default" switches them all (this project's flavour,
+one-shot, per-sample noise).  Every row is scored by the held-out masked-diffusion NLL of
+benchmarks/method_comparison.py (`heldout_nll`, the same held-out windows and noise for every row of a seed), so
+differences are paired by seed: reported per seed, their signs, mean ± sd.
 Not switchable here (no effect on these fp32 CPU runs, or not a choice of the method): N:M handling (unstructured
 runs), the probe's fp32 mass, single-pass, tie order, the (1 − s) precision, the calibration window sampler.
 """
@@ -45,7 +46,7 @@ class RootSumSquaresSinkWanda(ReferenceSinkWanda):
 
 
 class PerTimestepSinkSparseGPT(ReferenceSinkSparseGPT):
-    """Row 3: H weighted by each timestep's scores, mean_t (1 − s_t)², instead of (1 − s̄)² (clean inputs kept)."""
+    """Row 3: H weighted by each timestep's scores, mean_t (1 − s_t)², not (1 − s̄)² (clean inputs kept)."""
 
     @staticmethod
     def score_term(scores):
@@ -152,7 +153,8 @@ def run(a) -> dict:
                 with tempfile.TemporaryDirectory() as tmp:
                     value = prune_once(loaded, method, flavor, noise, mode, seed, a, Path(tmp))
                 nll.setdefault(method, {}).setdefault(label, []).append(value)
-                print(f"{a.model} seed {seed} {method:15s} {label:45s} NLL {value:.4f} ({time.time() - t0:.0f} s)", flush=True)
+                print(f"{a.model} seed {seed} {method:15s} {label:45s} NLL {value:.4f} ({time.time() - t0:.0f} s)",
+                      flush=True)
                 with torch.no_grad():
                     for n, m in layers.items():
                         m.weight.copy_(dense[n])
@@ -181,10 +183,12 @@ def markdown(path: Path) -> str:
     d = json.loads(path.read_text())
     args, nll = d["args"], d["nll"]
     dense = nll["dense"]["dense"]
-    lines = [f"**{args['model']}** ({args['nsamples']} windows × T = {args['seqlen']}, {args['timesteps']} timesteps, 50% "
-             f"unstructured, batch size {args.get('batch_size', 1)}; held-out NLL on {args['heldout']} windows × {args['heldout_timesteps']} timesteps; seeds "
+    lines = [f"**{args['model']}** ({args['nsamples']} windows × T = {args['seqlen']}, {args['timesteps']} timesteps, "
+             f"50% unstructured, batch size {args.get('batch_size', 1)}; held-out NLL on {args['heldout']} windows × "
+             f"{args['heldout_timesteps']} timesteps; seeds "
              f"{', '.join(map(str, args['seeds']))}; dense {statistics.mean(dense):.4f})", "",
-             "| method | row switched | NLL mean ± sd | − reference, per seed | signs | mean ± sd |", "|---|---|---:|---|---|---:|"]
+             "| method | row switched | NLL mean ± sd | − reference, per seed | signs | mean ± sd |",
+             "|---|---|---:|---|---|---:|"]
     for method, rows in nll.items():
         if method == "dense":
             continue
@@ -193,7 +197,8 @@ def markdown(path: Path) -> str:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             diff = ("(base)", "", "") if p is None else (
                 " ".join(f"{x:+.4f}" for x in p["per_seed"]), p["signs"], f"{p['mean']:+.4f} ± {p['sd']:.4f}")
-            lines.append(f"| {method} | {label} | {statistics.mean(values):.4f} ± {spread:.4f} | {diff[0]} | {diff[1]} | {diff[2]} |")
+            lines.append(f"| {method} | {label} | {statistics.mean(values):.4f} ± {spread:.4f} | "
+                         f"{diff[0]} | {diff[1]} | {diff[2]} |")
     return "\n".join(lines)
 
 
@@ -203,7 +208,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=4,
-                    help="calibration batch size (1 = the reference's default; its noise order is replayed at any batch size)")
+                    help="calibration batch size (1 = the reference's default; its noise order is replayed at any "
+                         "batch size)")
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--timesteps", type=int, default=10)
     ap.add_argument("--heldout", type=int, default=16)

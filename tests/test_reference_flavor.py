@@ -304,12 +304,16 @@ def _uncached_reference(method, prune, mode="sequential"):
                 scores = (total / count)[None]
             nb = NoisedBatch(ids, ids, torch.zeros_like(ids, dtype=torch.bool), 0.0, 0, [sid], None, sink_scores=scores)
             with torch.no_grad():
-                hooked_forward(module, modules, names, lambda n, x, nb=nb: accumulate(pruner, sums, n, x, None, nb, [True]),
-                               ids, None, stop, True)
+                add = lambda n, x, nb=nb: accumulate(pruner, sums, n, x, None, nb, [True])  # noqa: E731
+                hooked_forward(module, modules, names, add, ids, None, stop, True)
         with torch.no_grad():
             for n in names:
                 masks[n], weights[n], _ = solve_layer(pruner, n, modules[n].weight, sums.total(n))
     return masks, weights
+
+
+def _items():
+    return [{"input_ids": w, "index": i, "keep": torch.zeros_like(w, dtype=torch.bool)} for i, w in enumerate(_windows())]
 
 
 class _PerBlockArguments(PruneCallback):
@@ -338,9 +342,7 @@ def test_cached_block_inputs_are_bit_identical_to_full_forwards(tmp_path, method
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "b"),
                         callbacks=[SinkStatsCallback(record=False, heatmap=False), other])
-    loader = torch.utils.data.DataLoader([{"input_ids": w, "index": i, "keep": torch.zeros_like(w, dtype=torch.bool)}
-                                          for i, w in enumerate(_windows())], batch_size=1)
-    trainer.fit(module, train_dataloaders=loader)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_items(), batch_size=1))
     assert not other.uniform and all(torch.equal(other.masks[n], prune.masks[n]) for n in masks)
 
 
@@ -360,18 +362,18 @@ def test_cached_one_shot_is_bit_identical_to_a_dense_forward(tmp_path):
         trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
                             callbacks=[SinkStatsCallback(record=False, heatmap=False), prune])
-        loader = torch.utils.data.DataLoader([{"input_ids": w, "index": i, "keep": torch.zeros_like(w, dtype=torch.bool)}
-                                              for i, w in enumerate(_windows())], batch_size=1)
+        loader = torch.utils.data.DataLoader(_items(), batch_size=1)
         trainer.fit(module, train_dataloaders=loader)
     finally:
         del FLAVORS[("sink_sparsegpt", "test-one-shot")]
     assert prune.mode == "oneshot" and prune.cached
     masks, weights = _uncached_reference("sink_sparsegpt", prune, mode="oneshot")
-    assert all(torch.equal(masks[n], prune.masks[n]) and torch.equal(weights[n], prune.pruned_weights[n]) for n in masks)
+    assert all(torch.equal(masks[n], prune.masks[n]) for n in masks)
+    assert all(torch.equal(weights[n], prune.pruned_weights[n]) for n in masks)
 
 
 def test_reference_flavor_two_processes_equal_one(tmp_path):
-    """flavor=reference sink SparseGPT from cached block inputs under DDP (uneven shards): the same masks as 1 process."""
+    """flavor=reference sink SparseGPT from cached block inputs under DDP (uneven shards): the masks of 1 process."""
     from safetensors.torch import load_file
 
     from tests.runs import run_cli, tiny_config
@@ -380,7 +382,8 @@ def test_reference_flavor_two_processes_equal_one(tmp_path):
     for devices in (1, 2):
         root = tmp_path / f"d{devices}"
         trainer = {"devices": devices, **({"strategy": "calibration_ddp_spawn"} if devices > 1 else {})}
-        config = tiny_config(root, method="sink_sparsegpt", nsamples=5, prune_args={"flavor": "reference"}, trainer_args=trainer)
+        config = tiny_config(root, method="sink_sparsegpt", nsamples=5, prune_args={"flavor": "reference"},
+                             trainer_args=trainer)
         proc = run_cli(config, tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         masks.append(load_file(str(root / "pruned" / "masks.safetensors")))
@@ -401,13 +404,14 @@ def test_reference_flavor_resumes_mid_epoch_to_the_same_masks(tmp_path):
     config = tiny_config(root, **args)
     ckpt = {"class_path": "callbacks.checkpoint.CalibrationCheckpoint", "init_args": {"dirpath": str(root / "ckpt")}}
     stop = {"class_path": "tests.test_resume.InterruptAfter", "init_args": {"batches": 2}}
-    code, _ = run_inprocess({**config, "trainer": {**config["trainer"], "callbacks": config["trainer"]["callbacks"] + [ckpt, stop]}}, tmp_path)
+    with_callbacks = lambda *extra: {**config, "trainer": {**config["trainer"],  # noqa: E731
+                                                           "callbacks": config["trainer"]["callbacks"] + list(extra)}}
+    code, _ = run_inprocess(with_callbacks(ckpt, stop), tmp_path)
     assert code != 0
     state = torch.load(root / "ckpt" / "last.ckpt", weights_only=False)
     prune_state = next(v for k, v in state["callbacks"].items() if "PruneCallback" in k)
     assert len(prune_state["recorded"]["batches"]) == 2 and len(prune_state["mean_scores"]) == 4  # 2 batches of 2
-    code, err = run_inprocess({**config, "trainer": {**config["trainer"], "callbacks": config["trainer"]["callbacks"] + [ckpt]}},
-                              tmp_path, "--ckpt_path", str(root / "ckpt" / "last.ckpt"))
+    code, err = run_inprocess(with_callbacks(ckpt), tmp_path, "--ckpt_path", str(root / "ckpt" / "last.ckpt"))
     assert code == 0, err[-2000:]
     whole, resumed = (load_file(str(r / "pruned" / "masks.safetensors")) for r in (tmp_path / "whole", root))
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

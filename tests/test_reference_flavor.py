@@ -277,10 +277,11 @@ def test_reference_baselines_run(tmp_path, method):
 
 # --- calibration from cached block inputs (callbacks/cached.py) against full forwards from the embeddings -----------
 
-def _uncached_reference(method, prune, mode="sequential"):
+def _uncached_reference(method, prune, mode="sequential", inputs=None):
     """What the flavour computed before the block-input cache: for each block, a hooked full forward of every clean
     window from the embeddings (through the blocks already pruned), the same pruner, slots and solve; one-shot: every
-    layer from the dense model.  Returns (masks, pruned weights)."""
+    layer from the dense model.  `inputs`: [(sample id, ids)] in dispatch order (default: the clean windows).
+    Returns (masks, pruned weights)."""
     from callbacks.layers import accumulate, solve_layer
     from callbacks.reduction import SlotSums
     from callbacks.schedule import hooked_forward
@@ -296,8 +297,7 @@ def _uncached_reference(method, prune, mode="sequential"):
     masks, weights = {}, {}
     for stop, names in passes:
         sums = SlotSums(8)
-        for sid, w in enumerate(_windows()):
-            ids = w[None]
+        for sid, ids in inputs or [(i, w[None]) for i, w in enumerate(_windows())]:
             scores = None
             if pruner.mean_scores:
                 total, count = prune.mean_scores.sums[sid]
@@ -415,3 +415,30 @@ def test_reference_flavor_resumes_mid_epoch_to_the_same_masks(tmp_path):
     assert code == 0, err[-2000:]
     whole, resumed = (load_file(str(r / "pruned" / "masks.safetensors")) for r in (tmp_path / "whole", root))
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_cached_noised_inputs_with_mean_scores_are_bit_identical(tmp_path):
+    """A pruner with s̄ on noised inputs (the ablation's row 4): every (window, timestep) recorded, then block by block
+    from cached inputs, the same bits as full forwards of those x_t."""
+    from pipeline.maths.pruners import FLAVORS, ReferenceSinkSparseGPT
+
+    class Noised(ReferenceSinkSparseGPT):
+        inputs = "noised"
+
+    FLAVORS[("sink_sparsegpt", "test-noised")] = Noised
+    try:
+        import lightning as L
+
+        module = DLMModule(pretrained="tiny-llada", timesteps=TIMESTEPS, seed=0)
+        prune, recorder = PruneCallback(method="sink_sparsegpt", sparsity=0.5, flavor="test-noised"), Recorder()
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                            callbacks=[SinkStatsCallback(record=False, heatmap=False), prune, recorder])
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_items(), batch_size=1))
+    finally:
+        del FLAVORS[("sink_sparsegpt", "test-noised")]
+    assert prune.cached and len(prune.recorded.batches) == NSAMPLES * TIMESTEPS
+    noised = [(sids[0], ids) for sids, ids, _, _ in recorder.batches]
+    masks, weights = _uncached_reference("sink_sparsegpt", prune, inputs=noised)
+    assert all(torch.equal(masks[n], prune.masks[n]) for n in masks)
+    assert all(torch.equal(weights[n], prune.pruned_weights[n]) for n in masks)

@@ -1,22 +1,26 @@
 """This project against the reference implementation (VILA-Lab/Sink-Aware-Pruning), side by side.
 
     git clone https://github.com/VILA-Lab/Sink-Aware-Pruning /tmp/sap
-    SINKPRUNE_REFERENCE=/tmp/sap python benchmarks/vs_reference.py                       # 16 windows, T=128 and 512
-    SINKPRUNE_REFERENCE=/tmp/sap python benchmarks/vs_reference.py --seqlens 128 --repeats 1 --methods sink_wanda
+    SINKPRUNE_REFERENCE=/tmp/sap python benchmarks/vs_reference.py --json benchmarks/results/vs_reference.json
+    python benchmarks/vs_reference.py --markdown benchmarks/results/vs_reference.json     # README's table
 
-Nothing of the reference is shipped or vendored: the clone is imported from SINKPRUNE_REFERENCE at run time.
-A tiny checkpoint is built from the reference's own `model/modeling_llada.py` (whose SDPA wrapper is a
+The first command is README's whole table in one invocation: T = 128 and 512, sink_wanda and sink_sparsegpt, this
+project's configurations `reference` (flavor=reference), `default` (the default flavour at its recipes' mode:
+one-shot) and `default-sequential` (an extra row), 3 repeats, cold and warm, peak RSS, mask agreement and the
+reference's floor.  Nothing of the reference is shipped or vendored: the clone is imported from SINKPRUNE_REFERENCE at
+run time.  A tiny checkpoint is built from the reference's own `model/modeling_llada.py` (whose SDPA wrapper is a
 module-level `@torch.compile()`), with the trained weights of tiny-llada (same parameter names), and saved with
 that remote code, so that this project loads exactly what the reference runs.  Both sides see the same
 token windows (the reference's `get_loaders` is replaced by them) and 10 timesteps t = 0.1 … 1.0; the noise
-differs (the reference draws it from the global torch RNG, this project from per-(sample, step) seeds).
+differs (the reference draws it from the global torch RNG, this project from per-(sample, step) seeds) unless the
+`reference-noise` configuration replays the reference's order.
 
-Every run is a fresh process (one thread by default), so that peak RSS is per run and the compile cache can be
-cold (an empty TORCHINDUCTOR_CACHE_DIR) or warm (the same directory again).  The sides alternate within each
-repeat.  Reported: median seconds of the pruning call (model loading excluded; this project's figure is
-PruneCallback's calibration time, probed + hooked passes + masks), the ratio this project / reference,
-peak RSS, and mask agreement with the reference (fraction of equal mask entries over every pruned Linear),
-next to the floor: the reference against itself with another seed (other noise, same windows).
+Every run is a fresh process (one thread by default), so that peak RSS is per run (VmHWM: the process's own peak)
+and the compile cache can be cold (an empty TORCHINDUCTOR_CACHE_DIR) or warm (the same directory again).  The sides
+alternate within each repeat (the order rotates).  Reported: median seconds of the pruning call (model loading
+excluded; this project's figure is PruneCallback's calibration time, probed + hooked passes + masks), the ratio this
+project / reference, peak RSS, and mask agreement with the reference (fraction of equal mask entries over every pruned
+Linear), next to the floor: the reference against itself with another seed (other noise, same windows).
 
 Where the reference cannot run on CPU it is patched around here, never edited: `torch.cuda.synchronize()`
 (SparseGPT) becomes a no-op and `Tensor.cuda()` (magnitude's global sort) returns the tensor itself.
@@ -26,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -99,9 +102,11 @@ def make_windows(nsamples: int, seqlen: int, seed: int):
 
 # --- one run (worker process) -------------------------------------------------------------------------------
 
-def _rss_mib() -> float:
+def _rss_mib(field: str = "VmRSS") -> float:
+    """VmRSS (now) or VmHWM (this process's peak since exec: getrusage's ru_maxrss would carry the forking parent's
+    peak over into the child, which made every run report the parent's RSS)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -172,25 +177,36 @@ def worker(a) -> None:
         else:
             seconds, before, masks = run_project(Path(a.ckpt), windows, a.method, a.seed, a.timesteps, a.mode, Path(tmp),
                                                  a.flavor, a.single_pass, a.noise, a.eager)
+    peak = _rss_mib("VmHWM")
     torch.save(masks, a.out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(a.out + ".json").write_text(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "rss_before_mib": before}))
 
 
 # --- the comparison (parent) -----------------------------------------------------------------------------------
 
-def spawn(a, side: str, method: str, seqlen: int, seed: int, cache: Path, tag: str) -> dict:
-    out = str(a.workdir / f"{side}-{method}-{seqlen}-{tag}.pt")
+# this project's configurations: (flavor, mode for the SparseGPT methods, noise order); sink Wanda is one-shot in both
+# flavours.  "default" is the default flavour at its recipes' mode (configs/method/sink_sparsegpt50.yaml: oneshot).
+CONFIGS = {
+    "reference": ("reference", "sequential", "per_sample"),
+    "reference-noise": ("reference", "sequential", "reference"),  # the reference's noise order: bit-identical masks
+    "default": ("default", "oneshot", "per_sample"),
+    "default-sequential": ("default", "sequential", "per_sample"),  # an extra row: sink scores of the partly pruned model
+}
+
+
+def spawn(a, side: str, method: str, seqlen: int, seed: int, cache: Path, tag: str, config: str = "reference") -> dict:
+    out = str(a.workdir / f"{side}-{config if side == 'project' else ''}-{method}-{seqlen}-{tag}.pt")
+    flavor, mode, noise = CONFIGS[config]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), TORCHINDUCTOR_CACHE_DIR=str(cache),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
     cmd = [sys.executable, __file__, "--worker", "--side", side, "--method", method, "--seed", str(seed),
            "--ckpt", str(a.workdir / "ckpt"), "--windows", str(a.workdir / f"windows-{seqlen}.pt"), "--out", out,
-           "--timesteps", str(a.timesteps), "--threads", str(a.threads), "--flavor", a.flavor,
-           "--noise", a.noise, "--single-pass" if a.single_pass else "--no-single-pass", "--eager" if a.eager else "--no-eager",
-           "--mode", "oneshot" if method == "sink_wanda" else a.mode]  # the reference's sink Wanda is one-shot
+           "--timesteps", str(a.timesteps), "--threads", str(a.threads), "--flavor", flavor,
+           "--noise", noise, "--single-pass" if a.single_pass else "--no-single-pass", "--eager" if a.eager else "--no-eager",
+           "--mode", "oneshot" if method == "sink_wanda" else mode]  # the reference's sink Wanda is one-shot
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(REPO))
     if proc.returncode:
-        raise RuntimeError(f"{side} {method} T={seqlen} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{side} {config} {method} T={seqlen} failed:\n{proc.stderr[-3000:]}")
     return {**json.loads(Path(out + ".json").read_text()), "masks": out}
 
 
@@ -204,29 +220,41 @@ def agreement(a_path: str, b_path: str) -> float:
     return same / sum(a[n].numel() for n in a)
 
 
-def measure(a, method: str, seqlen: int) -> dict:
-    """Both sides, interleaved, cold (empty inductor cache) then warm, a.repeats times; the floor; one row."""
-    runs = {(side, kind): [] for side in ("project", "reference") for kind in ("cold", "warm")}
+def _configs_for(a, method: str) -> list[str]:
+    """sink Wanda is one-shot in every configuration: its sequential variants would repeat the one-shot row."""
+    return [c for c in a.configs if not (method == "sink_wanda" and c == "default-sequential")]
+
+
+def measure(a, method: str, seqlen: int) -> list[dict]:
+    """The reference and every configuration, interleaved (the order rotates each repeat), cold (empty inductor cache)
+    then warm, a.repeats times; the reference's runs are shared by the configurations' rows; then the floor."""
+    sides = [("reference", None)] + [("project", c) for c in _configs_for(a, method)]
+    runs = {(side, c, kind): [] for side, c in sides for kind in ("cold", "warm")}
     for rep in range(a.repeats):
-        for side in (("project", "reference") if rep % 2 == 0 else ("reference", "project")):
+        for side, config in sides[rep % len(sides):] + sides[:rep % len(sides)]:
             cache = Path(tempfile.mkdtemp(prefix="inductor-", dir=a.workdir))  # empty: cold
-            runs[(side, "cold")].append(spawn(a, side, method, seqlen, a.seed, cache, f"cold{rep}"))
-            runs[(side, "warm")].append(spawn(a, side, method, seqlen, a.seed, cache, f"warm{rep}"))
+            for kind in ("cold", "warm"):
+                runs[(side, config, kind)].append(spawn(a, side, method, seqlen, a.seed, cache, f"{kind}{rep}", config or "reference"))
             shutil.rmtree(cache, ignore_errors=True)
     floor = spawn(a, "reference", method, seqlen, a.seed + 1, a.workdir, "floor")
-    ref_masks = runs[("reference", "warm")][0]["masks"]
+    ref_masks = runs[("reference", None, "warm")][0]["masks"]
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
-    return {
-        "T": seqlen, "method": method, "flavor": a.flavor, "noise": a.noise, "single_pass": a.single_pass, "eager": a.eager,
-        "project_cold_s": med[("project", "cold")], "reference_cold_s": med[("reference", "cold")],
-        "project_warm_s": med[("project", "warm")], "reference_warm_s": med[("reference", "warm")],
-        "project_peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs[("project", "warm")]),
-        "reference_peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs[("reference", "warm")]),
-        "agreement": agreement(runs[("project", "warm")][0]["masks"], ref_masks),
-        "floor": agreement(floor["masks"], ref_masks),
-        "reference_self": agreement(runs[("reference", "cold")][0]["masks"], ref_masks),  # same seed: 1.0
-        "seconds_all": {f"{s}/{k}": [round(r["seconds"], 3) for r in v] for (s, k), v in runs.items()},
-    }
+    rss = {k: statistics.median(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
+    floor_agreement = agreement(floor["masks"], ref_masks)
+    rows = []
+    for config in _configs_for(a, method):
+        flavor, mode, noise = CONFIGS[config]
+        rows.append({
+            "T": seqlen, "method": method, "config": config, "flavor": flavor, "noise": noise,
+            "mode": "oneshot" if method == "sink_wanda" else mode, "single_pass": a.single_pass, "eager": a.eager,
+            "project_cold_s": med[("project", config, "cold")], "reference_cold_s": med[("reference", None, "cold")],
+            "project_warm_s": med[("project", config, "warm")], "reference_warm_s": med[("reference", None, "warm")],
+            "project_peak_rss_mib": rss[("project", config, "warm")], "reference_peak_rss_mib": rss[("reference", None, "warm")],
+            "agreement": agreement(runs[("project", config, "warm")][0]["masks"], ref_masks),
+            "floor": floor_agreement,
+            "seconds_all": {f"{s}/{k}": [round(r["seconds"], 3) for r in v] for (s, c, k), v in runs.items() if c in (None, config)},
+        })
+    return rows
 
 
 def main() -> None:
@@ -236,29 +264,30 @@ def main() -> None:
     ap.add_argument("--timesteps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=["sink_wanda", "sink_sparsegpt"], choices=METHODS)
-    ap.add_argument("--mode", default="sequential", choices=["oneshot", "sequential"],
-                    help="this project's mode for wanda and the SparseGPT methods (the reference's are layer-sequential; "
-                         "its sink Wanda is one-shot, and so is ours)")
-    ap.add_argument("--flavor", default="default", choices=["default", "reference"],
-                    help="this project's PruneCallback flavor (reference: the reference's computations and schedule)")
+    ap.add_argument("--configs", nargs="+", default=["reference", "default", "default-sequential"], choices=list(CONFIGS),
+                    help="this project's configurations, one row each: reference = flavor=reference (its schedule); "
+                         "reference-noise = the same with the reference's noise order (bit-identical masks); default = "
+                         "flavor=default at its recipes' mode (one-shot); default-sequential = the default flavour, "
+                         "layer-sequential (sink scores of the partly pruned model at every timestep)")
     ap.add_argument("--single-pass", action=argparse.BooleanOptionalAction, default=True,
-                    help="sink Wanda (one-shot, noised inputs): read the probed forward's Linear inputs, no second forward "
-                         "(PruneCallback's default; --no-single-pass for the second forward)")
+                    help="read the probed forward's Linear inputs, no second forward (PruneCallback's default)")
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                     help="PruneCallback(eager=...): its hooked forwards in torch.compile's force_eager stance (default)")
-    ap.add_argument("--noise", default="per_sample", choices=["per_sample", "reference"],
-                    help="this project's noise: per-(sample, step) seeds, or the reference's draw order (same masks)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--markdown", type=Path, default=None, help="render a --json file as README's table and exit")
     # worker-only arguments
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for name in ("--side", "--method", "--ckpt", "--windows", "--out"):
+    for name in ("--side", "--method", "--ckpt", "--windows", "--out", "--flavor", "--noise", "--mode"):
         ap.add_argument(name, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(a)
+    if a.markdown:
+        data = json.loads(a.markdown.read_text())
+        return print(render_markdown(data["rows"], data["args"]))
 
     ref = reference_dir()
     import torch
@@ -269,23 +298,27 @@ def main() -> None:
     for seqlen in a.seqlens:
         torch.save(make_windows(a.nsamples, seqlen, a.seed), a.workdir / f"windows-{seqlen}.pt")
     rev = subprocess.run(["git", "-C", str(ref), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"reference {ref} @ {rev or '?'}; {a.nsamples} windows, {a.timesteps} timesteps, {a.threads} thread(s), "
-          f"repeats {a.repeats}; this project: flavor={a.flavor}, noise={a.noise}, single_pass={a.single_pass}, eager={a.eager}, mode {a.mode} "
-          f"(flavor=reference imposes the reference's); workdir {a.workdir}", flush=True)
+    command = " ".join(["python", "benchmarks/vs_reference.py", *sys.argv[1:]])
+    print(f"{command}\nreference {ref} @ {rev or '?'}; {a.nsamples} windows, {a.timesteps} timesteps, {a.threads} thread(s), "
+          f"repeats {a.repeats}; configurations {', '.join(a.configs)}; load average {os.getloadavg()[0]:.2f}; "
+          f"workdir {a.workdir}", flush=True)
 
     rows = []
     for seqlen in a.seqlens:
         for method in a.methods:
-            rows.append(measure(a, method, seqlen))
-            print(render_row(rows[-1]), flush=True)
+            for row in measure(a, method, seqlen):
+                rows.append(row)
+                print(render_row(row), flush=True)
 
     print()
     print(render_table(rows, a))
     if a.json:
-        a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=1))
+        args = {**{k: str(v) for k, v in vars(a).items()}, "command": command, "reference_commit": rev,
+                "load_average_end": os.getloadavg()[0]}
+        a.json.write_text(json.dumps({"args": args, "rows": rows}, indent=1))
 
 
-HEADER = (f"{'T':>4} {'method':15} {'cold s (proj/ref = ratio)':>28} {'warm s (proj/ref = ratio)':>28} "
+HEADER = (f"{'T':>4} {'method':15} {'config':19} {'cold s (proj/ref = ratio)':>28} {'warm s (proj/ref = ratio)':>28} "
           f"{'peak RSS MiB (proj/ref)':>24} {'masks agree':>11} {'ref floor':>9}")
 
 
@@ -293,7 +326,8 @@ def render_row(r: dict) -> str:
     cold = f"{r['project_cold_s']:.2f}/{r['reference_cold_s']:.2f} = {r['project_cold_s'] / r['reference_cold_s']:.2f}x"
     warm = f"{r['project_warm_s']:.2f}/{r['reference_warm_s']:.2f} = {r['project_warm_s'] / r['reference_warm_s']:.2f}x"
     rss = f"{r['project_peak_rss_mib']:.0f}/{r['reference_peak_rss_mib']:.0f} = {r['project_peak_rss_mib'] / r['reference_peak_rss_mib']:.2f}x"
-    return (f"{r['T']:>4} {r['method']:15} {cold:>28} {warm:>28} {rss:>24} {r['agreement']:>10.2%} {r['floor']:>9.2%}")
+    return (f"{r['T']:>4} {r['method']:15} {r.get('config', r['flavor']):19} {cold:>28} {warm:>28} {rss:>24} "
+            f"{r['agreement']:>10.2%} {r['floor']:>9.2%}")
 
 
 def render_table(rows: list[dict], a) -> str:
@@ -301,6 +335,23 @@ def render_table(rows: list[dict], a) -> str:
              "(cold = empty inductor cache, warm = the same cache again; each run a fresh process)", HEADER]
     lines += [render_row(r) for r in rows]
     lines.append("masks agree: this project vs the reference (same seed); ref floor: the reference vs itself with seed+1")
+    return "\n".join(lines)
+
+
+def render_markdown(rows: list[dict], args: dict) -> str:
+    """README's table: one row per (T, configuration, method)."""
+    label = {"reference": "reference", "reference-noise": "reference, `noise_order=\"reference\"`", "default": "default (one-shot)",
+             "default-sequential": "default, `mode=sequential`"}
+    lines = [f"`{args.get('command', '')}` (repeats {args.get('repeats')}, load average at the end {args.get('load_average_end', '?')})", "",
+             "| T | flavour | method | cold: this / reference (ratio) | warm: this / reference (ratio) | peak RSS | masks agree | ref. floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['T']} | {label.get(r.get('config'), r['flavor'])} | {r['method']} | "
+            f"{r['project_cold_s']:.2f} / {r['reference_cold_s']:.2f} s (**{r['project_cold_s'] / r['reference_cold_s']:.2f}×**) | "
+            f"{r['project_warm_s']:.2f} / {r['reference_warm_s']:.2f} s (**{r['project_warm_s'] / r['reference_warm_s']:.2f}×**) | "
+            f"{r['project_peak_rss_mib'] / r['reference_peak_rss_mib']:.2f}× ({r['project_peak_rss_mib']:.0f} MiB) | "
+            f"{r['agreement']:.2%} | {r['floor']:.2%} |")
     return "\n".join(lines)
 
 

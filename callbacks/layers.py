@@ -17,8 +17,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks import moe
 from pipeline.maths import sparsity as sp
-from pipeline.maths.attention import force_eager
-from pipeline.model.calibration import forward_through_blocks
 from pipeline.model.calibration import find_blocks
 
 
@@ -104,10 +102,11 @@ def count_expert_tokens(sums, experts: dict, names: list[str], expert_tokens: di
                 f"more if its router rarely picks it) or leave it dense with prune.ignore: ['{expert}\\.']")
 
 
-def accumulate(pruner, sums, name: str, x: torch.Tensor, routed, nb, fresh: list[bool]) -> None:
+def accumulate(pruner, sums, name: str, x: torch.Tensor, routed, nb, fresh: list[bool] | None = None) -> None:
     """Add each fresh sample's statistic to its slot.  Dense layers: x is [B·L, d]; experts: x is
     [n_routed, d], row r being token routed[r] of the flat [B, L] batch (and each sample also adds its
     number of real routed tokens under "<name>#tokens")."""
+    fresh = [sid >= 0 for sid in nb.sample_ids] if fresh is None else fresh  # default: every real sample
     n_samples = len(nb.sample_ids)
     weights = pruner.weighting(nb.sink_scores, nb.attention_mask)  # [B, L] or None
     if routed is None:
@@ -149,7 +148,7 @@ def load_masks(masks_from: str, layers: dict[str, torch.nn.Linear]) -> dict[str,
 
 
 def solve_layer(pruner, name: str, weight: torch.Tensor, stat) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """Solve and apply one layer's mask in place: (bool mask on CPU, updated weight on CPU or None, solver info)."""
+    """Solve and apply one layer's mask in place: (bool mask on CPU, updated weight or None, solver info)."""
     if not torch.isfinite(weight).all():
         raise FloatingPointError(f"NaN/Inf in the weight of {name} before pruning")
     if pruner.statistic and stat is None:
@@ -158,7 +157,7 @@ def solve_layer(pruner, name: str, weight: torch.Tensor, stat) -> tuple[torch.Te
     new_weight, info = None, {}
     if result.weight is not None:
         weight.copy_(result.weight)
-        new_weight = result.weight.detach().cpu()
+        new_weight = result.weight  # the caller keeps no copy: the layer holds it
         if result.info.get("retries"):
             rank_zero_warn(f"{name}: Cholesky failed, retried with damping {result.info.get('percdamp')}")
         info = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str))}
@@ -176,14 +175,7 @@ def reapply(layers: dict, masks: dict, pruned_weights: dict) -> None:
             sp.apply_mask_(weight, mask.to(weight.device))
 
 
-def hooked_forward(pl_module, layers: dict, names: list[str], on_input, input_ids, attention_mask, stop_after, eager: bool) -> None:
-    """One calibration forward up to `stop_after` with on_input(name, x) called on every named layer's input."""
-    handles = [layers[n].register_forward_hook(lambda mod, inp, out, n=n: on_input(n, inp[0].detach())) for n in names]
-    stance = force_eager() if eager else None
-    try:
-        forward_through_blocks(pl_module, input_ids, attention_mask, stop_after=stop_after)
-    finally:
-        if stance is not None:
-            stance.__exit__(None, None, None)
-        for h in handles:
-            h.remove()
+def routed_tokens(experts: dict, name: str) -> torch.Tensor | None:
+    """For a Linear inside an MoE expert, called from its hook: the flat [B·L] token index of each input row."""
+    expert = experts.get(name)
+    return None if expert is None else moe.checked_tokens(expert[1], name)

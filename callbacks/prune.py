@@ -12,12 +12,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks import moe
 from callbacks.reduction import SlotSums
-from callbacks.schedule import MeanSinkScores
+from callbacks.cached import RecordedBatches, calibrate_from_cache, uniform_block_calls
+from callbacks.schedule import MeanSinkScores, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
-from callbacks.layers import (Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, hooked_forward,
-                              load_masks, reapply, solve_layer)
+from callbacks.layers import (Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks,
+                              reapply, routed_tokens, solve_layer)
 from pipeline.maths import sparsity as sp
 from pipeline.model.calibration import NoisedBatch
 from pipeline.run.phase import phase
@@ -32,16 +32,14 @@ class PruneCallback(Callback):
         sparsity: fraction of each row's weights to prune, in [0, 1) (default 0.5 unless n_m is set).
         n_m: semi-structured pattern "N:M" (N zeros in every M consecutive inputs), e.g. "2:4".
         targets / ignore: regexes on module names that select / drop Linear layers inside the blocks.
-        mode: "oneshot" or "sequential" (one epoch per block, on the outputs of the pruned blocks before it).
+        mode: "oneshot" or "sequential" (block by block, on the outputs of the pruned blocks before it).
         blocksize / percdamp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).
         reduction_slots: fixed slots for DDP-exact sums (window i goes to slot i mod reduction_slots).
         masks_from: a previous run's output folder: apply its masks.safetensors instead of calibrating.
-        single_pass: read the Linear inputs of SinkStatsCallback's probed forward instead of running a second
-            forward (the same statistics bit for bit).
+        single_pass: read the Linear inputs of SinkStatsCallback's probed forward, no second forward (bit-identical).
         use_variant: the reference's Wanda variant (alpha bisected per row); wanda, flavor=reference only.
         eager: hooked forwards in torch.compile's "force_eager" stance (no cold compile of a compiled SDPA).
-        flavor: "default" (this project's) or "reference" (the paper's code, its calibration schedule included:
-            one-shot sink_wanda, layer-sequential on clean windows for the others).
+        flavor: "default" (this project's) or "reference" (the paper's code and schedule; docs/reference.md).
     """
 
     def __init__(self, method: str = "sink_wanda", sparsity: float | None = None, n_m: str | None = None,
@@ -57,19 +55,20 @@ class PruneCallback(Callback):
         self.pruner = make_pruner(method, self.sparsity, self.n_m, flavor, blocksize=blocksize, percdamp=percdamp,
                                   use_variant=use_variant)
         self.mode = self.pruner.mode or mode
-        # epochs before the block epochs: 1 when the pruner needs each sample's mean sink scores first
-        self.offset = 1 if self.pruner.mean_scores and self.pruner.statistic else 0
-        self.mean_scores = MeanSinkScores()
+        self.offset = 1 if self.pruner.mean_scores and self.pruner.statistic else 0  # 1: the epoch also collects s̄
+        self.cached = bool(self.pruner.statistic and not masks_from and (self.pruner.inputs == "clean" or self.offset))
+        self.mean_scores, self.recorded = MeanSinkScores(self.pruner), RecordedBatches()
         self.targets, self.ignore = compile_patterns("targets", targets), compile_patterns("ignore", ignore)
         self.reduction_slots, self.masks_from, self.single_pass, self.eager = reduction_slots, masks_from, single_pass, eager
-        self.t, self.sums, self.info = Targets(), None, {"timings": {}}
-        self.masks: dict[str, torch.Tensor] = {}
+        self.t, self.sums, self.info, self.masks = Targets(), None, {"timings": {}}, {}  # masks: True = pruned
         self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
-        self.pruned_weights: dict[str, torch.Tensor] = {}  # SparseGPT-updated weights, for resuming
+        self.updated, self._resumed = set(), {}  # layers SparseGPT updated; weights to restore on resume
         self.expert_tokens: dict[str, int] = {}            # expert name -> calibration tokens routed to it
         self._captured, self._capture_handles = {}, []
 
     layers = property(lambda self: self.t.layers)  # name -> targeted nn.Linear
+    pruned_weights = property(lambda self: {n: self.layers[n].weight.detach().cpu() for n in sorted(self.updated)})
+    _routed = lambda self, name: routed_tokens(self.t.experts, name)  # noqa: E731 - an MoE expert's token rows
 
     @override
     def setup(self, trainer, pl_module, stage=None) -> None:
@@ -82,11 +81,15 @@ class PruneCallback(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         """Find the layers once the model exists (configure_model), before any calibration work."""
         self.t = find_targets(pl_module.model, self.targets, self.ignore, self.n_m, self.pruner.statistic and self.method)
-        if self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
-            trainer.fit_loop.max_epochs = len(self.t.block_layers) + self.offset
+        if self.cached:  # one epoch (s̄, the recorded batches), then block by block from cached inputs at its end
+            self.uniform = uniform_block_calls(pl_module, self.eager)  # every block called with block 0's arguments
+            trainer.fit_loop.max_epochs = 1
+        elif self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
+            trainer.fit_loop.max_epochs = len(self.t.block_layers)
         if self.sums is None:
             self.sums = SlotSums(self.reduction_slots)
-        reapply(self.layers, self.masks, self.pruned_weights)  # resumed: restore the layers pruned before
+        reapply(self.layers, self.masks, self._resumed)  # resumed: restore the layers pruned before
+        self.updated, self._resumed = self.updated | set(self._resumed), {}  # (the layers hold them now)
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:
@@ -95,39 +98,33 @@ class PruneCallback(Callback):
             self.masks = load_masks(self.masks_from, self.layers)
 
     def _active_layers(self, epoch: int) -> list[str]:
-        if self.masks_from or not self.pruner.statistic or epoch < self.offset:  # (epoch 0 may be the s̄ epoch)
+        if self.masks_from or not self.pruner.statistic or self.cached:
             return []
         if self.mode == "sequential":
-            block = epoch - self.offset
-            return self.t.block_layers[block] if block < len(self.t.block_layers) else []
+            return self.t.block_layers[epoch] if epoch < len(self.t.block_layers) else []
         return list(self.layers)
 
-    def wants_sink_scores(self, epoch: int) -> bool:
-        """SinkStatsCallback skips its probed forward when no consumer needs the scores (clean-input block epochs
-        after the first; the first still records the sink diagnostics)."""
+    def wants_sink_scores(self, epoch: int) -> bool:  # SinkStatsCallback skips its probe when no consumer wants them
         return epoch == 0 or self.pruner.inputs == "noised"
 
     @override
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.single_pass and self.pruner.weighting.sink_aware and self.pruner.inputs == "noised":
-            # Capture the inputs of SinkStatsCallback's probed forward (bit-identical to a plain one); in sequential
-            # mode too: the probed forward runs the same partly pruned model, so block i's inputs are the same bits.
+            # Capture the inputs of SinkStatsCallback's probed forward (bit-identical to a plain one; sequential too)
             self._captured = {}
             self._capture_handles = [self.layers[n].register_forward_hook(
                 lambda mod, inp, out, n=n: self._captured.__setitem__(n, (inp[0].detach(), self._routed(n))))
                 for n in self._active_layers(trainer.current_epoch)]
 
     def on_noised_batch(self, trainer, pl_module, nb: NoisedBatch) -> None:
-        if trainer.current_epoch < self.offset and not self.masks_from:
-            self.mean_scores.add(nb, self.seen, self.method)
+        if self.cached:  # the work happens at the epoch's end (calibrate_from_cache)
+            self.recorded.record(nb, self.pruner.inputs == "clean")
+            if self.offset:
+                self.mean_scores.add(nb, self.seen, self.method)
             return
         names = self._active_layers(trainer.current_epoch)
         if not names:
             return
-        if self.pruner.inputs == "clean":
-            if nb.step != 0:  # clean inputs: one pass per sample, not one per timestep
-                return
-            nb = self.mean_scores.clean_batch(nb, self.pruner.mean_scores and self.pruner.weighting.sink_aware, self.flavor)
         if self.pruner.weighting.sink_aware and nb.sink_scores is None:
             raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")
         epoch = trainer.current_epoch
@@ -142,16 +139,10 @@ class PruneCallback(Callback):
         self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids if sid >= 0)
 
     def _forward_and_accumulate(self, trainer, pl_module, nb, names, fresh) -> None:
-        # sequential: blocks after the one being calibrated are not needed yet; one-shot: nothing after the last target
-        last = self.t.block_modules[trainer.current_epoch - self.offset] if self.mode == "sequential" else self.t.block_modules[-1]
-        hooked_forward(pl_module, self.layers, names,
-                       lambda n, x: accumulate(self.pruner, self.sums, n, x, self._routed(n), nb, fresh),
-                       nb.input_ids, nb.attention_mask, last, self.eager)
-
-    def _routed(self, name: str) -> torch.Tensor | None:
-        """For a Linear inside an MoE expert, called from its hook: the flat [B·L] token index of each input row."""
-        expert = self.t.experts.get(name)
-        return None if expert is None else moe.checked_tokens(expert[1], name)
+        # sequential: the blocks after the one being calibrated are not needed yet; one-shot: none after the last target
+        last = self.t.block_modules[trainer.current_epoch if self.mode == "sequential" else -1]
+        add = lambda n, x: accumulate(self.pruner, self.sums, n, x, self._routed(n), nb, fresh)  # noqa: E731
+        hooked_forward(pl_module, self.layers, names, add, nb.input_ids, nb.attention_mask, last, self.eager)
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -159,40 +150,50 @@ class PruneCallback(Callback):
             h.remove()
         self._capture_handles, self._captured = [], {}
         epoch = trainer.current_epoch
-        if epoch < self.offset and not self.masks_from:  # every rank gets every sample's s̄
+        if self.masks_from or (epoch > 0 and not (self.mode == "sequential" and self.pruner.statistic)):
+            return
+        if self.cached:
+            return self._from_cache(pl_module)
+        self._solve(self._active_layers(epoch) if self.pruner.statistic else list(self.layers))
+
+    def _from_cache(self, pl_module) -> None:
+        batches = self.recorded.noised_batches(pl_module.device)
+        if self.offset:  # every rank gets every sample's s̄
             self.mean_scores.gather()
-            return
-        if self.masks_from or (epoch > self.offset and not (self.mode == "sequential" and self.pruner.statistic)):
-            return
-        names = self._active_layers(epoch) if self.pruner.statistic else list(self.layers)
+            batches = [self.mean_scores.with_mean(nb, self.flavor) for nb in batches]
+        on_input = lambda n, x, nb: accumulate(self.pruner, self.sums, n, x, self._routed(n), nb)  # noqa: E731
+        with phase("calibrating block by block"):
+            calibrate_from_cache(pl_module, self.t, batches, on_input, self._solve, self.eager,
+                                 self.mode == "sequential", self.uniform)
+
+    def _solve(self, names: list[str]) -> None:
+        """Solve and apply the masks of `names` from the sums (collective), then empty the sums."""
         t0 = time.time()
         if self.pruner.statistic:
-            count_expert_tokens(self.sums, self.t.experts, names, self.expert_tokens, len({s for _, s, _ in self.seen}))
+            samples = len({s for _, s, _ in self.seen} | self.recorded.ids)
+            count_expert_tokens(self.sums, self.t.experts, names, self.expert_tokens, samples)
         with torch.no_grad(), phase("computing the masks"):
             for name in names:
-                self._prune_layer(name)
+                stat = self.sums.take(name) if self.pruner.statistic else None  # its slots freed before the solve
+                self.masks[name], new_weight, info = solve_layer(self.pruner, name, self.layers[name].weight, stat)
+                if new_weight is not None:
+                    self.updated.add(name)
+                    self.info.setdefault("sparsegpt", {})[name] = info
         self.sums.clear()
         self.info["timings"]["prune_s"] = self.info["timings"].get("prune_s", 0.0) + time.time() - t0
-
-    def _prune_layer(self, name: str) -> None:
-        stat = self.sums.total(name) if self.pruner.statistic else None
-        mask, new_weight, info = solve_layer(self.pruner, name, self.layers[name].weight, stat)
-        self.masks[name] = mask
-        if new_weight is not None:
-            self.pruned_weights[name] = new_weight
-            self.info.setdefault("sparsegpt", {})[name] = info
 
     @override
     def state_dict(self) -> dict:
         return {"masks": self.masks, "sums": self.sums.state_dict() if self.sums else None,
                 "seen": sorted(self.seen), "pruned_weights": self.pruned_weights, "expert_tokens": self.expert_tokens,
-                "mean_scores": self.mean_scores.sums}
+                "mean_scores": self.mean_scores.sums, "recorded": self.recorded.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
-        self.masks, self.pruned_weights = state_dict.get("masks", {}), state_dict.get("pruned_weights", {})
+        self.masks, self._resumed, self.expert_tokens, self.mean_scores.sums = (
+            state_dict.get(k, {}) for k in ("masks", "pruned_weights", "expert_tokens", "mean_scores"))
         self.seen = {tuple(k) for k in state_dict.get("seen", [])}
-        self.expert_tokens, self.mean_scores.sums = state_dict.get("expert_tokens", {}), state_dict.get("mean_scores", {})
+        self.recorded.load_state_dict(state_dict.get("recorded", {}))
         if state_dict.get("sums") is not None:
             self.sums = SlotSums(self.reduction_slots)
             self.sums.load_state_dict(state_dict["sums"])

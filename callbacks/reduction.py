@@ -79,6 +79,12 @@ class SlotSums:
             out = buf.to(torch.float64) if out is None else out + buf
         return out
 
+    def take(self, key: str) -> torch.Tensor | None:
+        """total(key), then the key's slots are freed (collective)."""
+        out = self.total(key)
+        self.sums.pop(key, None)
+        return out
+
     def clear(self) -> None:
         self.sums.clear()
 

@@ -1,18 +1,30 @@
-"""The reference flavour's calibration schedule: each sample's sink scores averaged over the timesteps (s̄),
-collected in a first epoch, then clean (un-noised) inputs carrying s̄ in the layer-sequential block epochs."""
+"""How the calibration passes run: the hooked forward (PruneCallback's own, when it cannot reuse the probe's), the
+compile stance it runs in, and each sample's sink scores averaged over the timesteps (s̄, the reference's
+SparseGPT), collected in the calibration epoch for the passes from cached block inputs (callbacks/cached.py)."""
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
 from callbacks.reduction import gather_records
-from pipeline.model.calibration import NoisedBatch
+from pipeline.maths.attention import force_eager
+from pipeline.model.calibration import NoisedBatch, forward_through_blocks
 
 
 class MeanSinkScores:
-    """sample id -> [Σ_t s_t (float32 [L]), number of timesteps], summed in the timesteps' order (as the reference)."""
+    """sample id -> [Σ_t term(s_t) (float32 [L]), number of timesteps], summed in the timesteps' order (as the
+    reference).  term and the mean are the pruner's (`score_term`, `mean_score`): s and Σ/n for the reference."""
 
-    def __init__(self):
+    def __init__(self, pruner=None):
         self.sums: dict[int, list] = {}
+        self.pruner = pruner  # (kept, not its methods: the callback must pickle for DDP spawn)
+
+    def term(self, scores: torch.Tensor) -> torch.Tensor:
+        return self.pruner.score_term(scores) if hasattr(self.pruner, "score_term") else scores
+
+    def mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
+        return self.pruner.mean_score(total, count) if hasattr(self.pruner, "mean_score") else total / count
 
     def add(self, nb: NoisedBatch, seen: set, method: str) -> None:
         if nb.sink_scores is None:
@@ -20,7 +32,7 @@ class MeanSinkScores:
         for b, sid in enumerate(nb.sample_ids):
             if sid < 0 or (0, sid, nb.step) in seen:
                 continue
-            scores = nb.sink_scores[b].detach().float().cpu()
+            scores = self.term(nb.sink_scores[b].detach().float().cpu())
             if sid in self.sums:
                 self.sums[sid][0] = self.sums[sid][0] + scores
                 self.sums[sid][1] += 1
@@ -32,16 +44,36 @@ class MeanSinkScores:
         """Every rank gets every sample's s̄ (collective)."""
         self.sums = {int(k): v for k, v in gather_records(self.sums).items()}
 
-    def clean_batch(self, nb: NoisedBatch, with_scores: bool, flavor: str) -> NoisedBatch:
-        """The clean text x_0 of the batch, carrying s̄ when the pruner weights by it."""
-        scores = None
-        if with_scores:
-            missing = [sid for sid in nb.sample_ids if sid >= 0 and sid not in self.sums]
-            if missing:
-                raise RuntimeError(f"prune flavor={flavor}: no mean sink scores for samples {missing[:4]}; "
-                                   "the first (scores) epoch must see every calibration sample")
-            length = nb.clean_ids.shape[1]
-            scores = torch.stack([self.sums[sid][0] / self.sums[sid][1] if sid >= 0 else torch.zeros(length)
-                                  for sid in nb.sample_ids]).to(nb.clean_ids.device)
-        return NoisedBatch(nb.clean_ids, nb.clean_ids, torch.zeros_like(nb.masked), 0.0, nb.step, nb.sample_ids,
-                           nb.attention_mask, sink_scores=scores)
+    def with_mean(self, nb: NoisedBatch, flavor: str) -> NoisedBatch:
+        """The batch carrying each sample's s̄ as its sink scores (zeros for DDP padding)."""
+        missing = [sid for sid in nb.sample_ids if sid >= 0 and sid not in self.sums]
+        if missing:
+            raise RuntimeError(f"prune flavor={flavor}: no mean sink scores for samples {missing[:4]}; "
+                               "the calibration epoch must see every calibration sample")
+        length = nb.input_ids.shape[1]
+        scores = torch.stack([self.mean(*self.sums[sid]) if sid >= 0 else torch.zeros(length) for sid in nb.sample_ids])
+        return NoisedBatch(nb.input_ids, nb.clean_ids, nb.masked, nb.t, nb.step, nb.sample_ids, nb.attention_mask,
+                           sink_scores=scores.to(nb.input_ids.device))
+
+
+@contextmanager
+def eager_stance(on: bool):
+    """torch.compile's "force_eager" stance while inside (when `on`): a compiled SDPA runs its Python, no compile."""
+    stance = force_eager() if on else None
+    try:
+        yield
+    finally:
+        if stance is not None:
+            stance.__exit__(None, None, None)
+
+
+def hooked_forward(pl_module, layers: dict, names: list[str], on_input, input_ids, attention_mask, stop_after,
+                   eager: bool) -> None:
+    """One calibration forward up to `stop_after` with on_input(name, x) called on every named layer's input."""
+    handles = [layers[n].register_forward_hook(lambda mod, inp, out, n=n: on_input(n, inp[0].detach())) for n in names]
+    try:
+        with eager_stance(eager):
+            forward_through_blocks(pl_module, input_ids, attention_mask, stop_after=stop_after)
+    finally:
+        for h in handles:
+            h.remove()

@@ -273,3 +273,172 @@ def test_reference_baselines_run(tmp_path, method):
     _, prune, _ = _run(method, tmp_path)
     sparsity = sum(int(m.sum()) for m in prune.masks.values()) / sum(m.numel() for m in prune.masks.values())
     assert abs(sparsity - 0.5) < 0.01  # block-wise / layer-wise thresholds: rows vary, the total does not
+
+
+# --- calibration from cached block inputs (callbacks/cached.py) against full forwards from the embeddings -----------
+
+def _uncached_reference(method, prune, mode="sequential", inputs=None):
+    """What the flavour computed before the block-input cache: for each block, a hooked full forward of every clean
+    window from the embeddings (through the blocks already pruned), the same pruner, slots and solve; one-shot: every
+    layer from the dense model.  `inputs`: [(sample id, ids)] in dispatch order (default: the clean windows).
+    Returns (masks, pruned weights)."""
+    from callbacks.layers import accumulate, solve_layer
+    from callbacks.reduction import SlotSums
+    from callbacks.schedule import hooked_forward
+    from pipeline.model.calibration import NoisedBatch
+
+    module = DLMModule(pretrained="tiny-llada", timesteps=TIMESTEPS, seed=0)
+    module.configure_model()
+    module.model.eval()
+    pruner = prune.pruner
+    modules = dict(module.model.named_modules())
+    blocks = [(b, [n for n in prune.masks if n.startswith(p + ".")]) for p, b in find_blocks(module.model)]
+    passes = blocks if mode == "sequential" else [(blocks[-1][0], [n for _, ns in blocks for n in ns])]
+    masks, weights = {}, {}
+    for stop, names in passes:
+        sums = SlotSums(8)
+        for sid, ids in inputs or [(i, w[None]) for i, w in enumerate(_windows())]:
+            scores = None
+            if pruner.mean_scores:
+                total, count = prune.mean_scores.sums[sid]
+                scores = (total / count)[None]
+            nb = NoisedBatch(ids, ids, torch.zeros_like(ids, dtype=torch.bool), 0.0, 0, [sid], None, sink_scores=scores)
+            with torch.no_grad():
+                add = lambda n, x, nb=nb: accumulate(pruner, sums, n, x, None, nb, [True])  # noqa: E731
+                hooked_forward(module, modules, names, add, ids, None, stop, True)
+        with torch.no_grad():
+            for n in names:
+                masks[n], weights[n], _ = solve_layer(pruner, n, modules[n].weight, sums.total(n))
+    return masks, weights
+
+
+def _items():
+    return [{"input_ids": w, "index": i, "keep": torch.zeros_like(w, dtype=torch.bool)} for i, w in enumerate(_windows())]
+
+
+class _PerBlockArguments(PruneCallback):
+    """Forces the path for models whose blocks take different arguments: each block's own, captured per batch."""
+
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        self.uniform = False
+
+
+@pytest.mark.parametrize("method", ["sink_sparsegpt", "wanda"])
+def test_cached_block_inputs_are_bit_identical_to_full_forwards(tmp_path, method):
+    _, prune, recorder = _run(method, tmp_path)
+    assert prune.cached and prune.uniform and len(recorder.batches) == NSAMPLES * TIMESTEPS  # one epoch
+    masks, weights = _uncached_reference(method, prune)
+    assert set(masks) == set(prune.masks)
+    for n in masks:
+        assert torch.equal(masks[n], prune.masks[n]), n
+        if method == "sink_sparsegpt":
+            assert torch.equal(weights[n], prune.pruned_weights[n]), n
+    # the per-block-arguments path (models whose blocks are called differently) gives the same bits
+    import lightning as L
+
+    module = DLMModule(pretrained="tiny-llada", timesteps=TIMESTEPS, seed=0)
+    other = _PerBlockArguments(method=method, sparsity=0.5, flavor="reference")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "b"),
+                        callbacks=[SinkStatsCallback(record=False, heatmap=False), other])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_items(), batch_size=1))
+    assert not other.uniform and all(torch.equal(other.masks[n], prune.masks[n]) for n in masks)
+
+
+def test_cached_one_shot_is_bit_identical_to_a_dense_forward(tmp_path):
+    """A clean-input flavour in one-shot mode: every layer's statistic from the dense model, one pass per block."""
+    from pipeline.maths.pruners import FLAVORS, ReferenceSinkSparseGPT
+
+    class OneShot(ReferenceSinkSparseGPT):
+        mode = "oneshot"
+
+    FLAVORS[("sink_sparsegpt", "test-one-shot")] = OneShot
+    try:
+        module = DLMModule(pretrained="tiny-llada", timesteps=TIMESTEPS, seed=0)
+        prune = PruneCallback(method="sink_sparsegpt", sparsity=0.5, flavor="test-one-shot")
+        import lightning as L
+
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                            callbacks=[SinkStatsCallback(record=False, heatmap=False), prune])
+        loader = torch.utils.data.DataLoader(_items(), batch_size=1)
+        trainer.fit(module, train_dataloaders=loader)
+    finally:
+        del FLAVORS[("sink_sparsegpt", "test-one-shot")]
+    assert prune.mode == "oneshot" and prune.cached
+    masks, weights = _uncached_reference("sink_sparsegpt", prune, mode="oneshot")
+    assert all(torch.equal(masks[n], prune.masks[n]) for n in masks)
+    assert all(torch.equal(weights[n], prune.pruned_weights[n]) for n in masks)
+
+
+def test_reference_flavor_two_processes_equal_one(tmp_path):
+    """flavor=reference sink SparseGPT from cached block inputs under DDP (uneven shards): the masks of 1 process."""
+    from safetensors.torch import load_file
+
+    from tests.runs import run_cli, tiny_config
+
+    masks = []
+    for devices in (1, 2):
+        root = tmp_path / f"d{devices}"
+        trainer = {"devices": devices, **({"strategy": "calibration_ddp_spawn"} if devices > 1 else {})}
+        config = tiny_config(root, method="sink_sparsegpt", nsamples=5, prune_args={"flavor": "reference"},
+                             trainer_args=trainer)
+        proc = run_cli(config, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        masks.append(load_file(str(root / "pruned" / "masks.safetensors")))
+    assert masks[0].keys() == masks[1].keys() and len(masks[0]) == 36
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+
+
+def test_reference_flavor_resumes_mid_epoch_to_the_same_masks(tmp_path):
+    """The recorded windows and s̄ sums are checkpointed: interrupted after 2 of 3 batches, resumed, the same masks."""
+    from safetensors.torch import load_file
+
+    from tests.runs import run_inprocess, tiny_config
+
+    args = {"method": "sink_sparsegpt", "nsamples": 6, "prune_args": {"flavor": "reference"}}
+    code, err = run_inprocess(tiny_config(tmp_path / "whole", **args), tmp_path)
+    assert code == 0, err[-2000:]
+    root = tmp_path / "resumed"
+    config = tiny_config(root, **args)
+    ckpt = {"class_path": "callbacks.checkpoint.CalibrationCheckpoint", "init_args": {"dirpath": str(root / "ckpt")}}
+    stop = {"class_path": "tests.test_resume.InterruptAfter", "init_args": {"batches": 2}}
+    with_callbacks = lambda *extra: {**config, "trainer": {**config["trainer"],  # noqa: E731
+                                                           "callbacks": config["trainer"]["callbacks"] + list(extra)}}
+    code, _ = run_inprocess(with_callbacks(ckpt, stop), tmp_path)
+    assert code != 0
+    state = torch.load(root / "ckpt" / "last.ckpt", weights_only=False)
+    prune_state = next(v for k, v in state["callbacks"].items() if "PruneCallback" in k)
+    assert len(prune_state["recorded"]["batches"]) == 2 and len(prune_state["mean_scores"]) == 4  # 2 batches of 2
+    code, err = run_inprocess(with_callbacks(ckpt), tmp_path, "--ckpt_path", str(root / "ckpt" / "last.ckpt"))
+    assert code == 0, err[-2000:]
+    whole, resumed = (load_file(str(r / "pruned" / "masks.safetensors")) for r in (tmp_path / "whole", root))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_cached_noised_inputs_with_mean_scores_are_bit_identical(tmp_path):
+    """A pruner with s̄ on noised inputs (the ablation's row 4): every (window, timestep) recorded, then block by block
+    from cached inputs, the same bits as full forwards of those x_t."""
+    from pipeline.maths.pruners import FLAVORS, ReferenceSinkSparseGPT
+
+    class Noised(ReferenceSinkSparseGPT):
+        inputs = "noised"
+
+    FLAVORS[("sink_sparsegpt", "test-noised")] = Noised
+    try:
+        import lightning as L
+
+        module = DLMModule(pretrained="tiny-llada", timesteps=TIMESTEPS, seed=0)
+        prune, recorder = PruneCallback(method="sink_sparsegpt", sparsity=0.5, flavor="test-noised"), Recorder()
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                            callbacks=[SinkStatsCallback(record=False, heatmap=False), prune, recorder])
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_items(), batch_size=1))
+    finally:
+        del FLAVORS[("sink_sparsegpt", "test-noised")]
+    assert prune.cached and len(prune.recorded.batches) == NSAMPLES * TIMESTEPS
+    noised = [(sids[0], ids) for sids, ids, _, _ in recorder.batches]
+    masks, weights = _uncached_reference("sink_sparsegpt", prune, inputs=noised)
+    assert all(torch.equal(masks[n], prune.masks[n]) for n in masks)
+    assert all(torch.equal(weights[n], prune.pruned_weights[n]) for n in masks)

@@ -63,7 +63,7 @@ class Pruner:
     flavor = "default"
     mode: str | None = None       # the calibration mode the flavour imposes (None: PruneCallback's `mode`)
     inputs = "noised"             # "noised": x_t at every timestep; "clean": x_0, once per sample
-    mean_scores = False           # True: a first epoch averages each sample's sink scores over the timesteps
+    mean_scores = False           # True: the calibration epoch averages each sample's sink scores over the timesteps
 
     def __init__(self, sparsity: float | None, n_m: tuple[int, int] | None, weighting: PlainWeighting | None = None,
                  blocksize: int = 128, percdamp: float = 0.01, use_variant: bool = False):
@@ -123,8 +123,10 @@ class SparseGPT(Pruner):
 
 # --- flavor="reference": what github.com/VILA-Lab/Sink-Aware-Pruning computes (docs/reference.md) -------------
 # A flavour also says how PruneCallback calibrates it: `mode` (None: the user's), `inputs` ("noised" x_t at every
-# timestep, or "clean" x_0 once per sample) and `mean_scores` (a first epoch that averages each sample's sink
-# scores over the timesteps, s̄, before the block epochs that weight the clean inputs by 1 − s̄).
+# timestep, or "clean" x_0 once per sample) and `mean_scores` (the calibration epoch averages each sample's sink
+# scores over the timesteps, s̄, which then weights the inputs by 1 − s̄).  Clean inputs, or s̄, need nothing of
+# the partly pruned model: PruneCallback then calibrates block by block from cached block inputs
+# (callbacks/cached.py).
 
 class ReferenceMagnitude(Pruner):
     """The reference's `prune_magnitude`: one |W| threshold per layer (rows vary); N:M per group."""
@@ -169,17 +171,28 @@ class ReferenceSparseGPT(SparseGPT):
     """The reference's `prune_sparsegpt`: clean windows, layer-sequential, unstructured masks with one threshold
     per 128-column block over all rows (its `fasterprune`); damping percdamp · mean diag."""
     flavor, mode, inputs = "reference", "sequential", "clean"
+    threshold = "block"  # sparsegpt_prune's unstructured rule ("row": the same count from every row)
 
     def solve(self, weight, stat):
         new_weight, mask, info = sp.sparsegpt_prune(weight, stat.to(weight.device), sparsity=self.sparsity, n_m=self.n_m,
-                                                    blocksize=self.blocksize, percdamp=self.percdamp, threshold="block")
+                                                    blocksize=self.blocksize, percdamp=self.percdamp,
+                                                    threshold=self.threshold)
         return PruneResult(mask, new_weight, info)
 
 
 class ReferenceSinkSparseGPT(ReferenceSparseGPT):
-    """The reference's `prune_sink_sparsegpt`: s̄ = each sample's sink scores averaged over the timesteps (first
-    epoch), then ReferenceSparseGPT with H from the clean inputs weighted by 1 − s̄."""
+    """The reference's `prune_sink_sparsegpt`: s̄ = each sample's sink scores averaged over the timesteps (collected
+    in the calibration epoch), then ReferenceSparseGPT with H from the clean inputs weighted by 1 − s̄.  The average
+    is Σ_t score_term(s_t) / n turned into a score by mean_score (the reference: s itself and the plain mean)."""
     mean_scores = True
+
+    @staticmethod
+    def score_term(scores: torch.Tensor) -> torch.Tensor:
+        return scores
+
+    @staticmethod
+    def mean_score(total: torch.Tensor, count: int) -> torch.Tensor:
+        return total / count
 
 
 FLAVORS: dict[tuple[str, str], type[Pruner]] = {

@@ -1,0 +1,156 @@
+"""Calibration from cached block inputs: the statistics of block i come from running block i alone on the outputs
+of block i − 1 (pruned, when layer-sequential), kept in memory, instead of a forward from the embeddings.
+
+Layer-sequential: one stats pass and one output pass per block and batch (2·L block passes instead of L(L+1)/2), the
+same calls with the same arguments as the full forward, so the same bits (tests/test_reference_flavor.py).  Used when
+the statistics do not need sink scores of the partly pruned model: clean inputs (flavor=reference) and pruners whose
+scores are each sample's timestep mean s̄ from the dense model.  The batches are kept as token ids (checkpointable);
+the block inputs exist only inside `calibrate_from_cache`.  Assumed, as by SparseGPT's and the reference's own
+"Catcher": the model calls its blocks one after another, each on the previous block's output; when the blocks get
+different arguments besides the hidden states (checked once per run), each block's own arguments are captured.
+"""
+from __future__ import annotations
+
+import torch
+
+from callbacks.schedule import eager_stance
+from pipeline.model.calibration import NoisedBatch, StopForward, find_blocks, forward_through_blocks
+
+_CACHE_KEYS = ("layer_past", "past_key_value", "past_key_values")  # a block must not write into a shared KV cache
+
+
+class RecordedBatches:
+    """The calibration epoch's inputs as token ids, in dispatch order, each (sample, step) once (a resumed run replays
+    none): the clean windows once per sample (`clean`), or the noised x_t of every timestep."""
+
+    def __init__(self):
+        self.batches: list[tuple[list[int], torch.Tensor, torch.Tensor | None, int]] = []  # (ids, tokens, mask, step)
+        self.keys: set[tuple[int, int]] = set()
+
+    ids = property(lambda self: {sid for sid, _ in self.keys})
+
+    def record(self, nb: NoisedBatch, clean: bool) -> None:
+        if clean and nb.step != 0:
+            return
+        step = 0 if clean else nb.step
+        fresh = [sid if sid >= 0 and (sid, step) not in self.keys else -1 for sid in nb.sample_ids]
+        if any(sid >= 0 for sid in fresh):
+            mask = None if nb.attention_mask is None else nb.attention_mask.detach().cpu()
+            self.batches.append((fresh, (nb.clean_ids if clean else nb.input_ids).detach().cpu(), mask, step))
+            self.keys.update((sid, step) for sid in fresh if sid >= 0)
+
+    def noised_batches(self, device) -> list[NoisedBatch]:
+        """One NoisedBatch per record (samples counted before a resume carry id −1: skipped); `masked` is not kept."""
+        out = []
+        for sids, ids, mask, step in self.batches:
+            ids = ids.to(device)
+            out.append(NoisedBatch(ids, ids, torch.zeros_like(ids, dtype=torch.bool), 0.0, step, sids,
+                                   None if mask is None else mask.to(device)))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = list(state.get("batches", []))
+        self.keys = {(sid, step) for sids, _, _, step in self.batches for sid in sids if sid >= 0}
+
+
+def _hidden(call: tuple[list, dict]) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(call: tuple[list, dict], hidden: torch.Tensor) -> tuple[list, dict]:
+    args, kwargs = call
+    return ([hidden, *args[1:]], kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+
+def _run(block, call: tuple[list, dict], hidden: torch.Tensor) -> torch.Tensor:
+    """The block's output hidden states for `call`'s arguments with `hidden` as its input."""
+    args, kwargs = _with_hidden(call, hidden)
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def block_calls(pl_module, input_ids, attention_mask=None, blocks=None) -> list[tuple[list, dict]]:
+    """The (args, kwargs) each of `blocks` (default: the first only) is called with in one forward of `input_ids`;
+    the forward stops before the last of them runs.  KV caches are dropped (None) from the arguments."""
+    model_blocks = [b for _, b in find_blocks(pl_module.model)]
+    blocks = blocks or model_blocks[:1]
+    calls: dict[int, tuple[list, dict]] = {}
+
+    def catch(module, args, kwargs):
+        kwargs = {k: (None if k in _CACHE_KEYS else False if k == "use_cache" else v) for k, v in kwargs.items()}
+        calls[id(module)] = (list(args), kwargs)
+        if module is blocks[-1]:
+            raise StopForward()
+
+    handles = [b.register_forward_pre_hook(catch, with_kwargs=True) for b in blocks]
+    try:
+        forward_through_blocks(pl_module, input_ids, attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return [calls[id(b)] for b in blocks]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # noqa: BLE001 - an incomparable object: treat as different (the uncached path runs)
+        return False
+
+
+def uniform_block_calls(pl_module, eager: bool = True) -> bool:
+    """True when every block is called with the same arguments besides the hidden states (one short dense
+    forward): then block i can run from block i−1's cached outputs."""
+    blocks = [b for _, b in find_blocks(pl_module.model)]
+    ids = torch.full((1, 8), int(pl_module.mask_token_id), dtype=torch.long, device=pl_module.device)
+    with torch.no_grad(), eager_stance(eager):
+        calls = block_calls(pl_module, ids, None, blocks)
+    def rest(call):  # everything but the hidden states
+        return call[0][1:], {k: v for k, v in call[1].items() if k != "hidden_states"}
+
+    return all(len(c[0]) == len(calls[0][0]) and _same(rest(c), rest(calls[0])) for c in calls[1:])
+
+
+def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_input, solve, eager: bool,
+                         sequential: bool = True, uniform: bool = True) -> None:
+    """Calibrate on `batches` block by block from cached block inputs.  For each block that holds targets, one hooked
+    pass over every batch (on_input(name, x, nb)); sequential: then solve(names) prunes them in place and one pass
+    of the pruned block gives the next block's inputs; one-shot: the hooked (dense) pass gives them and solve(all)
+    runs at the end.  `uniform`: every block takes block 0's arguments (else each block's own are captured)."""
+    blocks = [b for _, b in find_blocks(pl_module.model)]
+    per_block = {id(b): names for b, names in zip(targets.block_modules, targets.block_layers)}
+    last = max(i for i, b in enumerate(blocks) if id(b) in per_block)
+    with torch.no_grad(), eager_stance(eager):
+        calls = [block_calls(pl_module, nb.input_ids, nb.attention_mask, None if uniform else blocks[:last + 1])
+                 for nb in batches]
+        hidden = [_hidden(c[0]) for c in calls]
+        calls = [[_with_hidden(c, None) for c in cs] for cs in calls]  # the hidden states live in `hidden` only
+        for i, block in enumerate(blocks[:last + 1]):
+            names = per_block.get(id(block), [])
+            run = lambda j: _run(block, calls[j][0 if uniform else i], hidden[j])  # noqa: B023 - called in this loop
+            for j, nb in enumerate(batches if names or not sequential else ()):
+                handles = [targets.layers[n].register_forward_hook(
+                    lambda m, inp, out, n=n, nb=nb: on_input(n, inp[0].detach(), nb)) for n in names]
+                try:
+                    out = run(j)  # sequential: the outputs of the not yet pruned block are not needed
+                finally:
+                    for h in handles:
+                        h.remove()
+                if not sequential:
+                    hidden[j] = out
+            if sequential and names:
+                solve(names)
+            for j in range(len(batches)) if sequential and i < last else ():
+                hidden[j] = run(j)
+    if not sequential:
+        solve(list(targets.layers))

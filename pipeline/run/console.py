@@ -117,8 +117,9 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def track(iterable, description: str, total: int | None = None, unit: str = "items"):
-    """A rich progress bar (phase, items, elapsed, ETA) on rank zero; the phase's time goes to phase_timings()."""
+def track(iterable, description: str, total: int | None = None, unit: str = "items", record: bool = True):
+    """A rich progress bar (phase, items, elapsed, ETA) on rank zero; the phase's time goes to phase_timings()
+    unless record=False (the caller records it)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     start = time.time()
@@ -137,7 +138,8 @@ def track(iterable, description: str, total: int | None = None, unit: str = "ite
         for item in iterable:
             yield item
             progress.advance(task)
-    record_time(description, time.time() - start)
+    if record:
+        record_time(description, time.time() - start)
 
 
 @contextmanager

@@ -144,11 +144,16 @@ def track(iterable, description: str, total: int | None = None, unit: str = "ite
 
 @contextmanager
 def status(message: str, when=lambda: True):
-    """A spinner with `message` on rank zero while a step without countable items runs (only if when())."""
+    """A spinner with `message` and the elapsed time on rank zero while a step without countable items runs
+    (only if when())."""
     if not is_rank_zero() or not when():
         yield
         return
-    with _console().status(message):
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_console(),
+                  transient=True) as progress:
+        progress.add_task(message, total=None)
         yield
 
 

@@ -5,18 +5,17 @@ List it after PruneCallback.  Without a PruneCallback it only scores the dense m
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from typing_extensions import override
 
 from callbacks.prune import PruneCallback
-from pipeline.run.outputs import AtomicDir, prepare_output_dir, run_metadata
+from callbacks.reduction import gather_records
+from pipeline.run.outputs import prepare_output_dir, run_metadata, save_pruned
 from pipeline.run.phase import phase
 from pipeline.evaluation.report import sparsity_report
 from pipeline.evaluation.scoring import paired_results
@@ -93,7 +92,7 @@ class EvaluateExportCallback(Callback):
             t0 = time.time()
             with phase("scoring the dense model on held-out text"):
                 self.dense["heldout"] = pl_module.score_heldout("dense: held-out text")
-            self.dense_windows = dict(getattr(pl_module, "heldout_windows", {}))
+            self.dense_windows = gather_records(getattr(pl_module, "heldout_windows", {}))  # every rank's windows
             self.timings["dense_score_s"] = time.time() - t0
         if "heldout" in self.dense and (cached is not None or "dense_score_s" in self.timings):
             r = self.dense["heldout"]
@@ -122,7 +121,7 @@ class EvaluateExportCallback(Callback):
         pruned = self._score_pruned(pl_module, timings)
         results.update({"dense": dict(self.dense), "pruned": pruned, "timings": timings, "sparsegpt": prune.info.get("sparsegpt", {})})
         results["paired"] = paired_results(self.dense, getattr(self, "dense_windows", {}), pruned,
-                                           getattr(pl_module, "heldout_windows", {}))
+                                           gather_records(getattr(pl_module, "heldout_windows", {})) if self.score else {})
         results["run"] = run_metadata(trainer, pl_module, prune)
         from pipeline.run.console import ordered_phases, phase_timings
 
@@ -130,11 +129,11 @@ class EvaluateExportCallback(Callback):
         self.results = results
         if trainer.is_global_zero:
             self._print(report, pruned, prune.method)
-            t0 = time.time()
-            with phase("saving"):
-                self._save(pl_module, prune, results, self.output_path(trainer))
-            timings["save_s"] = time.time() - t0
-            results["phase_timings"]["saving"] = timings["save_s"]
+            out = self.output_path(trainer)
+            with phase("saving"):  # results.json gets timings.save_s before the folder is renamed into place
+                save_pruned(out, results, prune.masks, pl_module.model if self.save_model else None,
+                            getattr(pl_module, "tokenizer", None), self.overwrite)
+            _say(f"saved pruned model, masks and results to [bold]{out}[/]")
             self._summary(results["phase_timings"])
         if trainer.world_size > 1:
             trainer.strategy.barrier("prune_saved")
@@ -176,18 +175,6 @@ class EvaluateExportCallback(Callback):
 
         kwargs = {"show_progress": "rich", "label": label, **self.eval_kwargs}
         return evaluate_tasks(pl_module.model, pl_module.tokenizer, pl_module.mask_token_id, self.tasks, **kwargs)
-
-    def _save(self, pl_module, prune: PruneCallback, results: dict, out: Path) -> None:
-        from safetensors.torch import save_file
-
-        from pipeline.run import outputs
-
-        with AtomicDir(out, overwrite=self.overwrite) as tmp:
-            save_file({n: m.to(torch.uint8).contiguous() for n, m in prune.masks.items()}, str(tmp / "masks.safetensors"))
-            if self.save_model:
-                outputs.save_model(pl_module.model, getattr(pl_module, "tokenizer", None), tmp / "model")
-            (tmp / "results.json").write_text(json.dumps(results, indent=1, default=str))
-        _say(f"saved pruned model, masks and results to [bold]{out}[/]")
 
     @override
     def state_dict(self) -> dict:

@@ -110,6 +110,12 @@ def test_tiny_run_console_is_quiet(tmp_path):
 
     results = json.loads((tmp_path / "pruned" / "results.json").read_text())
     assert "calibration + pruning" in results["phase_timings"]
+    # the calibration bar names its phase and counts noised windows (2 windows x 2 timesteps), not "Epoch 0"
+    assert "Epoch 0" not in console
+    assert "calibration" in console and "4/4 windows × timesteps" in console
+    assert "saving" in console and "pruned: wiki_cloze_offline" in console
+    # the time spent saving is in results.json (written inside the atomic folder) and in the closing table
+    assert results["timings"]["save_s"] > 0 and results["phase_timings"]["saving"] == results["timings"]["save_s"]
     assert {"delta_nll", "stderr", "windows"} <= set(results["paired"]["heldout"])
     assert "layer" in results["sparsity_report"]["layers"][0] and "." in results["sparsity_report"]["layers"][0]["layer"]
 
@@ -134,3 +140,89 @@ def test_dense_cache_gives_the_same_numbers(tmp_path, monkeypatch):
     first, second = results
     assert "dense_cached" not in first["timings"] and second["timings"]["dense_cached"] is True
     assert first["dense"] == second["dense"] and first["paired"] == second["paired"]
+
+
+def test_sequential_calibration_bar_names_each_block(tmp_path):
+    config = tiny_config(tmp_path, method="sink_sparsegpt", nsamples=2, seqlen=32, timesteps=2,
+                         prune_args={"mode": "sequential", "save_model": False, "score": False, "score_dense": False})
+    done = run_cli(config, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = done.stdout + done.stderr
+    for block in range(1, 7):  # minilm-dlm has 6 blocks: one calibration epoch each
+        assert f"calibration block {block}/6" in console, block
+    assert "Epoch" not in console
+
+
+def test_import_cli_loads_no_heavy_library():
+    """`sinkprune --help` stays fast: importing cli pulls in none of the libraries a run needs."""
+    heavy = ("torch", "lightning", "transformers", "lm_eval", "datasets", "matplotlib", "rich", "gensim", "pipeline.evaluation")
+    done = subprocess.run([sys.executable, "-c", "import cli, sys; print(' '.join(sorted(sys.modules)))"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    loaded = set(done.stdout.split())
+    assert done.returncode == 0 and "cli" in loaded
+    assert not [m for m in loaded if m.split(".")[0] in heavy or m.startswith(heavy)], sorted(loaded)
+
+
+def test_head_only_where_read_gives_the_full_forwards_logits(minilm):
+    import torch
+
+    from pipeline.model.head import logits_at, suffix_logits
+
+    model, tokenizer = minilm
+    ids = torch.randint(1000, 20000, (2, 40), generator=torch.Generator().manual_seed(0))
+    where = torch.zeros(2, 40, dtype=torch.bool)
+    where[0, [3, 17]] = where[1, 39] = True  # 3 chosen: padded to the head's minimum rows, bits unchanged
+    ids[where] = tokenizer.mask_token_id
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        at = logits_at(model, lambda: model(input_ids=ids).logits, where)
+        tail = suffix_logits(model, lambda: model(input_ids=ids).logits, 3)
+    assert at.shape == full.shape and torch.equal(at[where], full[where])
+    assert tail.shape == (2, 3, full.shape[-1]) and torch.allclose(tail, full[:, -3:], atol=1e-4)
+
+
+def test_repeated_noised_rows_run_once_with_the_same_estimate(minilm):
+    import torch
+
+    from pipeline.evaluation.likelihood import TargetLogits, greedy_match, mc_loglikelihood
+
+    model, tokenizer = minilm
+    mask = tokenizer.mask_token_id
+    prompt = torch.tensor([101, *range(2000, 2030)])
+    cache = TargetLogits(model, mask)
+    choices = [torch.tensor([t]) for t in (2100, 2200, 2300, 2400)]  # one-token choices of one question
+    cached = [mc_loglikelihood(model, prompt, c, mask, mc_num=4, batch_size=4, cache=cache,
+                               generator=torch.Generator().manual_seed(1)) for c in choices]
+    assert cache.rows_run == 1  # every draw of every choice is `prompt [MASK]`
+    greedy_match(model, prompt, choices[0], mask, cache=cache)
+    assert cache.rows_run == 1  # the greedy check's all-masked row too
+    with torch.no_grad():  # by hand: the log-probability of each choice at the masked position
+        logp = model(input_ids=torch.tensor([[*prompt.tolist(), mask]])).logits[0, -1].float().log_softmax(-1)
+    assert cached == pytest.approx([float(logp[c]) for c in choices], abs=1e-4)
+    two = torch.tensor([2100, 2200])  # two tokens, 4 stratified draws: k = 1, 1, 2, 2 -> at most 3 distinct rows
+    fresh = TargetLogits(model, mask)
+    value = mc_loglikelihood(model, prompt, two, mask, mc_num=4, batch_size=1, cache=fresh,
+                             generator=torch.Generator().manual_seed(1))
+    assert fresh.rows_run <= 3
+    assert value == pytest.approx(mc_loglikelihood(model, prompt, two, mask, mc_num=4, batch_size=4,
+                                                   generator=torch.Generator().manual_seed(1)), abs=1e-4)
+
+
+def test_ddp_paired_difference_pairs_every_ranks_windows(tmp_path):
+    """Each rank scores its own held-out windows; the paired dense/pruned difference gathers all of them."""
+    import json
+
+    runs = {}
+    for devices in (1, 2):
+        root = tmp_path / f"w{devices}"
+        trainer = {"devices": devices, **({"strategy": "calibration_ddp_spawn"} if devices > 1 else {})}
+        config = tiny_config(root, nsamples=2, seqlen=32, timesteps=2, prune_args={"save_model": False},
+                             trainer_args=trainer)
+        done = run_cli(config, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[devices] = json.loads((root / "pruned" / "results.json").read_text())
+    one, two = runs[1]["paired"]["heldout"], runs[2]["paired"]["heldout"]
+    assert runs[2]["run"]["world_size"] == 2
+    assert one["windows"] == two["windows"] == 4  # tiny_config holds out 4 windows: 2 per rank under DDP
+    assert two["delta_nll"] == pytest.approx(one["delta_nll"], abs=1e-9)
+    assert two["stderr"] == pytest.approx(one["stderr"], abs=1e-9)

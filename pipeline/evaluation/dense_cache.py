@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 SCORING_SOURCES = ("maths/metrics.py", "maths/diffusion.py", "evaluation/harness.py", "evaluation/likelihood.py",
-                   "evaluation/scoring.py", "evaluation/offline_tasks.py", "model/module.py", "model/calibration.py")
+                   "evaluation/scoring.py", "evaluation/offline_tasks.py", "model/module.py", "model/calibration.py",
+                   "model/head.py")
 
 
 def cache_dir() -> Path:

@@ -31,6 +31,8 @@ Requests:
                          seeded by (seed, prompt tokens, continuation length): the same request always gets
                          the same estimate, on any rank or batch, and the choices of one multiple-choice
                          question with equal token length share their masks (paired comparison).
+                         Each distinct noised sequence of a request list is run once (draws and
+                         questions repeat them; likelihood.TargetLogits), the LM head only at the target.
                          is_greedy: `greedy_check` ('single': one fully-masked forward, argmax ==
                          continuation at every position; 'iterative': LLaDA's one-token-per-step decode;
                          'none').  cfg > 0: unsupervised classifier-free guidance, prompt masked
@@ -65,7 +67,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from pipeline.maths.diffusion import config_max_length, hashed_seed
-from pipeline.evaluation.likelihood import greedy_match, mc_loglikelihood
+from pipeline.evaluation.likelihood import TargetLogits, greedy_match, mc_loglikelihood
 from pipeline.evaluation.sampler import diffusion_generate
 from pipeline.run.strategy import dist_ready
 
@@ -288,18 +290,24 @@ class DiffusionLM(LM):
         return keep
 
     # ------------------------------------------------------------------ scoring
-    def score(self, prompt: list[int], target: list[int]) -> tuple[float, bool]:
+    def target_logits(self) -> TargetLogits:
+        """A cache of forwards for one pass over requests (the model does not change during it)."""
+        return TargetLogits(self.model, self.mask_token_id, self.cfg, self._keep_mask(len(self.prefix_ids)))
+
+    def score(self, prompt: list[int], target: list[int], cache: TargetLogits | None = None) -> tuple[float, bool]:
         """(MC log-likelihood, is_greedy) of target token ids after prompt token ids (prefix included)."""
         prompt_t = torch.tensor(prompt, dtype=torch.long)
         target_t = torch.tensor(target, dtype=torch.long)
         generator = torch.Generator().manual_seed(request_seed(self.seed, "ll", tuple(prompt), len(target)))
         keep = self._keep_mask(len(prompt))
+        cache = cache or self.target_logits()
         ll = mc_loglikelihood(
             self.model, prompt_t, target_t, self.mask_token_id, mc_num=self.mc_num,
             batch_size=self.batch_size or self.mc_num, cfg=self.cfg, generator=generator, keep_in_guidance=keep,
+            cache=cache,
         )
         greedy = greedy_match(self.model, prompt_t, target_t, self.mask_token_id, mode=self.greedy_check,
-                              cfg=self.cfg, keep_in_guidance=keep)
+                              cfg=self.cfg, keep_in_guidance=keep, cache=cache)
         return ll, greedy
 
     def _progress(self, requests, desc: str):
@@ -310,18 +318,18 @@ class DiffusionLM(LM):
         return tqdm(requests, desc=desc, disable=not self.show_progress or self.rank != 0)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        results = []
+        results, cache = [], self.target_logits()
         for request in self._progress(requests, "dlm loglikelihood"):
             context, continuation = request.args
             prompt, target = self._fit(*self._encode_pair(context, continuation))
-            result = self.score(prompt, target)
+            result = self.score(prompt, target, cache)
             results.append(result)
             self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
         return results
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         budget = self.max_length - len(self.prefix_ids)
-        results = []
+        results, cache = [], self.target_logits()
         for request in self._progress(requests, "dlm loglikelihood_rolling"):
             (text,) = request.args
             total = 0.0
@@ -331,7 +339,7 @@ class DiffusionLM(LM):
                 total += mc_loglikelihood(
                     self.model, torch.tensor(prompt, dtype=torch.long), torch.tensor(target, dtype=torch.long),
                     self.mask_token_id, mc_num=self.mc_num, batch_size=self.batch_size or self.mc_num,
-                    cfg=self.cfg, generator=generator, keep_in_guidance=self._keep_mask(len(prompt)),
+                    cfg=self.cfg, generator=generator, keep_in_guidance=self._keep_mask(len(prompt)), cache=cache,
                 )
             results.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)

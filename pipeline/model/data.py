@@ -123,6 +123,42 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def corpus_tokens(tokenizer, source: str, split: str) -> torch.Tensor:
+    """token_stream(tokenizer, load_texts(source, split)).  The embedded corpus's streams are kept in
+    $SINKPRUNE_CACHE/tokens, keyed by the tokenizer (its full serialisation), the dump file and the code that
+    reads it, so a second run skips unpacking and parsing the dump and tokenizing it (seconds on a CPU)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if source != "wiki-embedded" or backend is None:
+        return token_stream(tokenizer, load_texts(source, split))
+    import hashlib
+    import os
+    from importlib.metadata import version
+
+    from pipeline.model import corpus
+    from pipeline.zoo.minilm_dlm import cache_root
+
+    spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}  # call state
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    for part in (split, corpus.WIKI_DUMP, version("gensim"), str(corpus.HELDOUT_EVERY), str(tokenizer.eos_token_id), str(tokenizer.sep_token_id)):
+        h.update(part.encode() + b"\0")
+    for code in (Path(corpus.__file__), Path(__file__)):
+        h.update(code.read_bytes())
+    path = cache_root() / "tokens" / f"{h.hexdigest()[:32]}.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        pass
+    stream = token_stream(tokenizer, load_texts(source, split))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(stream, tmp)
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return stream
+
+
 def prefixed_windows(stream: torch.Tensor, starts: torch.Tensor, body: int, first_id: int | None) -> torch.Tensor:
     """Rows stream[s : s + body], each led by first_id (BOS / [CLS]) when there is one."""
     rows = torch.stack([stream[s : s + body] for s in starts.tolist()]) if len(starts) else torch.empty(0, body, dtype=torch.long)
@@ -212,8 +248,8 @@ class CalibrationData(L.LightningDataModule):
         tok = self._tokenizer()
         bos = (tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id) if hp.add_bos else None
         body = hp.seqlen - (1 if bos is not None else 0)
-        train = token_stream(tok, load_texts(hp.dataset, "train"))
-        held = token_stream(tok, load_texts(hp.dataset, "heldout"))
+        train = corpus_tokens(tok, hp.dataset, "train")
+        held = corpus_tokens(tok, hp.dataset, "heldout")
         if len(train) == 0:
             raise ValueError(f"data.dataset={hp.dataset!r} has no text; give a corpus with at least seqlen={hp.seqlen} tokens")
         if len(train) <= body:

@@ -13,6 +13,7 @@ import torch
 from typing_extensions import override
 
 from pipeline.model.calibration import calibration_forward, dispatch_noised_batch, noised_batches, reference_noised_batches
+from pipeline.model.head import logits_at
 from pipeline.maths.diffusion import DEFAULT_EPS, NOISES, config_max_length, timestep_grid
 from pipeline.model.loading import dlm_forward, load_dlm, resolve_mask_token_id, resolve_path
 from pipeline.run.phase import set_current
@@ -166,6 +167,12 @@ class DLMModule(L.LightningModule):
     def logits(self, input_ids):
         return calibration_forward(self, input_ids).logits
 
+    def masked_logits(self, input_ids):
+        """logits(), with the LM head computed only at mask tokens (what held-out scoring reads; mask noise)."""
+        if self.hparams.noise != "mask":
+            return self.logits(input_ids)
+        return logits_at(self.model, lambda: self.logits(input_ids), input_ids == self.mask_token_id)
+
     @property
     def vocab_size(self) -> int:
         """The range random-token noise draws from: the tokenizer's tokens, never the embedding's padding rows
@@ -191,7 +198,7 @@ class DLMModule(L.LightningModule):
         for batch in track(loader, description or "scoring held-out text", unit="batches"):
             ids = batch["input_ids"].to(self.device)
             nll, scored = elbo_nll(
-                self.logits, ids, self.keep(batch).to(self.device), [int(i) for i in batch["index"]],
+                self.masked_logits, ids, self.keep(batch).to(self.device), [int(i) for i in batch["index"]],
                 self.mask_token_id, n_timesteps=self.hparams.heldout_timesteps, seed=self.hparams.seed,
                 eps=self.hparams.eps, noise=self.hparams.noise, vocab_size=self.vocab_size,
             )

@@ -117,8 +117,9 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def track(iterable, description: str, total: int | None = None, unit: str = "items"):
-    """A rich progress bar (phase, items, elapsed, ETA) on rank zero; the phase's time goes to phase_timings()."""
+def track(iterable, description: str, total: int | None = None, unit: str = "items", record: bool = True):
+    """A rich progress bar (phase, items, elapsed, ETA) on rank zero; the phase's time goes to phase_timings()
+    unless record=False (the caller records it)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     start = time.time()
@@ -137,16 +138,22 @@ def track(iterable, description: str, total: int | None = None, unit: str = "ite
         for item in iterable:
             yield item
             progress.advance(task)
-    record_time(description, time.time() - start)
+    if record:
+        record_time(description, time.time() - start)
 
 
 @contextmanager
 def status(message: str, when=lambda: True):
-    """A spinner with `message` on rank zero while a step without countable items runs (only if when())."""
+    """A spinner with `message` and the elapsed time on rank zero while a step without countable items runs
+    (only if when())."""
     if not is_rank_zero() or not when():
         yield
         return
-    with _console().status(message):
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_console(),
+                  transient=True) as progress:
+        progress.add_task(message, total=None)
         yield
 
 

@@ -24,6 +24,17 @@ class SinkPruneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("model.init_args.pretrained", "data.init_args.tokenizer")
 
+    def _instantiate_trainer(self, config, callbacks):
+        """Our calibration bar instead of Lightning's "Epoch 0" one (unless bars are off or the recipe has one)."""
+        from lightning.pytorch.callbacks.progress import ProgressBar
+
+        from pipeline.run.progress import CalibrationProgressBar
+
+        listed = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in listed):
+            callbacks = [*callbacks, CalibrationProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_instantiate_classes(self):
         config = self.config[self.subcommand] if self.subcommand else self.config
         apply_method_flags(config, SinkPruneCLI.short_flags)

@@ -118,6 +118,35 @@ def save_model(model, tokenizer, directory: Path) -> None:
                 shutil.copy(py, directory / py.name)
 
 
+def save_pruned(out, results: dict, masks: dict, model=None, tokenizer=None, overwrite: bool = False) -> float:
+    """masks.safetensors, the model (when given) and results.json into `out`, all or nothing (AtomicDir).
+
+    results.json is written last, with the time spent saving so far as timings.save_s and
+    phase_timings.saving (the rename that follows takes no measurable time).  Returns the seconds spent."""
+    import json
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.run.console import track
+
+    start = time.time()
+    steps = ["masks", "model", "results"] if model is not None else ["masks", "results"]
+    with AtomicDir(out, overwrite=overwrite) as tmp:
+        for step in track(steps, "saving", unit="files", record=False):
+            if step == "masks":
+                save_file({n: m.to(torch.uint8).contiguous() for n, m in masks.items()}, str(tmp / "masks.safetensors"))
+            elif step == "model":
+                save_model(model, tokenizer, tmp / "model")
+            else:
+                seconds = time.time() - start
+                results.setdefault("timings", {})["save_s"] = seconds
+                results.setdefault("phase_timings", {})["saving"] = seconds
+                (tmp / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    return time.time() - start
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)

@@ -1,0 +1,79 @@
+"""The calibration progress bar: the phase by name ("calibration", "calibration block 3/6"), noised windows
+(windows × timesteps) done of the epoch's total, elapsed time and ETA, on rank zero.
+
+SinkPruneCLI puts it in place of Lightning's default bar ("Epoch 0/0 … it/s"), unless the trainer has
+enable_progress_bar=False or the recipe lists a progress bar of its own.
+"""
+from __future__ import annotations
+
+from lightning.pytorch.callbacks.progress import ProgressBar
+from typing_extensions import override
+
+
+def calibration_description(trainer) -> str:
+    """The phase name: one-shot "calibration"; layer-sequential "calibration block i/L" (after the reference
+    flavour's first sink-score epoch, "calibration (sink scores)"); several plain epochs "calibration epoch e/E"."""
+    epoch, epochs = trainer.current_epoch, trainer.max_epochs or 1
+    prune = next((cb for cb in trainer.callbacks if getattr(cb, "mode", None) in ("oneshot", "sequential")
+                  and hasattr(cb, "offset")), None)
+    if prune is not None and prune.mode == "sequential" and epochs > 1:
+        block, blocks = epoch - prune.offset, epochs - prune.offset
+        return "calibration (sink scores)" if block < 0 else f"calibration block {block + 1}/{blocks}"
+    return "calibration" if epochs <= 1 else f"calibration epoch {epoch + 1}/{epochs}"
+
+
+class CalibrationProgressBar(ProgressBar):
+    def __init__(self):
+        super().__init__()
+        self._enabled, self._progress, self._task = True, None, None
+        self._per_batch, self._total = 1, 0
+
+    @override
+    def disable(self) -> None:
+        self._enabled = False
+
+    @override
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled and self.trainer.is_global_zero
+
+    @override
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if not self.is_enabled:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        from pipeline.run.console import _console
+
+        loader = trainer.train_dataloader
+        timesteps = len(getattr(pl_module, "timesteps", None) or [None])
+        windows = len(loader.sampler) if getattr(loader, "sampler", None) is not None else len(loader.dataset)
+        self._per_batch, self._total = (loader.batch_size or 1) * timesteps, windows * timesteps
+        unit = "windows × timesteps" if timesteps > 1 else "windows"
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                                  TextColumn(unit), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                  console=_console(), transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task(calibration_description(trainer), total=self._total)
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=min(self._total, (batch_idx + 1) * self._per_batch))
+
+    @override
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop()
+
+    @override
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress, self._task = None, None

@@ -110,16 +110,8 @@ def forward_process(
 
 
 def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of cross-entropy over masked positions, [B], in float32.
-
-    Only masked positions pay for the vocabulary-wide log-softmax (3-5x faster at half masking).  The selected
-    rows keep the [.., V, N] layout with V contiguous that the full [B, V, L] call had, so each value, and the
-    row sums, are the same bits as computing every position (tests/test_golden.py)."""
-    picked = masked != 0
-    ce = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
-    if picked.any():
-        rows = logits[picked].float()                                   # [N, V]
-        ce[picked] = F.cross_entropy(rows.transpose(0, 1)[None], targets[picked][None], reduction="none")[0]
+    """Per-row sum of cross-entropy over masked positions, [B], in float32."""
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
     return (ce * masked).sum(dim=1)
 
 

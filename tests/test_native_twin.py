@@ -64,6 +64,23 @@ def test_window_forward_is_bidirectional_and_deterministic(native):
 
 
 @needs_it
+def test_benchmark_logits_go_through_the_canvas(native):
+    """lm-eval scoring and sampling (guided_logits) denoise the window as the decoder's canvas, like calibration."""
+    from pipeline.evaluation.sampler import guided_logits
+
+    model, tokenizer = native
+    ids = torch.randint(4, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(1))
+    prompt = torch.zeros(16, dtype=torch.bool)
+    prompt[:4] = True
+    with torch.no_grad():
+        plain, again = (guided_logits(model, ids, prompt, 3) for _ in range(2))
+        guided = guided_logits(model, ids, prompt, 3, cfg=1.0)
+        canvas = dlm_forward(model, ids).logits
+    assert torch.equal(plain, canvas) and torch.equal(plain, again)
+    assert guided.shape == canvas.shape and not torch.equal(guided, canvas)
+
+
+@needs_it
 def test_probe_mass_equals_eager_attention(native):
     """The probe (patched SDPA under `ALL_ATTENTION_FUNCTIONS["sdpa"]`) gives, per layer, the mass that
     transformers' own eager attention probabilities give summed over heads and queries."""

@@ -18,7 +18,8 @@ Every argument is lm-eval's (`python -m pipeline.evaluation.harness run --help`)
 class's keyword arguments.  `--batch_size` is the number of Monte Carlo draws per forward pass ('auto':
 all mc_num draws of a request in one pass).
 
-Model protocol: `model(input_ids=ids).logits` with ids [B, L]; no padding is ever needed (every forward
+Model protocol: `loading.dlm_forward(model, ids).logits` (= `model(input_ids=ids)`, but for DiffusionGemma, whose
+decoder denoises ids as its canvas) with ids [B, L]; no padding is ever needed (every forward
 holds draws of one request, or one prompt), so no attention mask is passed.  Sequences are
 `special prefix + context + continuation`, where the special prefix is what the tokenizer itself puts in
 front of text ([CLS] for BERT-type, <BOS> for LLaDA, nothing for Dream), found by tokenizing a probe with

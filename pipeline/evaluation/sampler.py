@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.model.loading import dlm_forward
+
 REMASKING = ("low_confidence", "random")
 
 
@@ -39,16 +41,16 @@ def allocate_steps(steps: int, block_sizes: list[int]) -> list[int]:
 
 
 def guided_logits(model, x: torch.Tensor, prompt_mask: torch.Tensor, mask_token_id: int, cfg: float = 0.0):
-    """model(input_ids=x).logits, or unsupervised classifier-free guidance when cfg > 0.
+    """The model's logits on x (`loading.dlm_forward`: DiffusionGemma denoises x as its canvas), or unsupervised classifier-free guidance when cfg > 0.
 
     Guidance (LLaDA): logits = uncond + (cfg + 1)·(cond − uncond), where uncond sees the prompt positions
     (`prompt_mask`, [L] or [B, L] bool) replaced by the mask token.  cfg = 0 is one plain forward.
     """
     if cfg == 0:
-        return model(input_ids=x).logits
+        return dlm_forward(model, x).logits
     uncond = x.clone()
     uncond[prompt_mask.expand_as(x)] = mask_token_id
-    both = model(input_ids=torch.cat([x, uncond])).logits
+    both = dlm_forward(model, torch.cat([x, uncond])).logits
     cond, unc = both.chunk(2, dim=0)
     return unc + (cfg + 1.0) * (cond - unc)
 

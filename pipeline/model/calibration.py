@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from pipeline.model.loading import dlm_forward
 from pipeline.maths.diffusion import DEFAULT_EPS, forward_process, noise_seed, per_sample_tokens, per_sample_uniform, token_seed
 
 
@@ -81,14 +82,11 @@ def reference_noised_batches(batch: dict, timesteps: list[float], mask_token_id:
 
 
 def calibration_forward(module, input_ids, attention_mask=None):
-    """The module's `calibration_forward` if it has one, else `module.model(input_ids, attention_mask)`."""
+    """The module's `calibration_forward` if it has one, else `loading.dlm_forward(module.model, ...)`."""
     fn = getattr(module, "calibration_forward", None)
     if fn is not None:
         return fn(input_ids, attention_mask)
-    kwargs = {"input_ids": input_ids}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    return module.model(**kwargs)
+    return dlm_forward(module.model, input_ids, attention_mask)
 
 
 def _holds_linear(module: torch.nn.Module) -> bool:

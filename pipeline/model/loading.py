@@ -231,8 +231,10 @@ def check_model_type(pretrained: str, path: str) -> None:
 def is_canvas_model(model) -> bool:
     """A block-diffusion model whose denoiser is a decoder over a canvas behind an encoder's KV cache
     (transformers' DiffusionGemma: `config.canvas_length`, `get_decoder().layers`)."""
+    if getattr(getattr(model, "config", None), "canvas_length", None) is None:  # any module with forward(input_ids)
+        return False
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    return getattr(model.config, "canvas_length", None) is not None and hasattr(decoder, "layers")
+    return hasattr(decoder, "layers")
 
 
 def declare_decoder_layers(model) -> None:

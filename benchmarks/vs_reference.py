@@ -6,8 +6,8 @@
 
 The first command is README's whole table in one invocation: T = 128 and 512, sink_wanda and sink_sparsegpt, this
 project's configurations `reference` (flavor=reference), `default` (the default flavour at its recipes' mode:
-one-shot) and `default-sequential` (an extra row), 3 repeats, cold and warm, peak RSS, mask agreement and the
-reference's floor.  Nothing of the reference is shipped or vendored: the clone is imported from SINKPRUNE_REFERENCE at
+one-shot), `default-sequential` (an extra row) and `probes-only` (the floor of any schedule: the probed forwards
+alone), 3 repeats, cold and warm, peak RSS, mask agreement and the reference's floor.  Nothing of the reference is shipped or vendored: the clone is imported from SINKPRUNE_REFERENCE at
 run time.  A tiny checkpoint is built from the reference's own `model/modeling_llada.py` (whose SDPA wrapper is a
 module-level `@torch.compile()`), with the trained weights of tiny-llada (same parameter names), and saved with
 that remote code, so that this project loads exactly what the reference runs.  Both sides see the same
@@ -152,8 +152,10 @@ def run_project(ckpt: Path, windows, method: str, seed: int, timesteps: int, mod
     from pipeline.model.module import DLMModule
 
     module = DLMModule(pretrained=str(ckpt), timesteps=timesteps, seed=seed, noise_order=noise)
+    probes_only = flavor == "probes"  # the probed forwards alone (magnitude needs nothing of them: they stop early)
+    method, flavor = ("magnitude", "default") if probes_only else (method, flavor)
     prune = PruneCallback(method=method, sparsity=0.5, mode=mode, flavor=flavor, single_pass=single_pass, eager=eager)
-    callbacks = ([SinkStatsCallback(record=False, heatmap=False)] if method.startswith("sink_") else []) + [prune]
+    callbacks = ([SinkStatsCallback(record=False, heatmap=False)] if probes_only or method.startswith("sink_") else []) + [prune]
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                         default_root_dir=str(workdir))
@@ -191,6 +193,9 @@ CONFIGS = {
     "reference-noise": ("reference", "sequential", "reference"),  # the reference's noise order: bit-identical masks
     "default": ("default", "oneshot", "per_sample"),
     "default-sequential": ("default", "sequential", "per_sample"),  # an extra row: sink scores of the partly pruned model
+    # the floor: the 160 probed forwards that give every (window, timestep)'s sink scores, stopping at the last
+    # attention call, and nothing else (no statistic, no solve); every schedule of the paper's method runs them
+    "probes-only": ("probes", "oneshot", "per_sample"),
 }
 
 
@@ -221,8 +226,9 @@ def agreement(a_path: str, b_path: str) -> float:
 
 
 def _configs_for(a, method: str) -> list[str]:
-    """sink Wanda is one-shot in every configuration: its sequential variants would repeat the one-shot row."""
-    return [c for c in a.configs if not (method == "sink_wanda" and c == "default-sequential")]
+    """sink Wanda is one-shot in every configuration: its sequential variants would repeat the one-shot row; the
+    probes-only floor is the same for both methods (shown under sink_sparsegpt)."""
+    return [c for c in a.configs if not (method == "sink_wanda" and c in ("default-sequential", "probes-only"))]
 
 
 def measure(a, method: str, seqlen: int) -> list[dict]:
@@ -250,7 +256,7 @@ def measure(a, method: str, seqlen: int) -> list[dict]:
             "project_cold_s": med[("project", config, "cold")], "reference_cold_s": med[("reference", None, "cold")],
             "project_warm_s": med[("project", config, "warm")], "reference_warm_s": med[("reference", None, "warm")],
             "project_peak_rss_mib": rss[("project", config, "warm")], "reference_peak_rss_mib": rss[("reference", None, "warm")],
-            "agreement": agreement(runs[("project", config, "warm")][0]["masks"], ref_masks),
+            "agreement": None if config == "probes-only" else agreement(runs[("project", config, "warm")][0]["masks"], ref_masks),
             "floor": floor_agreement,
             "seconds_all": {f"{s}/{k}": [round(r["seconds"], 3) for r in v] for (s, c, k), v in runs.items() if c in (None, config)},
         })
@@ -264,11 +270,12 @@ def main() -> None:
     ap.add_argument("--timesteps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=["sink_wanda", "sink_sparsegpt"], choices=METHODS)
-    ap.add_argument("--configs", nargs="+", default=["reference", "default", "default-sequential"], choices=list(CONFIGS),
+    ap.add_argument("--configs", nargs="+", default=["reference", "default", "default-sequential", "probes-only"], choices=list(CONFIGS),
                     help="this project's configurations, one row each: reference = flavor=reference (its schedule); "
                          "reference-noise = the same with the reference's noise order (bit-identical masks); default = "
                          "flavor=default at its recipes' mode (one-shot); default-sequential = the default flavour, "
-                         "layer-sequential (sink scores of the partly pruned model at every timestep)")
+                         "layer-sequential (sink scores of the partly pruned model at every timestep); probes-only = "
+                         "the floor: the probed forwards alone, no statistic or solve")
     ap.add_argument("--single-pass", action=argparse.BooleanOptionalAction, default=True,
                     help="read the probed forward's Linear inputs, no second forward (PruneCallback's default)")
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
@@ -326,8 +333,9 @@ def render_row(r: dict) -> str:
     cold = f"{r['project_cold_s']:.2f}/{r['reference_cold_s']:.2f} = {r['project_cold_s'] / r['reference_cold_s']:.2f}x"
     warm = f"{r['project_warm_s']:.2f}/{r['reference_warm_s']:.2f} = {r['project_warm_s'] / r['reference_warm_s']:.2f}x"
     rss = f"{r['project_peak_rss_mib']:.0f}/{r['reference_peak_rss_mib']:.0f} = {r['project_peak_rss_mib'] / r['reference_peak_rss_mib']:.2f}x"
+    agree = "—" if r["agreement"] is None else f"{r['agreement']:.2%}"
     return (f"{r['T']:>4} {r['method']:15} {r.get('config', r['flavor']):19} {cold:>28} {warm:>28} {rss:>24} "
-            f"{r['agreement']:>10.2%} {r['floor']:>9.2%}")
+            f"{agree:>10} {r['floor']:>9.2%}")
 
 
 def render_table(rows: list[dict], a) -> str:
@@ -341,7 +349,7 @@ def render_table(rows: list[dict], a) -> str:
 def render_markdown(rows: list[dict], args: dict) -> str:
     """README's table: one row per (T, configuration, method)."""
     label = {"reference": "reference", "reference-noise": "reference, `noise_order=\"reference\"`", "default": "default (one-shot)",
-             "default-sequential": "default, `mode=sequential`"}
+             "default-sequential": "default, `mode=sequential`", "probes-only": "floor: probed forwards only"}
     lines = [f"`{args.get('command', '')}` (repeats {args.get('repeats')}, load average at the end {args.get('load_average_end', '?')})", "",
              "| T | flavour | method | cold: this / reference (ratio) | warm: this / reference (ratio) | peak RSS | masks agree | ref. floor |",
              "|---|---|---|---|---|---|---|---|"]
@@ -351,7 +359,7 @@ def render_markdown(rows: list[dict], args: dict) -> str:
             f"{r['project_cold_s']:.2f} / {r['reference_cold_s']:.2f} s (**{r['project_cold_s'] / r['reference_cold_s']:.2f}×**) | "
             f"{r['project_warm_s']:.2f} / {r['reference_warm_s']:.2f} s (**{r['project_warm_s'] / r['reference_warm_s']:.2f}×**) | "
             f"{r['project_peak_rss_mib'] / r['reference_peak_rss_mib']:.2f}× ({r['project_peak_rss_mib']:.0f} MiB) | "
-            f"{r['agreement']:.2%} | {r['floor']:.2%} |")
+            f"{'—' if r['agreement'] is None else format(r['agreement'], '.2%')} | {r['floor']:.2%} |")
     return "\n".join(lines)
 
 

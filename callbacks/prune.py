@@ -14,10 +14,10 @@ from typing_extensions import override
 
 from callbacks.reduction import SlotSums
 from callbacks.cached import RecordedBatches, calibrate_from_cache, uniform_block_calls
-from callbacks.schedule import MeanSinkScores, hooked_forward
+from callbacks.schedule import MeanSinkScores, ProbedInputs, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
-from callbacks.layers import (Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks,
-                              reapply, routed_tokens, solve_layer)
+from callbacks.layers import (SharedInputs, Targets, accumulate, compile_patterns, count_expert_tokens, find_targets,
+                              load_masks, reapply, routed_tokens, solve_layers)
 from pipeline.maths import sparsity as sp
 from pipeline.model.calibration import NoisedBatch
 from pipeline.run.phase import phase
@@ -61,10 +61,10 @@ class PruneCallback(Callback):
         self.targets, self.ignore = compile_patterns("targets", targets), compile_patterns("ignore", ignore)
         self.reduction_slots, self.masks_from, self.single_pass, self.eager = reduction_slots, masks_from, single_pass, eager
         self.t, self.sums, self.info, self.masks = Targets(), None, {"timings": {}}, {}  # masks: True = pruned
+        self.shared, self.probed = SharedInputs(), ProbedInputs()
         self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
         self.updated, self._resumed = set(), {}  # layers SparseGPT updated; weights to restore on resume
         self.expert_tokens: dict[str, int] = {}            # expert name -> calibration tokens routed to it
-        self._captured, self._capture_handles = {}, []
 
     layers = property(lambda self: self.t.layers)  # name -> targeted nn.Linear
     pruned_weights = property(lambda self: {n: self.layers[n].weight.detach().cpu() for n in sorted(self.updated)})
@@ -81,13 +81,14 @@ class PruneCallback(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         """Find the layers once the model exists (configure_model), before any calibration work."""
         self.t = find_targets(pl_module.model, self.targets, self.ignore, self.n_m, self.pruner.statistic and self.method)
+        if self.pruner.statistic and not self.masks_from:  # layers fed one tensor share one statistic
+            self.shared = SharedInputs.find(pl_module, self.layers, self.t.block_modules[-1], self.eager)
         if self.cached:  # one epoch (s̄, the recorded batches), then block by block from cached inputs at its end
             self.uniform = uniform_block_calls(pl_module, self.eager)  # every block called with block 0's arguments
             trainer.fit_loop.max_epochs = 1
         elif self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
             trainer.fit_loop.max_epochs = len(self.t.block_layers)
-        if self.sums is None:
-            self.sums = SlotSums(self.reduction_slots)
+        self.sums = self.sums or SlotSums(self.reduction_slots)  # (resumed: the checkpoint's)
         reapply(self.layers, self.masks, self._resumed)  # resumed: restore the layers pruned before
         self.updated, self._resumed = self.updated | set(self._resumed), {}  # (the layers hold them now)
 
@@ -107,14 +108,14 @@ class PruneCallback(Callback):
     def wants_sink_scores(self, epoch: int) -> bool:  # SinkStatsCallback skips its probe when no consumer wants them
         return epoch == 0 or self.pruner.inputs == "noised"
 
+    def reads_probed_forward(self, epoch: int) -> bool:  # False: the probe may stop at the last attention call
+        return self.probed.reads_last_block
+
     @override
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.probed.stop()
         if self.single_pass and self.pruner.weighting.sink_aware and self.pruner.inputs == "noised":
-            # Capture the inputs of SinkStatsCallback's probed forward (bit-identical to a plain one; sequential too)
-            self._captured = {}
-            self._capture_handles = [self.layers[n].register_forward_hook(
-                lambda mod, inp, out, n=n: self._captured.__setitem__(n, (inp[0].detach(), self._routed(n))))
-                for n in self._active_layers(trainer.current_epoch)]
+            self.probed.start(self.layers, self._active_layers(trainer.current_epoch), self._routed, self.t.last_block_name)
 
     def on_noised_batch(self, trainer, pl_module, nb: NoisedBatch) -> None:
         if self.cached:  # the work happens at the epoch's end (calibrate_from_cache)
@@ -129,26 +130,26 @@ class PruneCallback(Callback):
             raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")
         epoch = trainer.current_epoch
         fresh = [sid >= 0 and (epoch, sid, nb.step) not in self.seen for sid in nb.sample_ids]  # -1: DDP padding
-        if any(fresh) and self._capture_handles:
-            captured, self._captured = self._captured, {}
-            for name in names:
-                if name in captured:  # an expert that no token was routed to did not run
-                    accumulate(self.pruner, self.sums, name, *captured[name], nb, fresh)
+        if any(fresh) and self.probed.handles:
+            for name, x, routed in self.probed.take(names):
+                self._add(name, x, routed, nb, fresh)
         elif any(fresh):  # else: a resumed run replaying a batch that the checkpoint already counted
             self._forward_and_accumulate(trainer, pl_module, nb, names, fresh)
         self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids if sid >= 0)
 
+    def _add(self, name, x, routed, nb, fresh=None) -> None:
+        if not self.shared.is_copy(name, x):  # a member of a shared-input group reads its leader's sums
+            accumulate(self.pruner, self.sums, name, x, routed, nb, fresh)
+
     def _forward_and_accumulate(self, trainer, pl_module, nb, names, fresh) -> None:
         # sequential: the blocks after the one being calibrated are not needed yet; one-shot: none after the last target
         last = self.t.block_modules[trainer.current_epoch if self.mode == "sequential" else -1]
-        add = lambda n, x: accumulate(self.pruner, self.sums, n, x, self._routed(n), nb, fresh)  # noqa: E731
+        add = lambda n, x: self._add(n, x, self._routed(n), nb, fresh)  # noqa: E731
         hooked_forward(pl_module, self.layers, names, add, nb.input_ids, nb.attention_mask, last, self.eager)
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        for h in self._capture_handles:
-            h.remove()
-        self._capture_handles, self._captured = [], {}
+        self.probed.stop()
         epoch = trainer.current_epoch
         if self.masks_from or (epoch > 0 and not (self.mode == "sequential" and self.pruner.statistic)):
             return
@@ -161,7 +162,7 @@ class PruneCallback(Callback):
         if self.offset:  # every rank gets every sample's s̄
             self.mean_scores.gather()
             batches = [self.mean_scores.with_mean(nb, self.flavor) for nb in batches]
-        on_input = lambda n, x, nb: accumulate(self.pruner, self.sums, n, x, self._routed(n), nb)  # noqa: E731
+        on_input = lambda n, x, nb: self._add(n, x, self._routed(n), nb)  # noqa: E731
         with phase("calibrating block by block"):
             calibrate_from_cache(pl_module, self.t, batches, on_input, self._solve, self.eager,
                                  self.mode == "sequential", self.uniform)
@@ -170,12 +171,11 @@ class PruneCallback(Callback):
         """Solve and apply the masks of `names` from the sums (collective), then empty the sums."""
         t0 = time.time()
         if self.pruner.statistic:
-            samples = len({s for _, s, _ in self.seen} | self.recorded.ids)
-            count_expert_tokens(self.sums, self.t.experts, names, self.expert_tokens, samples)
+            samples, leaders = len({s for _, s, _ in self.seen} | self.recorded.ids), [n for n in names if self.shared.key(n) == n]
+            count_expert_tokens(self.sums, self.t.experts, leaders, self.expert_tokens, samples)
         with torch.no_grad(), phase("computing the masks"):
-            for name in names:
-                stat = self.sums.take(name) if self.pruner.statistic else None  # its slots freed before the solve
-                self.masks[name], new_weight, info = solve_layer(self.pruner, name, self.layers[name].weight, stat)
+            for name, mask, new_weight, info in solve_layers(self.pruner, self.sums, self.shared, self.layers, names):
+                self.masks[name] = mask
                 if new_weight is not None:
                     self.updated.add(name)
                     self.info.setdefault("sparsegpt", {})[name] = info

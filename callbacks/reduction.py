@@ -85,6 +85,19 @@ class SlotSums:
         self.sums.pop(key, None)
         return out
 
+    def take_each(self, names: list[str], key=lambda name: name):
+        """(name, total of key(name)) for each name in order: a key is taken at its first name (collective, the same
+        order on every rank) and its total dropped after its last, so names sharing a key share one total."""
+        last = {key(n): i for i, n in enumerate(names)}
+        totals = {}
+        for i, name in enumerate(names):
+            k = key(name)
+            if k not in totals:
+                totals[k] = self.take(k)
+            yield name, totals[k]
+            if last[k] == i:
+                del totals[k]
+
     def clear(self) -> None:
         self.sums.clear()
 

@@ -1,5 +1,5 @@
 """How the calibration passes run: the hooked forward (PruneCallback's own, when it cannot reuse the probe's), the
-compile stance it runs in, and each sample's sink scores averaged over the timesteps (s̄, the reference's
+inputs captured from the probe's forward (when it can), the compile stance they run in, and each sample's sink scores averaged over the timesteps (s̄, the reference's
 SparseGPT), collected in the calibration epoch for the passes from cached block inputs (callbacks/cached.py)."""
 from __future__ import annotations
 
@@ -77,3 +77,29 @@ def hooked_forward(pl_module, layers: dict, names: list[str], on_input, input_id
     finally:
         for h in handles:
             h.remove()
+
+
+class ProbedInputs:
+    """The targeted layers' inputs captured during SinkStatsCallback's probed forward (single pass: no second
+    forward, bit-identical to one), each with its MoE routing (`routed(name)`, None for dense layers)."""
+
+    def __init__(self):
+        self.captured: dict[str, tuple] = {}
+        self.handles: list = []
+        self.reads_last_block = False  # a captured layer sits in the model's last block (the probe must not stop early)
+
+    def start(self, layers: dict, names: list[str], routed, last_block_name: str) -> None:
+        self.captured = {}
+        self.handles = [layers[n].register_forward_hook(
+            lambda mod, inp, out, n=n: self.captured.__setitem__(n, (inp[0].detach(), routed(n)))) for n in names]
+        self.reads_last_block = any(n.startswith(f"{last_block_name}.") for n in names)
+
+    def take(self, names: list[str]) -> list[tuple]:
+        """[(name, x, routed)] of `names` in the order they ran (an expert that no token reached did not run)."""
+        captured, self.captured, names = self.captured, {}, set(names)
+        return [(n, *captured[n]) for n in captured if n in names]
+
+    def stop(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.captured, self.handles, self.reads_last_block = {}, [], False

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 
-from pipeline.model.calibration import NoisedBatch, calibration_forward, forward_through_blocks, last_block
+from pipeline.model.calibration import NoisedBatch, calibration_forward, find_blocks, forward_through_blocks, last_block
 from callbacks.reduction import gather_records
 from pipeline.maths.attention import AttentionMassProbe
 from pipeline.run.outputs import AtomicDir
@@ -52,6 +52,8 @@ class SinkStatsCallback(Callback):
         self.records: dict[tuple[int, int], dict] = {}
         self.summary: dict | None = None
         self._stop_after: torch.nn.Module | None = None
+        self._last_call: int | None = None
+        self._calls_checked = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Fail in seconds, not after the dense scoring, when the probe cannot see the model's attention."""
@@ -60,6 +62,10 @@ class SinkStatsCallback(Callback):
             calibration_forward(pl_module, ids)
         probe.require_attention(pl_module.model)
         self._stop_after = last_block(pl_module.model)  # the probed forwards need no LM head
+        # one attention call per block: a forward wanted for its mass alone may stop at the last one, once a whole
+        # forward of a calibration window has made that many calls (`_count_calls`)
+        self._last_call = probe.calls if probe.calls == len(find_blocks(pl_module.model)) else None
+        self._calls_checked = False
 
     # --- per noised batch --------------------------------------------------------------------------
     def on_noised_batch_start(self, trainer, pl_module, nb: NoisedBatch) -> None:
@@ -67,9 +73,15 @@ class SinkStatsCallback(Callback):
         if consumers and not any(cb.wants_sink_scores(trainer.current_epoch) for cb in consumers):
             return  # e.g. flavor="reference" SparseGPT's clean-input block epochs
         valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
-        with AttentionMassProbe(per_layer=self.per_layer, chunk_size=self.chunk_size, query_weights=valid) as probe:
+        read = any(getattr(cb, "reads_probed_forward", lambda epoch: True)(trainer.current_epoch) for cb in consumers)
+        last_call = None if read or not self._calls_checked else self._last_call  # None: the whole forward
+        with AttentionMassProbe(per_layer=self.per_layer, chunk_size=self.chunk_size, query_weights=valid,
+                                last_call=last_call) as probe:
             forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask, stop_after=self._stop_after)
         probe.require_attention()
+        if not self._calls_checked:  # the first whole forward of a window: the same number of calls as at fit start?
+            self._last_call = self._last_call if probe.calls == self._last_call else None
+            self._calls_checked = True
         mass = probe.mass
         if not torch.isfinite(mass).all():
             where = _locate_nonfinite_attention(pl_module, nb, valid, self.chunk_size)

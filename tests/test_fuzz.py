@@ -132,7 +132,7 @@ class Spy(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         for name in self.prune.layers:
-            total = self.prune.sums.total(name)
+            total = self.prune.sums.total(self.prune.shared.key(name))  # q/k/v share q's statistic
             assert total is not None, name
             self.statistics[name] = (bool(torch.isfinite(total).all()),
                                      bool((total.diagonal() if total.dim() == 2 else total).min() >= 0))

@@ -56,7 +56,7 @@ def test_expert_statistics_weight_each_routed_token(moe, method):
     ids = torch.randint(4, len(tokenizer), (2, 16), generator=g)
     nb = NoisedBatch(ids, ids, torch.zeros_like(ids, dtype=torch.bool), 0.5, 0, [0, 1], sink_scores=torch.rand(2, 16, generator=g))
     cb = PruneCallback(method=method)
-    module = SimpleNamespace(model=model)
+    module = SimpleNamespace(model=model, mask_token_id=model.config.mask_token_id)  # the callbacks' protocol
     cb.on_fit_start(None, module)
     assert "model.layers.0.mlp.gate" not in cb.layers and cb.t.dense_routers == [f"{n}.mlp.gate" for n in LAYERS]
     expert = model.model.layers[1].mlp.experts[4]
@@ -155,7 +155,7 @@ def test_expert_statistics_do_not_depend_on_batch_company(moe, method):
 
     def stats(together: bool):
         cb = PruneCallback(method=method, reduction_slots=1)
-        cb.on_fit_start(None, SimpleNamespace(model=model))
+        cb.on_fit_start(None, SimpleNamespace(model=model, mask_token_id=model.config.mask_token_id))
         if together:  # flat indices into the [2·L] batch, ascending
             accumulate(cb.pruner, cb.sums, name, torch.cat(rows), torch.cat([tokens[0], tokens[1] + seqlen]), nb([0, 1]), [True, True])
         else:

@@ -82,6 +82,11 @@ class NoAttentionSeenError(RuntimeError):
     """A probed forward made no attention call the probe could see."""
 
 
+class AllAttentionSeen(Exception):
+    """Raised by a probe given `last_call=n` once it has recorded its n-th attention call, before that call runs:
+    a forward that only needs the attention mass has nothing left to compute (caught by forward_through_blocks)."""
+
+
 def _as_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, *heads, L, D] (or [B, L, D]) -> [B, H, L, D], H the product of the head dims."""
     if x.dim() < 3:
@@ -198,14 +203,19 @@ class AttentionMassProbe:
     query_weights: [B, T_q] (bool or float) weights of each query's contribution, e.g. the attention
     mask to leave padding queries out, or a one-hot on the newest token. Set it again with
     `set_query_weights` between passes. chunk_size: query rows per chunk of the float32 recomputation.
+    last_call: the number of attention calls a forward makes, when only the mass is wanted: the probe records the
+    last call and raises AllAttentionSeen instead of running it (that layer's attention output and everything
+    after it are never computed; the mass is unchanged).  An outer probe around it does not see that last call.
     """
 
-    def __init__(self, *, per_layer: bool = False, query_weights: torch.Tensor | None = None, chunk_size: int = 128):
+    def __init__(self, *, per_layer: bool = False, query_weights: torch.Tensor | None = None, chunk_size: int = 128,
+                 last_call: int | None = None):
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be a positive number of query rows")
         self.keep_per_layer = per_layer
         self.chunk_size = int(chunk_size)
         self.query_weights = query_weights
+        self.last_call = last_call
         self.mass: torch.Tensor | None = None
         self.per_layer: list[torch.Tensor] = []
         self.calls = 0
@@ -266,13 +276,20 @@ class AttentionMassProbe:
         previous = F.scaled_dot_product_attention
         thread = threading.get_ident()
 
+        def record(args, kwargs):
+            bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with torch.no_grad():
+                self._record(**{n: v for n, v in bound.arguments.items() if n != "value"})
+
         def probed_sdpa(*args, **kwargs):
+            if threading.get_ident() != thread:
+                return previous(*args, **kwargs)
+            if self.last_call is not None and self.calls + 1 >= self.last_call:
+                record(args, kwargs)
+                raise AllAttentionSeen()
             out = previous(*args, **kwargs)  # the real output, untouched
-            if threading.get_ident() == thread:
-                bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
-                bound.apply_defaults()
-                with torch.no_grad():
-                    self._record(**{n: v for n, v in bound.arguments.items() if n != "value"})
+            record(args, kwargs)
             return out
 
         self._stance = _force_eager()

@@ -14,7 +14,10 @@ Dispatch has two phases so that sink scores exist before activations are weighte
 
 Both forwards stop after the last transformer block (`forward_through_blocks`): sink scores need every
 layer's attention and the statistics need the blocks' Linear inputs, but nothing needs the LM head's
-logits over the vocabulary (on a small model that head is most of the forward's cost).
+logits over the vocabulary (on a small model that head is most of the forward's cost).  A callback that reads
+activations off the probed forward (PruneCallback's single pass) says so with `reads_probed_forward(epoch)`;
+callbacks with `wants_sink_scores` that lack it are assumed to read them.  When no consumer reads them, the
+probed forward stops at the last attention call (the last block's attention output and MLP never run).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from pipeline.maths.attention import AllAttentionSeen
 from pipeline.model.loading import dlm_forward
 from pipeline.maths.diffusion import DEFAULT_EPS, forward_process, noise_seed, per_sample_tokens, per_sample_uniform, token_seed
 
@@ -146,11 +150,11 @@ def last_block(model) -> torch.nn.Module | None:
 
 def forward_through_blocks(module, input_ids, attention_mask=None, stop_after: torch.nn.Module | None = None) -> None:
     """calibration_forward, cut short after `stop_after` (e.g. `last_block(model)`, found once per run;
-    None runs the whole forward)."""
+    None runs the whole forward) or at a probe's last attention call (AttentionMassProbe(last_call=...))."""
     handle = stop_after.register_forward_hook(_stop) if stop_after is not None else None
     try:
         calibration_forward(module, input_ids, attention_mask)
-    except StopForward:
+    except (StopForward, AllAttentionSeen):
         pass
     finally:
         if handle is not None:

@@ -121,13 +121,26 @@ def uniform_block_calls(pl_module, eager: bool = True) -> bool:
     return all(len(c[0]) == len(calls[0][0]) and _same(rest(c), rest(calls[0])) for c in calls[1:])
 
 
+def _slot_major(batches: list[NoisedBatch], slot_of) -> tuple[list[int], list[int | None]]:
+    """The batches' order for the hooked passes and the reduction slot each one fills: slot by slot (stable) when
+    every batch's samples share one slot, so that each slot is complete before the next starts; else as given."""
+    slots = [{slot_of(sid) for sid in nb.sample_ids if sid >= 0} if slot_of else set() for nb in batches]
+    if not all(len(s) == 1 for s in slots):
+        return list(range(len(batches))), [None] * len(batches)
+    first = [min(s) for s in slots]
+    return sorted(range(len(batches)), key=lambda j: first[j]), first
+
+
 def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_input, solve, eager: bool,
-                         sequential: bool = True, uniform: bool = True) -> None:
+                         sequential: bool = True, uniform: bool = True, sums=None, key=lambda name: name) -> None:
     """Calibrate on `batches` block by block from cached block inputs.  For each block that holds targets, one hooked
     pass over every batch (on_input(name, x, nb)); sequential: then solve(names) prunes them in place and one pass
     of the pruned block gives the next block's inputs; one-shot: the hooked (dense) pass gives them and solve(all)
-    runs at the end.  `uniform`: every block takes block 0's arguments (else each block's own are captured)."""
+    runs at the end.  `uniform`: every block takes block 0's arguments (else each block's own are captured).
+    `sums` (SlotSums, where on_input adds under key(name)): the hooked passes go slot by slot, and each slot is folded
+    into the total as soon as it is complete (SlotSums.fold: one slot alive instead of all, the same bits)."""
     blocks = [b for _, b in find_blocks(pl_module.model)]
+    order, slots = _slot_major(batches, sums.slot_of if sums is not None else None)
     per_block = {id(b): names for b, names in zip(targets.block_modules, targets.block_layers)}
     last = max(i for i, b in enumerate(blocks) if id(b) in per_block)
     with torch.no_grad(), eager_stance(eager):
@@ -138,7 +151,8 @@ def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_inpu
         for i, block in enumerate(blocks[:last + 1]):
             names = per_block.get(id(block), [])
             run = lambda j: _run(block, calls[j][0 if uniform else i], hidden[j])  # noqa: B023 - called in this loop
-            for j, nb in enumerate(batches if names or not sequential else ()):
+            for pos, j in enumerate(order if names or not sequential else ()):
+                nb = batches[j]
                 handles = [targets.layers[n].register_forward_hook(
                     lambda m, inp, out, n=n, nb=nb: on_input(n, inp[0].detach(), nb)) for n in names]
                 try:
@@ -148,6 +162,8 @@ def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_inpu
                         h.remove()
                 if not sequential:
                     hidden[j] = out
+                if names and slots[j] is not None and (pos + 1 == len(order) or slots[order[pos + 1]] != slots[j]):
+                    sums.fold([key(n) for n in names], slots[j] + 1)
             if sequential and names:
                 solve(names)
             for j in range(len(batches)) if sequential and i < last else ():

@@ -164,8 +164,8 @@ class PruneCallback(Callback):
             batches = [self.mean_scores.with_mean(nb, self.flavor) for nb in batches]
         on_input = lambda n, x, nb: self._add(n, x, self._routed(n), nb)  # noqa: E731
         with phase("calibrating block by block"):
-            calibrate_from_cache(pl_module, self.t, batches, on_input, self._solve, self.eager,
-                                 self.mode == "sequential", self.uniform)
+            calibrate_from_cache(pl_module, self.t, batches, on_input, self._solve, self.eager, self.mode == "sequential",
+                                 self.uniform, self.sums, self.shared.key)
 
     def _solve(self, names: list[str]) -> None:
         """Solve and apply the masks of `names` from the sums (collective), then empty the sums."""

@@ -1,5 +1,6 @@
-"""Work the calibration no longer repeats, with the same bits: a probed forward wanted only for its attention mass
-stops at the last attention call, and Linears fed the very same input (q/k/v, gate/up) share one statistic."""
+"""Work and memory the calibration no longer spends, with the same bits: a probed forward wanted only for its attention
+mass stops at the last attention call, Linears fed the very same input (q/k/v, gate/up) share one statistic, and
+calibration from cached block inputs folds each completed reduction slot into the total."""
 from __future__ import annotations
 
 import lightning as L
@@ -46,14 +47,14 @@ class LastBlockCalls(L.Callback):
             self.at_epoch_end = self.calls
 
 
-def _fit(tmp_path, method="sink_sparsegpt", flavor="default", **prune_kwargs):
+def _fit(tmp_path, method="sink_sparsegpt", flavor="default", batch_size=2, **prune_kwargs):
     module = DLMModule(pretrained="tiny-llada", timesteps=2, seed=0)
     counter, prune = LastBlockCalls(), PruneCallback(method=method, sparsity=0.5, flavor=flavor, **prune_kwargs)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
                         callbacks=[counter, SinkStatsCallback(record=False, heatmap=False), prune])
     data = [{"input_ids": w, "index": i, "keep": torch.zeros_like(w, dtype=torch.bool)} for i, w in enumerate(_windows())]
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=2))
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=batch_size))
     weights = {n: m.weight.detach().clone() for n, m in prune.layers.items()}
     return prune, weights, counter
 
@@ -124,3 +125,43 @@ def test_take_each_shares_a_total_and_frees_it():
     assert [n for n, _ in pairs] == ["a", "b", "c"]
     assert pairs[0][1] is pairs[1][1] and torch.equal(pairs[0][1], torch.full((2,), 3.0, dtype=torch.float64))
     assert pairs[2][1] is None and "a" not in sums.sums
+
+
+def test_slot_folding_gives_the_same_totals():
+    g = torch.Generator().manual_seed(0)
+    values = [torch.randn(3, 3, generator=g) for _ in range(7)]
+    plain, folded = SlotSums(4), SlotSums(4)
+    for sums in (plain, folded):
+        for sid in sorted(range(7), key=lambda s: s % 4):  # slot by slot
+            sums.accumulator("h", sid, (3, 3)).add_(values[sid])
+            if sums is folded and (sid + 4 >= 7):  # the slot's last sample
+                sums.fold(["h"], sid % 4 + 1)
+    assert not folded.sums["h"], "every slot should have been folded and freed"
+    assert torch.equal(plain.total("h"), folded.total("h"))
+    assert torch.equal(plain.take("h"), folded.take("h"))
+    with pytest.raises(RuntimeError, match="folded"):
+        late = SlotSums(4)
+        late.accumulator("h", 0, (3, 3))
+        late.fold(["h"], 1)
+        late.accumulator("h", 4, (3, 3))  # slot 0 again
+
+
+def test_cached_calibration_folds_slots_without_changing_a_bit(tmp_path, monkeypatch):
+    live = []
+    accumulator = SlotSums.accumulator
+
+    def counting(self, key, sample_id, *args, **kwargs):
+        out = accumulator(self, key, sample_id, *args, **kwargs)
+        live.append(len(self.sums[key]))
+        return out
+
+    monkeypatch.setattr(SlotSums, "accumulator", counting)
+    folded, weights_folded, _ = _fit(tmp_path / "folded", "sink_sparsegpt", "reference", batch_size=1)
+    assert max(live) == 1, "slot by slot, one slot of a layer alive at a time"
+    live.clear()
+    monkeypatch.setattr(SlotSums, "fold", lambda self, keys, upto: None)
+    kept, weights_kept, _ = _fit(tmp_path / "kept", "sink_sparsegpt", "reference", batch_size=1)
+    assert max(live) == 4  # 4 windows in 8 slots: every window its own slot, all alive until the solve
+    for name in kept.masks:
+        assert torch.equal(folded.masks[name], kept.masks[name]), name
+        assert torch.equal(weights_folded[name], weights_kept[name]), name

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from types import SimpleNamespace
 
 import yaml
 
@@ -31,9 +32,9 @@ from rich.table import Table  # noqa: E402
 
 from tests.runs import tiny_config  # noqa: E402
 
-# LLaDA-8B-Base: 32 blocks, d_model 4096, MLP 12288; per block q/k/v/attn_out/ff_proj/up_proj take 4096
-# inputs and ff_out takes 12288.
-LLADA_8B_BLOCK_INPUTS = [4096] * 6 + [12288]
+# LLaDA-8B-Base: 32 blocks, d_model 4096, MLP 12288; per block q/k/v (one shared input), attn_out and ff_proj/up_proj
+# (one shared input) take 4096 inputs and ff_out takes 12288: one statistic per distinct input (callbacks/layers.py).
+LLADA_8B_BLOCK_INPUTS = [4096] * 3 + [12288]
 LLADA_8B_BLOCKS = 32
 
 
@@ -74,11 +75,16 @@ def main():
 
     import torch
 
+    from callbacks.layers import SharedInputs
     from pipeline.model.calibration import find_blocks
     from pipeline.model.loading import load_dlm
 
-    model, _ = load_dlm(args.model)
-    block_inputs = [[m.in_features for m in block.modules() if isinstance(m, torch.nn.Linear)] for _, block in find_blocks(model)]
+    model, tokenizer = load_dlm(args.model)
+    blocks = find_blocks(model)
+    layers = {f"{p}.{n}": m for p, b in blocks for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)}
+    holder = SimpleNamespace(model=model.eval(), mask_token_id=tokenizer.mask_token_id)
+    shared = SharedInputs.find(holder, layers, blocks[-1][1], eager=True)  # layers fed one tensor keep one statistic
+    block_inputs = [[layers[n].in_features for n in layers if n.startswith(f"{p}.") and n not in shared.members] for p, _ in blocks]
     del model
     slots = min(8, args.nsamples)  # a slot holds a statistic only once a sample reaches it
     rows, console = [], Console(width=150)

@@ -1,6 +1,7 @@
 """How the calibration passes run: the hooked forward (PruneCallback's own, when it cannot reuse the probe's), the
-inputs captured from the probe's forward (when it can), the compile stance they run in, and each sample's sink scores averaged over the timesteps (s̄, the reference's
-SparseGPT), collected in the calibration epoch for the passes from cached block inputs (callbacks/cached.py)."""
+inputs captured off the probe's forward (when it can), the compile stance they run in, and each sample's sink scores
+averaged over the timesteps (s̄, the reference's SparseGPT), collected in the calibration epoch for the passes from
+cached block inputs (callbacks/cached.py)."""
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -75,7 +75,7 @@ def main():
 
     import torch
 
-    from callbacks.layers import SharedInputs
+    from callbacks.shared import SharedInputs
     from pipeline.model.calibration import find_blocks
     from pipeline.model.loading import load_dlm
 

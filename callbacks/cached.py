@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from callbacks.schedule import eager_stance
-from pipeline.model.calibration import NoisedBatch, StopForward, find_blocks, forward_through_blocks
+from pipeline.model.calibration import NoisedBatch, StopForward, find_blocks, forward_through_blocks, mask_window
 
 _CACHE_KEYS = ("layer_past", "past_key_value", "past_key_values")  # a block must not write into a shared KV cache
 
@@ -112,7 +112,7 @@ def uniform_block_calls(pl_module, eager: bool = True) -> bool:
     """True when every block is called with the same arguments besides the hidden states (one short dense
     forward): then block i can run from block i−1's cached outputs."""
     blocks = [b for _, b in find_blocks(pl_module.model)]
-    ids = torch.full((1, 8), int(pl_module.mask_token_id), dtype=torch.long, device=pl_module.device)
+    ids = mask_window(pl_module)
     with torch.no_grad(), eager_stance(eager):
         calls = block_calls(pl_module, ids, None, blocks)
     def rest(call):  # everything but the hidden states

@@ -16,7 +16,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks import moe
-from callbacks.schedule import hooked_forward
 from pipeline.maths import sparsity as sp
 from pipeline.model.calibration import find_blocks
 
@@ -190,58 +189,3 @@ def routed_tokens(experts: dict, name: str) -> torch.Tensor | None:
     """For a Linear inside an MoE expert, called from its hook: the flat [B·L] token index of each input row."""
     expert = experts.get(name)
     return None if expert is None else moe.checked_tokens(expert[1], name)
-
-
-class SharedInputs:
-    """Targeted Linears that the model feeds the very same input tensor (LLaDA's q/k/v projections, a gated MLP's
-    gate/up): the statistic is computed once, on the group's first layer to run (its *leader*), and the others read
-    the leader's total.  Bit-identical to computing each: the same input through the same operations.
-
-    The groups come from one short dense forward (`find`), where every input is held, so two layers share a group
-    only if their inputs are the same memory at the same time; a layer that runs more than once per forward is
-    never grouped.  In calibration each member's input is checked against its leader's (held until the next)."""
-
-    def __init__(self, members: dict[str, str] | None = None):
-        self.members = members or {}             # member -> leader
-        self.leaders = set(self.members.values())
-        self.held: dict[str, torch.Tensor] = {}  # leader -> its latest input
-
-    @classmethod
-    def find(cls, pl_module, layers: dict[str, torch.nn.Linear], stop_after: torch.nn.Module, eager: bool) -> "SharedInputs":
-        """From one forward of 8 mask tokens through `stop_after` (the last targeted block)."""
-        inputs: dict[str, list[torch.Tensor]] = {}
-        ids = torch.full((1, 8), int(pl_module.mask_token_id), dtype=torch.long, device=next(pl_module.model.parameters()).device)
-        with torch.no_grad():
-            hooked_forward(pl_module, layers, list(layers), lambda n, x: inputs.setdefault(n, []).append(x), ids, None,
-                           stop_after, eager)
-        members, first_of = {}, {}
-        for name, xs in inputs.items():  # in the order the layers ran
-            if len(xs) == 1:
-                leader = first_of.setdefault(_memory(xs[0]), name)
-                if leader != name:
-                    members[name] = leader
-        return cls(members)
-
-    def key(self, name: str) -> str:
-        """The name under which `name`'s statistic is summed."""
-        return self.members.get(name, name)
-
-    def is_copy(self, name: str, x: torch.Tensor) -> bool:
-        """True when `name` is a member (its statistic is its leader's); notes a leader's input."""
-        leader = self.members.get(name)
-        if leader is None:
-            if name in self.leaders:
-                self.held[name] = x
-            return False
-        held = self.held.get(leader)
-        if held is None or _memory(held) != _memory(x):
-            raise RuntimeError(f"prune: {name} took a different input than {leader} in this forward, unlike in the "
-                               "short forward at the start of the run; the model's forward is not deterministic in structure")
-        return True
-
-    def release(self) -> None:
-        self.held.clear()
-
-
-def _memory(x: torch.Tensor) -> tuple:
-    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x.device)

@@ -16,8 +16,9 @@ from callbacks.reduction import SlotSums
 from callbacks.cached import RecordedBatches, calibrate_from_cache, uniform_block_calls
 from callbacks.schedule import MeanSinkScores, ProbedInputs, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
-from callbacks.layers import (SharedInputs, Targets, accumulate, compile_patterns, count_expert_tokens, find_targets,
-                              load_masks, reapply, routed_tokens, solve_layers)
+from callbacks.layers import Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks, reapply
+from callbacks.layers import routed_tokens, solve_layers
+from callbacks.shared import SharedInputs
 from pipeline.maths import sparsity as sp
 from pipeline.model.calibration import NoisedBatch
 from pipeline.run.phase import phase
@@ -95,8 +96,7 @@ class PruneCallback(Callback):
     @override
     def on_train_start(self, trainer, pl_module) -> None:
         self.info["timings"]["calibration_start"] = time.time()
-        if self.masks_from:
-            self.masks = load_masks(self.masks_from, self.layers)
+        self.masks = load_masks(self.masks_from, self.layers) if self.masks_from else self.masks
 
     def _active_layers(self, epoch: int) -> list[str]:
         if self.masks_from or not self.pruner.statistic or self.cached:

@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 
-from pipeline.model.calibration import NoisedBatch, calibration_forward, find_blocks, forward_through_blocks, last_block
+from pipeline.model.calibration import (NoisedBatch, calibration_forward, find_blocks, forward_through_blocks, last_block,
+                                        mask_window)
 from callbacks.reduction import gather_records
 from pipeline.maths.attention import AttentionMassProbe
 from pipeline.run.outputs import AtomicDir
@@ -57,13 +58,13 @@ class SinkStatsCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Fail in seconds, not after the dense scoring, when the probe cannot see the model's attention."""
-        ids = torch.full((1, 8), int(pl_module.mask_token_id), dtype=torch.long, device=pl_module.device)
+        ids = mask_window(pl_module)
         with torch.no_grad(), AttentionMassProbe(chunk_size=self.chunk_size) as probe:
             calibration_forward(pl_module, ids)
         probe.require_attention(pl_module.model)
         self._stop_after = last_block(pl_module.model)  # the probed forwards need no LM head
-        # one attention call per block: a forward wanted for its mass alone may stop at the last one, once a whole
-        # forward of a calibration window has made that many calls (`_count_calls`)
+        # one attention call per block: a forward wanted for its mass alone may stop at the last one, once the first
+        # whole forward of a calibration window has made that many calls too (on_noised_batch_start)
         self._last_call = probe.calls if probe.calls == len(find_blocks(pl_module.model)) else None
         self._calls_checked = False
 

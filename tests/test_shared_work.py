@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.layers import SharedInputs
+from callbacks.shared import SharedInputs
 from callbacks.prune import PruneCallback
 from callbacks.reduction import SlotSums
 from callbacks.sink_stats import SinkStatsCallback

@@ -85,6 +85,13 @@ def reference_noised_batches(batch: dict, timesteps: list[float], mask_token_id:
         yield NoisedBatch(noisy, x0, masked, float(t), step, sample_ids, batch.get("attention_mask"))
 
 
+def mask_window(module, length: int = 8) -> torch.Tensor:
+    """[1, length] mask tokens on the model's device: the short forward the callbacks run at fit start to learn the
+    model's structure (attention calls, block arguments, shared layer inputs)."""
+    device = next(module.model.parameters()).device
+    return torch.full((1, length), int(module.mask_token_id), dtype=torch.long, device=device)
+
+
 def calibration_forward(module, input_ids, attention_mask=None):
     """The module's `calibration_forward` if it has one, else `loading.dlm_forward(module.model, ...)`."""
     fn = getattr(module, "calibration_forward", None)

@@ -33,7 +33,7 @@ from rich.table import Table  # noqa: E402
 from tests.runs import tiny_config  # noqa: E402
 
 # LLaDA-8B-Base: 32 blocks, d_model 4096, MLP 12288; per block q/k/v (one shared input), attn_out and ff_proj/up_proj
-# (one shared input) take 4096 inputs and ff_out takes 12288: one statistic per distinct input (callbacks/layers.py).
+# (one shared input) take 4096 inputs and ff_out takes 12288: one statistic per distinct input (callbacks/shared.py).
 LLADA_8B_BLOCK_INPUTS = [4096] * 3 + [12288]
 LLADA_8B_BLOCKS = 32
 
@@ -73,15 +73,12 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.5)
     args = ap.parse_args()
 
-    import torch
-
     from callbacks.shared import SharedInputs
-    from pipeline.model.calibration import find_blocks
+    from pipeline.model.calibration import find_blocks, target_linears
     from pipeline.model.loading import load_dlm
 
     model, tokenizer = load_dlm(args.model)
-    blocks = find_blocks(model)
-    layers = {f"{p}.{n}": m for p, b in blocks for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)}
+    blocks, layers = find_blocks(model), target_linears(model)
     holder = SimpleNamespace(model=model.eval(), mask_token_id=tokenizer.mask_token_id)
     shared = SharedInputs.find(holder, layers, blocks[-1][1], eager=True)  # layers fed one tensor keep one statistic
     block_inputs = [[layers[n].in_features for n in layers if n.startswith(f"{p}.") and n not in shared.members] for p, _ in blocks]

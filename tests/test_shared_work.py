@@ -12,7 +12,7 @@ from callbacks.prune import PruneCallback
 from callbacks.reduction import SlotSums
 from callbacks.sink_stats import SinkStatsCallback
 from pipeline.maths.attention import AttentionMassProbe
-from pipeline.model.calibration import find_blocks, forward_through_blocks
+from pipeline.model.calibration import find_blocks, forward_through_blocks, target_linears
 from pipeline.model.module import DLMModule
 
 
@@ -79,7 +79,7 @@ def test_probe_with_last_call_gives_the_same_mass_and_skips_the_rest():
 def test_shared_inputs_on_tiny_llada():
     module = _module()
     blocks = find_blocks(module.model)
-    layers = {f"{p}.{n}": m for p, b in blocks for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)}
+    layers = target_linears(module.model)
     shared = SharedInputs.find(module, layers, blocks[-1][1], eager=True)
     expected = {}
     for prefix, _ in blocks:

@@ -139,7 +139,21 @@ def run_reference(ref: Path, ckpt: Path, windows, method: str, seed: int, timest
     seconds = time.perf_counter() - t0
     masks = {f"{n}": (m.weight == 0).cpu() for n, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and ".blocks." in n}
-    return seconds, before, masks
+    return seconds, before, masks, weights_digest(model)
+
+
+def weights_digest(model) -> str:
+    """sha256 over every block Linear's name and weight bytes, in name order: equal digests = the same pruned model."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for n, m in sorted(model.named_modules(), key=lambda item: item[0]):
+        if isinstance(m, torch.nn.Linear) and ".blocks." in n:
+            h.update(n.encode())
+            h.update(m.weight.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def run_project(ckpt: Path, windows, method: str, seed: int, timesteps: int, mode: str, workdir: Path,
@@ -165,7 +179,7 @@ def run_project(ckpt: Path, windows, method: str, seed: int, timesteps: int, mod
     trainer.fit(module, train_dataloaders=loader)
     seconds = time.time() - prune.info["timings"]["calibration_start"]  # calibration + masks, model loading excluded
     masks = {n: m.to(torch.bool) for n, m in prune.masks.items()}
-    return seconds, before, masks
+    return seconds, before, masks, weights_digest(module.model)
 
 
 def worker(a) -> None:
@@ -175,13 +189,14 @@ def worker(a) -> None:
     windows = torch.load(a.windows)
     with tempfile.TemporaryDirectory() as tmp:
         if a.side == "reference":
-            seconds, before, masks = run_reference(reference_dir(), Path(a.ckpt), windows, a.method, a.seed, a.timesteps)
+            seconds, before, masks, digest = run_reference(reference_dir(), Path(a.ckpt), windows, a.method, a.seed, a.timesteps)
         else:
-            seconds, before, masks = run_project(Path(a.ckpt), windows, a.method, a.seed, a.timesteps, a.mode, Path(tmp),
+            seconds, before, masks, digest = run_project(Path(a.ckpt), windows, a.method, a.seed, a.timesteps, a.mode, Path(tmp),
                                                  a.flavor, a.single_pass, a.noise, a.eager)
     peak = _rss_mib("VmHWM")
     torch.save(masks, a.out)
-    Path(a.out + ".json").write_text(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "rss_before_mib": before}))
+    Path(a.out + ".json").write_text(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "rss_before_mib": before,
+                                                 "weights_sha256": digest}))
 
 
 # --- the comparison (parent) -----------------------------------------------------------------------------------
@@ -215,14 +230,16 @@ def spawn(a, side: str, method: str, seqlen: int, seed: int, cache: Path, tag: s
     return {**json.loads(Path(out + ".json").read_text()), "masks": out}
 
 
-def agreement(a_path: str, b_path: str) -> float:
+def agreement(a_path: str, b_path: str) -> tuple[float, int]:
+    """(fraction of equal mask entries, number of differing entries) over every pruned Linear."""
     import torch
 
     a, b = torch.load(a_path), torch.load(b_path)
     if set(a) != set(b):
         raise RuntimeError(f"the two sides pruned different layers: {sorted(set(a) ^ set(b))[:4]}")
     same = sum(int((a[n] == b[n]).sum()) for n in a)
-    return same / sum(a[n].numel() for n in a)
+    total = sum(a[n].numel() for n in a)
+    return same / total, total - same
 
 
 def _configs_for(a, method: str) -> list[str]:
@@ -246,7 +263,8 @@ def measure(a, method: str, seqlen: int) -> list[dict]:
     ref_masks = runs[("reference", None, "warm")][0]["masks"]
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
     rss = {k: statistics.median(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
-    floor_agreement = agreement(floor["masks"], ref_masks)
+    floor_agreement = agreement(floor["masks"], ref_masks)[0]
+    ref_digest = runs[("reference", None, "warm")][0]["weights_sha256"]
     rows = []
     for config in _configs_for(a, method):
         flavor, mode, noise = CONFIGS[config]
@@ -256,11 +274,26 @@ def measure(a, method: str, seqlen: int) -> list[dict]:
             "project_cold_s": med[("project", config, "cold")], "reference_cold_s": med[("reference", None, "cold")],
             "project_warm_s": med[("project", config, "warm")], "reference_warm_s": med[("reference", None, "warm")],
             "project_peak_rss_mib": rss[("project", config, "warm")], "reference_peak_rss_mib": rss[("reference", None, "warm")],
-            "agreement": None if config == "probes-only" else agreement(runs[("project", config, "warm")][0]["masks"], ref_masks),
+            **_agreement_fields(runs[("project", config, "warm")][0] if config != "probes-only" else None, ref_masks, ref_digest),
             "floor": floor_agreement,
             "seconds_all": {f"{s}/{k}": [round(r["seconds"], 3) for r in v] for (s, c, k), v in runs.items() if c in (None, config)},
         })
     return rows
+
+
+def _agreement_fields(run: dict | None, ref_masks: str, ref_digest: str) -> dict:
+    if run is None:
+        return {"agreement": None, "mask_differences": None, "weights_identical": None}
+    fraction, differences = agreement(run["masks"], ref_masks)
+    return {"agreement": fraction, "mask_differences": differences, "weights_identical": run["weights_sha256"] == ref_digest}
+
+
+def _agree_text(r: dict) -> str:
+    if r["agreement"] is None:
+        return "—"
+    if r.get("mask_differences") == 0:
+        return "identical" + (" (+weights)" if r.get("weights_identical") else "")
+    return f"{r['agreement']:.2%}" + (f" ({r['mask_differences']} differ)" if r.get("mask_differences") else "")
 
 
 def main() -> None:
@@ -333,7 +366,7 @@ def render_row(r: dict) -> str:
     cold = f"{r['project_cold_s']:.2f}/{r['reference_cold_s']:.2f} = {r['project_cold_s'] / r['reference_cold_s']:.2f}x"
     warm = f"{r['project_warm_s']:.2f}/{r['reference_warm_s']:.2f} = {r['project_warm_s'] / r['reference_warm_s']:.2f}x"
     rss = f"{r['project_peak_rss_mib']:.0f}/{r['reference_peak_rss_mib']:.0f} = {r['project_peak_rss_mib'] / r['reference_peak_rss_mib']:.2f}x"
-    agree = "—" if r["agreement"] is None else f"{r['agreement']:.2%}"
+    agree = _agree_text(r)
     return (f"{r['T']:>4} {r['method']:15} {r.get('config', r['flavor']):19} {cold:>28} {warm:>28} {rss:>24} "
             f"{agree:>10} {r['floor']:>9.2%}")
 
@@ -359,7 +392,7 @@ def render_markdown(rows: list[dict], args: dict) -> str:
             f"{r['project_cold_s']:.2f} / {r['reference_cold_s']:.2f} s (**{r['project_cold_s'] / r['reference_cold_s']:.2f}×**) | "
             f"{r['project_warm_s']:.2f} / {r['reference_warm_s']:.2f} s (**{r['project_warm_s'] / r['reference_warm_s']:.2f}×**) | "
             f"{r['project_peak_rss_mib'] / r['reference_peak_rss_mib']:.2f}× ({r['project_peak_rss_mib']:.0f} MiB) | "
-            f"{'—' if r['agreement'] is None else format(r['agreement'], '.2%')} | {r['floor']:.2%} |")
+            f"{_agree_text(r)} | {r['floor']:.2%} |")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.reduction import SlotSums
+from callbacks.reduction import SlotSums, default_slots
 from callbacks.cached import RecordedBatches, calibrate_from_cache, uniform_block_calls
 from callbacks.schedule import MeanSinkScores, ProbedInputs, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
@@ -34,8 +34,7 @@ class PruneCallback(Callback):
         n_m: semi-structured pattern "N:M" (N zeros in every M consecutive inputs), e.g. "2:4".
         targets / ignore: regexes on module names that select / drop Linear layers inside the blocks.
         mode: "oneshot" or "sequential" (block by block, on the outputs of the pruned blocks before it).
-        blocksize / percdamp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).
-        reduction_slots: fixed slots for DDP-exact sums (window i goes to slot i mod reduction_slots).
+        blocksize / percdamp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).  reduction_slots: slots for DDP-exact sums (window i → slot i mod it); default 8, 1 for noise_order=reference.
         masks_from: a previous run's output folder: apply its masks.safetensors instead of calibrating.
         single_pass: read the Linear inputs of SinkStatsCallback's probed forward, no second forward (bit-identical).
         use_variant: the reference's Wanda variant (alpha bisected per row); wanda, flavor=reference only.
@@ -45,7 +44,7 @@ class PruneCallback(Callback):
 
     def __init__(self, method: str = "sink_wanda", sparsity: float | None = None, n_m: str | None = None,
                  targets: list[str] | None = None, ignore: list[str] | None = None, mode: str = "oneshot",
-                 blocksize: int = 128, percdamp: float = 0.01, reduction_slots: int = 8, masks_from: str | None = None,
+                 blocksize: int = 128, percdamp: float = 0.01, reduction_slots: int | None = None, masks_from: str | None = None,
                  single_pass: bool = True, flavor: str = "default", eager: bool = True, use_variant: bool = False):
         self.n_m = sp.parse_n_m(n_m) if method in METHODS else None
         if method in METHODS and sparsity is None and self.n_m is None:
@@ -64,8 +63,8 @@ class PruneCallback(Callback):
         self.t, self.sums, self.info, self.masks = Targets(), None, {"timings": {}}, {}  # masks: True = pruned
         self.shared, self.probed = SharedInputs(), ProbedInputs()
         self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
-        self.updated, self._resumed = set(), {}  # layers SparseGPT updated; weights to restore on resume
-        self.expert_tokens: dict[str, int] = {}            # expert name -> calibration tokens routed to it
+        # layers SparseGPT updated; weights to restore on resume; expert name -> calibration tokens routed to it
+        self.updated, self._resumed, self.expert_tokens = set(), {}, {}
 
     layers = property(lambda self: self.t.layers)  # name -> targeted nn.Linear
     pruned_weights = property(lambda self: {n: self.layers[n].weight.detach().cpu() for n in sorted(self.updated)})
@@ -77,6 +76,7 @@ class PruneCallback(Callback):
             raise ValueError(f"prune method={self.method} needs a SinkStatsCallback listed before PruneCallback in trainer.callbacks")
         if self.masks_from and not (Path(self.masks_from).expanduser() / "masks.safetensors").is_file():
             raise FileNotFoundError(f"prune masks_from={self.masks_from}: no masks.safetensors there; point it at a previous run's output_dir")
+        self.reduction_slots = default_slots(self.reduction_slots, trainer.world_size, pl_module)
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:

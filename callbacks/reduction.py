@@ -7,6 +7,8 @@ same samples in the same order on any world size; the final sum adds slots 0..G-
 Memory: G / world_size copies of the statistic per rank (Hessian slots are float32, summed in float64).  A single
 process that fills the slots one after another (calibration from cached block inputs, each batch in one slot) folds
 each completed slot into the float64 total at once (`fold`): the same additions in the same order, one slot alive.
+A key filled through `running` holds a running mean per slot (the reference's SparseGPT Hessian): its total is
+Σ_g n_g·mean_g / Σ_g n_g, which is the one slot's mean itself, bit for bit, when a single slot holds every sample.
 """
 from __future__ import annotations
 
@@ -14,6 +16,13 @@ import torch
 import torch.distributed as dist
 
 from pipeline.run.strategy import dist_ready
+
+
+def default_slots(slots: int | None, world_size: int, pl_module) -> int:
+    """The user's count, else 8; 1 in one process with DLMModule(noise_order="reference"): one running statistic
+    over every window in order, as the reference keeps it (its bits)."""
+    bitwise = world_size == 1 and getattr(pl_module, "hparams", {}).get("noise_order") == "reference"
+    return slots or (1 if bitwise else 8)
 
 
 def world() -> tuple[int, int]:
@@ -32,6 +41,7 @@ class SlotSums:
         self.owned = [g for g in range(slots) if g % size == rank]
         self.sums: dict[str, dict[int, torch.Tensor]] = {}
         self.folded: dict[str, tuple[int, torch.Tensor | None]] = {}  # key -> (slots < this are in the total, total)
+        self.counts: dict[str, dict[int, int]] = {}  # running-mean keys: key -> slot -> samples in its mean
 
     def slot_of(self, sample_id: int) -> int:
         return sample_id % self.slots
@@ -44,6 +54,14 @@ class SlotSums:
             raise RuntimeError(f"sample {sample_id} reached slot {slot} of {key} after that slot was folded into the total")
         return slot
 
+    def _term(self, key: str, slot: int, value: torch.Tensor) -> torch.Tensor:
+        """A slot's float64 term of the total: the slot itself, or n_g · mean_g for a running-mean key."""
+        out = value.to(torch.float64, copy=True)
+        return out.mul_(self.counts[key][slot]) if key in self.counts else out
+
+    def _finish(self, key: str, out: torch.Tensor | None) -> torch.Tensor | None:
+        return out.div_(sum(self.counts[key].values())) if out is not None and key in self.counts else out
+
     def fold(self, keys: list[str], upto: int) -> None:
         """Single process: slots < upto of each key are complete; add them to its float64 total (slot order, as
         `total` does) and free them.  A no-op under DDP, where `total` gathers the slots from their ranks."""
@@ -55,7 +73,8 @@ class SlotSums:
             for g in range(done, upto):
                 if g in per_key:
                     slot = per_key.pop(g)
-                    out = slot.to(torch.float64, copy=True) if out is None else out.add_(slot)  # (= out + slot, bitwise)
+                    term = self._term(key, g, slot)
+                    out = term if out is None else out.add_(term)  # (= out + term, bitwise)
             self.folded[key] = (max(done, upto), out)
 
     def accumulator(self, key: str, sample_id: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -65,6 +84,15 @@ class SlotSums:
         if slot not in per_key:
             per_key[slot] = torch.zeros(shape, dtype=dtype, device=device)
         return per_key[slot]
+
+    def running(self, key: str, sample_id: int, shape, device=None) -> tuple[torch.Tensor, int]:
+        """(the float32 running mean of sample_id's slot, the samples already in it); counts this sample in."""
+        acc = self.accumulator(key, sample_id, shape, device=device)
+        per_slot = self.counts.setdefault(key, {})
+        slot = self.slot_of(sample_id)
+        seen = per_slot.get(slot, 0)
+        per_slot[slot] = seen + 1
+        return acc, seen
 
     def add(self, key: str, sample_id: int, value: torch.Tensor) -> None:
         slot = self._slot(sample_id, key)
@@ -85,17 +113,21 @@ class SlotSums:
         dist.all_gather_object(shapes, None if template is None else (tuple(template.shape), template.dtype))
         shape, dtype = next(s for s in shapes if s is not None)
         device = template.device if template is not None else torch.device("cpu")
-        out = None
+        out, count, running = None, 0, False
         for g in range(self.slots):
             owner = g % size
-            present = torch.tensor([1 if g in per_key else 0], device=device)
+            # 1: a plain slot; -n: a running mean of n samples; 0: no such slot
+            flag = (-self.counts[key][g] if key in self.counts else 1) if g in per_key else 0
+            present = torch.tensor([flag], device=device)
             dist.broadcast(present, src=owner)
-            if not present.item():
+            n = int(present.item())
+            if not n:
                 continue
             buf = per_key[g].clone() if g in per_key else torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(buf, src=owner)
-            out = buf.to(torch.float64) if out is None else out + buf
-        return out
+            term = buf.to(torch.float64) * -n if n < 0 else buf
+            out, count, running = (term.to(torch.float64) if out is None else out + term), count - n, running or n < 0
+        return out / count if running and out is not None else out
 
     def _local_total(self, key: str, copy: bool) -> torch.Tensor | None:
         per_key = self.sums.get(key, {})
@@ -103,14 +135,16 @@ class SlotSums:
         out = out.clone() if copy and out is not None else out
         for g in range(done, self.slots):
             if g in per_key:
-                out = per_key[g].to(torch.float64, copy=True) if out is None else out.add_(per_key[g])
-        return out
+                term = self._term(key, g, per_key[g])
+                out = term if out is None else out.add_(term)
+        return self._finish(key, out)
 
     def take(self, key: str) -> torch.Tensor | None:
         """total(key), then the key's slots are freed (collective)."""
         out = self.total(key) if dist_ready() else self._local_total(key, copy=False)
         self.sums.pop(key, None)
         self.folded.pop(key, None)
+        self.counts.pop(key, None)
         return out
 
     def take_each(self, names: list[str], key=lambda name: name):
@@ -129,15 +163,18 @@ class SlotSums:
     def clear(self) -> None:
         self.sums.clear()
         self.folded.clear()
+        self.counts.clear()
 
     def state_dict(self) -> dict:
         return {"slots": self.slots, "sums": {k: {g: t.cpu() for g, t in v.items()} for k, v in self.sums.items()},
-                "folded": {k: (g, None if t is None else t.cpu()) for k, (g, t) in self.folded.items()}}
+                "folded": {k: (g, None if t is None else t.cpu()) for k, (g, t) in self.folded.items()},
+                "counts": {k: dict(v) for k, v in self.counts.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.slots = state["slots"]
         self.sums = {k: dict(v) for k, v in state["sums"].items()}
         self.folded = dict(state.get("folded", {}))
+        self.counts = {k: dict(v) for k, v in state.get("counts", {}).items()}
 
 
 def gather_records(records: dict) -> dict:

@@ -23,6 +23,7 @@ from callbacks.reduction import gather_records
 from pipeline.maths.attention import AttentionMassProbe
 from pipeline.run.outputs import AtomicDir
 from pipeline.evaluation.sink_tables import plot_heatmap, render_timestep_table, positional_warning, summarize_records
+from pipeline.maths import reference
 from pipeline.maths.sinks import mass_statistics, sink_scores, token_kind
 
 
@@ -55,6 +56,7 @@ class SinkStatsCallback(Callback):
         self._stop_after: torch.nn.Module | None = None
         self._last_call: int | None = None
         self._calls_checked = False
+        self._reference_order = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Fail in seconds, not after the dense scoring, when the probe cannot see the model's attention."""
@@ -67,6 +69,8 @@ class SinkStatsCallback(Callback):
         # whole forward of a calibration window has made that many calls too (on_noised_batch_start)
         self._last_call = probe.calls if probe.calls == len(find_blocks(pl_module.model)) else None
         self._calls_checked = False
+        # DLMModule(noise_order="reference") reproduces the reference bit for bit: its mass and score operations too
+        self._reference_order = getattr(pl_module, "hparams", {}).get("noise_order") == "reference"
 
     # --- per noised batch --------------------------------------------------------------------------
     def on_noised_batch_start(self, trainer, pl_module, nb: NoisedBatch) -> None:
@@ -77,7 +81,7 @@ class SinkStatsCallback(Callback):
         read = any(getattr(cb, "reads_probed_forward", lambda epoch: True)(trainer.current_epoch) for cb in consumers)
         last_call = None if read or not self._calls_checked else self._last_call  # None: the whole forward
         with AttentionMassProbe(per_layer=self.per_layer, chunk_size=self.chunk_size, query_weights=valid,
-                                last_call=last_call) as probe:
+                                last_call=last_call, reference_order=self._reference_order) as probe:
             forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask, stop_after=self._stop_after)
         probe.require_attention()
         if not self._calls_checked:  # the first whole forward of a window: the same number of calls as at fit start?
@@ -90,7 +94,10 @@ class SinkStatsCallback(Callback):
                 f"attention mass has NaN/Inf at timestep t={nb.t} (samples {nb.sample_ids}){where}; "
                 "check the model's dtype and inputs"
             )
-        nb.sink_scores = sink_scores(mass, k=self.sink_std, alpha=self.sink_alpha, valid=valid)
+        if self._reference_order and (valid is None or bool(valid.all())):
+            nb.sink_scores = reference.sink_scores(mass, self.sink_std, self.sink_alpha)
+        else:
+            nb.sink_scores = sink_scores(mass, k=self.sink_std, alpha=self.sink_alpha, valid=valid)
         nb.extras["attention_mass"] = mass
         if self.per_layer:
             nb.extras["attention_mass_per_layer"] = probe.per_layer

@@ -45,6 +45,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from pipeline.maths import reference
+
 # Cap on one chunk's float32 score tensor; chunk_size is lowered to fit it for huge B·H·T_k.
 DEFAULT_CHUNK_BYTES = 64 << 20
 
@@ -206,16 +208,19 @@ class AttentionMassProbe:
     last_call: the number of attention calls a forward makes, when only the mass is wanted: the probe records the
     last call and raises AllAttentionSeen instead of running it (that layer's attention output and everything
     after it are never computed; the mass is unchanged).  An outer probe around it does not see that last call.
+    reference_order: each call's mass by the reference's own operations (pipeline/maths/reference.py: its bits, the
+    whole [B, H, T, T] softmax at once) wherever it applies (no padding, no attention mask); chunked elsewhere.
     """
 
     def __init__(self, *, per_layer: bool = False, query_weights: torch.Tensor | None = None, chunk_size: int = 128,
-                 last_call: int | None = None):
+                 last_call: int | None = None, reference_order: bool = False):
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be a positive number of query rows")
         self.keep_per_layer = per_layer
         self.chunk_size = int(chunk_size)
         self.query_weights = query_weights
         self.last_call = last_call
+        self.reference_order = reference_order  # the reference's own ops (no padding, no mask): its bits, not chunked
         self.mass: torch.Tensor | None = None
         self.per_layer: list[torch.Tensor] = []
         self.calls = 0
@@ -241,9 +246,12 @@ class AttentionMassProbe:
                 f"query_weights has shape {tuple(weights.shape)} but this attention call has "
                 f"[batch, queries] = [{query.shape[0]}, {query.shape[-2]}]"
             )
-        layer_mass = attention_mass(
-            query, key, attn_mask, bool(is_causal), scale, query_weights=weights, chunk_size=self.chunk_size
-        )
+        if self.reference_order and (weights is None or bool(weights.all())) and attn_mask is None and not is_causal:
+            layer_mass = reference.attention_mass(query, key, scale)
+        else:
+            layer_mass = attention_mass(
+                query, key, attn_mask, bool(is_causal), scale, query_weights=weights, chunk_size=self.chunk_size
+            )
         if self.mass is None:
             self.mass = layer_mass.clone()
         elif self.mass.shape != layer_mass.shape:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.maths import reference as rf
 from pipeline.maths import sparsity as sp
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt")
@@ -133,7 +134,7 @@ class ReferenceMagnitude(Pruner):
     flavor = "reference"
 
     def solve(self, weight, stat):
-        return PruneResult(sp.layerwise_magnitude_mask(weight, self.sparsity, self.n_m))
+        return PruneResult(rf.layerwise_magnitude_mask(weight, self.sparsity, self.n_m))
 
 
 class ReferenceWanda(Wanda):
@@ -145,7 +146,7 @@ class ReferenceWanda(Wanda):
     def solve(self, weight, stat):
         if not self.use_variant:
             return super().solve(weight, stat)
-        mask, alpha = sp.wanda_variant_mask(sp.wanda_scores(weight.float(), stat.to(weight.device)), self.sparsity)
+        mask, alpha = rf.wanda_variant_mask(sp.wanda_scores(weight.float(), stat.to(weight.device)), self.sparsity)
         return PruneResult(mask, info={"alpha": alpha})
 
 
@@ -168,15 +169,21 @@ class ReferenceSinkWanda(Wanda):
 
 
 class ReferenceSparseGPT(SparseGPT):
-    """The reference's `prune_sparsegpt`: clean windows, layer-sequential, unstructured masks with one threshold
-    per 128-column block over all rows (its `fasterprune`); damping percdamp · mean diag."""
+    """The reference's `prune_sparsegpt`: clean windows, layer-sequential; SparseGPT's running-average float32 Hessian
+    (one window at a time, a running mean per reduction slot) and its `fasterprune` (pipeline/maths/reference.py: one
+    threshold per 128-column block over all rows, damping percdamp · mean diag).  With one slot, the reference's bits."""
     flavor, mode, inputs = "reference", "sequential", "clean"
-    threshold = "block"  # sparsegpt_prune's unstructured rule ("row": the same count from every row)
+    threshold = "block"  # fasterprune's unstructured rule ("row": the same count from every row, an ablation)
+
+    def add(self, sums, name, sample_id, xb, wb, value=None):
+        d = xb.shape[-1]
+        acc, seen = sums.running(name, sample_id, (d, d), device=xb.device)
+        rf.add_running_hessian_(acc, seen, xb, wb)
+        return bool(torch.isfinite(acc.diagonal()).all())
 
     def solve(self, weight, stat):
-        new_weight, mask, info = sp.sparsegpt_prune(weight, stat.to(weight.device), sparsity=self.sparsity, n_m=self.n_m,
-                                                    blocksize=self.blocksize, percdamp=self.percdamp,
-                                                    threshold=self.threshold)
+        new_weight, mask, info = rf.fasterprune(weight, stat.to(weight.device), sparsity=self.sparsity, n_m=self.n_m,
+                                                blocksize=self.blocksize, percdamp=self.percdamp, threshold=self.threshold)
         return PruneResult(mask, new_weight, info)
 
 
@@ -226,7 +233,7 @@ def check_prune_args(method, sparsity, n_m_text, n_m, mode, blocksize, percdamp,
     if mode not in ("oneshot", "sequential"):
         raise ValueError(f"prune mode={mode!r} is unknown; use 'oneshot' or 'sequential'")
     for name, value in (("reduction_slots", reduction_slots), ("blocksize", blocksize)):
-        if not isinstance(value, int) or value < 1:
+        if (value is not None or name == "blocksize") and (not isinstance(value, int) or value < 1):
             raise ValueError(f"prune {name}={value!r} must be an integer >= 1 (default {128 if name == 'blocksize' else 8})")
     if not (isinstance(percdamp, (int, float)) and 0.0 <= percdamp < 1.0):
         raise ValueError(f"prune percdamp={percdamp!r} must be in [0, 1): the Hessian damping as a fraction of its mean diagonal (default 0.01)")

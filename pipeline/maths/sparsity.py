@@ -218,47 +218,6 @@ def select_mask(scores: torch.Tensor, sparsity: float | None = None, n_m=None) -
     return _lowest_per_row(scores, int(scores.shape[1] * sparsity))
 
 
-def blockwise_threshold(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """The reference's shared threshold: sorted(scores.flatten())[int(numel · sparsity)] (prune scores ≤ it)."""
-    flat = scores.flatten()
-    index = min(int(flat.numel() * sparsity), flat.numel() - 1)
-    return torch.kthvalue(flat, index + 1).values
-
-
-def wanda_variant_mask(metric: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, float]:
-    """Wanda's `use_variant` (the reference's `prune_wanda`, `return_given_alpha`): per row, prune the weights whose
-    cumulative sorted metric is ≤ alpha · (row sum); alpha bisected on [0, 0.8] from 0.4 until the layer's sparsity is
-    within 0.001 of the target (or the interval is under 0.001).  Returns (mask, alpha)."""
-    sorted_metric = torch.sort(metric, dim=-1, stable=True).values
-    cumulative = torch.cumsum(sorted_metric, dim=1)
-    row_sum = metric.sum(dim=1)
-
-    def given(alpha: float):
-        count = (cumulative <= (row_sum * alpha).reshape(-1, 1)).sum(dim=1, keepdim=True)
-        # a row with no weight under the threshold prunes nothing (the reference's gather at index -1 would fail)
-        mask = (metric <= torch.gather(sorted_metric, 1, (count - 1).clamp_min(0))) & (count > 0)
-        return mask, float(mask.sum()) / mask.numel()
-
-    alpha, low, high = 0.4, 0.0, 0.8
-    mask, current = given(alpha)
-    while abs(current - sparsity) > 0.001 and high - low >= 0.001:
-        if current > sparsity:
-            alpha, high = (alpha + low) / 2.0, alpha
-        else:
-            alpha, low = (alpha + high) / 2.0, alpha
-        mask, current = given(alpha)
-    return mask, alpha
-
-
-def layerwise_magnitude_mask(weight: torch.Tensor, sparsity: float | None, n_m=None) -> torch.Tensor:
-    """The reference's magnitude pruning: unstructured, one threshold per layer (|W| ≤ sorted(|W|)[int(numel·s)],
-    rows vary); N:M, the N smallest |W| of every M."""
-    scores = weight.float().abs()
-    if n_m is not None:
-        return select_mask(scores, None, n_m)
-    return scores <= blockwise_threshold(scores, sparsity)
-
-
 def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Zero the pruned weights in place (works on Parameters under no_grad); returns weight."""
     with torch.no_grad():
@@ -295,10 +254,8 @@ def _retry_percdamp(percdamp: float, retry: int) -> float:
     return 0.0 if retry == 0 else 1e-3 * 10 ** (retry - 1)
 
 
-def _check_sparsegpt_args(weight, hessian, sparsity, n_m, blocksize, percdamp, threshold):
+def _check_sparsegpt_args(weight, hessian, sparsity, n_m, blocksize, percdamp):
     """Validate SparseGPT's inputs; returns the checked (sparsity, n_m)."""
-    if threshold not in ("row", "block"):
-        raise ValueError(f"threshold={threshold!r} must be 'row' (same count per row) or 'block' (the reference's)")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     cols = weight.shape[1]
@@ -338,18 +295,15 @@ def _damped_inverse_cholesky(hessian, mean_diag, percdamp: float, max_damp_retri
     )
 
 
-def _solve_block(block, hinv_block, block_mask, start, end, sparsity, n_m, threshold, compute_dtype) -> torch.Tensor:
+def _solve_block(block, hinv_block, block_mask, start, end, sparsity, n_m, compute_dtype) -> torch.Tensor:
     """Prune one column block of W^T in place (mask chosen inside the solve) and return its scaled errors
     [block, out] for the lazy update of the columns after it."""
     hinv_diag = hinv_block.diagonal()
     errors = torch.empty_like(block)     # row i: the scaled error of input start+i, for the lazy update
     if n_m is None:
         saliency = (block * block) / (hinv_diag * hinv_diag).unsqueeze(1)
-        if threshold == "block":
-            block_mask.copy_(saliency <= blockwise_threshold(saliency, sparsity))
-        else:
-            count = int(end * sparsity) - int(start * sparsity)
-            block_mask.copy_(_lowest_per_row(saliency.t().contiguous(), count).t())
+        count = int(end * sparsity) - int(start * sparsity)
+        block_mask.copy_(_lowest_per_row(saliency.t().contiguous(), count).t())
         # err_i = (w_i - q_i) / d_i = w_i * mask_i / d_i: one multiply per column in the loop.
         err_scale = block_mask.to(compute_dtype) / hinv_diag.unsqueeze(1)
     n_group, m_group = n_m if n_m is not None else (0, 0)
@@ -369,7 +323,7 @@ def _solve_block(block, hinv_block, block_mask, start, end, sparsity, n_m, thres
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None = None, n_m=None,
                     blocksize: int = 128, percdamp: float = 0.01, max_damp_retries: int = 3,
-                    compute_dtype: torch.dtype = torch.float32, threshold: str = "row") -> tuple[torch.Tensor, torch.Tensor, dict]:
+                    compute_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """SparseGPT (Frantar & Alistarh, 2023): prune W and update the survivors to keep W X close.
 
     hessian is Σ x x^T over calibration tokens ([in, in], any positive scale).  Returns (pruned weight in
@@ -379,11 +333,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     The mask is chosen inside the solve, per column block, from the saliency w^2 / [H^-1]_ii^2 of the
     already-updated weights: unstructured prunes the same count from every row (cumulative
     int(cols_so_far * sparsity), so each row ends with exactly int(in * sparsity) zeros, the same
-    per-row target as Wanda); N:M picks N of every M when the group is reached.  threshold="block" is the
-    reference implementation's unstructured rule instead: one threshold per column block over all its rows,
-    thresh = sorted(block saliencies)[int(numel · sparsity)], pruned where saliency ≤ thresh (rows vary).
+    per-row target as Wanda); N:M picks N of every M when the group is reached.  The reference's own solve (one
+    threshold per column block over all rows) is pipeline/maths/reference.py's `fasterprune`.
     """
-    sparsity, n_m = _check_sparsegpt_args(weight, hessian, sparsity, n_m, blocksize, percdamp, threshold)
+    sparsity, n_m = _check_sparsegpt_args(weight, hessian, sparsity, n_m, blocksize, percdamp)
     rows, cols = weight.shape
 
     # Work on W^T [in, out]: every per-column step below then reads and writes contiguous rows.
@@ -406,7 +359,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
         errors = _solve_block(weight_t[start:end], hinv_upper[start:end, start:end], mask_t[start:end],
-                              start, end, sparsity, n_m, threshold, compute_dtype)
+                              start, end, sparsity, n_m, compute_dtype)
         loss += (errors.double() ** 2).sum() / 2
         # Lazy batch update of everything after the block with the block's accumulated errors.
         if end < cols:

@@ -63,8 +63,10 @@ class DLMModule(L.LightningModule):
                 and in held-out scoring.
             noise_order: "per_sample" (default: each (sample, timestep) from its own hashed seed, identical across
                 DDP world sizes and batch sizes) or "reference" (the reference's order: one generator seeded once per
-                epoch, one draw per (batch, timestep) in window order; with batch_size 1 in a single process the
-                noised inputs are bit-identical to the reference's, see pipeline/model/calibration.py; mask noise only).
+                epoch, one draw per (batch, timestep) in window order; mask noise only).  It also asks for the
+                reference's own float operations in SinkStatsCallback's attention mass and sink scores and one
+                reduction slot in PruneCallback: with batch_size 1 in a single process and PruneCallback(flavor=
+                "reference"), masks and weights are the reference's bit for bit (benchmarks/vs_reference.py).
         """
         super().__init__()
         self.save_hyperparameters()

@@ -494,3 +494,34 @@ def test_cached_noised_inputs_with_mean_scores_are_bit_identical(tmp_path):
     masks, weights = _uncached_reference("sink_sparsegpt", prune, inputs=noised)
     assert all(torch.equal(masks[n], prune.masks[n]) for n in masks)
     assert all(torch.equal(weights[n], prune.pruned_weights[n]) for n in masks)
+
+
+def test_running_mean_slots_weight_each_slot_by_its_windows():
+    """SlotSums.running: one slot is the running mean itself, bit for bit; several are Σ n_g·mean_g / Σ n_g (folded
+    slot by slot or not, and after a checkpoint round trip)."""
+    from callbacks.reduction import SlotSums
+    from pipeline.maths.reference import add_running_hessian_
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(5, 4, generator=g) for _ in range(7)]
+    one = SlotSums(1)
+    for sid, x in enumerate(xs):
+        add_running_hessian_(*one.running("h", sid, (4, 4)), x)
+    expected = _running_hessian32([x for x in xs], [torch.zeros(5)] * len(xs))
+    assert torch.equal(one.take("h").float(), expected)
+
+    def filled(folding: bool):
+        sums = SlotSums(3)
+        for slot in range(3):  # slot by slot, as calibrate_from_cache goes
+            for sid in range(slot, len(xs), 3):
+                add_running_hessian_(*sums.running("h", sid, (4, 4)), xs[sid])
+            if folding:
+                sums.fold(["h"], slot + 1)
+        restored = SlotSums(3)
+        restored.load_state_dict(sums.state_dict())
+        return restored
+
+    means = [_running_hessian32(xs[s::3], [torch.zeros(5)] * len(xs[s::3])).double() for s in range(3)]
+    weighted = (means[0] * 3 + means[1] * 2 + means[2] * 2) / 7
+    plain, folded = filled(False).take("h"), filled(True).take("h")
+    assert torch.equal(plain, folded) and torch.allclose(plain, weighted, rtol=0, atol=1e-12)

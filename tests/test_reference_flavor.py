@@ -94,8 +94,9 @@ def test_sink_wanda_reference_honours_n_m(tmp_path):
     assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()
 
 
-def _fasterprune(weight, hessian, sparsity, blocksize=128, percdamp=0.01, dtype=torch.float64):
-    """The reference's fasterprune (docs/reference.md), unstructured, in `dtype`: returns (mask (True = pruned), W)."""
+def _fasterprune(weight, hessian, sparsity, blocksize=128, percdamp=0.01, dtype=torch.float64, n_m=None):
+    """The reference's fasterprune (docs/reference.md) in `dtype`: returns (mask (True = pruned), W).  Unstructured:
+    one threshold per column block; n_m=(N, M): at each group's first column, the N lowest saliencies of the group."""
     W = weight.to(dtype).clone()
     H = hessian.to(dtype).clone()
     dead = H.diagonal() == 0
@@ -110,8 +111,14 @@ def _fasterprune(weight, hessian, sparsity, blocksize=128, percdamp=0.01, dtype=
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         d = Hinv1.diagonal()
-        mask1 = ref.blockwise_threshold_mask(W1 ** 2 / d.unsqueeze(0) ** 2, sparsity, blocksize)
+        if n_m is None:
+            mask1 = ref.blockwise_threshold_mask(W1 ** 2 / d.unsqueeze(0) ** 2, sparsity, blocksize)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
+            if n_m is not None and i % n_m[1] == 0:
+                sal = W1[:, i:i + n_m[1]] ** 2 / d[i:i + n_m[1]].unsqueeze(0) ** 2
+                mask1.scatter_(1, i + torch.topk(sal, n_m[0], dim=1, largest=False)[1], True)
             w = W1[:, i]
             q = w.clone()
             q[mask1[:, i]] = 0
@@ -208,6 +215,11 @@ def test_blockwise_sparsegpt_mask_rule():
     rows = mask.sum(1)
     assert rows.min() < rows.max()  # one threshold per block over all rows: rows vary
     assert _agreement(mask, _fasterprune(w, H, 0.5, blocksize=32)[0]) >= 0.999
+    H[5] = H[:, 5] = 0  # a dead input, and 2:4
+    pruned, mask, info = fasterprune(w, H, n_m=(2, 4), blocksize=32)
+    expected_mask, expected_weight = _fasterprune(w, H, None, blocksize=32, dtype=torch.float32, n_m=(2, 4))
+    assert torch.equal(mask, expected_mask) and torch.equal(pruned, expected_weight) and info["dead_inputs"] == 1
+    assert (mask.reshape(16, -1, 4).sum(-1) == 2).all() and (pruned[:, 5] == 0).all()
 
 
 def _collector_mass(model, ids):

@@ -122,11 +122,13 @@ def _damped_inverse_upper(hessian: torch.Tensor, percdamp: float, max_damp_retri
                        "10x retries; check the calibration inputs or raise percdamp")
 
 
-def _block_mask(block, hinv_diag, start, end, sparsity, threshold) -> torch.Tensor:
-    saliency = block ** 2 / hinv_diag.reshape((1, -1)) ** 2
+def _block_mask(block_t, hinv_diag, start, end, sparsity, threshold) -> torch.Tensor:
+    """[count, rows] (the block transposed): saliency w² / [H⁻¹]_jj², one threshold over the whole block."""
+    saliency = block_t ** 2 / hinv_diag.reshape((-1, 1)) ** 2
     if threshold == "block":
         return saliency <= blockwise_threshold(saliency, sparsity)
-    return _lowest_per_row(saliency, int(end * sparsity) - int(start * sparsity))  # ablation: the same count per row
+    # ablation: the same count from every row
+    return _lowest_per_row(saliency.t(), int(end * sparsity) - int(start * sparsity)).t()
 
 
 def fasterprune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None = None, n_m=None,
@@ -134,7 +136,12 @@ def fasterprune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | N
                 threshold: str = "block") -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The reference's SparseGPT solve on H (its running average, float32): (pruned weight in weight's dtype, bool
     mask with True = pruned, info: "percdamp", "damp", "retries", "dead_inputs", "loss").  threshold="row" (an
-    ablation, not the reference) prunes the same count from every row of a block instead of one shared threshold."""
+    ablation, not the reference) prunes the same count from every row of a block instead of one shared threshold.
+
+    Every value is the reference's: the per-column steps are elementwise (w / d, w − err·h: the same in any layout),
+    so a block is walked transposed (column i of W = row i, contiguous), and the column i just pruned is left as it
+    was instead of being updated and then overwritten; the lazy update of later blocks, a GEMM whose summation order
+    depends on its operands' layout, gets them in the reference's layout."""
     sparsity, n_m = _check_pattern(weight.shape[1], sparsity, n_m)
     if blocksize < 1 or (n_m is not None and blocksize % n_m[1]):
         raise ValueError(f"blocksize={blocksize} must be a positive multiple of M={n_m[1] if n_m else 1}; use e.g. 128")
@@ -148,27 +155,27 @@ def fasterprune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | N
     W[:, dead] = 0
     Hinv, used, damp, retries = _damped_inverse_upper(H, percdamp, max_damp_retries)
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    losses = torch.zeros(rows, device=W.device)
+    loss = 0.0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
-        mask1 = _block_mask(W1, torch.diag(Hinv1), i1, i2, sparsity, threshold) if n_m is None else torch.zeros_like(W1) == 1
+        W1t, Hinv1 = W[:, i1:i2].t().contiguous(), Hinv[i1:i2, i1:i2]   # W1t [count, rows]
+        hinv_diag = torch.diag(Hinv1)
+        mask1t = (_block_mask(W1t, hinv_diag, i1, i2, sparsity, threshold) if n_m is None
+                  else torch.zeros_like(W1t, dtype=torch.bool))
+        keep1t = ~mask1t
+        Err1t = torch.empty_like(W1t)
         for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
             if n_m is not None and i % n_m[1] == 0:
-                tmp = W1[:, i:i + n_m[1]] ** 2 / torch.diag(Hinv1)[i:i + n_m[1]].reshape((1, -1)) ** 2
-                mask1.scatter_(1, i + torch.topk(tmp, n_m[0], dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d ** 2
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))  # OBS update of the columns after i
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        mask[:, i1:i2] = mask1
-        losses += torch.sum(Losses1, 1) / 2
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])  # lazy update of every later block
-    info = {"percdamp": used, "damp": damp, "retries": retries, "dead_inputs": int(dead.sum()), "loss": float(losses.sum())}
+                group = slice(i, i + n_m[1])
+                tmp = (W1t[group] ** 2 / hinv_diag[group].reshape((-1, 1)) ** 2).t()      # [rows, M], as the reference
+                mask1t[group].t().scatter_(1, torch.topk(tmp, n_m[0], dim=1, largest=False)[1], True)
+                keep1t[group] = ~mask1t[group]
+            # err = (w − q) / d with q = w where kept, 0 where pruned: w − q is w or +0 exactly
+            err = torch.div(W1t[i].masked_fill(keep1t[i], 0), Hinv1[i, i], out=Err1t[i])
+            W1t[i + 1:] -= Hinv1[i, i + 1:].unsqueeze(1).matmul(err.unsqueeze(0))  # OBS update of the later columns
+        W[:, i1:i2] = W1t.masked_fill_(mask1t, 0).t()
+        mask[:, i1:i2] = mask1t.t()
+        loss += float((Err1t.double() ** 2).sum()) / 2
+        W[:, i2:] -= Err1t.t().contiguous().matmul(Hinv[i1:i2, i2:])  # lazy update of every later block
+    info = {"percdamp": used, "damp": damp, "retries": retries, "dead_inputs": int(dead.sum()), "loss": loss}
     return W.to(weight.dtype), mask, info

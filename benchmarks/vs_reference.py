@@ -5,9 +5,11 @@
     python benchmarks/vs_reference.py --markdown benchmarks/results/vs_reference.json     # README's table
 
 The first command is README's whole table in one invocation: T = 128 and 512, sink_wanda and sink_sparsegpt, this
-project's configurations `reference` (flavor=reference), `default` (the default flavour at its recipes' mode:
-one-shot), `default-sequential` (an extra row) and `probes-only` (the floor of any schedule: the probed forwards
-alone), 3 repeats, cold and warm, peak RSS, mask agreement and the reference's floor.  Nothing of the reference is shipped or vendored: the clone is imported from SINKPRUNE_REFERENCE at
+project's configurations `reference` (flavor=reference), `reference-noise` (the same with DLMModule(noise_order=
+"reference"): the reference's bits, reported as "identical (+weights)" when every mask entry and the sha256 of every
+pruned weight match), `default` (the default flavour at its recipes' mode: one-shot), `default-sequential` (an extra
+row) and `probes-only` (the floor of any schedule: the probed forwards alone), 3 repeats, cold and warm, peak RSS, mask
+agreement and the reference's floor.  Nothing of the reference is shipped or vendored: the clone is imported from SINKPRUNE_REFERENCE at
 run time.  A tiny checkpoint is built from the reference's own `model/modeling_llada.py` (whose SDPA wrapper is a
 module-level `@torch.compile()`), with the trained weights of tiny-llada (same parameter names), and saved with
 that remote code, so that this project loads exactly what the reference runs.  Both sides see the same
@@ -303,7 +305,8 @@ def main() -> None:
     ap.add_argument("--timesteps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=["sink_wanda", "sink_sparsegpt"], choices=METHODS)
-    ap.add_argument("--configs", nargs="+", default=["reference", "default", "default-sequential", "probes-only"], choices=list(CONFIGS),
+    ap.add_argument("--configs", nargs="+", default=["reference", "reference-noise", "default", "default-sequential", "probes-only"],
+                    choices=list(CONFIGS),
                     help="this project's configurations, one row each: reference = flavor=reference (its schedule); "
                          "reference-noise = the same with the reference's noise order (bit-identical masks); default = "
                          "flavor=default at its recipes' mode (one-shot); default-sequential = the default flavour, "

@@ -34,7 +34,8 @@ class PruneCallback(Callback):
         n_m: semi-structured pattern "N:M" (N zeros in every M consecutive inputs), e.g. "2:4".
         targets / ignore: regexes on module names that select / drop Linear layers inside the blocks.
         mode: "oneshot" or "sequential" (block by block, on the outputs of the pruned blocks before it).
-        blocksize / percdamp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).  reduction_slots: slots for DDP-exact sums (window i → slot i mod it); default 8, 1 for noise_order=reference.
+        blocksize / percdamp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).
+        reduction_slots: slots for DDP-exact sums (window i → slot i mod it); default 8, 1 for noise_order=reference.
         masks_from: a previous run's output folder: apply its masks.safetensors instead of calibrating.
         single_pass: read the Linear inputs of SinkStatsCallback's probed forward, no second forward (bit-identical).
         use_variant: the reference's Wanda variant (alpha bisected per row); wanda, flavor=reference only.
@@ -123,8 +124,7 @@ class PruneCallback(Callback):
             if self.offset:
                 self.mean_scores.add(nb, self.seen, self.method)
             return
-        names = self._active_layers(trainer.current_epoch)
-        if not names:
+        if not (names := self._active_layers(trainer.current_epoch)):
             return
         if self.pruner.weighting.sink_aware and nb.sink_scores is None:
             raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")

@@ -69,8 +69,11 @@ def _agreement(a, b):
     return float((a == b).double().mean())
 
 
-def test_sink_wanda_reference_matches_oracle(tmp_path):
-    module, prune, recorder = _run("sink_wanda", tmp_path, single_pass=True)
+@pytest.mark.parametrize("noise_order", ["per_sample", "reference"])
+def test_sink_wanda_reference_matches_oracle(tmp_path, noise_order):
+    # one reduction slot (noise_order="reference" chooses it by itself): one float32 sum in dispatch order
+    module, prune, recorder = _run("sink_wanda", tmp_path, noise_order, single_pass=True,
+                                   **({"reduction_slots": 1} if noise_order == "per_sample" else {}))
     assert prune.mode == "oneshot" and len(recorder.batches) == NSAMPLES * TIMESTEPS
     dense = _dense_model()
     names = list(prune.masks)
@@ -81,9 +84,17 @@ def test_sink_wanda_reference_matches_oracle(tmp_path):
     worst = 1.0
     for n in names:
         weight = dict(dense.named_modules())[n].weight.detach()
+        # float32 in the reference's order: Σ over (window, t) of torch.norm over the window's rows, mask by topk
+        total = torch.zeros(weight.shape[1])
+        for x, s in per_layer[n]:
+            total += torch.norm((x * (1.0 - s).unsqueeze(-1).to(x.dtype)).reshape(-1, x.shape[-1]).float(), p=2, dim=0)
+        metric = weight.abs() * total.reshape(1, -1)
+        expected32 = torch.zeros_like(metric, dtype=torch.bool)
+        expected32.scatter_(1, torch.topk(metric, metric.shape[1] // 2, dim=1, largest=False).indices, True)
+        assert torch.equal(prune.masks[n], expected32), n
         expected = ref.sink_wanda_mask(weight, ref.wanda_norm_sum(per_layer[n]), 0.5)
         worst = min(worst, _agreement(prune.masks[n], expected))
-    # float32 per-sample sums vs the oracle's float64: only near-ties at the threshold may swap
+    # against the float64 oracle: only near-ties at the threshold may swap
     print("worst agreement", worst)
     assert worst >= 0.999, worst
 

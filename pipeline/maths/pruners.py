@@ -153,19 +153,29 @@ class ReferenceWanda(Wanda):
 class ReferenceSinkWanda(Wanda):
     """The reference's `prune_sink`: one-shot on the dense model over the noised batches; the statistic is
     Σ over (sample, timestep) of ‖x ⊙ (1 − s)‖₂ per input feature (a sum of norms, not the root of a sum of
-    squares), the mask on |W|·Σ (no square root).  The reference takes one norm per (batch, timestep) over the
-    batch's B·T rows; we take one per (sample, timestep) so that sums stay exact across DDP world sizes: the same
-    thing at its batch size 1, the reference at batch 1 otherwise.  The reference ignores N:M here (always
-    unstructured per row); this flavour honours N:M."""
+    squares), the mask on |W|·Σ (no square root).  As the reference computes it: (1 − s) multiplied in the model's
+    dtype, `torch.norm` over the window's rows in float32, added into a float32 sum in order, the mask by `topk`
+    (pipeline/maths/reference.py).  The reference takes one norm per (batch, timestep) over the batch's B·T rows; we
+    take one per (sample, timestep) so that sums stay exact across DDP world sizes: the same thing at its batch size 1,
+    the reference at batch 1 otherwise.  The reference ignores N:M here (always unstructured per row); this flavour
+    honours N:M."""
     flavor, mode, inputs = "reference", "oneshot", "noised"
     statistic = "act_norm_sum"
 
     def batch_values(self, x, weights):
-        return sp.sample_act_sq_sums(x, weights).sqrt()
+        return torch.stack([rf.window_norms(x[b], None if weights is None else weights[b]) for b in range(len(x))])
+
+    def add(self, sums, name, sample_id, xb, wb, value=None):
+        if value is None:
+            value = rf.window_norms(xb, wb)
+        sums.accumulator(name, sample_id, value.shape, device=value.device).add_(value)  # float32, in order
+        return bool(torch.isfinite(value).all())
 
     def solve(self, weight, stat):
-        metric = weight.float().abs() * stat.to(weight.device, torch.float32).unsqueeze(0)
-        return PruneResult(sp.select_mask(metric, self.sparsity, self.n_m))
+        metric = weight.float().abs() * stat.to(weight.device, torch.float32).reshape(1, -1)
+        if self.n_m is not None:
+            return PruneResult(sp.select_mask(metric, None, self.n_m))
+        return PruneResult(rf.lowest_by_topk(metric, int(metric.shape[1] * self.sparsity)))
 
 
 class ReferenceSparseGPT(SparseGPT):

@@ -86,6 +86,23 @@ def sink_scores(mass: torch.Tensor, std_factor: float = 2.0, alpha: float = 5.0)
     return torch.sigmoid(alpha * (mass - (mean + std_factor * std)))
 
 
+# --- sink Wanda as the reference computes it ----------------------------------------------------------------------
+
+def window_norms(x: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[d_in] float32: ‖x ⊙ w‖₂ over one window's rows (x [T, d_in] in the model's dtype, w [T] multiplied in it)."""
+    if row_weights is not None:
+        x = x * row_weights.to(x.device, x.dtype).unsqueeze(-1)
+    return torch.norm(x.reshape(-1, x.shape[-1]).float(), p=2, dim=0)
+
+
+def lowest_by_topk(metric: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` lowest entries of every row as the reference picks them (`topk(largest=False)`; its tie order)."""
+    mask = torch.zeros_like(metric, dtype=torch.bool)
+    if count > 0:
+        mask.scatter_(1, torch.topk(metric, count, dim=1, largest=False).indices, True)
+    return mask
+
+
 # --- SparseGPT as the reference computes it ------------------------------------------------------------------
 
 def add_running_hessian_(hessian: torch.Tensor, seen: int, x: torch.Tensor, row_weights: torch.Tensor | None = None):

@@ -6,6 +6,8 @@ probability each key receives over queries, heads and layers, and publishes
 for PruneCallback to down-weight sink tokens.  During the first epoch it also records per-(sample,
 timestep) diagnostics; at the epoch's end it gathers them across ranks and rank 0 writes
 `sinks.json` (per-timestep table, sink-position variance across timesteps) and `sink_heatmap.png`.
+With DLMModule(noise_order="reference") the mass and the scores use the reference's own operations (its bits:
+pipeline/maths/reference.py) wherever there is no padding.
 """
 from __future__ import annotations
 

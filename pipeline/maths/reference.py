@@ -181,6 +181,9 @@ def fasterprune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | N
                   else torch.zeros_like(W1t, dtype=torch.bool))
         keep1t = ~mask1t
         Err1t = torch.empty_like(W1t)
+        # row views, so that the loop indexes Python lists; hcol[i, j] = [[H⁻¹_ij]] ([1, 1], broadcast over rows)
+        w_rows, keep_rows, err_rows, d = W1t.unbind(0), keep1t.unbind(0), Err1t.unbind(0), hinv_diag.unbind(0)
+        hcol = Hinv1.unsqueeze(2)
         for i in range(i2 - i1):
             if n_m is not None and i % n_m[1] == 0:
                 group = slice(i, i + n_m[1])
@@ -188,8 +191,9 @@ def fasterprune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | N
                 mask1t[group].t().scatter_(1, torch.topk(tmp, n_m[0], dim=1, largest=False)[1], True)
                 keep1t[group] = ~mask1t[group]
             # err = (w − q) / d with q = w where kept, 0 where pruned: w − q is w or +0 exactly
-            err = torch.div(W1t[i].masked_fill(keep1t[i], 0), Hinv1[i, i], out=Err1t[i])
-            W1t[i + 1:] -= Hinv1[i, i + 1:].unsqueeze(1).matmul(err.unsqueeze(0))  # OBS update of the later columns
+            err = torch.div(w_rows[i].masked_fill(keep_rows[i], 0), d[i], out=err_rows[i])
+            # OBS update of the later columns: w_j −= H⁻¹_ij · err, each product rounded once (the reference's K = 1 matmul)
+            W1t[i + 1:].sub_(hcol[i, i + 1:] * err)
         W[:, i1:i2] = W1t.masked_fill_(mask1t, 0).t()
         mask[:, i1:i2] = mask1t.t()
         loss += float((Err1t.double() ** 2).sum()) / 2

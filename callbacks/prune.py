@@ -90,7 +90,7 @@ class PruneCallback(Callback):
             trainer.fit_loop.max_epochs = 1
         elif self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
             trainer.fit_loop.max_epochs = len(self.t.block_layers)
-        self.sums = self.sums or SlotSums(self.reduction_slots)  # (resumed: the checkpoint's)
+        self.sums = self.sums or SlotSums(self.reduction_slots or 8)  # (resumed: the checkpoint's; None: setup not run)
         reapply(self.layers, self.masks, self._resumed)  # resumed: restore the layers pruned before
         self.updated, self._resumed = self.updated | set(self._resumed), {}  # (the layers hold them now)
 
@@ -195,6 +195,6 @@ class PruneCallback(Callback):
         self.seen = {tuple(k) for k in state_dict.get("seen", [])}
         self.recorded.load_state_dict(state_dict.get("recorded", {}))
         if state_dict.get("sums") is not None:
-            self.sums = SlotSums(self.reduction_slots)
+            self.sums = SlotSums(self.reduction_slots or state_dict["sums"]["slots"])
             self.sums.load_state_dict(state_dict["sums"])
 

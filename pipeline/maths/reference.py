@@ -10,9 +10,9 @@ single-process, with its noise order and one reduction slot, the masks and weigh
     W_new, mask, info = fasterprune(W, H, sparsity=0.5)
 
   * the Hessian is SparseGPT's running average in float32: H ← H·n/(n+1), then H += (√(2/(n+1))·x)ᵀ(√(2/(n+1))·x);
-  * the solve works on W [out, in] itself: damping percdamp·mean(diag H), H⁻¹'s upper Cholesky factor through
+  * the solve (`fasterprune`): damping percdamp·mean(diag H), H⁻¹'s upper Cholesky factor through
     cholesky → cholesky_inverse → cholesky, one saliency threshold per 128-column block over all rows (rows vary),
-    N:M by topk, and a column-by-column OBS update.
+    N:M by topk, a column-by-column OBS update and a lazy GEMM update of the later blocks, value for value.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from pipeline.maths.sparsity import _check_pattern, _lowest_per_row
+from pipeline.maths.sparsity import _check_pattern, _lowest_per_row, select_mask
 
 
 def blockwise_threshold(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -33,8 +33,6 @@ def blockwise_threshold(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def layerwise_magnitude_mask(weight: torch.Tensor, sparsity: float | None, n_m=None) -> torch.Tensor:
     """The reference's magnitude pruning: unstructured, one threshold per layer (|W| ≤ sorted(|W|)[int(numel·s)],
     rows vary); N:M, the N smallest |W| of every M."""
-    from pipeline.maths.sparsity import select_mask
-
     scores = weight.float().abs()
     if n_m is not None:
         return select_mask(scores, None, n_m)

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from pipeline.maths.sparsity import _check_pattern, _lowest_per_row, select_mask
+from pipeline.maths.sparsity import _check_sparsegpt_args, _lowest_per_row, _retry_percdamp, select_mask
 
 
 def blockwise_threshold(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -124,7 +124,7 @@ def _damped_inverse_upper(hessian: torch.Tensor, percdamp: float, max_damp_retri
     mean_diag = torch.mean(torch.diag(hessian))
     diag = torch.arange(hessian.shape[0], device=hessian.device)
     for retries in range(max_damp_retries + 1):
-        used = percdamp * 10 ** retries if percdamp > 0 else (0.0 if retries == 0 else 1e-3 * 10 ** (retries - 1))
+        used = _retry_percdamp(percdamp, retries)
         damp = used * mean_diag
         damped = hessian.clone()
         damped[diag, diag] += damp
@@ -157,11 +157,7 @@ def fasterprune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | N
     so a block is walked transposed (column i of W = row i, contiguous), and the column i just pruned is left as it
     was instead of being updated and then overwritten; the lazy update of later blocks, a GEMM whose summation order
     depends on its operands' layout, gets them in the reference's layout."""
-    sparsity, n_m = _check_pattern(weight.shape[1], sparsity, n_m)
-    if blocksize < 1 or (n_m is not None and blocksize % n_m[1]):
-        raise ValueError(f"blocksize={blocksize} must be a positive multiple of M={n_m[1] if n_m else 1}; use e.g. 128")
-    if not torch.isfinite(hessian).all():
-        raise ValueError("hessian contains NaN/Inf; check the calibration activations (fp16 overflow?) before pruning")
+    sparsity, n_m = _check_sparsegpt_args(weight, hessian, sparsity, n_m, blocksize, percdamp)
     W = weight.detach().clone().float()
     H = hessian.detach().to(W.device, torch.float32, copy=True)
     rows, cols = W.shape

@@ -15,7 +15,6 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
 
 from pipeline.maths import attention_triton as kernels  # noqa: E402
 from pipeline.maths.attention import AttentionMassProbe, attention_mass, naive_attention_mass  # noqa: E402
@@ -26,21 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 BLOCKS = {"block_m": 16, "block_n": 16, "num_warps": 1, "num_stages": 1}
 kernels.DEFAULT_CONFIG.update(BLOCKS)  # what the probe launches here
 assert kernels.INTERPRETED
-
-
-def _index_fix_for_numpy_2_4():
-    """triton <= 3.6's interpreter turns a 1-element array into a Python int with int(array), which numpy 2.4 refuses
-    (triton-lang/triton#9171, fixed upstream by reading the element explicitly); the kernels' loop bounds need it."""
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-
-
-_index_fix_for_numpy_2_4()
 
 
 def _qk(batch=2, heads=4, kv_heads=4, q_len=37, k_len=37, dim=16, seed=0, dtype=torch.float32):

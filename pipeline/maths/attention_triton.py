@@ -43,6 +43,27 @@ def _jit(fn):
     return triton.jit(fn) if AVAILABLE else fn
 
 
+def _interpreter_reads_one_element_arrays() -> None:
+    """triton <= 3.6's interpreter turns a 1-element array into a Python int with int(array), which numpy >= 2.4
+    refuses, so runtime loop bounds fail (triton-lang/triton#9171; fixed upstream by reading the element)."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "reads_one_element", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.reads_one_element = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETED:
+    _interpreter_reads_one_element_arrays()
+
+
 @_jit
 def _row_logsumexp_kernel(
     q_ptr, k_ptr, mask_ptr, lse_ptr,
@@ -50,7 +71,7 @@ def _row_logsumexp_kernel(
     k_stride_b, k_stride_h, k_stride_s, k_stride_d,
     m_stride_b, m_stride_h, m_stride_l, m_stride_s,
     q_heads, groups, q_len, k_len, scale,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """lse[b·H_q + h, i] = log Σ_j exp(s_ij) over the allowed keys (natural log; -inf for a fully masked row)."""
@@ -73,7 +94,7 @@ def _row_logsumexp_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + cols[None, :] * k_stride_s + dims[:, None] * k_stride_d,
                     mask=cols[None, :] < k_len, other=0.0)  # [D, N]: kᵀ
-        s = tl.dot(q, k, input_precision="ieee") * scale
+        s = tl.dot(q, k, input_precision=PRECISION) * scale
         inside = (rows[:, None] < q_len) & (cols[None, :] < k_len)
         if MASK_KIND == 1:
             s = tl.where(tl.load(m_base + cols[None, :] * m_stride_s, mask=inside, other=0) != 0, s, float("-inf"))
@@ -99,7 +120,7 @@ def _key_mass_kernel(
     k_stride_b, k_stride_h, k_stride_s, k_stride_d,
     m_stride_b, m_stride_h, m_stride_l, m_stride_s,
     q_heads, groups, q_len, k_len, scale,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """out[b·H_q + h, j] = Σ_i w_i · exp(s_ij − lse_i) for the keys j of this program's block."""
@@ -123,7 +144,7 @@ def _key_mass_kernel(
         q = tl.load(q_base + rows[:, None] * q_stride_l + dims[None, :] * q_stride_d,
                     mask=rows[:, None] < q_len, other=0.0)
         lse = tl.load(lse_ptr + head * q_len + rows, mask=rows < q_len, other=float("-inf"))
-        s = tl.dot(q, k, input_precision="ieee") * scale
+        s = tl.dot(q, k, input_precision=PRECISION) * scale
         inside = (rows[:, None] < q_len) & (cols[None, :] < k_len)
         if MASK_KIND == 1:
             s = tl.where(tl.load(m_base + rows[:, None] * m_stride_l, mask=inside, other=0) != 0, s, float("-inf"))
@@ -202,7 +223,9 @@ def attention_mass_triton(
     lse = torch.empty(batch * q_heads, q_len, dtype=torch.float32, device=device)
     per_head = torch.empty(batch, q_heads, k_len, dtype=torch.float32, device=device)
     common = (*query.stride(), *key.stride(), *mask_strides, q_heads, q_heads // kv_heads, q_len, k_len, scale)
-    launch = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    # float32 inputs: a true float32 product (TF32 would cost ~1e-3); halves: tensor cores, exact products anyway
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    launch = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "PRECISION": precision}
     _row_logsumexp_kernel[(batch * q_heads, triton.cdiv(q_len, config["block_m"]))](
         query, key, mask, lse, *common, MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
         BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], HEAD_DIM=head_dim, **launch)

@@ -123,42 +123,44 @@ def _key_mass_kernel(
     MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """out[b·H_q + h, j] = Σ_i w_i · exp(s_ij − lse_i) for the keys j of this program's block."""
+    """out[b·H_q + h, j] = Σ_i w_i · exp(s_ij − lse_i) for the keys j of this program's block.
+
+    Scores are computed transposed, keys by queries (k · qᵀ), so that the sum over queries runs along rows: within
+    a warp's lanes, with one [BLOCK_N] accumulator, rather than across warps or in a second [N, M] tile."""
     head = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch · stride may pass 2^31
     batch, q_head = head // q_heads, head % q_heads
     kv_head = q_head // groups
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
-    k = tl.load(k_ptr + batch * k_stride_b + kv_head * k_stride_h + cols[None, :] * k_stride_s
-                + dims[:, None] * k_stride_d, mask=cols[None, :] < k_len, other=0.0)  # [D, N]: kᵀ
+    k = tl.load(k_ptr + batch * k_stride_b + kv_head * k_stride_h + cols[:, None] * k_stride_s
+                + dims[None, :] * k_stride_d, mask=cols[:, None] < k_len, other=0.0)  # [N, D]
     q_base = q_ptr + batch * q_stride_b + q_head * q_stride_h
-    m_base = mask_ptr + batch * m_stride_b + q_head * m_stride_h + cols[None, :] * m_stride_s
+    m_base = mask_ptr + batch * m_stride_b + q_head * m_stride_h + cols[:, None] * m_stride_s
 
-    # summed over rows once at the end: a cross-warp reduction per query block would cost as much as the exp
-    mass = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    mass = tl.zeros([BLOCK_N], tl.float32)
     query_start = 0
     if IS_CAUSAL:  # key j is seen by queries i >= j only
         query_start = (tl.program_id(1) * BLOCK_N // BLOCK_M) * BLOCK_M
     for start in range(query_start, q_len, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q = tl.load(q_base + rows[:, None] * q_stride_l + dims[None, :] * q_stride_d,
-                    mask=rows[:, None] < q_len, other=0.0)
+        q_t = tl.load(q_base + rows[None, :] * q_stride_l + dims[:, None] * q_stride_d,
+                      mask=rows[None, :] < q_len, other=0.0)  # [D, M]: qᵀ
         lse = tl.load(lse_ptr + head * q_len + rows, mask=rows < q_len, other=float("-inf"))
-        s = tl.dot(q, k, input_precision=PRECISION) * scale
-        inside = (rows[:, None] < q_len) & (cols[None, :] < k_len)
+        s = tl.dot(k, q_t, input_precision=PRECISION) * scale  # [N, M]
+        inside = (cols[:, None] < k_len) & (rows[None, :] < q_len)
         if MASK_KIND == 1:
-            s = tl.where(tl.load(m_base + rows[:, None] * m_stride_l, mask=inside, other=0) != 0, s, float("-inf"))
+            s = tl.where(tl.load(m_base + rows[None, :] * m_stride_l, mask=inside, other=0) != 0, s, float("-inf"))
         if MASK_KIND == 2:
-            s += tl.load(m_base + rows[:, None] * m_stride_l, mask=inside, other=0.0).to(tl.float32)
+            s += tl.load(m_base + rows[None, :] * m_stride_l, mask=inside, other=0.0).to(tl.float32)
         if IS_CAUSAL:
-            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+            s = tl.where(cols[:, None] <= rows[None, :], s, float("-inf"))
         empty = lse == float("-inf")  # fully masked rows, and rows past the end: they give 0
-        p = tl.exp2((s - tl.where(empty, 0.0, lse)[:, None]) * 1.4426950408889634)
-        p = tl.where(empty[:, None], 0.0, p)
+        p = tl.exp2((s - tl.where(empty, 0.0, lse)[None, :]) * 1.4426950408889634)
+        p = tl.where(empty[None, :], 0.0, p)
         if HAS_WEIGHTS:
-            p = p * tl.load(weight_ptr + batch * q_len + rows, mask=rows < q_len, other=0.0)[:, None]
-        mass += p
-    tl.store(out_ptr + head * k_len + cols, tl.sum(mass, 0), mask=cols < k_len)
+            p = p * tl.load(weight_ptr + batch * q_len + rows, mask=rows < q_len, other=0.0)[None, :]
+        mass += tl.sum(p, 1)
+    tl.store(out_ptr + head * k_len + cols, mass, mask=cols < k_len)
 
 
 def unsupported(query: torch.Tensor, key: torch.Tensor) -> str | None:

@@ -10,6 +10,9 @@ probed SDPA call (output + mass, AttentionMassProbe's default on CUDA); each mas
 softmax relative to the largest mass (target <= 1e-5); whether two runs give the same bits; and whether the sink
 sets (s >= 0.5 by pipeline.maths.sinks.sink_scores, default k and alpha) equal the chunked mass's.  The inputs carry
 three planted sinks (keys 0, 1 and T/2 share a direction with every query), so the sink sets are not empty.
+Without a mask it also measures the mass from the log-sum-exp that torch's flash-attention op returns with its
+output (the kernel's second pass only), whether that op's output is bit for bit F.scaled_dot_product_attention's,
+and what the pair costs next to SDPA alone: what fusing the probe's output and mass would save (not wired in).
 Writes benchmarks/results/mass_kernel_cuda.json (--json).  No model, nothing downloaded; about 30-60 s on an H200.
 """
 from __future__ import annotations
@@ -143,7 +146,33 @@ def measure(a, configs, length, masked):
             "rel_err": relative_error(first, exact), "deterministic": bool(torch.equal(first, again)),
             "same_sinks_as_chunked": sink_set(first) == row["sinks_chunked"]}
         row["triton"][name]["ratio_to_sdpa"] = row["triton"][name]["ms"] / row["sdpa_ms"]
+    if not masked and device == "cuda":
+        try:  # an optional measurement: its failure is recorded, never the end of the run
+            row["flash_lse"] = flash_lse_variant(a, q, k, v, exact, row, configs)
+        except Exception as error:  # noqa: BLE001
+            row["flash_lse"] = {"error": repr(error)[:300]}
     return row
+
+
+def flash_lse_variant(a, q, k, v, exact, row, configs):
+    """SDPA's flash op returns the row log-sum-exp with the output: then one Triton pass gives the mass."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    output, lse = flash(q, k, v)[:2]
+    name = next(iter(configs))
+    lse = lse[..., :q.shape[2]]
+    mass = attention_mass_triton(q, k, row_logsumexp=lse, **configs[name])
+
+    def output_and_mass():
+        out, logsumexp = flash(q, k, v)[:2]
+        return out, attention_mass_triton(q, k, row_logsumexp=logsumexp[..., :q.shape[2]], **configs[name])
+
+    pair_ms = median_ms(output_and_mass, "cuda", a.warmup, a.repeats)
+    same_bits = bool(torch.equal(output, F.scaled_dot_product_attention(q, k, v)))
+    return {"config": name, "same_output_bits_as_sdpa": same_bits, "lse_shape": list(lse.shape),
+            "rel_err": relative_error(mass, exact), "same_sinks_as_chunked": sink_set(mass) == row["sinks_chunked"],
+            "mass_only_ms": median_ms(lambda: attention_mass_triton(q, k, row_logsumexp=lse, **configs[name]), "cuda",
+                                      a.warmup, a.repeats),
+            "output_and_mass_ms": pair_ms, "output_and_mass_ratio_to_sdpa": pair_ms / row["sdpa_ms"]}
 
 
 def main() -> None:
@@ -174,6 +203,8 @@ def main() -> None:
             print(f"{length:>5} {row['mask'] or '-':>12} {row['sdpa_ms']:>8.3f} {row['chunked_ms']:>8.3f} "
                   f"{row['probed_sdpa_call_ms']:>8.3f} | {cells}   sinks {row['sinks_chunked']}, "
                   f"chunked err {row['chunked_rel_err']:.1e}, probe {row['probe_uses']}")
+            if "flash_lse" in row:
+                print(f"      flash op's lse + one Triton pass: {row['flash_lse']}")
     worst = {name: max(r["triton"][name]["ratio_to_sdpa"] for r in rows) for name in configs}
     best = min(worst, key=worst.get)
     checks = {"max_ratio_to_sdpa": worst[best], "max_rel_err": max(r["triton"][best]["rel_err"] for r in rows),

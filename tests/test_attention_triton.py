@@ -24,12 +24,39 @@ def test_kernel_cases_under_the_triton_interpreter():
     """tests/triton_interpreted_cases.py: the kernel against float64 (odd T, GQA, padding, block-causal, float masks,
     is_causal, query weights, fully masked rows, NaN) and the probe taking it on tiny-sdar.  All of them must run."""
     pytest.importorskip("triton", reason="triton wheels exist for Linux x86_64 only; the probe is chunked elsewhere")
-    done = _python("-m", "pytest", "tests/triton_interpreted_cases.py", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-                   env={"TRITON_INTERPRET": "1"})
+    done = _python("-m", "pytest", "tests/triton_interpreted_cases.py", "-o", "addopts=", "-q",
+                   "-p", "no:cacheprovider", env={"TRITON_INTERPRET": "1"})
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     passed = re.search(r"(\d+) passed", summary)
     assert passed and int(passed.group(1)) >= 20 and "skipped" not in summary, summary
+
+
+@pytest.mark.parametrize("dtype,mask_kind,is_causal,weights", [("bf16", 0, False, False), ("bf16", 1, True, True),
+                                                                ("fp16", 2, False, True), ("fp32", 1, False, False)])
+def test_kernels_build_for_hopper_without_a_gpu(dtype, mask_kind, is_causal, weights):
+    """The interpreter runs Python, not the compiler: this builds both kernels to sm_90 machine code (Triton's own
+    ptxas) with the default launch config, so a construct only the compiler rejects fails here, not on the GPU."""
+    triton = pytest.importorskip("triton", reason="triton wheels exist for Linux x86_64 only")
+    from triton.backends.compiler import GPUTarget
+
+    from pipeline.maths import attention_triton
+
+    mask_pointer = {0: f"*{dtype}", 1: "*u8", 2: "*fp32"}[mask_kind]  # none (q, never read), bool, additive
+    pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "mask_ptr": mask_pointer, "lse_ptr": "*fp32",
+                "weight_ptr": "*fp32", "out_ptr": "*fp32"}
+    config = attention_triton.DEFAULT_CONFIG
+    constants = {"MASK_KIND": mask_kind, "PRECISION": "ieee" if dtype == "fp32" else "tf32", "IS_CAUSAL": is_causal,
+                 "HAS_WEIGHTS": weights, "BLOCK_M": config["block_m"], "BLOCK_N": config["block_n"], "HEAD_DIM": 128}
+    for kernel in (attention_triton._row_logsumexp_kernel, attention_triton._key_mass_kernel):
+        names = kernel.arg_names
+        signature = {n: pointers.get(n, "fp32" if n == "scale" else "constexpr" if n.isupper() else "i32")
+                     for n in names}
+        constexprs = {(names.index(n),): v for n, v in constants.items() if n in names}
+        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        built = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
+        assert built.asm["cubin"] and ".target sm_90" in built.asm["ptx"]
 
 
 def test_probe_on_cpu_keeps_the_chunked_path_bit_for_bit():

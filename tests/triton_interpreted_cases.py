@@ -207,3 +207,13 @@ def test_tiny_sdar_block_causal_gqa_through_the_kernel():
     assert torch.equal(logits, plain)
     assert ((fused.mass - chunked.mass).abs().max() / chunked.mass.abs().max()).item() <= 1e-5
     assert fused.mass[1, length - 5:].abs().max() == 0
+
+
+def test_a_given_row_logsumexp_skips_the_first_pass():
+    """What a flash-attention forward returns as its log-sum-exp serves as well as the kernel's own first pass."""
+    q, k = _qk(kv_heads=2)
+    scores = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) / 4.0  # 1/sqrt(16)
+    lse = scores.logsumexp(dim=-1).float()  # [B, H, L]
+    mass = kernels.attention_mass_triton(q, k, row_logsumexp=lse, **BLOCKS)
+    _assert_close_to_exact(mass, naive_attention_mass(q, k))
+    assert torch.equal(mass, kernels.attention_mass_triton(q, k, row_logsumexp=lse, **BLOCKS))

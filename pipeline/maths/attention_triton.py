@@ -189,11 +189,14 @@ def attention_mass_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    row_logsumexp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B, S] float32 mass of [B, H_q, L, D] queries over [B, H_kv, S, D] keys.
 
     attn_mask: None, or a bool / float tensor broadcastable to [B, H_q, L, S] with 4 dims (SDPA's rule).
-    query_weights: None or [B, L].  block_m / block_n / num_warps / num_stages default to DEFAULT_CONFIG."""
+    query_weights: None or [B, L].  block_m / block_n / num_warps / num_stages default to DEFAULT_CONFIG.
+    row_logsumexp: [B, H_q, L] natural-log row log-sum-exp of these very scores (e.g. what a flash-attention
+    forward returns) to skip the first pass; None computes it."""
     reason = unsupported(query, key)
     if reason is not None:
         raise ValueError(f"attention_mass_triton: {reason}; use pipeline.maths.attention.attention_mass")
@@ -222,15 +225,18 @@ def attention_mass_triton(
     if query_weights is not None:
         weights = query_weights.to(device=device, dtype=torch.float32).reshape(batch, q_len).contiguous()
 
-    lse = torch.empty(batch * q_heads, q_len, dtype=torch.float32, device=device)
     per_head = torch.empty(batch, q_heads, k_len, dtype=torch.float32, device=device)
     common = (*query.stride(), *key.stride(), *mask_strides, q_heads, q_heads // kv_heads, q_len, k_len, scale)
     # float32 inputs: a true float32 product (TF32 would cost ~1e-3); halves: tensor cores, exact products anyway
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     launch = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "PRECISION": precision}
-    _row_logsumexp_kernel[(batch * q_heads, triton.cdiv(q_len, config["block_m"]))](
-        query, key, mask, lse, *common, MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
-        BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], HEAD_DIM=head_dim, **launch)
+    if row_logsumexp is None:
+        lse = torch.empty(batch * q_heads, q_len, dtype=torch.float32, device=device)
+        _row_logsumexp_kernel[(batch * q_heads, triton.cdiv(q_len, config["block_m"]))](
+            query, key, mask, lse, *common, MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
+            BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], HEAD_DIM=head_dim, **launch)
+    else:
+        lse = row_logsumexp.to(device=device, dtype=torch.float32).reshape(batch * q_heads, q_len).contiguous()
     _key_mass_kernel[(batch * q_heads, triton.cdiv(k_len, config["block_n"]))](
         query, key, mask, lse, weights, per_head, *common, MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
         HAS_WEIGHTS=query_weights is not None,

@@ -20,6 +20,7 @@ chunked path.  This module imports without triton (AVAILABLE is False then).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -230,15 +231,18 @@ def attention_mass_triton(
     # float32 inputs: a true float32 product (TF32 would cost ~1e-3); halves: tensor cores, exact products anyway
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     launch = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "PRECISION": precision}
-    if row_logsumexp is None:
-        lse = torch.empty(batch * q_heads, q_len, dtype=torch.float32, device=device)
-        _row_logsumexp_kernel[(batch * q_heads, triton.cdiv(q_len, config["block_m"]))](
-            query, key, mask, lse, *common, MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
+    # Triton launches on the current CUDA device: make it the tensors' one (a model spread over GPUs by device_map)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        if row_logsumexp is None:
+            lse = torch.empty(batch * q_heads, q_len, dtype=torch.float32, device=device)
+            _row_logsumexp_kernel[(batch * q_heads, triton.cdiv(q_len, config["block_m"]))](
+                query, key, mask, lse, *common, MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
+                BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], HEAD_DIM=head_dim, **launch)
+        else:
+            lse = row_logsumexp.to(device=device, dtype=torch.float32).reshape(batch * q_heads, q_len).contiguous()
+        _key_mass_kernel[(batch * q_heads, triton.cdiv(k_len, config["block_n"]))](
+            query, key, mask, lse, weights, per_head, *common, MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
+            HAS_WEIGHTS=query_weights is not None,
             BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], HEAD_DIM=head_dim, **launch)
-    else:
-        lse = row_logsumexp.to(device=device, dtype=torch.float32).reshape(batch * q_heads, q_len).contiguous()
-    _key_mass_kernel[(batch * q_heads, triton.cdiv(k_len, config["block_n"]))](
-        query, key, mask, lse, weights, per_head, *common, MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
-        HAS_WEIGHTS=query_weights is not None,
-        BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], HEAD_DIM=head_dim, **launch)
     return per_head.sum(dim=1)  # heads in a fixed order: deterministic

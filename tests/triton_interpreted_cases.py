@@ -125,6 +125,8 @@ def test_nan_input_gives_nan_mass_not_a_silent_zero():
     chunked = attention_mass(q, k)
     assert torch.equal(mass.isnan(), chunked.isnan()) and mass[1].isnan().all()
     assert torch.isfinite(mass[0]).all()
+    padding = _padding([37, 30], 37)[:, None, None, :]  # masked keys (-inf) beside the NaN scores: still NaN
+    assert torch.equal(kernels.attention_mass_triton(q, k, padding, **BLOCKS).isnan(), mass.isnan())
     k[0, 1, 11, 0] = float("nan")
     assert kernels.attention_mass_triton(q, k, **BLOCKS).isnan().all()
 

@@ -66,6 +66,19 @@ if INTERPRETED:
 
 
 @_jit
+def _masked_scores(s, mask_ptrs, inside, query_index, key_index, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Scores with SDPA's masks applied: -inf where a bool mask forbids, plus a float mask, -inf above the causal
+    diagonal (top-left aligned).  query_index / key_index broadcast to s's shape."""
+    if MASK_KIND == 1:
+        s = tl.where(tl.load(mask_ptrs, mask=inside, other=0) != 0, s, float("-inf"))
+    if MASK_KIND == 2:
+        s += tl.load(mask_ptrs, mask=inside, other=0.0).to(tl.float32)
+    if IS_CAUSAL:
+        s = tl.where(key_index <= query_index, s, float("-inf"))
+    return s
+
+
+@_jit
 def _row_logsumexp_kernel(
     q_ptr, k_ptr, mask_ptr, lse_ptr,
     q_stride_b, q_stride_h, q_stride_l, q_stride_d,
@@ -82,7 +95,7 @@ def _row_logsumexp_kernel(
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + batch * q_stride_b + q_head * q_stride_h + rows[:, None] * q_stride_l
-                + dims[None, :] * q_stride_d, mask=rows[:, None] < q_len, other=0.0)
+                + dims[None, :] * q_stride_d, mask=rows[:, None] < q_len, other=0.0)  # [M, D]
     k_base = k_ptr + batch * k_stride_b + kv_head * k_stride_h
     m_base = mask_ptr + batch * m_stride_b + q_head * m_stride_h + rows[:, None] * m_stride_l
 
@@ -95,22 +108,19 @@ def _row_logsumexp_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + cols[None, :] * k_stride_s + dims[:, None] * k_stride_d,
                     mask=cols[None, :] < k_len, other=0.0)  # [D, N]: kᵀ
-        s = tl.dot(q, k, input_precision=PRECISION) * scale
-        inside = (rows[:, None] < q_len) & (cols[None, :] < k_len)
-        if MASK_KIND == 1:
-            s = tl.where(tl.load(m_base + cols[None, :] * m_stride_s, mask=inside, other=0) != 0, s, float("-inf"))
-        if MASK_KIND == 2:
-            s += tl.load(m_base + cols[None, :] * m_stride_s, mask=inside, other=0.0).to(tl.float32)
-        if IS_CAUSAL:
-            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
-        s = tl.where(cols[None, :] < k_len, s, float("-inf"))
+        s = tl.dot(q, k, input_precision=PRECISION) * scale  # [M, N]
+        s = _masked_scores(s, m_base + cols[None, :] * m_stride_s, (rows[:, None] < q_len) & (cols[None, :] < k_len),
+                           rows[:, None], cols[None, :], MASK_KIND, IS_CAUSAL)
+        s = tl.where(cols[None, :] < k_len, s, float("-inf"))  # keys past the end
         new_max = tl.maximum(row_max, tl.max(s, 1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # all masked so far: exp(-inf - 0) = 0, not NaN
         row_sum = row_sum * tl.exp2((row_max - shift) * 1.4426950408889634) \
             + tl.sum(tl.exp2((s - shift[:, None]) * 1.4426950408889634), 1)
         row_max = new_max
-    # NaN in a score makes row_sum NaN (exp(NaN) = NaN), so the row's lse, and with it its mass, is NaN
-    lse = tl.where(row_max == float("-inf"), float("-inf"), row_max + tl.log(row_sum))
+    # A NaN score makes row_sum NaN (exp(NaN) = NaN) even where the GPU's max skipped it (max(NaN, -inf) = -inf), so
+    # "fully masked" is row_sum == 0, never row_max == -inf: NaN goes on to the mass, not a silent zero.
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    lse = tl.where(row_sum == 0.0, float("-inf"), shift + tl.log(row_sum))
     tl.store(lse_ptr + head * q_len + rows, lse, mask=rows < q_len)
 
 
@@ -148,13 +158,8 @@ def _key_mass_kernel(
                       mask=rows[None, :] < q_len, other=0.0)  # [D, M]: qᵀ
         lse = tl.load(lse_ptr + head * q_len + rows, mask=rows < q_len, other=float("-inf"))
         s = tl.dot(k, q_t, input_precision=PRECISION) * scale  # [N, M]
-        inside = (cols[:, None] < k_len) & (rows[None, :] < q_len)
-        if MASK_KIND == 1:
-            s = tl.where(tl.load(m_base + rows[None, :] * m_stride_l, mask=inside, other=0) != 0, s, float("-inf"))
-        if MASK_KIND == 2:
-            s += tl.load(m_base + rows[None, :] * m_stride_l, mask=inside, other=0.0).to(tl.float32)
-        if IS_CAUSAL:
-            s = tl.where(cols[:, None] <= rows[None, :], s, float("-inf"))
+        s = _masked_scores(s, m_base + rows[None, :] * m_stride_l, (cols[:, None] < k_len) & (rows[None, :] < q_len),
+                           rows[None, :], cols[:, None], MASK_KIND, IS_CAUSAL)
         empty = lse == float("-inf")  # fully masked rows, and rows past the end: they give 0
         p = tl.exp2((s - tl.where(empty, 0.0, lse)[None, :]) * 1.4426950408889634)
         p = tl.where(empty[None, :], 0.0, p)

@@ -84,3 +84,11 @@ def test_kernel_module_and_probe_import_without_triton():
     done = _python("-c", code, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "triton is not installed"
+
+
+def test_sink_stats_names_a_bad_mass_kernel():
+    from callbacks.sink_stats import SinkStatsCallback
+
+    assert SinkStatsCallback(mass_kernel="chunked").mass_kernel == "chunked"
+    with pytest.raises(ValueError, match=r"SinkStatsCallback.mass_kernel='fused' is not one of"):
+        SinkStatsCallback(mass_kernel="fused")

@@ -12,8 +12,9 @@ they would have been) and then, under no_grad and in float32, recomputes the att
 the same q, k, mask, causal flag, scale and GQA layout, chunked over queries so that no [T_q, T_k] matrix
 for all queries is ever held at once (peak O(B·H·chunk·T_k) instead of O(B·H·T_q·T_k)).  On a CUDA device with
 triton installed, the same mass comes from two fused Triton passes instead (pipeline/maths/attention_triton.py: the
-row log-sum-exp, then Σ_q exp(q·k − lse) per key block), unless the probe keeps the reference's order; CPU runs and
-the reference flavour always take the chunked / reference paths, so their bits never depend on the kernel.
+row log-sum-exp, then Σ_q exp(q·k − lse) per key block), unless the probe keeps the reference's order; CPU runs
+(Triton's interpreter aside, TRITON_INTERPRET=1 as in the tests) and the reference flavour take the chunked /
+reference paths, so their bits never depend on the kernel.  docs/mass_kernel.md.
 
 What is covered, and what is not:
   * any code that looks SDPA up as `torch.nn.functional.scaled_dot_product_attention` / `F.scaled_...`

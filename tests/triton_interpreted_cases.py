@@ -145,6 +145,11 @@ def test_same_input_same_bits():
     assert torch.equal(first, kernels.attention_mass_triton(q, k, mask, **BLOCKS))
 
 
+def test_no_queries_no_mass():
+    q, k = _qk(q_len=0)
+    assert torch.equal(kernels.attention_mass_triton(q, k, **BLOCKS), torch.zeros(2, 37))
+
+
 def test_what_the_kernel_cannot_take_is_named():
     q, k = _qk(dim=16)
     assert kernels.unsupported(q, k) is None

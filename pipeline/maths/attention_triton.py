@@ -215,6 +215,8 @@ def attention_mass_triton(
                                       ("num_stages", num_stages)) if v is not None})
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     device = query.device
+    if batch * q_heads * q_len * k_len == 0:  # nothing to launch: no key receives anything
+        return torch.zeros(batch, k_len, dtype=torch.float32, device=device)
 
     if attn_mask is None:
         mask_kind, mask, mask_strides = _NO_MASK, query, (0, 0, 0, 0)  # never read

@@ -136,22 +136,30 @@ def measure(a, configs, length, masked):
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return probe
 
-    row["probe_uses"] = probed_call().calls_by_kernel
-    row["probed_sdpa_call_ms"] = median_ms(probed_call, device, a.warmup, a.repeats)
+    # one GPU run has to tell everything: a config (or variant) that fails is recorded and the others still run
+    row["probe"] = recorded(lambda: {"uses": probed_call().calls_by_kernel,
+                                     "call_ms": median_ms(probed_call, device, a.warmup, a.repeats)})
     for name, config in configs.items():
-        first = attention_mass_triton(q, k, mask, **config)
-        again = attention_mass_triton(q, k, mask, **config)
-        row["triton"][name] = {
-            "ms": median_ms(lambda: attention_mass_triton(q, k, mask, **config), device, a.warmup, a.repeats),
-            "rel_err": relative_error(first, exact), "deterministic": bool(torch.equal(first, again)),
-            "same_sinks_as_chunked": sink_set(first) == row["sinks_chunked"]}
-        row["triton"][name]["ratio_to_sdpa"] = row["triton"][name]["ms"] / row["sdpa_ms"]
+        row["triton"][name] = recorded(lambda: measure_config(a, q, k, mask, config, exact, row))
     if not masked and device == "cuda":
-        try:  # an optional measurement: its failure is recorded, never the end of the run
-            row["flash_lse"] = flash_lse_variant(a, q, k, v, exact, row, configs)
-        except Exception as error:  # noqa: BLE001
-            row["flash_lse"] = {"error": repr(error)[:300]}
+        row["flash_lse"] = recorded(lambda: flash_lse_variant(a, q, k, v, exact, row, configs))
     return row
+
+
+def recorded(measurement):
+    try:
+        return measurement()
+    except Exception as error:  # noqa: BLE001  (reported in the table and the JSON)
+        return {"error": repr(error)[:400]}
+
+
+def measure_config(a, q, k, mask, config, exact, row):
+    first = attention_mass_triton(q, k, mask, **config)
+    again = attention_mass_triton(q, k, mask, **config)
+    ms = median_ms(lambda: attention_mass_triton(q, k, mask, **config), a.device, a.warmup, a.repeats)
+    return {"ms": ms, "ratio_to_sdpa": ms / row["sdpa_ms"], "rel_err": relative_error(first, exact),
+            "deterministic": bool(torch.equal(first, again)),
+            "same_sinks_as_chunked": sink_set(first) == row["sinks_chunked"]}
 
 
 def flash_lse_variant(a, q, k, v, exact, row, configs):
@@ -173,6 +181,13 @@ def flash_lse_variant(a, q, k, v, exact, row, configs):
             "mass_only_ms": median_ms(lambda: attention_mass_triton(q, k, row_logsumexp=lse, **configs[name]), "cuda",
                                       a.warmup, a.repeats),
             "output_and_mass_ms": pair_ms, "output_and_mass_ratio_to_sdpa": pair_ms / row["sdpa_ms"]}
+
+
+def config_cell(r):
+    if "error" in r:
+        return f"FAILED {r['error']}"
+    return (f"{r['ms']:.3f} {r['ratio_to_sdpa']:.2f}x {r['rel_err']:.1e} {'y' if r['deterministic'] else 'N'} "
+            f"{'y' if r['same_sinks_as_chunked'] else 'N'}")
 
 
 def main() -> None:
@@ -197,22 +212,29 @@ def main() -> None:
         for length in a.seq_lens:
             row = measure(a, configs, length, masked)
             rows.append(row)
-            cells = "  ".join(f"{name}: {r['ms']:.3f} {r['ratio_to_sdpa']:.2f}x {r['rel_err']:.1e} "
-                              f"{'y' if r['deterministic'] else 'N'} {'y' if r['same_sinks_as_chunked'] else 'N'}"
-                              for name, r in row["triton"].items())
+            cells = "  ".join(f"{name}: {config_cell(r)}" for name, r in row["triton"].items())
+            probe = row["probe"]
+            probed = f"{probe['call_ms']:>8.3f}" if "call_ms" in probe else f"{'failed':>8}"
             print(f"{length:>5} {row['mask'] or '-':>12} {row['sdpa_ms']:>8.3f} {row['chunked_ms']:>8.3f} "
-                  f"{row['probed_sdpa_call_ms']:>8.3f} | {cells}   sinks {row['sinks_chunked']}, "
-                  f"chunked err {row['chunked_rel_err']:.1e}, probe {row['probe_uses']}")
+                  f"{probed} | {cells}   sinks {row['sinks_chunked']}, chunked err {row['chunked_rel_err']:.1e}, "
+                  f"probe {probe.get('uses', probe.get('error'))}")
             if "flash_lse" in row:
                 print(f"      flash op's lse + one Triton pass: {row['flash_lse']}")
-    worst = {name: max(r["triton"][name]["ratio_to_sdpa"] for r in rows) for name in configs}
-    best = min(worst, key=worst.get)
-    checks = {"max_ratio_to_sdpa": worst[best], "max_rel_err": max(r["triton"][best]["rel_err"] for r in rows),
-              "deterministic": all(r["triton"][n]["deterministic"] for r in rows for n in configs),
-              "same_sinks_as_chunked": all(r["triton"][n]["same_sinks_as_chunked"] for r in rows for n in configs)}
-    print(f"best config {best} ({configs[best]}): worst ratio to SDPA {worst[best]:.2f}x (target <= 1.2x), "
-          f"max rel err {checks['max_rel_err']:.1e} (target <= 1e-5), deterministic {checks['deterministic']}, "
-          f"same sinks {checks['same_sinks_as_chunked']}; {time.perf_counter() - started:.0f} s")
+    working = [name for name in configs if not any("error" in r["triton"][name] for r in rows)]
+    worst = {name: max(r["triton"][name]["ratio_to_sdpa"] for r in rows) for name in working}
+    best = min(worst, key=worst.get) if worst else None
+    checks = {"max_ratio_to_sdpa": worst.get(best),
+              "max_rel_err": max(r["triton"][best]["rel_err"] for r in rows) if best else None,
+              "deterministic": all(r["triton"][n]["deterministic"] for r in rows for n in working),
+              "same_sinks_as_chunked": all(r["triton"][n]["same_sinks_as_chunked"] for r in rows for n in working),
+              "failed_configs": [name for name in configs if name not in working]}
+    if best is None:
+        print("every config failed: see the errors above")
+    else:
+        print(f"best config {best} ({configs[best]}): worst ratio to SDPA {worst[best]:.2f}x (target <= 1.2x), "
+              f"max rel err {checks['max_rel_err']:.1e} (target <= 1e-5), deterministic {checks['deterministic']}, "
+              f"same sinks {checks['same_sinks_as_chunked']}, failed configs {checks['failed_configs']}; "
+              f"{time.perf_counter() - started:.0f} s")
     meta = {"device": device_name, "torch": torch.__version__, "triton": __import__("triton").__version__,
             "heads": a.heads, "head_dim": a.head_dim, "block_causal_block": a.block, "repeats": a.repeats,
             "configs": configs, "worst_ratio_by_config": worst, "best_config": best, "checks": checks}

@@ -13,7 +13,9 @@ three planted sinks (keys 0, 1 and T/2 share a direction with every query), so t
 Without a mask it also measures the mass from the log-sum-exp that torch's flash-attention op returns with its
 output (the kernel's second pass only), whether that op's output is bit for bit F.scaled_dot_product_attention's,
 and what the pair costs next to SDPA alone: what fusing the probe's output and mass would save (not wired in).
-Writes benchmarks/results/mass_kernel_cuda.json (--json).  No model, nothing downloaded; about 30-60 s on an H200.
+First, the kernel's semantics on this device against float64 at a small odd shape (2 x 8 query heads over 2 key heads,
+T = 300, bf16 / fp16 / fp32): GQA, padding mask with query weights, block-causal mask, float mask, is_causal with
+fewer queries, a fully masked row, NaN.  Writes benchmarks/results/mass_kernel_cuda.json (--json).  No model, nothing downloaded; about 30-60 s on an H200.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.semi_structured_24 import cuda_median_ms  # noqa: E402  (CUDA-event medians, one definition)
 from pipeline.maths import attention_triton  # noqa: E402
-from pipeline.maths.attention import AttentionMassProbe, attention_mass  # noqa: E402
+from pipeline.maths.attention import AttentionMassProbe, attention_mass, naive_attention_mass  # noqa: E402
 from pipeline.maths.attention_triton import attention_mass_triton  # noqa: E402
 from pipeline.maths.sinks import sink_scores  # noqa: E402
 
@@ -94,6 +96,37 @@ def exact_mass(q, k, mask, rows=256):
             scores = scores.masked_fill(~mask[..., start:start + rows, :], float("-inf"))
         mass += torch.softmax(scores, dim=-1).sum(dim=(1, 2))
     return mass
+
+
+def semantic_checks(device, dtype, head_dim, length, config):
+    """Name -> relative error against float64 (or True/False for the NaN check) of the kernel on this device."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = (torch.randn(2, 8, length, head_dim, generator=g) * 2).to(device=device, dtype=dtype)
+    k = (torch.randn(2, 2, length, head_dim, generator=g) * 2).to(device=device, dtype=dtype)
+    valid = torch.arange(length, device=device)[None, :] < torch.tensor([length, length - 37], device=device)[:, None]
+    blocks = torch.arange(length, device=device) // 32
+    block_causal = ((blocks[:, None] >= blocks[None, :])[None] & valid[:, None, :])[:, None]  # [B, 1, L, S]
+    bias = torch.randn(2, 8, length, length, generator=g).to(device)
+    no_row = torch.ones(2, 1, length, length, dtype=torch.bool, device=device)
+    no_row[0, :, 5] = False
+    cases = {"gqa": ({}, {}), "padding+query_weights": ({"attn_mask": valid[:, None, None, :]},
+                                                        {"query_weights": valid}),
+             "block_causal+query_weights": ({"attn_mask": block_causal}, {"query_weights": valid}),
+             "float_mask": ({"attn_mask": bias}, {}), "fully_masked_row": ({"attn_mask": no_row}, {})}
+    results = {}
+    for name, (mask, weights) in cases.items():
+        mass = attention_mass_triton(q, k, mask.get("attn_mask"), **weights, **config)
+        exact = naive_attention_mass(q.double(), k.double(), mask.get("attn_mask"),
+                                     query_weights=weights.get("query_weights"))
+        results[name] = relative_error(mass, exact)
+    few = q[:, :, :77]
+    results["is_causal_fewer_queries"] = relative_error(attention_mass_triton(few, k, is_causal=True, **config),
+                                                        naive_attention_mass(few.double(), k.double(), is_causal=True))
+    broken = q.clone()
+    broken[1, 3, 7, 0] = float("nan")
+    nan_mass = attention_mass_triton(broken, k, valid[:, None, None, :], **config)
+    results["nan_gives_nan"] = bool(nan_mass[1].isnan().all() and nan_mass[0].isfinite().all())
+    return results
 
 
 def median_ms(fn, device, warmup, repeats):
@@ -204,9 +237,18 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu (Triton interpreter)"
     print(f"{device_name}, torch {torch.__version__}, batch 1, {a.heads} heads x {a.head_dim}, "
           f"{'float16' if a.tiny else 'bfloat16'}; configs: {', '.join(configs)}")
+    started = time.perf_counter()
+    semantics = {}
+    for dtype in ((torch.float16, torch.float32) if a.tiny else (torch.bfloat16, torch.float16, torch.float32)):
+        name = str(dtype).removeprefix("torch.")
+        semantics[name] = recorded(lambda: semantic_checks(a.device, dtype, a.head_dim, 40 if a.tiny else 300,
+                                                           next(iter(configs.values()))))
+        print(f"semantics, {name}: {semantics[name]}")
+    semantics_ok = all("error" not in r and all(v is True or (v is not False and v <= 1e-5) for v in r.values())
+                       for r in semantics.values())
+    print(f"semantics within 1e-5 of float64, NaN kept: {semantics_ok}")
     print(f"{'T':>5} {'mask':>12} {'SDPA ms':>8} {'chunked':>8} {'probed':>8} | per config: ms, /SDPA, rel err, "
           "same bits, same sinks")
-    started = time.perf_counter()
     rows = []
     for masked in (False, True):
         for length in a.seq_lens:
@@ -237,9 +279,10 @@ def main() -> None:
               f"{time.perf_counter() - started:.0f} s")
     meta = {"device": device_name, "torch": torch.__version__, "triton": __import__("triton").__version__,
             "heads": a.heads, "head_dim": a.head_dim, "block_causal_block": a.block, "repeats": a.repeats,
-            "configs": configs, "worst_ratio_by_config": worst, "best_config": best, "checks": checks}
+            "configs": configs, "worst_ratio_by_config": worst, "best_config": best, "checks": checks,
+            "semantics_ok": semantics_ok}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    Path(a.json).write_text(json.dumps({"meta": meta, "semantics": semantics, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

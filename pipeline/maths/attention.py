@@ -216,7 +216,7 @@ def naive_attention_mass(query, key, attn_mask=None, is_causal=False, scale=None
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
     if is_causal:
-        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     if query_weights is not None:

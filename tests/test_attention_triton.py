@@ -36,7 +36,8 @@ def test_kernel_cases_under_the_triton_interpreter():
                                                                 ("fp16", 2, False, True), ("fp32", 1, False, False)])
 def test_kernels_build_for_hopper_without_a_gpu(dtype, mask_kind, is_causal, weights):
     """The interpreter runs Python, not the compiler: this builds both kernels to sm_90 machine code (Triton's own
-    ptxas) with the default launch config, so a construct only the compiler rejects fails here, not on the GPU."""
+    ptxas) with the default launch configs, so a construct only the compiler rejects, or a tile that overflows shared
+    memory, fails here, not on the GPU."""
     triton = pytest.importorskip("triton", reason="triton wheels exist for Linux x86_64 only")
     from triton.backends.compiler import GPUTarget
 
@@ -45,8 +46,8 @@ def test_kernels_build_for_hopper_without_a_gpu(dtype, mask_kind, is_causal, wei
     mask_pointer = {0: f"*{dtype}", 1: "*u8", 2: "*fp32"}[mask_kind]  # none (q, never read), bool, additive
     pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "mask_ptr": mask_pointer, "lse_ptr": "*fp32",
                 "weight_ptr": "*fp32", "out_ptr": "*fp32"}
-    config = attention_triton.DEFAULT_CONFIG
-    constants = {"MASK_KIND": mask_kind, "PRECISION": "ieee" if dtype == "fp32" else "tf32", "IS_CAUSAL": is_causal,
+    config = attention_triton.FLOAT32_CONFIG if dtype == "fp32" else attention_triton.DEFAULT_CONFIG
+    constants = {"MASK_KIND": mask_kind, "PRECISION": "tf32x3" if dtype == "fp32" else "tf32", "IS_CAUSAL": is_causal,
                  "HAS_WEIGHTS": weights, "BLOCK_M": config["block_m"], "BLOCK_N": config["block_n"], "HEAD_DIM": 128}
     for kernel in (attention_triton._row_logsumexp_kernel, attention_triton._key_mass_kernel):
         names = kernel.arg_names
@@ -57,6 +58,7 @@ def test_kernels_build_for_hopper_without_a_gpu(dtype, mask_kind, is_causal, wei
         built = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
         assert built.asm["cubin"] and ".target sm_90" in built.asm["ptx"]
+        assert built.metadata.shared <= 227 * 1024  # Hopper's shared memory per block: more fails at launch
 
 
 def test_probe_on_cpu_keeps_the_chunked_path_bit_for_bit():

@@ -24,6 +24,7 @@ from pipeline.maths.attention import AttentionMassProbe, attention_mass, naive_a
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 BLOCKS = {"block_m": 16, "block_n": 16, "num_warps": 1, "num_stages": 1}
 kernels.DEFAULT_CONFIG.update(BLOCKS)  # what the probe launches here
+kernels.FLOAT32_CONFIG.update(BLOCKS)
 assert kernels.INTERPRETED
 
 

@@ -36,6 +36,9 @@ INTERPRETED = AVAILABLE and bool(triton.knobs.runtime.interpret)  # kernels then
 
 # Block sizes and launch settings for Hopper-class GPUs at head dim 128 (benchmarks/mass_kernel_cuda.py compares).
 DEFAULT_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
+# float32 inputs take three TF32 products per dot (tf32x3: float32-grade, on tensor cores; a plain IEEE dot runs on
+# FMA units and spills); their tiles are twice the bytes, so smaller blocks keep shared memory under Hopper's 227 KiB.
+FLOAT32_CONFIG = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 1}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NO_MASK, _BOOL_MASK, _ADDITIVE_MASK = 0, 1, 2
 
@@ -200,7 +203,8 @@ def attention_mass_triton(
     """[B, S] float32 mass of [B, H_q, L, D] queries over [B, H_kv, S, D] keys.
 
     attn_mask: None, or a bool / float tensor broadcastable to [B, H_q, L, S] with 4 dims (SDPA's rule).
-    query_weights: None or [B, L].  block_m / block_n / num_warps / num_stages default to DEFAULT_CONFIG.
+    query_weights: None or [B, L].  block_m / block_n / num_warps / num_stages default to DEFAULT_CONFIG
+    (FLOAT32_CONFIG for float32 inputs).
     row_logsumexp: [B, H_q, L] natural-log row log-sum-exp of these very scores (e.g. what a flash-attention
     forward returns) to skip the first pass; None computes it."""
     reason = unsupported(query, key)
@@ -210,7 +214,7 @@ def attention_mass_triton(
     kv_heads, k_len = key.shape[1], key.shape[2]
     if q_heads % kv_heads:
         raise ValueError(f"query heads ({q_heads}) must be a multiple of key heads ({kv_heads}) for GQA")
-    config = dict(DEFAULT_CONFIG)
+    config = dict(FLOAT32_CONFIG if query.dtype == torch.float32 else DEFAULT_CONFIG)
     config.update({n: v for n, v in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
                                       ("num_stages", num_stages)) if v is not None})
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
@@ -235,8 +239,8 @@ def attention_mass_triton(
 
     per_head = torch.empty(batch, q_heads, k_len, dtype=torch.float32, device=device)
     common = (*query.stride(), *key.stride(), *mask_strides, q_heads, q_heads // kv_heads, q_len, k_len, scale)
-    # float32 inputs: a true float32 product (TF32 would cost ~1e-3); halves: tensor cores, exact products anyway
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    # float32: split products (one TF32 product would cost ~1e-3); halves: tensor cores, exact products anyway
+    precision = "tf32x3" if query.dtype == torch.float32 else "tf32"
     launch = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "PRECISION": precision}
     # Triton launches on the current CUDA device: make it the tensors' one (a model spread over GPUs by device_map)
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

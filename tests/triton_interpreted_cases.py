@@ -225,3 +225,22 @@ def test_a_given_row_logsumexp_skips_the_first_pass():
     mass = kernels.attention_mass_triton(q, k, row_logsumexp=lse, **BLOCKS)
     _assert_close_to_exact(mass, naive_attention_mass(q, k))
     assert torch.equal(mass, kernels.attention_mass_triton(q, k, row_logsumexp=lse, **BLOCKS))
+
+
+def test_tiles_that_do_not_fit_the_gpu_fall_back_to_the_chunked_path(monkeypatch):
+    """A GPU with less shared memory than the tiles need refuses the launch (OutOfResources, which the interpreter
+    never raises, so a stand-in raises it here): auto takes the chunked path for that call, "triton" reports it."""
+    from pipeline.maths import attention as attention_module
+
+    def refused(*args, **kwargs):
+        raise kernels.OutOfResources(200_000, 101_376, "shared memory")
+
+    monkeypatch.setattr(attention_module, "triton_attention_mass", refused)
+    q, k = _qk(kv_heads=2)
+    v = torch.randn_like(k)
+    with AttentionMassProbe(chunk_size=5) as probe:
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert probe.calls_by_kernel == {"chunked": 1}
+    assert torch.equal(probe.mass, attention_mass(q, k, chunk_size=5))
+    with pytest.raises(kernels.OutOfResources), AttentionMassProbe(kernel="triton"):
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)

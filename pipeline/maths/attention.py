@@ -282,11 +282,17 @@ class AttentionMassProbe:
                 f"[batch, queries] = [{query.shape[0]}, {query.shape[-2]}]"
             )
         path = self._mass_kernel(query, key, attn_mask, is_causal, weights)
+        layer_mass = None
         if path == "reference":
             layer_mass = reference.attention_mass(query, key, scale)
         elif path == "triton":
-            layer_mass = triton_attention_mass(query, key, attn_mask, bool(is_causal), scale, query_weights=weights)
-        else:
+            try:
+                layer_mass = triton_attention_mass(query, key, attn_mask, bool(is_causal), scale, query_weights=weights)
+            except attention_triton.OutOfResources:  # the tiles do not fit this GPU (shared memory, registers)
+                if self.kernel == "triton":
+                    raise
+                path = "chunked"
+        if layer_mass is None:
             layer_mass = attention_mass(
                 query, key, attn_mask, bool(is_causal), scale, query_weights=weights, chunk_size=self.chunk_size
             )

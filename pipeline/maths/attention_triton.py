@@ -33,6 +33,9 @@ except ImportError:  # e.g. macOS or a CPU-only install: the probe keeps its chu
 
 AVAILABLE = triton is not None
 INTERPRETED = AVAILABLE and bool(triton.knobs.runtime.interpret)  # kernels then run on CPU tensors (slowly)
+# Raised at launch when a tile does not fit this GPU's shared memory or registers (e.g. float32 at head dim 256 on a
+# 99 KiB consumer card); the probe then takes the chunked path for that call.
+OutOfResources = triton.runtime.errors.OutOfResources if AVAILABLE else type("OutOfResources", (Exception,), {})
 
 # Block sizes and launch settings for Hopper-class GPUs at head dim 128 (benchmarks/mass_kernel_cuda.py compares).
 DEFAULT_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}

@@ -120,8 +120,9 @@ def _row_logsumexp_kernel(
         s = tl.where(cols[None, :] < k_len, s, float("-inf"))  # keys past the end
         new_max = tl.maximum(row_max, tl.max(s, 1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # all masked so far: exp(-inf - 0) = 0, not NaN
+        # exp(x - c) as exp2(x·log2(e) - c·log2(e)): one fused multiply-add per score ahead of the exp2
         row_sum = row_sum * tl.exp2((row_max - shift) * 1.4426950408889634) \
-            + tl.sum(tl.exp2((s - shift[:, None]) * 1.4426950408889634), 1)
+            + tl.sum(tl.exp2(s * 1.4426950408889634 - (shift * 1.4426950408889634)[:, None]), 1)
         row_max = new_max
     # A NaN score makes row_sum NaN (exp(NaN) = NaN) even where the GPU's max skipped it (max(NaN, -inf) = -inf), so
     # "fully masked" is row_sum == 0, never row_max == -inf: NaN goes on to the mass, not a silent zero.
@@ -167,7 +168,7 @@ def _key_mass_kernel(
         s = _masked_scores(s, m_base + rows[None, :] * m_stride_l, (cols[:, None] < k_len) & (rows[None, :] < q_len),
                            rows[None, :], cols[:, None], MASK_KIND, IS_CAUSAL)
         empty = lse == float("-inf")  # fully masked rows, and rows past the end: they give 0
-        p = tl.exp2((s - tl.where(empty, 0.0, lse)[None, :]) * 1.4426950408889634)
+        p = tl.exp2(s * 1.4426950408889634 - (tl.where(empty, 0.0, lse) * 1.4426950408889634)[None, :])
         p = tl.where(empty[None, :], 0.0, p)
         if HAS_WEIGHTS:
             p = p * tl.load(weight_ptr + batch * q_len + rows, mask=rows < q_len, other=0.0)[None, :]

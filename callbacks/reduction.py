@@ -5,8 +5,10 @@ depend on the world size, and masks near a tie flip.  Here sample i is added to 
 default 8) and every slot lives on rank (slot % world_size).  With world_size dividing G, slot g sees the
 same samples in the same order on any world size; the final sum adds slots 0..G-1 in order on every rank.
 Memory: G / world_size copies of the statistic per rank (Hessian slots are float32, summed in float64).  A single
-process that fills the slots one after another (calibration from cached block inputs, each batch in one slot) folds
-each completed slot into the float64 total at once (`fold`): the same additions in the same order, one slot alive.
+process that fills the slots one after another (calibration from cached block inputs, or windows dispatched slot by
+slot: `CalibrationData.order_by_slot`) folds each completed slot into the float64 total at once (`fold`): the same
+additions in the same order, one slot alive.  `host_totals`: the float64 totals live in host memory (a one-shot run
+holds every block's; float64 addition gives the same bits on any device).
 A key filled through `running` holds a running mean per slot (the reference's SparseGPT Hessian): its total is
 Σ_g n_g·mean_g / Σ_g n_g, which is the one slot's mean itself, bit for bit, when a single slot holds every sample.
 """
@@ -30,14 +32,14 @@ def world() -> tuple[int, int]:
 
 
 class SlotSums:
-    def __init__(self, slots: int = 8):
+    def __init__(self, slots: int = 8, host_totals: bool = False):
         rank, size = world()
         if slots % size:
             raise ValueError(
                 f"reduction_slots={slots} is not a multiple of world_size={size}; set the callback's "
                 f"reduction_slots to a multiple of the number of processes (e.g. {size * ((slots + size - 1) // size)})"
             )
-        self.slots = slots
+        self.slots, self.host_totals = slots, host_totals
         self.owned = [g for g in range(slots) if g % size == rank]
         self.sums: dict[str, dict[int, torch.Tensor]] = {}
         self.folded: dict[str, tuple[int, torch.Tensor | None]] = {}  # key -> (slots < this are in the total, total)
@@ -59,6 +61,14 @@ class SlotSums:
         out = value.to(torch.float64, copy=True)
         return out.mul_(self.counts[key][slot]) if key in self.counts else out
 
+    def _plus(self, key: str, out: torch.Tensor | None, slot: int, value: torch.Tensor) -> torch.Tensor:
+        """out + slot's term, in place.  A plain slot is added as it is: float64 += float32 converts each value exactly
+        first, so the bits equal adding its float64 copy, without that copy (2 bytes per value more at the peak)."""
+        if out is None or key in self.counts:
+            term = self._term(key, slot, value)
+            return term if out is None else out.add_(term.to(out.device))
+        return out.add_(value.to(out.device))
+
     def _finish(self, key: str, out: torch.Tensor | None) -> torch.Tensor | None:
         return out.div_(sum(self.counts[key].values())) if out is not None and key in self.counts else out
 
@@ -73,8 +83,8 @@ class SlotSums:
             for g in range(done, upto):
                 if g in per_key:
                     slot = per_key.pop(g)
-                    term = self._term(key, g, slot)
-                    out = term if out is None else out.add_(term)  # (= out + term, bitwise)
+                    out = self._plus(key, out, g, slot.cpu() if self.host_totals else slot)
+                    del slot  # freed before the next slot is created
             self.folded[key] = (max(done, upto), out)
 
     def accumulator(self, key: str, sample_id: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -135,8 +145,7 @@ class SlotSums:
         out = out.clone() if copy and out is not None else out
         for g in range(done, self.slots):
             if g in per_key:
-                term = self._term(key, g, per_key[g])
-                out = term if out is None else out.add_(term)
+                out = self._plus(key, out, g, per_key[g])
         return self._finish(key, out)
 
     def take(self, key: str) -> torch.Tensor | None:

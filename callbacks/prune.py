@@ -183,6 +183,8 @@ class PruneCallback(Callback):
     def _solve(self, names: list[str]) -> None:
         """Solve and apply the masks of `names` from the sums (collective), then empty the sums."""
         t0 = time.time()
+        if self.slot_major:  # every slot is complete: fold the last ones too, before any solve needs the memory
+            self.sums.fold(list(self.sums.sums), self.sums.slots)
         if self.pruner.statistic:
             samples, leaders = len({s for _, s, _ in self.seen} | self.recorded.ids), [n for n in names if self.shared.key(n) == n]
             count_expert_tokens(self.sums, self.t.experts, leaders, self.expert_tokens, samples)

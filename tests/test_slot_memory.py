@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hashlib
 
+import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from callbacks.prune import PruneCallback
 from callbacks.reduction import SlotSums
+from callbacks.sink_stats import SinkStatsCallback
 from pipeline.model.data import CalibrationData, slot_major_order
+from pipeline.model.module import DLMModule
 from tests.runs import run_inprocess, tiny_config
 
 MAIN_DIGESTS = {  # tiny-llada, sink_sparsegpt, 6 windows of 32 tokens, 2 timesteps, reduction_slots 4
@@ -122,3 +126,31 @@ def test_resume_after_a_fold_gives_the_same_bits(tmp_path):
     root, code, err = _fit(tmp_path, "resumed", "oneshot", 1, [ckpt], "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"))
     assert code == 0, err[-3000:]
     assert _digest(root) == MAIN_DIGESTS["oneshot"]
+
+
+def _fit_windows(tmp_path, windows, **data):
+    module = DLMModule(pretrained="tiny-llada", timesteps=2, seed=0)
+    prune = PruneCallback(method="sink_sparsegpt", sparsity=0.5, reduction_slots=4)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[SinkStatsCallback(record=False, heatmap=False), prune])
+    trainer.fit(module, **data)
+    return prune.masks, {n: m.weight.detach().clone() for n, m in prune.layers.items()}
+
+
+def test_given_windows_arrive_slot_by_slot(tmp_path, monkeypatch):
+    """CalibrationData.from_windows (what a benchmark with its own token windows uses) orders them like the corpus
+    windows; a plain DataLoader keeps its order and every slot.  The same masks and weights."""
+    windows = torch.randint(4, 4096, (6, 32), generator=torch.Generator().manual_seed(3))
+    peak = Peak(monkeypatch)
+    masks, weights = _fit_windows(tmp_path / "ordered", windows, datamodule=CalibrationData.from_windows(windows))
+    assert peak.per_layer == 1
+    peak.per_layer = 0
+    data = [{"input_ids": w, "index": i, "keep": torch.zeros_like(w, dtype=torch.bool)} for i, w in enumerate(windows)]
+    plain_masks, plain_weights = _fit_windows(tmp_path / "plain", windows,
+                                              train_dataloaders=torch.utils.data.DataLoader(data, batch_size=1))
+    assert peak.per_layer == 4
+    assert masks.keys() == plain_masks.keys()
+    for name in masks:
+        assert torch.equal(masks[name], plain_masks[name]), name
+        assert torch.equal(weights[name], plain_weights[name]), name

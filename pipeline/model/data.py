@@ -255,6 +255,14 @@ class CalibrationData(L.LightningDataModule):
         self.calibration: WindowDataset | None = None
         self.heldout: WindowDataset | None = None
 
+    @classmethod
+    def from_windows(cls, windows: torch.Tensor, batch_size: int = 1) -> "CalibrationData":
+        """Calibration on given token windows [n, T] (benchmarks, tests): nothing tokenized, no held-out windows, no
+        position kept from the noise; the same loader as the corpus windows (`order_by_slot` included)."""
+        data = cls(nsamples=len(windows), seqlen=windows.shape[1], batch_size=batch_size, heldout_samples=0)
+        data.calibration, data.heldout = WindowDataset(windows, n_kept=0), WindowDataset(windows[:0], n_kept=0)
+        return data
+
     def _tokenizer(self):
         from transformers import AutoTokenizer
 
@@ -310,8 +318,8 @@ class CalibrationData(L.LightningDataModule):
         batches of more than one window, which windows share a batch changes: `regroup=False` refuses that.  True when
         the order is taken."""
         one_process = self.trainer is None or self.trainer.world_size == 1
-        fits = regroup or self.hparams.batch_size == 1
-        self.slot_order = slot_major_order(self.hparams.nsamples, slots, self.hparams.batch_size) if one_process and fits else None
+        fits = self.calibration is not None and (regroup or self.hparams.batch_size == 1)
+        self.slot_order = slot_major_order(len(self.calibration), slots, self.hparams.batch_size) if one_process and fits else None
         if getattr(self, "train_sampler", None) is not None:  # a loader built already: its sampler reads it when iterated
             self.train_sampler.order = self.slot_order
         return self.slot_order is not None

@@ -99,9 +99,9 @@ class PruneCallback(Callback):
     def _order_by_slot(self, trainer, pl_module) -> bool:
         """One process, Hessians from every batch: ask for the windows slot by slot, so each completed slot is folded
         into its total (one slot alive per layer instead of G; the same sums in the same order, the same bits)."""
-        wanted = (trainer.world_size == 1 and self.sums.slots > 1 and self.pruner.statistic == "hessian"
+        wanted = (self.pruner.statistic == "hessian" and trainer is not None and trainer.world_size == 1 and self.sums.slots > 1
                   and not (self.cached or self.masks_from) and getattr(pl_module, "hparams", {}).get("noise_order") != "reference")
-        order = getattr(trainer.datamodule, "order_by_slot", None)  # (reference noise: the order draws the noise)
+        order = getattr(getattr(trainer, "datamodule", None), "order_by_slot", None)  # (reference noise: the order draws it)
         # (an MoE expert's GEMM takes the tokens routed to it from the whole batch: keep each batch's windows)
         return bool(wanted and order is not None and order(self.sums.slots, regroup=not self.t.experts))
 

@@ -8,11 +8,14 @@ Memory: G / world_size copies of the statistic per rank (Hessian slots are float
 process that fills the slots one after another (calibration from cached block inputs, or windows dispatched slot by
 slot: `CalibrationData.order_by_slot`) folds each completed slot into the float64 total at once (`fold`): the same
 additions in the same order, one slot alive.  `host_totals`: the float64 totals live in host memory (a one-shot run
-holds every block's; float64 addition gives the same bits on any device).
+holds every block's; float64 addition gives the same bits on any device), added on one worker thread while the
+device goes on.
 A key filled through `running` holds a running mean per slot (the reference's SparseGPT Hessian): its total is
 Σ_g n_g·mean_g / Σ_g n_g, which is the one slot's mean itself, bit for bit, when a single slot holds every sample.
 """
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -44,6 +47,22 @@ class SlotSums:
         self.sums: dict[str, dict[int, torch.Tensor]] = {}
         self.folded: dict[str, tuple[int, torch.Tensor | None]] = {}  # key -> (slots < this are in the total, total)
         self.counts: dict[str, dict[int, int]] = {}  # running-mean keys: key -> slot -> samples in its mean
+        self._worker, self._pending = None, []  # host totals: the additions run on one thread while the device goes on
+
+    def __getstate__(self) -> dict:  # (pickled for DDP spawn: no thread)
+        self.settle()
+        return {**self.__dict__, "_worker": None, "_pending": []}
+
+    def _later(self, fn) -> None:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-fold")
+        self._pending.append(self._worker.submit(fn))
+
+    def settle(self) -> None:
+        """Wait for the host additions under way (in submission order, one thread); every reader of a total calls it."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def slot_of(self, sample_id: int) -> int:
         return sample_id % self.slots
@@ -83,10 +102,17 @@ class SlotSums:
             done, out = self.folded.get(key, (0, None))
             per_key = self.sums.get(key, {})
             for g in range(done, upto):
-                if g in per_key:
-                    slot = per_key.pop(g)
-                    out = self._plus(key, out, g, slot.cpu() if self.host_totals else slot)
-                    del slot  # freed before the next slot is created
+                if g not in per_key:
+                    continue
+                if self.host_totals and key not in self.counts:  # the same operations as _plus, on the worker thread
+                    value = per_key.pop(g).cpu()  # (the device slot is freed before the next one is created)
+                    if out is None:
+                        out = torch.empty(value.shape, dtype=torch.float64)
+                        self._later(lambda out=out, value=value: out.copy_(value))
+                    else:
+                        self._later(lambda out=out, value=value: out.add_(value.double()))
+                else:
+                    out = self._plus(key, out, g, per_key.pop(g))
             self.folded[key] = (max(done, upto), out)
 
     def accumulator(self, key: str, sample_id: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -142,6 +168,7 @@ class SlotSums:
         return out / count if running and out is not None else out
 
     def _local_total(self, key: str, copy: bool) -> torch.Tensor | None:
+        self.settle()
         per_key = self.sums.get(key, {})
         done, out = self.folded.get(key, (0, None))
         out = out.clone() if copy and out is not None else out
@@ -172,16 +199,19 @@ class SlotSums:
                 del totals[k]
 
     def clear(self) -> None:
+        self.settle()
         self.sums.clear()
         self.folded.clear()
         self.counts.clear()
 
     def state_dict(self) -> dict:
+        self.settle()
         return {"slots": self.slots, "sums": {k: {g: t.cpu() for g, t in v.items()} for k, v in self.sums.items()},
                 "folded": {k: (g, None if t is None else t.cpu()) for k, (g, t) in self.folded.items()},
                 "counts": {k: dict(v) for k, v in self.counts.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        self.settle()
         self.slots = state["slots"]
         self.sums = {k: dict(v) for k, v in state["sums"].items()}
         self.folded = dict(state.get("folded", {}))

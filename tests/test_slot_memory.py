@@ -154,3 +154,36 @@ def test_given_windows_arrive_slot_by_slot(tmp_path, monkeypatch):
     for name in masks:
         assert torch.equal(masks[name], plain_masks[name]), name
         assert torch.equal(weights[name], plain_weights[name]), name
+
+
+def test_host_totals_fold_on_a_thread_to_the_same_bits():
+    import copy
+    import pickle
+
+    g = torch.Generator().manual_seed(0)
+    values = [torch.randn(5, 5, generator=g) * 10.0 ** float(torch.randint(-6, 6, (), generator=g)) for _ in range(11)]
+    plain, host = SlotSums(4), SlotSums(4, host_totals=True)
+    for sums in (plain, host):
+        for sid in slot_major_order(11, 4, 1):
+            if sums is host:
+                sums.fold(["h"], sid % 4)
+            sums.accumulator("h", sid, (5, 5)).add_(values[sid])
+            if sums is host and sid == 6:  # a checkpoint (and a DDP-spawn pickle) with additions under way
+                state, spawned = copy.deepcopy(sums.state_dict()), pickle.loads(pickle.dumps(sums))  # (saved at once)
+                assert state["folded"]["h"][0] == 2 and spawned._worker is None
+    assert host.folded["h"][1].device.type == "cpu" and len(host.sums["h"]) == 1
+    assert torch.equal(plain.total("h"), host.total("h"))
+    assert torch.equal(plain.take("h"), host.take("h"))
+    resumed = SlotSums(4, host_totals=True)
+    resumed.load_state_dict(state)
+    for sid in slot_major_order(11, 4, 1)[8:]:  # after the checkpoint (slot order: 0 4 8 1 5 9 2 6 | 10 3 7)
+        resumed.fold(["h"], sid % 4)
+        resumed.accumulator("h", sid, (5, 5)).add_(values[sid])
+    assert torch.equal(resumed.take("h"), _plain_total(values, 4))
+
+
+def _plain_total(values, slots):
+    sums = SlotSums(slots)
+    for sid in range(len(values)):
+        sums.accumulator("h", sid, values[sid].shape).add_(values[sid])
+    return sums.take("h")

@@ -35,7 +35,7 @@ def world() -> tuple[int, int]:
 
 
 class SlotSums:
-    def __init__(self, slots: int = 8, host_totals: bool = False):
+    def __init__(self, slots: int = 8, host_totals: bool = False, fold_thread: bool | None = None):
         rank, size = world()
         if slots % size:
             raise ValueError(
@@ -47,7 +47,9 @@ class SlotSums:
         self.sums: dict[str, dict[int, torch.Tensor]] = {}
         self.folded: dict[str, tuple[int, torch.Tensor | None]] = {}  # key -> (slots < this are in the total, total)
         self.counts: dict[str, dict[int, int]] = {}  # running-mean keys: key -> slot -> samples in its mean
-        self._worker, self._pending = None, []  # host totals: the additions run on one thread while the device goes on
+        # host totals of device slots: the additions run on one thread while the device goes on (None: for slots on a
+        # device only; a CPU run keeps its own threads to its forwards)
+        self.fold_thread, self._worker, self._pending = fold_thread, None, []
 
     def __getstate__(self) -> dict:  # (pickled for DDP spawn: no thread)
         self.settle()
@@ -104,7 +106,8 @@ class SlotSums:
             for g in range(done, upto):
                 if g not in per_key:
                     continue
-                if self.host_totals and key not in self.counts:  # the same operations as _plus, on the worker thread
+                threaded = self.fold_thread if self.fold_thread is not None else per_key[g].device.type != "cpu"
+                if self.host_totals and threaded and key not in self.counts:  # the same operations as _plus, on the thread
                     value = per_key.pop(g).cpu()  # (the device slot is freed before the next one is created)
                     if out is None:
                         out = torch.empty(value.shape, dtype=torch.float64)
@@ -112,7 +115,8 @@ class SlotSums:
                     else:
                         self._later(lambda out=out, value=value: out.add_(value.double()))
                 else:
-                    out = self._plus(key, out, g, per_key.pop(g))
+                    value = per_key.pop(g)
+                    out = self._plus(key, out, g, value.cpu() if self.host_totals else value)
             self.folded[key] = (max(done, upto), out)
 
     def accumulator(self, key: str, sample_id: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:

@@ -162,7 +162,7 @@ def test_host_totals_fold_on_a_thread_to_the_same_bits():
 
     g = torch.Generator().manual_seed(0)
     values = [torch.randn(5, 5, generator=g) * 10.0 ** float(torch.randint(-6, 6, (), generator=g)) for _ in range(11)]
-    plain, host = SlotSums(4), SlotSums(4, host_totals=True)
+    plain, host = SlotSums(4), SlotSums(4, host_totals=True, fold_thread=True)  # (by default: device slots only)
     for sums in (plain, host):
         for sid in slot_major_order(11, 4, 1):
             if sums is host:
@@ -174,7 +174,7 @@ def test_host_totals_fold_on_a_thread_to_the_same_bits():
     assert host.folded["h"][1].device.type == "cpu" and len(host.sums["h"]) == 1
     assert torch.equal(plain.total("h"), host.total("h"))
     assert torch.equal(plain.take("h"), host.take("h"))
-    resumed = SlotSums(4, host_totals=True)
+    resumed = SlotSums(4, host_totals=True, fold_thread=True)
     resumed.load_state_dict(state)
     for sid in slot_major_order(11, 4, 1)[8:]:  # after the checkpoint (slot order: 0 4 8 1 5 9 2 6 | 10 3 7)
         resumed.fold(["h"], sid % 4)

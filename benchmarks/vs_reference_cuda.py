@@ -197,6 +197,7 @@ def run_project(model, windows: torch.Tensor, method: str, config: str, timestep
 
     from callbacks.prune import PruneCallback
     from callbacks.sink_stats import SinkStatsCallback
+    from pipeline.model.data import CalibrationData
     from pipeline.model.module import DLMModule
 
     flavor, mode = CONFIGS[config]
@@ -207,9 +208,8 @@ def run_project(model, windows: torch.Tensor, method: str, config: str, timestep
     trainer = L.Trainer(max_epochs=1, accelerator=device.type if device.type == "cpu" else "gpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[SinkStatsCallback(record=False, heatmap=False), prune], default_root_dir=str(workdir))
-    loader = torch.utils.data.DataLoader([{"input_ids": w, "index": i, "keep": torch.zeros_like(w, dtype=torch.bool)}
-                                          for i, w in enumerate(windows)], batch_size=1)
-    trainer.fit(module, train_dataloaders=loader)
+    # the project's own loader: in one process SparseGPT's windows arrive slot by slot (one Hessian slot alive)
+    trainer.fit(module, datamodule=CalibrationData.from_windows(windows, batch_size=1))
     return {n: m.to(torch.bool).cpu() for n, m in prune.masks.items()}
 
 
@@ -258,7 +258,7 @@ def measure_T(a, P, model, dense, seqlen: int, nwin: int, device: torch.device, 
         if method == "sink_sparsegpt" and seqlen not in a.sparsegpt_seqlens:
             continue
         jobs.append(("reference", method, None))
-        for config in CONFIGS:
+        for config in a.configs if method == "sink_wanda" else a.sparsegpt_configs:
             if method == "sink_wanda" and config == "default-sequential":
                 continue  # sink Wanda is one-shot in every configuration
             jobs.append(("project", method, config))
@@ -271,6 +271,8 @@ def measure_T(a, P, model, dense, seqlen: int, nwin: int, device: torch.device, 
     for rep in range(a.repeats):
         order = jobs[rep % len(jobs):] + jobs[:rep % len(jobs)]  # rotate, so no side always runs first
         for job in order:
+            if job[1] == "sink_sparsegpt" and rep >= (a.sparsegpt_repeats or a.repeats):
+                continue
             restore(model, dense)
             seconds, peak, result = measured(lambda: _one(a, P, model, windows, *job, device, workdir), device)
             runs[job].append((seconds, peak))
@@ -320,7 +322,8 @@ def _ratio(x) -> str:
 def render_markdown(doc: dict) -> str:
     meta = doc["meta"]
     out = [f"{meta['device']}, torch {meta['torch']}, {meta['layers']} blocks at LLaDA-8B shapes, bf16, "
-           f"{meta['timesteps']} timesteps, batch 1, median of {meta['repeats']}",
+           f"{meta['timesteps']} timesteps, batch 1, median of {meta['repeats']} (SparseGPT rows: "
+           f"{meta.get('sparsegpt_repeats', meta['repeats'])})",
            "", "| T, windows | method | run | pruning call | x reference | x floor | peak GPU memory | x reference | "
            "mask agreement (reference vs itself) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
@@ -346,10 +349,13 @@ def main() -> None:
     ap.add_argument("--windows", type=int, nargs="+", default=[16, 8], help="windows per sequence length")
     ap.add_argument("--sparsegpt-seqlens", type=int, nargs="+", default=[2048])
     ap.add_argument("--methods", nargs="+", default=["sink_wanda", "sink_sparsegpt"], choices=list(REFERENCE_FN))
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="this project's runs of sink Wanda")
+    ap.add_argument("--sparsegpt-configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                    help="this project's runs of sink SparseGPT")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--timesteps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sparsegpt-repeats", type=int, default=None, help="repeats of the SparseGPT rows (default --repeats)")
     ap.add_argument("--sink-windows", type=int, default=4, help="windows of the fused-vs-chunked sink-set check")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda")
@@ -362,9 +368,6 @@ def main() -> None:
         return
     if len(a.windows) != len(a.seqlens):
         sys.exit(f"--windows has {len(a.windows)} values for {len(a.seqlens)} --seqlens; give one per sequence length")
-    for c in list(CONFIGS):
-        if c not in a.configs:
-            CONFIGS.pop(c)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --device cpu --tiny for a smoke run")
@@ -381,15 +384,14 @@ def main() -> None:
           f"weights {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30:.2f} GiB", flush=True)
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "vs_reference_cuda"
     workdir.mkdir(parents=True, exist_ok=True)
-    rows, sinks = [], []
-    for seqlen, nwin in zip(a.seqlens, a.windows):
-        r, s = measure_T(a, P, model, dense, seqlen, nwin, device, workdir)
-        rows += r
-        sinks.append(s)
     doc = {"meta": {"device": name, "torch": torch.__version__, "layers": a.layers, "tiny": a.tiny, "timesteps": a.timesteps,
-                    "repeats": a.repeats, "seed": a.seed, "dtype": str(dtype)}, "rows": rows, "sink_sets": sinks}
+                    "repeats": a.repeats, "sparsegpt_repeats": a.sparsegpt_repeats or a.repeats, "seed": a.seed, "dtype": str(dtype)}, "rows": [], "sink_sets": []}
     a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(doc, indent=1))
+    for seqlen, nwin in zip(a.seqlens, a.windows):
+        rows, sinks = measure_T(a, P, model, dense, seqlen, nwin, device, workdir)
+        doc["rows"] += rows
+        doc["sink_sets"].append(sinks)
+        a.json.write_text(json.dumps(doc, indent=1))  # after each length: a run stopped at its time limit keeps these
     print(render_markdown(doc))
 
 

@@ -92,6 +92,7 @@ def build_model(LLaDAConfig, LLaDAModelLM, dims: dict, layers: int, max_len: int
             model = LLaDAModelLM(config)
     finally:
         torch.set_default_dtype(previous)
+    model.to(device=device, dtype=dtype)  # LLaDA's init may place some modules on its own init device
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():  # random weights at a trained model's scale (norms stay at 1)

@@ -139,15 +139,16 @@ def make_windows(n: int, seqlen: int, seed: int) -> torch.Tensor:
 # --- one run of each side ----------------------------------------------------------------------------------------
 
 def measured(fn, device: torch.device):
-    """(seconds, peak bytes, result) of fn(), synchronised; peak = torch.cuda.max_memory_allocated (0 on CPU)."""
+    """(seconds, peak bytes, result) of fn(), synchronised; peak = torch.cuda.max_memory_allocated (0 on CPU).
+    fn returns (result, end): end is when the pruning was done (perf_counter), or None for when fn returned."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     sync()
     t0 = time.perf_counter()
-    result = fn()
+    result, end = fn()
     sync()
-    seconds = time.perf_counter() - t0
+    seconds = (end or time.perf_counter()) - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return seconds, peak, result
 
@@ -206,12 +207,27 @@ def run_project(model, windows: torch.Tensor, method: str, config: str, timestep
                        noise_order="reference" if flavor == "reference" else "per_sample")
     module.model, module.tokenizer, module.mask_token_id = model, None, MASK_ID  # configure_model keeps a set model
     prune = PruneCallback(method=method, sparsity=0.5, mode="oneshot" if method == "sink_wanda" else mode, flavor=flavor)
+    done = _PruningDone()  # after PruneCallback's hooks: the masks are in place; Lightning's teardown comes after
     trainer = L.Trainer(max_epochs=1, accelerator=device.type if device.type == "cpu" else "gpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[SinkStatsCallback(record=False, heatmap=False), prune], default_root_dir=str(workdir))
+                        callbacks=[SinkStatsCallback(record=False, heatmap=False), prune, done], default_root_dir=str(workdir))
     # the project's own loader: in one process SparseGPT's windows arrive slot by slot (one Hessian slot alive)
     trainer.fit(module, datamodule=CalibrationData.from_windows(windows, batch_size=1))
-    return {n: m.to(torch.bool).cpu() for n, m in prune.masks.items()}
+    model.to(device)  # the strategy's teardown moved the module to the CPU
+    return {n: m.to(torch.bool).cpu() for n, m in prune.masks.items()}, done.at
+
+
+def _PruningDone():
+    import lightning as L
+
+    class PruningDone(L.Callback):
+        at = None
+
+        def on_train_end(self, trainer, pl_module):
+            sync()
+            self.at = time.perf_counter()
+
+    return PruningDone()
 
 
 def agreement(a: dict, b: dict) -> float:
@@ -285,7 +301,7 @@ def measure_T(a, P, model, dense, seqlen: int, nwin: int, device: torch.device, 
     floors = {}
     for method in {m for _, m, _ in jobs if m}:
         restore(model, dense)
-        other = _one(a, P, model, windows, "reference", method, None, device, workdir, seed=a.seed + 1)
+        other, _ = _one(a, P, model, windows, "reference", method, None, device, workdir, seed=a.seed + 1)
         floors[method] = agreement(other, masks[("reference", method, None)])
     restore(model, dense)
     med = {job: statistics.median(s for s, _ in v) for job, v in runs.items()}
@@ -310,9 +326,9 @@ def measure_T(a, P, model, dense, seqlen: int, nwin: int, device: torch.device, 
 def _one(a, P, model, windows, side, method, config, device, workdir, seed=None):
     seed = a.seed if seed is None else seed
     if side == "floor":
-        return run_floor(model, windows, a.timesteps, device, seed)
+        return run_floor(model, windows, a.timesteps, device, seed), None
     if side == "reference":
-        return run_reference(P, model, windows, method, a.timesteps, device, seed)
+        return run_reference(P, model, windows, method, a.timesteps, device, seed), None
     return run_project(model, windows, method, config, a.timesteps, device, seed, workdir)
 
 

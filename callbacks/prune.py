@@ -83,6 +83,7 @@ class PruneCallback(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         """Find the layers once the model exists (configure_model), before any calibration work."""
         self.t = find_targets(pl_module.model, self.targets, self.ignore, self.n_m, self.pruner.statistic and self.method)
+        self._check_offload(pl_module)
         if self.pruner.statistic and not self.masks_from:  # layers fed one tensor share one statistic
             self.shared = SharedInputs.find(pl_module, self.layers, self.t.block_modules[-1], self.eager)
         if self.cached:  # one epoch (s̄, the recorded batches), then block by block from cached inputs at its end
@@ -93,6 +94,16 @@ class PruneCallback(Callback):
         self.sums = self.sums or SlotSums(self.reduction_slots or 8)  # (resumed: the checkpoint's; None: setup not run)
         reapply(self.layers, self.masks, self._resumed)  # resumed: restore the layers pruned before
         self.updated, self._resumed = self.updated | set(self._resumed), {}  # (the layers hold them now)
+
+    def _check_offload(self, pl_module) -> None:
+        """An offloaded model calibrates block by block from cached inputs (callbacks/cached.py), every method."""
+        if getattr(pl_module, "offloader", None) is None or not self.pruner.statistic or self.masks_from:
+            return
+        if self.mode == "sequential" and self.pruner.weighting.sink_aware and self.pruner.inputs == "noised" and not self.offset:
+            raise ValueError(f"prune method={self.method} mode=sequential with model.offload={pl_module.memory_plan['offload']}: "
+                             "the sink scores of the partly pruned model need every block once per block; use mode: "
+                             "oneshot, flavor: reference, or model.offload: none")
+        self.cached = True
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:
@@ -121,7 +132,9 @@ class PruneCallback(Callback):
     def on_noised_batch(self, trainer, pl_module, nb: NoisedBatch) -> None:
         if self.cached:  # the work happens at the epoch's end (calibrate_from_cache)
             self.recorded.record(nb, self.pruner.inputs == "clean")
-            if self.offset:
+            if getattr(pl_module, "offloader", None) is not None:  # no forward has run: the scores come at the epoch's end
+                self.seen.update((0, sid, nb.step) for sid in nb.sample_ids if sid >= 0 and not self.offset)
+            elif self.offset:
                 self.mean_scores.add(nb, self.seen, self.method)
             return
         if not (names := self._active_layers(trainer.current_epoch)):
@@ -154,18 +167,27 @@ class PruneCallback(Callback):
         if self.masks_from or (epoch > 0 and not (self.mode == "sequential" and self.pruner.statistic)):
             return
         if self.cached:
-            return self._from_cache(pl_module)
+            return self._from_cache(trainer, pl_module)
         self._solve(self._active_layers(epoch) if self.pruner.statistic else list(self.layers))
 
-    def _from_cache(self, pl_module) -> None:
+    def _from_cache(self, trainer, pl_module) -> None:
         batches = self.recorded.noised_batches(pl_module.device)
+        offloader = getattr(pl_module, "offloader", None)
+        if offloader is not None and self.pruner.weighting.sink_aware:  # scores from SinkStatsCallback's block pass
+            sink = next(cb for cb in trainer.callbacks if isinstance(cb, SinkStatsCallback))
+            if self.offset:
+                for (step, sids), scores in sink.offload_scores.items():  # in dispatch order, as the epoch adds them
+                    self.mean_scores.add(NoisedBatch(None, None, None, 0.0, step, list(sids), sink_scores=scores), self.seen, self.method)
+            else:
+                batches = [NoisedBatch(nb.input_ids, nb.clean_ids, nb.masked, nb.t, nb.step, nb.sample_ids, nb.attention_mask,
+                                       sink_scores=sink.scores_for(nb).to(pl_module.device)) for nb in batches]
         if self.offset:  # every rank gets every sample's s̄
             self.mean_scores.gather()
             batches = [self.mean_scores.with_mean(nb, self.flavor) for nb in batches]
         on_input = lambda n, x, nb: self._add(n, x, self._routed(n), nb)  # noqa: E731
         with phase("calibrating block by block"):
             calibrate_from_cache(pl_module, self.t, batches, on_input, self._solve, self.eager, self.mode == "sequential",
-                                 self.uniform, self.sums, self.shared.key)
+                                 self.uniform, self.sums, self.shared.key, offloader)
 
     def _solve(self, names: list[str]) -> None:
         """Solve and apply the masks of `names` from the sums (collective), then empty the sums."""

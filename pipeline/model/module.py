@@ -12,10 +12,13 @@ import lightning as L
 import torch
 from typing_extensions import override
 
-from pipeline.model.calibration import calibration_forward, dispatch_noised_batch, noised_batches, reference_noised_batches
+from pipeline.model.calibration import (calibration_forward, dispatch_noised_batch, find_blocks, noised_batches,
+                                        reference_noised_batches)
 from pipeline.model.head import logits_at
 from pipeline.maths.diffusion import DEFAULT_EPS, NOISES, config_max_length, timestep_grid
 from pipeline.model.loading import dlm_forward, load_dlm, resolve_mask_token_id, resolve_path
+from pipeline.model import memory_plan as mp
+from pipeline.model.offload import OFFLOADS, BlockOffloader
 from pipeline.run.phase import set_current
 from pipeline.maths.metrics import MaskedDiffusionPerplexity, elbo_nll
 
@@ -53,6 +56,7 @@ class DLMModule(L.LightningModule):
         keep_special_tokens: bool = False,
         noise: str = "mask",
         noise_order: str = "per_sample",
+        offload: str = "auto",
     ):
         """Args:
             keep_special_tokens: never mask the special token the data puts first (BOS / [CLS]), in
@@ -67,6 +71,11 @@ class DLMModule(L.LightningModule):
                 reference's own float operations in SinkStatsCallback's attention mass and sink scores and one
                 reduction slot in PruneCallback: with batch_size 1 in a single process and PruneCallback(flavor=
                 "reference"), masks and weights are the reference's bit for bit (benchmarks/vs_reference.py).
+            offload: where the transformer blocks' weights live during calibration (docs/offload.md): "auto" (default:
+                on the device when the memory plan says the model and the calibration state fit its free memory, else
+                "cpu"), "none" (on the device), "cpu" (CPU memory, onloaded block by block) or "disk" (memory-mapped
+                from the checkpoint's safetensors, onloaded block by block).  SINKPRUNE_DEVICE_BUDGET (e.g. 20GiB)
+                replaces the device's free memory in the plan.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -83,7 +92,11 @@ class DLMModule(L.LightningModule):
             raise ValueError(f"model.heldout_timesteps={heldout_timesteps} must be >= 1 (timesteps per held-out window)")
         if noise not in NOISES:
             raise ValueError(f"model.noise={noise!r}: use one of {', '.join(NOISES)}")
+        if offload not in OFFLOADS:
+            raise ValueError(f"model.offload={offload!r}: use one of {', '.join(OFFLOADS)} (default auto)")
         resolve_path(pretrained)  # a missing local path fails here, before anything is loaded
+        self.offloader: BlockOffloader | None = None  # set in configure_model when the plan offloads
+        self.memory_plan: dict | None = None
         self.model = None  # loaded in configure_model, after every config check has passed
         self.tokenizer = None
         self.mask_token_id: int | None = None
@@ -108,7 +121,9 @@ class DLMModule(L.LightningModule):
             )
         except torch.OutOfMemoryError as exc:
             raise RuntimeError(f"{hp.pretrained} does not fit in the memory of {self._target_device()}: {FIT_HINT}") from exc
-        check_fits(self.model, self._target_device(), hp.pretrained)
+        self._plan_memory()
+        if self.offloader is None:
+            check_fits(self.model, self._target_device(), hp.pretrained)
         self.mask_token_id = resolve_mask_token_id(self.tokenizer, self.model.config, hp.mask_token_id)
         vocab = self.model.get_input_embeddings().num_embeddings
         if not 0 <= self.mask_token_id < vocab:
@@ -124,6 +139,48 @@ class DLMModule(L.LightningModule):
         limit = config_max_length(self.model.config)
         if seqlen is not None and limit is not None and seqlen > limit:
             raise ValueError(f"data.seqlen={seqlen} exceeds the model's maximum sequence length {limit}; lower data.init_args.seqlen")
+
+    def _plan_memory(self) -> None:
+        """The memory plan (printed before any work; results.json `memory`), and the offloader when it offloads."""
+        device, blocks = self._target_device(), [b for _, b in find_blocks(self.model)]
+        shape = mp.shape_from_model(self.model, blocks, self.hparams.pretrained)
+        self.memory_plan = mp.memory_plan(shape, self._calibration_sizes(), device_free=device_free_bytes(device),
+                                          cpu_free=cpu_free_bytes(), devices=self._world_size(),
+                                          offload=self.hparams.offload if blocks else "none")
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(mp.render_plan(self.memory_plan), flush=True)
+        if self.memory_plan["offload"] != "none":
+            self.offloader = BlockOffloader(self.model, blocks, device, self.memory_plan["offload"],
+                                            resolve_path(self.hparams.pretrained))
+            # every rank maps the same checkpoint: the blocks are not broadcast (nor could NCCL send CPU tensors)
+            self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.offloader.ignored_names]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _calibration_sizes(self) -> mp.Calibration:
+        """The calibration's sizes, read off the data module and the pruning callback (defaults when absent)."""
+        cal = mp.Calibration(timesteps=len(self.timesteps))
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        hp = getattr(dm, "hparams", {})
+        cal.windows, cal.seqlen, cal.batch_size = (hp.get(k, d) for k, d in
+                                                   (("nsamples", cal.windows), ("seqlen", cal.seqlen), ("batch_size", 1)))
+        prune = next((cb for cb in (self.trainer.callbacks if self._trainer is not None else []) if hasattr(cb, "pruner")), None)
+        if prune is not None:
+            cal.statistic = prune.pruner.statistic
+            cal.reduction_slots = getattr(prune, "reduction_slots", None) or cal.reduction_slots
+        return cal
+
+    def memory_report(self) -> dict:
+        """The plan with the measured peaks beside it (results.json `memory`)."""
+        report = dict(self.memory_plan or {})
+        device = self._target_device()
+        report["measured_device_peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        if self.offloader is not None:
+            report["offloader"] = self.offloader.report()
+        return report
 
     def _target_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
@@ -215,6 +272,31 @@ class DLMModule(L.LightningModule):
             raise ValueError("data.heldout_samples: no held-out token was scored (the held-out text is shorter than one "
                              "window); give more held-out text or a smaller data.seqlen")
         return scores
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Free memory of the compute device: SINKPRUNE_DEVICE_BUDGET when set (a size: 20GiB, 8e9), else CUDA's free
+    memory, else (the CPU computes) the available CPU memory."""
+    import os
+
+    budget = os.environ.get("SINKPRUNE_DEVICE_BUDGET")
+    if budget:
+        try:
+            return mp.parse_bytes(budget)
+        except ValueError as exc:
+            raise ValueError(f"SINKPRUNE_DEVICE_BUDGET: {exc}") from None
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return cpu_free_bytes()
+
+
+def cpu_free_bytes() -> int:
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**50
 
 
 def validate_timesteps(timesteps: int | list[float]) -> list[float]:

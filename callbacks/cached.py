@@ -182,6 +182,17 @@ def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_inpu
         solve(list(targets.layers))
 
 
+def solve_block_by_block(targets, solve, offloader) -> None:
+    """No statistic (magnitude): each block's layers solved on the device, the pruned weights written back."""
+    index = {id(b): i for i, b in enumerate(offloader.blocks)}
+    for block, names in zip(targets.block_modules, targets.block_layers):
+        i = index[id(block)]
+        offloader.onload(i)
+        offloader.prefetch(i + 1)
+        solve(names)
+        offloader.release(i, writeback=True)
+
+
 def _parking(pl_module, offloader):
     """(park, unpark): where block inputs wait between blocks.  Offloaded on CUDA: pinned CPU memory, copied back to
     the device for each pass (exact copies); otherwise they stay where they are."""

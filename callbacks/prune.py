@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from callbacks.reduction import SlotSums, default_slots
-from callbacks.cached import RecordedBatches, calibrate_from_cache, uniform_block_calls
+from callbacks.cached import RecordedBatches, calibrate_from_cache, solve_block_by_block, uniform_block_calls
 from callbacks.schedule import MeanSinkScores, ProbedInputs, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
 from callbacks.layers import Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks, reapply
@@ -168,6 +168,8 @@ class PruneCallback(Callback):
             return
         if self.cached:
             return self._from_cache(trainer, pl_module)
+        if not self.pruner.statistic and getattr(pl_module, "offloader", None) is not None:
+            return solve_block_by_block(self.t, self._solve, pl_module.offloader)
         self._solve(self._active_layers(epoch) if self.pruner.statistic else list(self.layers))
 
     def _from_cache(self, trainer, pl_module) -> None:

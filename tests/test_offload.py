@@ -1,0 +1,84 @@
+"""DLMModule(offload=...): blocks onloaded one at a time give the resident run's masks and pruned weights bit for bit
+(every method, both flavours, N:M, MoE), the memory plan picks offload under a device budget, and the weights counted
+on the compute device never exceed two blocks plus the embeddings and head."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.runs import run_cli, run_inprocess, tiny_config
+
+
+def _fit(tmp_path, name, offload, pretrained="tiny-llada", method="sink_wanda", prune_args=None, model_args=None,
+         trainer_args=None, **kwargs):
+    root = tmp_path / name
+    config = tiny_config(root, method=method, pretrained=pretrained, nsamples=4, seqlen=32, timesteps=2,
+                         prune_args={"score": False, **(prune_args or {})},
+                         model_args={"offload": offload, "score_dense": False, **(model_args or {})},
+                         trainer_args=trainer_args, **kwargs)
+    if trainer_args and trainer_args.get("devices", 1) > 1:
+        proc = run_cli(config, tmp_path)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code, err = run_inprocess(config, tmp_path)
+    assert code == 0, err[-3000:]
+    out = root / "pruned"
+    return (load_file(str(out / "masks.safetensors")), load_file(str(out / "model" / "model.safetensors")),
+            json.loads((out / "results.json").read_text()))
+
+
+def _same(a, b):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+CASES = {
+    "llada-sink_wanda": dict(pretrained="tiny-llada", method="sink_wanda"),
+    "moe-sink_sparsegpt": dict(pretrained="tiny-llada-moe", method="sink_sparsegpt"),
+    "llada-sink_wanda-2of4": dict(pretrained="tiny-llada", method="sink_wanda", n_m="2:4"),
+    "llada-reference-sink_sparsegpt": dict(pretrained="tiny-llada", method="sink_sparsegpt",
+                                           prune_args={"flavor": "reference"}, model_args={"noise_order": "reference"}),
+    "moe-wanda-sequential": dict(pretrained="tiny-llada-moe", method="wanda", prune_args={"mode": "sequential"}),
+    "llada-magnitude": dict(pretrained="tiny-llada", method="magnitude"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_offload_equals_resident(tmp_path, case):
+    kwargs = CASES[case]
+    masks, weights, results = _fit(tmp_path, "none", "none", **kwargs)
+    assert results["memory"]["offload"] == "none"
+    for offload in ("cpu", "disk") if case in ("llada-sink_wanda", "moe-sink_sparsegpt") else ("cpu",):
+        m, w, r = _fit(tmp_path, offload, offload, **kwargs)
+        _same(masks, m)
+        _same(weights, w)
+        assert r["memory"]["offload"] == offload and r["memory"]["offloader"]["onloads"] > 0
+        assert r["sparsity_report"] == results["sparsity_report"]
+        if kwargs["method"].startswith("sink_"):  # the sink records come from the block-by-block mass pass
+            assert (tmp_path / offload / "sinks" / "sinks.json").read_text() == (tmp_path / "none" / "sinks" / "sinks.json").read_text()
+
+
+def test_budget_makes_auto_offload_and_bounds_device_weights(tmp_path, monkeypatch):
+    _, _, resident = _fit(tmp_path, "auto-free", "auto")
+    assert resident["memory"]["offload"] == "none"
+    monkeypatch.setenv("SINKPRUNE_DEVICE_BUDGET", "12.5MiB")  # resident needs 13.3 MiB, offloaded 9.9
+    masks, _, results = _fit(tmp_path, "auto-budget", "auto")
+    memory = results["memory"]
+    assert memory["offload"] == "cpu" and memory["device_free_bytes"] == int(12.5 * 2**20)
+    assert memory["resident_device_peak_bytes"] > 0.9 * 12.5 * 2**20 >= memory["offload_device_peak_bytes"] and memory["fits"]
+    counted = memory["offloader"]
+    blocks, block, rest = counted["blocks"], counted["block_bytes"], counted["resident_bytes"]
+    assert blocks == 4 and counted["peak_weight_bytes_on_device"] <= rest + 2 * block
+    assert counted["peak_weight_bytes_on_device"] >= rest + block  # a block was on the device while it ran
+    assert rest + 2 * block < memory["model_bytes"]  # (the bound says something: the whole model is more)
+    _same(masks, load_file(str(tmp_path / "auto-free" / "pruned" / "masks.safetensors")))
+
+
+def test_two_processes_with_offload_equal_one_resident(tmp_path):
+    masks, weights, _ = _fit(tmp_path, "one", "none")
+    m, w, r = _fit(tmp_path, "two", "cpu", trainer_args={"devices": 2, "strategy": "calibration_ddp_spawn"})
+    _same(masks, m)
+    _same(weights, w)
+    assert r["run"]["world_size"] == 2 and r["memory"]["offload"] == "cpu"

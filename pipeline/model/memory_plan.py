@@ -10,10 +10,11 @@ Predicted peak bytes on one device:
   activations:           one batch through one block: B·T·(4·hidden + 3·widest MLP input) values in the model's dtype,
                          the attention-mass probe's fp32 chunk B·heads·chunk·T, the cached block input and output
   statistics:            per targeted Linear, Wanda a float64 vector [in], SparseGPT a float32 Hessian [in, in] per
-                         reduction slot the rank owns, plus the float64 total (an upper bound: shared inputs count once
-                         in the run, here once per layer)
-In CPU memory (per process): "cpu" keeps every block (pinned), "disk" maps them from the checkpoint (a pruned block
-becomes private memory: up to the blocks' bytes by the end); with offload the block inputs of every calibration batch
+                         reduction slot the rank owns, plus the float64 total (from a config.json: layers fed one
+                         tensor share one statistic, as in the run; from a loaded model: one per Linear, an upper bound)
+In CPU memory (per process; a node holds one process per device): "cpu" keeps every block (pinned), "disk" maps them
+from the checkpoint (page cache, shared by the node's processes; a pruned block is written to a scratch file and
+mapped back: the blocks' bytes on disk per process); with offload the block inputs of every calibration batch
 and timestep are cached there: windows · timesteps · T · hidden values (of the windows this rank holds).
 """
 from __future__ import annotations
@@ -33,12 +34,13 @@ class ModelShape:
     hidden: int
     heads: int
     widest_input: int                # the widest Linear input inside a block (the MLP's down projection)
-    linear_inputs: list[int] = field(default_factory=list)  # in_features of every Linear of the largest block
+    linear_inputs: list[int] = field(default_factory=list)  # in_features of each statistic of the largest block
     dtype_bytes: int = 2
+    all_blocks_bytes: int | None = None  # every block's weights (blocks differ: an MoE model's first dense ones)
 
     @property
     def model_bytes(self) -> int:
-        return self.resident_bytes + self.blocks * self.block_bytes
+        return self.resident_bytes + (self.all_blocks_bytes if self.all_blocks_bytes is not None else self.blocks * self.block_bytes)
 
 
 @dataclass
@@ -78,24 +80,29 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
     if config.get("mlp_ratio") and not _first(config, "intermediate_size", "mlp_hidden_size"):
         mlp = int(config["mlp_ratio"] * hidden)
     dtype = str(_first(config, "torch_dtype", "dtype", default="bfloat16")).replace("torch.", "")
-    attention = [hidden, hidden, hidden, heads * head_dim]  # q, k, v, out
+    # statistic inputs: q/k/v read one tensor, as do gate/up (one shared statistic each, callbacks/shared.py)
+    attention = [hidden, heads * head_dim]
     attn_params = hidden * heads * head_dim * 2 + 2 * hidden * kv_heads * head_dim
     experts = _first(config, "num_experts", "n_routed_experts", "num_local_experts", default=0) or 0
     if experts:
         expert_mlp = _first(config, "moe_intermediate_size", "expert_intermediate_size", default=mlp)
         shared = _first(config, "num_shared_experts", "n_shared_experts", default=0) or 0
-        inputs = attention + (experts + shared) * [hidden, hidden, expert_mlp] + [hidden]  # router last
+        inputs = attention + (experts + shared) * [hidden, expert_mlp]  # the router stays dense: no statistic
         block_params = attn_params + 3 * hidden * expert_mlp * (experts + shared) + hidden * experts
         widest = max(expert_mlp, heads * head_dim)
     else:
-        inputs = attention + [hidden, hidden, mlp]
+        inputs = attention + [hidden, mlp]
         block_params = attn_params + 3 * hidden * mlp
         widest = max(mlp, heads * head_dim)
+    dense_first = min(int(_first(config, "first_k_dense_replace", default=0) or 0), int(layers)) if experts else 0
+    dense_params = attn_params + 3 * hidden * mlp
+    all_blocks = (dense_first * dense_params + (int(layers) - dense_first) * block_params + int(layers) * 2 * hidden)
     tied = bool(_first(config, "tie_word_embeddings", "weight_tying", default=False))
     resident_params = vocab * hidden * (1 if tied else 2) + hidden
     dtype_bytes = DTYPE_BYTES.get(dtype, 2)
-    return ModelShape(name, int(layers), int((block_params + 2 * hidden) * dtype_bytes), int(resident_params * dtype_bytes),
-                      int(hidden), int(heads), int(widest), [int(i) for i in inputs], dtype_bytes)
+    return ModelShape(name, int(layers), int((max(block_params, dense_params) + 2 * hidden) * dtype_bytes),
+                      int(resident_params * dtype_bytes), int(hidden), int(heads), int(widest), [int(i) for i in inputs],
+                      dtype_bytes, int(all_blocks * dtype_bytes))
 
 
 def shape_from_model(model, blocks, name: str = "model") -> ModelShape:
@@ -141,31 +148,46 @@ def memory_plan(shape: ModelShape, cal: Calibration, *, device_free: int, cpu_fr
     offload="auto" keeps the model resident when its peak fits HEADROOM of the device's free memory, else onloads
     block by block from CPU memory when the blocks and the cache fit there, else from disk."""
     act = activation_bytes(shape, cal)
-    all_inputs = shape.linear_inputs * shape.blocks
+    all_inputs = shape.linear_inputs * shape.blocks  # (an upper bound when blocks differ)
     resident_peak = shape.model_bytes + act + statistic_bytes(all_inputs, cal, devices)
     batch_hidden = 2 * cal.batch_size * cal.seqlen * shape.hidden * shape.dtype_bytes  # a block's input and output
     offload_peak = shape.resident_bytes + 2 * shape.block_bytes + act + batch_hidden + statistic_bytes(shape.linear_inputs, cal, devices)
     windows_here = math.ceil(cal.windows / devices)
     cache = windows_here * cal.timesteps * cal.seqlen * shape.hidden * shape.dtype_bytes
-    blocks_bytes = shape.blocks * shape.block_bytes
+    blocks_bytes = shape.model_bytes - shape.resident_bytes
     budget = int(device_free * HEADROOM)
-    if offload == "auto":
+    if offload == "auto":  # (the processes of one node share its CPU memory: `devices` of them, at most)
         if resident_peak <= budget:
             offload = "none"
-        elif cpu_free is None or blocks_bytes + cache <= cpu_free * HEADROOM:
+        elif cpu_free is None or devices * (blocks_bytes + cache) <= cpu_free * HEADROOM:
             offload = "cpu"
         else:
             offload = "disk"
     device_peak = resident_peak if offload == "none" else offload_peak
     cpu_peak = {"none": 0, "cpu": blocks_bytes + cache, "disk": cache}[offload]
-    fits = device_peak <= budget and (cpu_free is None or cpu_peak <= cpu_free)
-    return {"model": shape.name, "model_bytes": shape.model_bytes, "block_bytes": shape.block_bytes,
+    scratch = blocks_bytes if offload == "disk" else 0  # the pruned blocks, written to a temporary file and mapped
+    fits = device_peak <= budget and (cpu_free is None or devices * cpu_peak <= cpu_free)
+    stats_here = statistic_bytes(shape.linear_inputs if offload != "none" else all_inputs, cal, devices)
+    return {"fix": None if fits else plan_fix(offload, device_peak > budget, stats_here, act, cal),
+            "model": shape.name, "model_bytes": shape.model_bytes, "block_bytes": shape.block_bytes,
             "resident_bytes": shape.resident_bytes, "blocks": shape.blocks, "devices": devices,
             "device_free_bytes": int(device_free), "cpu_free_bytes": None if cpu_free is None else int(cpu_free),
             "offload": offload, "predicted_device_peak_bytes": int(device_peak),
-            "predicted_cpu_bytes": int(cpu_peak), "resident_device_peak_bytes": int(resident_peak),
+            "predicted_cpu_bytes": int(cpu_peak), "predicted_scratch_disk_bytes": int(scratch), "resident_device_peak_bytes": int(resident_peak),
             "offload_device_peak_bytes": int(offload_peak), "activation_bytes": act, "block_input_cache_bytes": int(cache),
             "fits": bool(fits), "calibration": asdict(cal)}
+
+
+def plan_fix(offload: str, device_short: bool, stats: int, act: int, cal: Calibration) -> str:
+    """What to change when a plan does not fit (one clause)."""
+    if not device_short:
+        return "CPU memory is short: model.offload: disk (weights mapped from the checkpoint)"
+    if offload == "none":
+        return "model.offload: cpu (blocks onloaded one at a time)"
+    if cal.statistic == "hessian" and stats >= act:
+        return (f"one block's SparseGPT Hessians need {gib(stats)}: more devices (trainer.devices; the reduction slots "
+                "spread over them), fewer prune reduction_slots, or method sink_wanda")
+    return "a smaller data.init_args.batch_size or data.init_args.seqlen"
 
 
 def gib(n: int | None) -> str:
@@ -186,7 +208,13 @@ def render_plan(plan: dict) -> str:
             ("plan", f"offload={plan['offload']}" + ("" if plan["fits"] else "  (DOES NOT FIT)")),
             ("device peak", f"{gib(plan['predicted_device_peak_bytes'])} per device (resident would be "
                             f"{gib(plan['resident_device_peak_bytes'])}, offloaded {gib(plan['offload_device_peak_bytes'])})"),
-            ("CPU memory", f"{gib(plan['predicted_cpu_bytes'])} per process (block-input cache {gib(plan['block_input_cache_bytes'])})")]
+            ("CPU memory", f"{gib(plan['predicted_cpu_bytes'])} per process (block-input cache {gib(plan['block_input_cache_bytes'])})"
+                           + (f", {gib(plan['predicted_cpu_bytes'] * plan['devices'])} for {plan['devices']} on one node"
+                              if plan["devices"] > 1 else ""))]
+    if plan.get("predicted_scratch_disk_bytes"):
+        rows.append(("scratch disk", f"{gib(plan['predicted_scratch_disk_bytes'])} per process (the pruned blocks, mapped)"))
+    if plan.get("fix"):
+        rows.append(("fix", plan["fix"]))
     if plan.get("measured_device_peak_bytes") is not None:
         rows.append(("measured", f"{gib(plan['measured_device_peak_bytes'])} peak on the device"))
     width = max(len(k) for k, _ in rows)

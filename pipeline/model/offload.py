@@ -4,8 +4,8 @@ safetensors, memory-mapped ("disk"); the embeddings, the head and every buffer l
 A block is onloaded (its parameters' `.data` pointed at a device copy) while it runs and released after (pointed back
 at its CPU copy, the *master*); `release(i, writeback=True)` first copies the device weights into the master, so a
 pruned block stays pruned: nothing is ever re-read from the unpruned checkpoint.  The "disk" masters are copy-on-write
-views of the file (`mmap.ACCESS_COPY`): pages are read when touched, a pruned page becomes private memory, and the
-checkpoint itself is never written.  On CUDA the masters are pinned and `prefetch(i + 1)` copies the next block on a
+views of the file (`mmap.ACCESS_COPY`): pages are read when touched and the checkpoint is never written; a pruned
+block is written to a temporary scratch file and mapped back from there, so it too stays out of memory.  On CUDA the masters are pinned and `prefetch(i + 1)` copies the next block on a
 side stream while block i runs; on the CPU onloading moves nothing (the CPU is the compute device) but is counted.
 
 Any forward works while blocks are offloaded: a pre-forward hook onloads a block that is not on the device and a
@@ -37,10 +37,14 @@ def tensor_bytes(tensors) -> int:
 def mapped_safetensors(folder: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint folder's *.safetensors as a copy-on-write memory-mapped CPU tensor (no copy;
     writes stay in this process's memory, the files are never modified)."""
-    tensors: dict[str, torch.Tensor] = {}
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"model.offload=disk: {folder} has no *.safetensors file to map; use offload: cpu")
+    return map_files(files)
+
+
+def map_files(files) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
     for path in files:
         with open(path, "rb") as f:
             header_len = struct.unpack("<Q", f.read(8))[0]
@@ -67,6 +71,7 @@ class BlockOffloader:
             raise ValueError(f"model.offload={mode!r}: the offloader keeps blocks on 'cpu' or 'disk'")
         self.device, self.mode, self.blocks = torch.device(device), mode, list(blocks)
         mapped = mapped_safetensors(checkpoint) if mode == "disk" else {}
+        self._scratch = None  # disk: a temporary folder the pruned blocks are written to and mapped back from
         full_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         pin = self.device.type == "cuda"
         self.params: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
@@ -146,8 +151,10 @@ class BlockOffloader:
             stream.wait_event(event)
             for c in copies:
                 c.record_stream(stream)
-        else:
-            copies = [master.to(self.device, non_blocking=True) for _, master in self.params[i]]
+        else:  # (disk on the CPU: a private copy, so that pruning never dirties the mapped checkpoint's pages)
+            copy = (lambda m: m.clone()) if self.mode == "disk" and self.device.type == "cpu" else (
+                lambda m: m.to(self.device, non_blocking=True))
+            copies = [copy(master) for _, master in self.params[i]]
             self._count(self.block_bytes[i])
         for (p, _), copy in zip(self.params[i], copies):
             p.data = copy
@@ -158,12 +165,30 @@ class BlockOffloader:
         """Point block i back at its masters; writeback: copy the device weights (pruned, updated) into them first."""
         if self.loaded.pop(i, None) is None:
             return
+        if writeback and self.mode == "disk":
+            self._spill(i)
         with torch.no_grad():
             for p, master in self.params[i]:
                 if writeback and p.data.data_ptr() != master.data_ptr():
                     master.copy_(p.data)
                 p.data = master
         self._count(-self.block_bytes[i])
+
+    def _spill(self, i: int) -> None:
+        """disk: block i's weights (pruned) into a file of the scratch folder, mapped back as its new masters: they
+        stay out of memory like the checkpoint's (a copy-on-write write would keep them as private pages)."""
+        import tempfile
+        import weakref
+
+        from safetensors.torch import save_file
+
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="sinkprune-offload-")
+            weakref.finalize(self, self._scratch.cleanup)
+        path = Path(self._scratch.name) / f"block_{i}.safetensors"
+        save_file({str(k): p.data.detach().to("cpu").contiguous() for k, (p, _) in enumerate(self.params[i])}, str(path))
+        mapped = map_files([path])
+        self.params[i] = [(p, mapped[str(k)]) for k, (p, _) in enumerate(self.params[i])]
 
     def release_all(self) -> None:
         for i in list(self.loaded):

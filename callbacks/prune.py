@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from callbacks.reduction import SlotSums, default_slots
 from callbacks.cached import RecordedBatches, calibrate_from_cache, solve_block_by_block, uniform_block_calls
-from callbacks.schedule import MeanSinkScores, ProbedInputs, hooked_forward
+from callbacks.schedule import MeanSinkScores, ProbedInputs, guard_memory, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
 from callbacks.layers import Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks, reapply
 from callbacks.layers import routed_tokens, solve_layers
@@ -162,6 +162,10 @@ class PruneCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        with guard_memory(pl_module):
+            self._end_epoch(trainer, pl_module)
+
+    def _end_epoch(self, trainer, pl_module) -> None:
         self.probed.stop()
         epoch = trainer.current_epoch
         if self.masks_from or (epoch > 0 and not (self.mode == "sequential" and self.pruner.statistic)):

@@ -26,6 +26,8 @@ from pipeline.model.calibration import (NoisedBatch, calibration_forward, find_b
                                         mask_window)
 from callbacks.cached import RecordedBatches, mass_from_cache, uniform_block_calls
 from callbacks.reduction import gather_records
+from callbacks.schedule import guard_memory
+from pipeline.run.phase import phase
 from pipeline.maths.attention import AttentionMassProbe
 from pipeline.run.outputs import AtomicDir
 from pipeline.evaluation.sink_tables import plot_heatmap, render_timestep_table, positional_warning, summarize_records
@@ -165,7 +167,8 @@ class SinkStatsCallback(Callback):
     # --- end of the calibration epoch ----------------------------------------------------------------
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.deferred.batches:
-            self._mass_block_by_block(trainer, pl_module)
+            with guard_memory(pl_module), phase("measuring attention mass block by block"):
+                self._mass_block_by_block(trainer, pl_module)
         if not self.record or trainer.current_epoch != 0:
             return
         records = gather_records(self.records)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.runs import run_cli, run_inprocess, tiny_config
+from tests.runs import REPO, run_cli, run_inprocess, tiny_config
 
 
 def _fit(tmp_path, name, offload, pretrained="tiny-llada", method="sink_wanda", prune_args=None, model_args=None,
@@ -82,3 +82,28 @@ def test_two_processes_with_offload_equal_one_resident(tmp_path):
     _same(masks, m)
     _same(weights, w)
     assert r["run"]["world_size"] == 2 and r["memory"]["offload"] == "cpu"
+
+
+def test_out_of_memory_is_one_line_with_plan_fix_and_checkpoint(tmp_path):
+    root = tmp_path / "oom"
+    config = tiny_config(root, method="sink_wanda", pretrained="tiny-llada", nsamples=4, seqlen=32, timesteps=2,
+                         prune_args={"score": False}, model_args={"offload": "cpu", "score_dense": False})
+    checkpoint = {"class_path": "callbacks.checkpoint.CalibrationCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt")}}
+    fault = {"class_path": "tests.faults.OutOfMemoryInBlock", "init_args": {"block": 1}}
+    config["trainer"]["callbacks"] = [*config["trainer"]["callbacks"], checkpoint, fault]
+    before = {p.name: p.stat().st_mtime_ns for p in (REPO / "pipeline" / "zoo" / "tiny_llada").iterdir()}
+    proc = run_cli(config, tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    line = lines[0]
+    assert "CUDA out of memory while measuring attention mass block by block" in line
+    assert "plan offload=cpu" in line and "measured peak" in line and "fix:" in line
+    assert f"--ckpt_path {tmp_path / 'ckpt' / 'last.ckpt'}" in line
+    assert not (root / "pruned").exists()  # nothing half-written
+    assert before == {p.name: p.stat().st_mtime_ns for p in (REPO / "pipeline" / "zoo" / "tiny_llada").iterdir()}
+    # the checkpoint resumes: the same masks as a run that never failed
+    config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:-1]
+    proc = run_cli(config, tmp_path, "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    masks, _, _ = _fit(tmp_path, "clean", "none")
+    _same(masks, load_file(str(root / "pruned" / "masks.safetensors")))

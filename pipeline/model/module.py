@@ -7,6 +7,7 @@ timestep of the schedule and hands each noised batch to the callbacks (see pipel
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -19,7 +20,7 @@ from pipeline.maths.diffusion import DEFAULT_EPS, NOISES, config_max_length, tim
 from pipeline.model.loading import dlm_forward, load_dlm, resolve_mask_token_id, resolve_path
 from pipeline.model import memory_plan as mp
 from pipeline.model.offload import OFFLOADS, BlockOffloader
-from pipeline.run.phase import set_current
+from pipeline.run.phase import current, set_current
 from pipeline.maths.metrics import MaskedDiffusionPerplexity, elbo_nll
 
 
@@ -182,6 +183,34 @@ class DLMModule(L.LightningModule):
             report["offloader"] = self.offloader.report()
         return report
 
+    @contextmanager
+    def out_of_memory_guard(self):
+        """A CUDA out-of-memory error becomes one line: where, the plan, the measured peak, the fix, the resume."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise RuntimeError(self.out_of_memory_message()) from None  # (the one line cli.py prints is the root cause)
+
+    def out_of_memory_message(self) -> str:
+        plan, device = self.memory_plan or {}, self._target_device()
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                self.offloader.peak_bytes if self.offloader is not None else None)
+        offload = plan.get("offload", "none")
+        fixes = ["model.offload: cpu (blocks onloaded one at a time)"] if offload == "none" else []
+        cal = self._calibration_sizes()
+        if cal.batch_size > 1:
+            fixes.append(f"data.init_args.batch_size: {cal.batch_size // 2}")
+        if cal.statistic == "hessian":
+            fixes.append("more devices or fewer PruneCallback reduction_slots (SparseGPT's Hessian slots)")
+        fixes.append("PruneCallback mode: sequential" if offload == "none" else "a shorter data.init_args.seqlen")
+        checkpoint = next((cb for cb in self.trainer.callbacks if hasattr(cb, "every_n_batches") and hasattr(cb, "dirpath")), None)
+        last = checkpoint.dirpath / "last.ckpt" if checkpoint is not None else None
+        resume = (f"resume with --ckpt_path {last}" if last is not None and last.is_file() else
+                  "add a CalibrationCheckpoint to trainer.callbacks to resume instead of starting over")
+        return (f"CUDA out of memory while {current()}: plan offload={offload} predicted a peak of "
+                f"{mp.gib(plan.get('predicted_device_peak_bytes'))} of {mp.gib(plan.get('device_free_bytes'))} free, "
+                f"measured peak {mp.gib(peak)}; fix: {' or '.join(fixes)}; {resume}")
+
     def _target_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
 
@@ -205,7 +234,7 @@ class DLMModule(L.LightningModule):
     @override
     def training_step(self, batch, batch_idx):
         set_current(f"calibrating (epoch {self.current_epoch + 1}, batch {batch_idx + 1})")
-        with torch.no_grad():
+        with torch.no_grad(), self.out_of_memory_guard():
             batch = {**batch, "keep": self.keep(batch)}
             if self.hparams.noise_order == "reference":
                 if self._noise_generator is None:  # resumed mid-epoch: the stream restarts (not the reference's)

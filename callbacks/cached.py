@@ -194,14 +194,15 @@ def solve_block_by_block(targets, solve, offloader) -> None:
 
 
 def _parking(pl_module, offloader):
-    """(park, unpark): where block inputs wait between blocks.  Offloaded on CUDA: pinned CPU memory, copied back to
-    the device for each pass (exact copies); otherwise they stay where they are."""
+    """(park, unpark): where block inputs wait between blocks.  Offloaded on CUDA with `offloader.park_inputs` (the
+    plan's cache does not fit beside the block): pinned CPU memory, copied back for each pass (exact copies, in stream
+    order); otherwise they stay where they are."""
     device = pl_module.device
-    if offloader is None or device.type != "cuda":
+    if offloader is None or device.type != "cuda" or not offloader.park_inputs:
         return (lambda h: h), (lambda h: h)
 
-    def park(h):
-        return torch.empty(h.shape, dtype=h.dtype, device="cpu", pin_memory=True).copy_(h)
+    def park(h):  # (non-blocking: only later work on this stream reads the copy)
+        return torch.empty(h.shape, dtype=h.dtype, device="cpu", pin_memory=True).copy_(h, non_blocking=True)
 
     return park, lambda h: h.to(device, non_blocking=True)
 

@@ -124,7 +124,8 @@ class SinkStatsCallback(Callback):
         """Offloaded model: every recorded batch's mass in one block-by-block pass, then its scores and records."""
         batches = self.deferred.noised_batches(pl_module.device)
         self.deferred = RecordedBatches()
-        uniform = uniform_block_calls(pl_module)
+        uniform = next((cb.uniform for cb in trainer.callbacks if hasattr(cb, "uniform")), None)  # PruneCallback's
+        uniform = uniform_block_calls(pl_module) if uniform is None else uniform
         masses = mass_from_cache(pl_module, batches, pl_module.offloader, True, uniform, chunk_size=self.chunk_size,
                                  reference_order=self._reference_order)
         for nb, (mass, per_call) in zip(batches, masses):

@@ -7,7 +7,7 @@ timestep of the schedule and hands each noised batch to the callbacks (see pipel
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import lightning as L
 import torch
@@ -115,11 +115,15 @@ class DLMModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
+        # Lightning runs this hook under `with torch.device(root_device)`: a model that will be offloaded loads into
+        # CPU memory instead (a resident one goes straight to the device, as before)
+        on_cpu = self._target_device().type != "cpu" and self._offload_before_loading() != "none"
         try:
-            self.model, self.tokenizer = load_dlm(
-                hp.pretrained, trust_remote_code=hp.trust_remote_code, torch_dtype=hp.torch_dtype,
-                model_class=hp.model_class, attn_implementation=hp.attn_implementation,
-            )
+            with torch.device("cpu") if on_cpu else nullcontext():
+                self.model, self.tokenizer = load_dlm(
+                    hp.pretrained, trust_remote_code=hp.trust_remote_code, torch_dtype=hp.torch_dtype,
+                    model_class=hp.model_class, attn_implementation=hp.attn_implementation,
+                )
         except torch.OutOfMemoryError as exc:
             raise RuntimeError(f"{hp.pretrained} does not fit in the memory of {self._target_device()}: {FIT_HINT}") from exc
         self._plan_memory()
@@ -141,11 +145,29 @@ class DLMModule(L.LightningModule):
         if seqlen is not None and limit is not None and seqlen > limit:
             raise ValueError(f"data.seqlen={seqlen} exceeds the model's maximum sequence length {limit}; lower data.init_args.seqlen")
 
+    def _offload_before_loading(self) -> str:
+        """offload, with "auto" resolved by the plan of the checkpoint's config.json (no weights); "cpu" when the
+        config does not say enough (loading into CPU memory is always safe)."""
+        if self.hparams.offload != "auto":
+            return self.hparams.offload
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(resolve_path(self.hparams.pretrained), trust_remote_code=self.hparams.trust_remote_code)
+            shape = mp.shape_from_config(config.to_dict(), self.hparams.pretrained)
+        except (ValueError, OSError, TypeError, KeyError):
+            return "cpu"
+        device = self._target_device()
+        return mp.memory_plan(shape, self._calibration_sizes(), device_free=device_free_bytes(device),
+                              cpu_free=cpu_free_bytes(), devices=self._world_size())["offload"]
+
     def _plan_memory(self) -> None:
         """The memory plan (printed before any work; results.json `memory`), and the offloader when it offloads."""
         device, blocks = self._target_device(), [b for _, b in find_blocks(self.model)]
         shape = mp.shape_from_model(self.model, blocks, self.hparams.pretrained)
-        self.memory_plan = mp.memory_plan(shape, self._calibration_sizes(), device_free=device_free_bytes(device),
+        loaded_there = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
+                           if t.device == device) if device.type == "cuda" else 0  # (free again once offloaded)
+        self.memory_plan = mp.memory_plan(shape, self._calibration_sizes(), device_free=device_free_bytes(device, loaded_there),
                                           cpu_free=cpu_free_bytes(), devices=self._world_size(),
                                           offload=self.hparams.offload if blocks else "none")
         if self._trainer is None or self.trainer.is_global_zero:
@@ -153,6 +175,9 @@ class DLMModule(L.LightningModule):
         if self.memory_plan["offload"] != "none":
             self.offloader = BlockOffloader(self.model, blocks, device, self.memory_plan["offload"],
                                             resolve_path(self.hparams.pretrained))
+            plan = self.memory_plan  # the cached block inputs stay on the device when they fit beside the block
+            spare = plan["device_free_bytes"] * mp.HEADROOM - plan["offload_device_peak_bytes"]
+            self.offloader.park_inputs = plan["block_input_cache_bytes"] > spare
             # every rank maps the same checkpoint: the blocks are not broadcast (nor could NCCL send CPU tensors)
             self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.offloader.ignored_names]
         if device.type == "cuda":
@@ -303,9 +328,9 @@ class DLMModule(L.LightningModule):
         return scores
 
 
-def device_free_bytes(device: torch.device) -> int:
+def device_free_bytes(device: torch.device, held: int = 0) -> int:
     """Free memory of the compute device: SINKPRUNE_DEVICE_BUDGET when set (a size: 20GiB, 8e9), else CUDA's free
-    memory, else (the CPU computes) the available CPU memory."""
+    memory plus `held` (bytes of the model already there), else (the CPU computes) the available CPU memory."""
     import os
 
     budget = os.environ.get("SINKPRUNE_DEVICE_BUDGET")
@@ -315,7 +340,7 @@ def device_free_bytes(device: torch.device) -> int:
         except ValueError as exc:
             raise ValueError(f"SINKPRUNE_DEVICE_BUDGET: {exc}") from None
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.mem_get_info(device)[0] + held
     return cpu_free_bytes()
 
 

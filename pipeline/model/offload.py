@@ -97,6 +97,7 @@ class BlockOffloader:
         self.loaded: dict[int, bool] = {}     # block index -> onloaded by a forward hook (released by the hook)
         self.prefetched: dict[int, tuple] = {}
         self.onloaded_bytes = self.peak_bytes = 0
+        self.park_inputs = True  # cached block inputs wait in pinned CPU memory (DLMModule: False when they fit beside)
         self.onloads = 0
         self._stream = None
         self._handles = [h for i, block in enumerate(self.blocks) for h in (
@@ -197,6 +198,15 @@ class BlockOffloader:
             self.prefetched.pop(i)
             self._count(-self.block_bytes[i])
 
+    def close(self) -> None:
+        """Release every block and remove the hooks: the model's blocks stay on their masters, unmanaged."""
+        self.release_all()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for block in self.blocks:
+            block.__dict__.pop("_apply", None)
+
     def _hook_onload(self, i: int) -> None:
         for j in [j for j, by_hook in self.loaded.items() if by_hook and j != i]:  # a forward stopped inside it
             self.release(j)
@@ -209,5 +219,5 @@ class BlockOffloader:
             self.release(i)
 
     def report(self) -> dict:
-        return {"mode": self.mode, "blocks": len(self.blocks), "block_bytes": max(self.block_bytes, default=0),
+        return {"mode": self.mode, "blocks": len(self.blocks), "block_inputs_on": "cpu" if self.park_inputs else "device", "block_bytes": max(self.block_bytes, default=0),
                 "resident_bytes": self.resident_bytes, "peak_weight_bytes_on_device": self.peak_bytes, "onloads": self.onloads}

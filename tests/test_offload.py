@@ -107,3 +107,28 @@ def test_out_of_memory_is_one_line_with_plan_fix_and_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     masks, _, _ = _fit(tmp_path, "clean", "none")
     _same(masks, load_file(str(root / "pruned" / "masks.safetensors")))
+
+
+def _plan(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "cli.py", "plan", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_plan_from_config_alone():
+    one = _plan("--model", "configs/plans/llada2_0_flash", "--devices", "1", "--json")
+    eight = _plan("--model", "configs/plans/llada2_0_flash/config.json", "--devices", "8", "--json")
+    assert one.returncode == 0 and eight.returncode == 0, one.stderr + eight.stderr
+    p1, p8 = json.loads(one.stdout), json.loads(eight.stdout)
+    assert 98e9 < p1["model_bytes"] / 2 < 106e9  # about 103B parameters in bf16 (100B-A6B)
+    assert p1["offload"] == p8["offload"] == "cpu" and p1["fits"] and p8["fits"]
+    assert p1["predicted_device_peak_bytes"] < 80e9 * 0.9 < p1["resident_device_peak_bytes"]
+    assert p8["block_input_cache_bytes"] * 8 == p1["block_input_cache_bytes"]  # the windows are sharded
+    sgpt = _plan("--model", "configs/plans/llada2_0_flash", "--method", "sink_sparsegpt")
+    assert sgpt.returncode == 1 and "DOES NOT FIT" in sgpt.stdout and "Hessians" in sgpt.stdout
+    for bad in (["--model", "no/such-model"], ["--model", "./missing/config.json"], ["--model", "configs/plans/llada2_0_flash",
+                                                                                       "--devices", "0"]):
+        proc = _plan(*bad)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: plan --"), proc.stderr

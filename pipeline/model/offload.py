@@ -143,7 +143,8 @@ class BlockOffloader:
         self._count(self.block_bytes[i])
 
     def onload(self, i: int, by_hook: bool = False) -> None:
-        if i in self.loaded:
+        if i in self.loaded:  # an explicit onload takes over a block a hook brought (the hook will not release it)
+            self.loaded[i] = self.loaded[i] and by_hook
             return
         fetched = self.prefetched.pop(i, None)
         if fetched is not None:
@@ -167,7 +168,8 @@ class BlockOffloader:
         if self.loaded.pop(i, None) is None:
             return
         if writeback and self.mode == "disk":
-            self._spill(i)
+            self._spill(i)  # (the new masters hold the weights: nothing to copy)
+            writeback = False
         with torch.no_grad():
             for p, master in self.params[i]:
                 if writeback and p.data.data_ptr() != master.data_ptr():

@@ -8,6 +8,14 @@ scores are each sample's timestep mean s̄ from the dense model.  The batches ar
 the block inputs exist only inside `calibrate_from_cache`.  Assumed, as by SparseGPT's and the reference's own
 "Catcher": the model calls its blocks one after another, each on the previous block's output; when the blocks get
 different arguments besides the hidden states (checked once per run), each block's own arguments are captured.
+
+With an offloaded model (DLMModule(offload=...), pipeline/model/offload.py) every method calibrates this way, each
+block onloaded for its passes and the next one prefetched.  Sink-aware statistics need each window's attention mass
+over ALL layers before the first statistic is weighted, so the noised batches take two block-by-block passes:
+`mass_from_cache` (the probe on every block: the mass, then the scores) and then `calibrate_from_cache` (the weighted
+statistics): every block crosses to the device twice and runs twice per batch, where the resident single pass reads
+the Linear inputs off the probed forward.  Layer-sequential with the partly pruned model's scores repeats both per
+block (about 1.5·L² block onloads).
 """
 from __future__ import annotations
 

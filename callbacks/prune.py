@@ -66,6 +66,7 @@ class PruneCallback(Callback):
         self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
         # layers SparseGPT updated; weights to restore on resume; expert name -> calibration tokens routed to it
         self.updated, self._resumed, self.expert_tokens = set(), {}, {}
+        self.rescored = False  # offloaded, sequential, sink scores of the partly pruned model (see _check_offload)
 
     layers = property(lambda self: self.t.layers)  # name -> targeted nn.Linear
     pruned_weights = property(lambda self: {n: self.layers[n].weight.detach().cpu() for n in sorted(self.updated)})
@@ -88,7 +89,7 @@ class PruneCallback(Callback):
             self.shared = SharedInputs.find(pl_module, self.layers, self.t.block_modules[-1], self.eager)
         if self.cached:  # one epoch (s̄, the recorded batches), then block by block from cached inputs at its end
             self.uniform = uniform_block_calls(pl_module, self.eager)  # every block called with block 0's arguments
-            trainer.fit_loop.max_epochs = 1
+            trainer.fit_loop.max_epochs = len(self.t.block_layers) if self.rescored else 1
         elif self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
             trainer.fit_loop.max_epochs = len(self.t.block_layers)
         self.sums = self.sums or SlotSums(self.reduction_slots or 8)  # (resumed: the checkpoint's; None: setup not run)
@@ -99,10 +100,9 @@ class PruneCallback(Callback):
         """An offloaded model calibrates block by block from cached inputs (callbacks/cached.py), every method."""
         if getattr(pl_module, "offloader", None) is None or not self.pruner.statistic or self.masks_from:
             return
-        if self.mode == "sequential" and self.pruner.weighting.sink_aware and self.pruner.inputs == "noised" and not self.offset:
-            raise ValueError(f"prune method={self.method} mode=sequential with model.offload={pl_module.memory_plan['offload']}: "
-                             "the sink scores of the partly pruned model need every block once per block; use mode: "
-                             "oneshot, flavor: reference, or model.offload: none")
+        # sequential with the sink scores of the partly pruned model: one epoch per block, each ending in a mass pass
+        # over every block and a pass through the pruned blocks up to this one (about 1.5·L² block onloads in all)
+        self.rescored = self.mode == "sequential" and self.pruner.weighting.sink_aware and self.pruner.inputs == "noised"
         self.cached = True
 
     @override
@@ -133,7 +133,8 @@ class PruneCallback(Callback):
         if self.cached:  # the work happens at the epoch's end (calibrate_from_cache)
             self.recorded.record(nb, self.pruner.inputs == "clean")
             if getattr(pl_module, "offloader", None) is not None:  # no forward has run: the scores come at the epoch's end
-                self.seen.update((0, sid, nb.step) for sid in nb.sample_ids if sid >= 0 and not self.offset)
+                epoch = trainer.current_epoch
+                self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids if sid >= 0 and not self.offset)
             elif self.offset:
                 self.mean_scores.add(nb, self.seen, self.method)
             return
@@ -191,9 +192,15 @@ class PruneCallback(Callback):
             self.mean_scores.gather()
             batches = [self.mean_scores.with_mean(nb, self.flavor) for nb in batches]
         on_input = lambda n, x, nb: self._add(n, x, self._routed(n), nb)  # noqa: E731
+        targets = self.t
+        if self.rescored:  # this epoch's block only, on the outputs of the pruned blocks before it
+            e = trainer.current_epoch
+            targets = Targets(self.t.layers, [self.t.block_layers[e]], [self.t.block_modules[e]], self.t.experts)
         with phase("calibrating block by block"):
-            calibrate_from_cache(pl_module, self.t, batches, on_input, self._solve, self.eager, self.mode == "sequential",
+            calibrate_from_cache(pl_module, targets, batches, on_input, self._solve, self.eager, self.mode == "sequential",
                                  self.uniform, self.sums, self.shared.key, offloader)
+        if self.rescored:  # the next block's epoch records its own batches (noised alike, through the pruned blocks)
+            self.recorded = RecordedBatches()
 
     def _solve(self, names: list[str]) -> None:
         """Solve and apply the masks of `names` from the sums (collective), then empty the sums."""

@@ -123,7 +123,7 @@ class SinkStatsCallback(Callback):
     def _mass_block_by_block(self, trainer, pl_module) -> None:
         """Offloaded model: every recorded batch's mass in one block-by-block pass, then its scores and records."""
         batches = self.deferred.noised_batches(pl_module.device)
-        self.deferred = RecordedBatches()
+        self.deferred, self.offload_scores = RecordedBatches(), {}
         uniform = next((cb.uniform for cb in trainer.callbacks if hasattr(cb, "uniform")), None)  # PruneCallback's
         uniform = uniform_block_calls(pl_module) if uniform is None else uniform
         masses = mass_from_cache(pl_module, batches, pl_module.offloader, True, uniform, chunk_size=self.chunk_size,

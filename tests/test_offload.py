@@ -41,6 +41,7 @@ CASES = {
     "llada-reference-sink_sparsegpt": dict(pretrained="tiny-llada", method="sink_sparsegpt",
                                            prune_args={"flavor": "reference"}, model_args={"noise_order": "reference"}),
     "moe-wanda-sequential": dict(pretrained="tiny-llada-moe", method="wanda", prune_args={"mode": "sequential"}),
+    "llada-sink_wanda-sequential": dict(pretrained="tiny-llada", method="sink_wanda", prune_args={"mode": "sequential"}),
     "llada-magnitude": dict(pretrained="tiny-llada", method="magnitude"),
 }
 

@@ -43,13 +43,10 @@ def build_model(dims: dict, device: torch.device, dtype: torch.dtype, seed: int)
     config = AutoConfig.from_pretrained(str(ZOO_DIR / "tiny_llada"), trust_remote_code=True)
     for k, v in dims.items():
         setattr(config, k, v)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = AutoModel.from_config(config, trust_remote_code=True)
-    finally:
-        torch.set_default_dtype(previous)
+    config.torch_dtype = dtype
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, trust_remote_code=True)
+    model.to(dtype)  # (on the meta device: free)
     model.to_empty(device=device)
     restore_non_persistent_buffers(model)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -124,11 +121,12 @@ def main():
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--timesteps", type=int, default=10)
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--json", default="benchmarks/results/offload_cuda.json")
     a = ap.parse_args()
     device = torch.device(a.device)
     dims, seqlen = (TINY, min(a.seqlen, 32)) if a.tiny else (LLADA_8B, a.seqlen)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = getattr(torch, a.dtype) if a.dtype else torch.float32 if device.type == "cpu" else torch.bfloat16
     t0 = time.time()
     model = build_model(dims, device, dtype, seed=0)
     build_s = time.time() - t0
@@ -163,7 +161,10 @@ def main():
           f"block inputs kept on the {off['offloader']['block_inputs_on']} (cpu+parked: pinned CPU memory)")
     print(f"time / resident: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()) + " (target <= 1.5); "
           f"masks bit-identical to resident: {same}; model built in {build_s:.1f} s")
+    import transformers
+
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "transformers": transformers.__version__, "dtype": str(dtype),
            "dims": dims, "windows": a.windows, "seqlen": seqlen, "timesteps": a.timesteps, "method": "sink_wanda",
            "model_bytes": shape.model_bytes, "block_bytes": shape.block_bytes, "resident_bytes": shape.resident_bytes,
            "formula_bytes": formula, "time_ratio": ratio, "masks_identical": same, "build_s": build_s,

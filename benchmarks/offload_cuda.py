@@ -15,6 +15,7 @@ the planner's prediction, the weight bytes the offloader counted on the device, 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -138,6 +139,9 @@ def main():
     InMemoryDLM.model_in_memory = model
     runs = {}
     for label, offload, park in (("resident", "none", None), ("offload=cpu", "cpu", None), ("cpu+parked", "cpu", True)):
+        gc.collect()  # the previous run's trainer and statistics (reference cycles) leave the device first
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         restore(model, dense)
         InMemoryDLM.park_inputs = park
         runs[label] = calibrate(offload, windows, a.timesteps, device)

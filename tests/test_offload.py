@@ -133,3 +133,15 @@ def test_plan_from_config_alone():
         proc = _plan(*bad)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: plan --"), proc.stderr
+
+
+@pytest.mark.parametrize("offload,budget,expected", [("gpu", None, "model.offload='gpu': use one of auto, none, cpu, disk"),
+                                                     ("auto", "lots", "SINKPRUNE_DEVICE_BUDGET=lots: 'lots' is not a size")])
+def test_bad_offload_inputs_are_one_line(tmp_path, monkeypatch, offload, budget, expected):
+    if budget:
+        monkeypatch.setenv("SINKPRUNE_DEVICE_BUDGET", budget)
+    config = tiny_config(tmp_path / "bad", pretrained="tiny-llada", model_args={"offload": offload})
+    code, err = run_inprocess(config, tmp_path)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and expected in lines[0], err[-2000:]
+    assert not (tmp_path / "bad").exists()

@@ -6,6 +6,7 @@ timestep of the schedule and hands each noised batch to the callbacks (see pipel
 """
 from __future__ import annotations
 
+import os
 import warnings
 from contextlib import contextmanager, nullcontext
 
@@ -95,6 +96,7 @@ class DLMModule(L.LightningModule):
             raise ValueError(f"model.noise={noise!r}: use one of {', '.join(NOISES)}")
         if offload not in OFFLOADS:
             raise ValueError(f"model.offload={offload!r}: use one of {', '.join(OFFLOADS)} (default auto)")
+        device_budget()  # a malformed SINKPRUNE_DEVICE_BUDGET fails here, before loading
         resolve_path(pretrained)  # a missing local path fails here, before anything is loaded
         self.offloader: BlockOffloader | None = None  # set in configure_model when the plan offloads
         self.memory_plan: dict | None = None
@@ -328,25 +330,29 @@ class DLMModule(L.LightningModule):
         return scores
 
 
-def device_free_bytes(device: torch.device, held: int = 0) -> int:
-    """Free memory of the compute device: SINKPRUNE_DEVICE_BUDGET when set (a size: 20GiB, 8e9), else CUDA's free
-    memory plus `held` (bytes of the model already there), else (the CPU computes) the available CPU memory."""
-    import os
-
+def device_budget() -> int | None:
+    """SINKPRUNE_DEVICE_BUDGET (a size: 20GiB, 8e9) in bytes, None when unset."""
     budget = os.environ.get("SINKPRUNE_DEVICE_BUDGET")
-    if budget:
-        try:
-            return mp.parse_bytes(budget)
-        except ValueError as exc:
-            raise ValueError(f"SINKPRUNE_DEVICE_BUDGET: {exc}") from None
+    if not budget:
+        return None
+    try:
+        return mp.parse_bytes(budget)
+    except ValueError as exc:
+        raise ValueError(f"SINKPRUNE_DEVICE_BUDGET={budget}: {exc}") from None
+
+
+def device_free_bytes(device: torch.device, held: int = 0) -> int:
+    """Free memory of the compute device: SINKPRUNE_DEVICE_BUDGET when set, else CUDA's free memory plus `held` (bytes
+    of the model already there), else (the CPU computes) the available CPU memory."""
+    budget = device_budget()
+    if budget is not None:
+        return budget
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] + held
     return cpu_free_bytes()
 
 
 def cpu_free_bytes() -> int:
-    import os
-
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

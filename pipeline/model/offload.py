@@ -57,7 +57,7 @@ def map_files(files) -> dict[str, torch.Tensor]:
             start, end = meta["data_offsets"]
             dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
             flat = torch.frombuffer(mapped, dtype=dtype, count=(end - start) // torch.empty((), dtype=dtype).element_size(),
-                                    offset=base + start) if end > start else torch.empty(0, dtype=dtype)
+                                    offset=base + start) if end > start else torch.empty(0, dtype=dtype, device="cpu")
             tensors[name] = flat.view(meta["shape"])
     return tensors
 

@@ -7,7 +7,8 @@ for PruneCallback to down-weight sink tokens.  During the first epoch it also re
 timestep) diagnostics; at the epoch's end it gathers them across ranks and rank 0 writes
 `sinks.json` (per-timestep table, sink-position variance across timesteps) and `sink_heatmap.png`.
 With DLMModule(noise_order="reference") the mass and the scores use the reference's own operations (its bits:
-pipeline/maths/reference.py) wherever there is no padding.
+pipeline/maths/reference.py) wherever there is no padding.  Elsewhere, on a CUDA device with triton installed, each
+attention call's mass comes from a fused Triton kernel (mass_kernel="auto"; "chunked" keeps the float32 chunks).
 With an offloaded model (DLMModule(offload=...)) no forward runs per batch: the noised batches are recorded, and at
 the epoch's end one block-by-block pass over all of them gives every window's mass over all layers (the same bits),
 then the scores (`scores_for(nb)`, read by PruneCallback) and the records.
@@ -28,7 +29,7 @@ from callbacks.cached import RecordedBatches, mass_from_cache, uniform_block_cal
 from callbacks.reduction import gather_records
 from callbacks.schedule import guard_memory
 from pipeline.run.phase import phase
-from pipeline.maths.attention import AttentionMassProbe
+from pipeline.maths.attention import MASS_KERNELS, AttentionMassProbe
 from pipeline.run.outputs import AtomicDir
 from pipeline.evaluation.sink_tables import plot_heatmap, render_timestep_table, positional_warning, summarize_records
 from pipeline.maths import reference
@@ -46,6 +47,7 @@ class SinkStatsCallback(Callback):
         heatmap: bool = True,
         record: bool = True,
         overwrite: bool = False,
+        mass_kernel: str = "auto",
     ):
         for name, value in (("sink_std", sink_std), ("sink_alpha", sink_alpha)):
             if not math.isfinite(value):
@@ -55,6 +57,10 @@ class SinkStatsCallback(Callback):
                                  "above the mean mass; defaults: sink_std 2.0, sink_alpha 5.0)")
         if chunk_size < 1:
             raise ValueError(f"SinkStatsCallback.chunk_size={chunk_size} must be >= 1 (queries per softmax chunk; default 128)")
+        if mass_kernel not in MASS_KERNELS:
+            raise ValueError(f"SinkStatsCallback.mass_kernel={mass_kernel!r} is not one of {MASS_KERNELS} "
+                             "(auto: the Triton kernel on CUDA, else chunked; default auto)")
+        self.mass_kernel = mass_kernel
         self.overwrite = overwrite
         self.sink_std, self.sink_alpha = float(sink_std), float(sink_alpha)
         self.per_layer, self.chunk_size = per_layer, chunk_size
@@ -92,8 +98,9 @@ class SinkStatsCallback(Callback):
         valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
         read = any(getattr(cb, "reads_probed_forward", lambda epoch: True)(trainer.current_epoch) for cb in consumers)
         last_call = None if read or not self._calls_checked else self._last_call  # None: the whole forward
+        kernel = "auto" if self._reference_order else self.mass_kernel  # the reference's order takes no kernel
         with AttentionMassProbe(per_layer=self.per_layer, chunk_size=self.chunk_size, query_weights=valid,
-                                last_call=last_call, reference_order=self._reference_order) as probe:
+                                last_call=last_call, reference_order=self._reference_order, kernel=kernel) as probe:
             forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask, stop_after=self._stop_after)
         probe.require_attention()
         if not self._calls_checked:  # the first whole forward of a window: the same number of calls as at fit start?
@@ -127,7 +134,8 @@ class SinkStatsCallback(Callback):
         uniform = next((cb.uniform for cb in trainer.callbacks if hasattr(cb, "uniform")), None)  # PruneCallback's
         uniform = uniform_block_calls(pl_module) if uniform is None else uniform
         masses = mass_from_cache(pl_module, batches, pl_module.offloader, True, uniform, chunk_size=self.chunk_size,
-                                 reference_order=self._reference_order)
+                                 reference_order=self._reference_order,
+                                 kernel="auto" if self._reference_order else self.mass_kernel)  # (as the resident probe)
         for nb, (mass, per_call) in zip(batches, masses):
             if mass is None:
                 from pipeline.maths.attention import NoAttentionSeenError

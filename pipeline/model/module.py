@@ -169,9 +169,11 @@ class DLMModule(L.LightningModule):
         shape = mp.shape_from_model(self.model, blocks, self.hparams.pretrained)
         loaded_there = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
                            if t.device == device) if device.type == "cuda" else 0  # (free again once offloaded)
+        offload = self.hparams.offload if blocks else "none"
+        if offload == "auto" and device.type == "cpu" and device_budget() is None:
+            offload = "none"  # the CPU computes: offloading to its own memory would only add copies
         self.memory_plan = mp.memory_plan(shape, self._calibration_sizes(), device_free=device_free_bytes(device, loaded_there),
-                                          cpu_free=cpu_free_bytes(), devices=self._world_size(),
-                                          offload=self.hparams.offload if blocks else "none")
+                                          cpu_free=cpu_free_bytes(), devices=self._world_size(), offload=offload)
         if self._trainer is None or self.trainer.is_global_zero:
             print(mp.render_plan(self.memory_plan), flush=True)
         if self.memory_plan["offload"] != "none":

@@ -62,6 +62,7 @@ class PruneCallback(Callback):
         self.targets, self.ignore = compile_patterns("targets", targets), compile_patterns("ignore", ignore)
         self.reduction_slots, self.masks_from, self.single_pass, self.eager = reduction_slots, masks_from, single_pass, eager
         self.t, self.sums, self.info, self.masks = Targets(), None, {"timings": {}}, {}  # masks: True = pruned
+        self.slot_major = False  # windows arrive slot by slot (_order_by_slot)
         self.shared, self.probed = SharedInputs(), ProbedInputs()
         self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
         # layers SparseGPT updated; weights to restore on resume; expert name -> calibration tokens routed to it
@@ -92,7 +93,8 @@ class PruneCallback(Callback):
             trainer.fit_loop.max_epochs = len(self.t.block_layers) if self.rescored else 1
         elif self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
             trainer.fit_loop.max_epochs = len(self.t.block_layers)
-        self.sums = self.sums or SlotSums(self.reduction_slots or 8)  # (resumed: the checkpoint's; None: setup not run)
+        self.sums = self.sums or SlotSums(self.reduction_slots or 8, self.mode == "oneshot")  # (resumed: the checkpoint's)
+        self.slot_major = self._order_by_slot(trainer, pl_module)
         reapply(self.layers, self.masks, self._resumed)  # resumed: restore the layers pruned before
         self.updated, self._resumed = self.updated | set(self._resumed), {}  # (the layers hold them now)
 
@@ -104,6 +106,15 @@ class PruneCallback(Callback):
         # over every block and a pass through the pruned blocks up to this one (about 1.5·L² block onloads in all)
         self.rescored = self.mode == "sequential" and self.pruner.weighting.sink_aware and self.pruner.inputs == "noised"
         self.cached = True
+
+    def _order_by_slot(self, trainer, pl_module) -> bool:
+        """One process, Hessians from every batch: ask for the windows slot by slot, so each completed slot is folded
+        into its total (one slot alive per layer instead of G; the same sums in the same order, the same bits)."""
+        wanted = (self.pruner.statistic == "hessian" and trainer is not None and trainer.world_size == 1 and self.sums.slots > 1
+                  and not (self.cached or self.masks_from) and getattr(pl_module, "hparams", {}).get("noise_order") != "reference")
+        order = getattr(getattr(trainer, "datamodule", None), "order_by_slot", None)  # (reference noise: the order draws it)
+        # (an MoE expert's GEMM takes the tokens routed to it from the whole batch: keep each batch's windows)
+        return bool(wanted and order is not None and order(self.sums.slots, regroup=not self.t.experts))
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:
@@ -144,6 +155,8 @@ class PruneCallback(Callback):
             raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")
         epoch = trainer.current_epoch
         fresh = [sid >= 0 and (epoch, sid, nb.step) not in self.seen for sid in nb.sample_ids]  # -1: DDP padding
+        if self.slot_major and any(fresh):  # the slots before this batch's are complete
+            self.sums.fold(list(self.sums.sums), min(self.sums.slot_of(s) for s, f in zip(nb.sample_ids, fresh) if f))
         if any(fresh) and self.probed.handles:
             for name, x, routed in self.probed.take(names):
                 self._add(name, x, routed, nb, fresh)
@@ -205,6 +218,8 @@ class PruneCallback(Callback):
     def _solve(self, names: list[str]) -> None:
         """Solve and apply the masks of `names` from the sums (collective), then empty the sums."""
         t0 = time.time()
+        if self.slot_major:  # every slot is complete: fold the last ones too, before any solve needs the memory
+            self.sums.fold(list(self.sums.sums), self.sums.slots)
         if self.pruner.statistic:
             samples, leaders = len({s for _, s, _ in self.seen} | self.recorded.ids), [n for n in names if self.shared.key(n) == n]
             count_expert_tokens(self.sums, self.t.experts, leaders, self.expert_tokens, samples)
@@ -230,6 +245,6 @@ class PruneCallback(Callback):
         self.seen = {tuple(k) for k in state_dict.get("seen", [])}
         self.recorded.load_state_dict(state_dict.get("recorded", {}))
         if state_dict.get("sums") is not None:
-            self.sums = SlotSums(self.reduction_slots or state_dict["sums"]["slots"])
+            self.sums = SlotSums(self.reduction_slots or state_dict["sums"]["slots"], self.mode == "oneshot")
             self.sums.load_state_dict(state_dict["sums"])
 

@@ -49,13 +49,17 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from pipeline.maths import attention_triton, reference
+from pipeline.maths import attention_triton, reference, sdpa_lse
 
 # Cap on one chunk's float32 score tensor; chunk_size is lowered to fit it for huge B·H·T_k.
 DEFAULT_CHUNK_BYTES = 64 << 20
 # How AttentionMassProbe computes each call's mass: "auto" = the Triton kernel wherever it runs (CUDA tensors,
 # triton installed, head dim a power of 2 in [16, 256]), else chunked; "triton" insists; "chunked" never uses it.
 MASS_KERNELS = ("auto", "triton", "chunked")
+
+# Which kinds of SDPA call give F.sdpa's very output together with its log-sum-exp (pipeline/maths/sdpa_lse.py):
+# verified once per kind and process, so that the probe's output never depends on it.  FUSED_SDPA.reports says why.
+FUSED_SDPA = sdpa_lse.FusedSdpaRoute()
 
 _SDPA_SIGNATURE = inspect.Signature(
     [
@@ -197,12 +201,20 @@ def triton_attention_mass(
     scale: float | None = None,
     *,
     query_weights: torch.Tensor | None = None,
+    row_logsumexp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """attention_mass's result from the fused Triton kernel (same arguments, same layouts of q, k and mask)."""
+    """attention_mass's result from the fused Triton kernel (same arguments, same layouts of q, k and mask;
+    row_logsumexp [B, H_q, L] skips the kernel's first pass)."""
     return attention_triton.attention_mass_triton(
         _as_heads(query.detach()), _as_heads(key.detach()), _mask_as_4d(attn_mask, query), is_causal, scale,
-        query_weights=query_weights,
+        query_weights=query_weights, row_logsumexp=row_logsumexp,
     )
+
+
+def _triton_row_logsumexp(query, key, attn_mask, is_causal, scale) -> torch.Tensor:
+    """[B, H_q, L] log-sum-exp by the kernel's first pass: the oracle FUSED_SDPA checks an aten op's against."""
+    return attention_triton.row_logsumexp_triton(_as_heads(query.detach()), _as_heads(key.detach()),
+                                                 _mask_as_4d(attn_mask, query), bool(is_causal), scale)
 
 
 def naive_attention_mass(query, key, attn_mask=None, is_causal=False, scale=None, query_weights=None) -> torch.Tensor:
@@ -236,7 +248,9 @@ class AttentionMassProbe:
     reference_order: each call's mass by the reference's own operations (pipeline/maths/reference.py: its bits, the
     whole [B, H, T, T] softmax at once) wherever it applies (no padding, no attention mask); chunked elsewhere.
     kernel: "auto" (the fused Triton kernel where it runs, see MASS_KERNELS; chunked under reference_order),
-    "triton" (always; an error where it cannot run) or "chunked".  calls_by_kernel counts the calls of each path.
+    "triton" (always; an error where it cannot run) or "chunked".  calls_by_kernel counts the calls of each path:
+    "triton+sdpa_lse" where the output came from the aten op F.sdpa dispatches to, with its row log-sum-exp, so
+    that only the kernel's second pass ran (FUSED_SDPA: only for kinds of call verified to give F.sdpa's bits).
     """
 
     def __init__(self, *, per_layer: bool = False, query_weights: torch.Tensor | None = None, chunk_size: int = 128,
@@ -274,7 +288,8 @@ class AttentionMassProbe:
     def set_query_weights(self, query_weights: torch.Tensor | None) -> None:
         self.query_weights = query_weights
 
-    def _record(self, query, key, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *, enable_gqa=False):
+    def _record(self, query, key, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *, enable_gqa=False,
+                row_logsumexp=None):
         weights = self.query_weights
         if weights is not None and tuple(weights.shape) != (query.shape[0], query.shape[-2]):
             raise ValueError(
@@ -287,7 +302,9 @@ class AttentionMassProbe:
             layer_mass = reference.attention_mass(query, key, scale)
         elif path == "triton":
             try:
-                layer_mass = triton_attention_mass(query, key, attn_mask, bool(is_causal), scale, query_weights=weights)
+                layer_mass = triton_attention_mass(query, key, attn_mask, bool(is_causal), scale, query_weights=weights,
+                                                   row_logsumexp=row_logsumexp)
+                path = "triton" if row_logsumexp is None else "triton+sdpa_lse"
             except attention_triton.OutOfResources:  # the tiles do not fit this GPU (shared memory, registers)
                 if self.kernel == "triton":
                     raise
@@ -324,6 +341,20 @@ class AttentionMassProbe:
             raise ValueError(f"AttentionMassProbe(kernel='triton'): {reason}; use kernel='auto' or 'chunked'")
         return "chunked"
 
+    def _fused_output_and_lse(self, previous, bound):
+        """(F.sdpa's output, its [B, H_q, L] log-sum-exp) from one aten call where FUSED_SDPA verified that call's kind;
+        None elsewhere: another wrapper is installed (an outer probe must see the call), the mass does not take the
+        kernel, or anything fails."""
+        if previous is not sdpa_lse.SDPA or self.reference_order or self.kernel == "chunked":
+            return None
+        a = bound.arguments
+        query, key = a["query"], a["key"]
+        if not isinstance(query, torch.Tensor) or attention_triton.unsupported(query, key) is not None:
+            return None
+        fused = FUSED_SDPA.attention(query, key, a["value"], a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"],
+                                     a["enable_gqa"], oracle_lse=_triton_row_logsumexp)
+        return None if fused is None else fused[:2]
+
     def require_attention(self, model=None) -> None:
         """Raise NoAttentionSeenError when the probed forward made no attention call the probe could see."""
         if self.calls:
@@ -343,20 +374,29 @@ class AttentionMassProbe:
         previous = F.scaled_dot_product_attention
         thread = threading.get_ident()
 
-        def record(args, kwargs):
+        def bind(args, kwargs):
             bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()
+            return bound
+
+        def record(bound, row_logsumexp=None):
             with torch.no_grad():
-                self._record(**{n: v for n, v in bound.arguments.items() if n != "value"})
+                self._record(**{n: v for n, v in bound.arguments.items() if n != "value"}, row_logsumexp=row_logsumexp)
 
         def probed_sdpa(*args, **kwargs):
             if threading.get_ident() != thread:
                 return previous(*args, **kwargs)
+            bound = bind(args, kwargs)
             if self.last_call is not None and self.calls + 1 >= self.last_call:
-                record(args, kwargs)
+                record(bound)
                 raise AllAttentionSeen()
-            out = previous(*args, **kwargs)  # the real output, untouched
-            record(args, kwargs)
+            fused = self._fused_output_and_lse(previous, bound)
+            if fused is None:
+                out = previous(*args, **kwargs)  # the real output, untouched
+                record(bound)
+                return out
+            out, row_logsumexp = fused  # the same op F.sdpa calls, verified to give its bits
+            record(bound, row_logsumexp)
             return out
 
         self._stance = _force_eager()

@@ -211,53 +211,90 @@ def attention_mass_triton(
     (FLOAT32_CONFIG for float32 inputs).
     row_logsumexp: [B, H_q, L] natural-log row log-sum-exp of these very scores (e.g. what a flash-attention
     forward returns) to skip the first pass; None computes it."""
-    reason = unsupported(query, key)
-    if reason is not None:
-        raise ValueError(f"attention_mass_triton: {reason}; use pipeline.maths.attention.attention_mass")
-    batch, q_heads, q_len, head_dim = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[2]
-    if q_heads % kv_heads:
-        raise ValueError(f"query heads ({q_heads}) must be a multiple of key heads ({kv_heads}) for GQA")
-    config = dict(FLOAT32_CONFIG if query.dtype == torch.float32 else DEFAULT_CONFIG)
-    config.update({n: v for n, v in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
-                                      ("num_stages", num_stages)) if v is not None})
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    device = query.device
-    if batch * q_heads * q_len * k_len == 0:  # nothing to launch: no key receives anything
-        return torch.zeros(batch, k_len, dtype=torch.float32, device=device)
-
-    if attn_mask is None:
-        mask_kind, mask, mask_strides = _NO_MASK, query, (0, 0, 0, 0)  # never read
+    launch = _Launch(query, key, attn_mask, scale, block_m, block_n, num_warps, num_stages)
+    if launch.empty:  # nothing to launch: no key receives anything
+        return torch.zeros(launch.batch, launch.k_len, dtype=torch.float32, device=query.device)
+    if row_logsumexp is None:
+        lse = launch.row_logsumexp(is_causal)
     else:
-        if attn_mask.dim() != 4:
-            raise ValueError(f"attn_mask must have 4 dims here, got shape {tuple(attn_mask.shape)}")
-        mask = attn_mask.to(device).expand(batch, q_heads, q_len, k_len)  # a view: broadcast dims get stride 0
-        if mask.dtype == torch.bool:
-            mask_kind, mask = _BOOL_MASK, mask.view(torch.uint8)
-        else:
-            mask_kind = _ADDITIVE_MASK
-        mask_strides = mask.stride()
-    weights = query
-    if query_weights is not None:
-        weights = query_weights.to(device=device, dtype=torch.float32).reshape(batch, q_len).contiguous()
+        lse = row_logsumexp.to(device=query.device, dtype=torch.float32).reshape(-1, launch.q_len).contiguous()
+    return launch.key_mass(lse, is_causal, query_weights)
 
-    per_head = torch.empty(batch, q_heads, k_len, dtype=torch.float32, device=device)
-    common = (*query.stride(), *key.stride(), *mask_strides, q_heads, q_heads // kv_heads, q_len, k_len, scale)
-    # float32: split products (one TF32 product would cost ~1e-3); halves: tensor cores, exact products anyway
-    precision = "tf32x3" if query.dtype == torch.float32 else "tf32"
-    launch = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "PRECISION": precision}
-    # Triton launches on the current CUDA device: make it the tensors' one (a model spread over GPUs by device_map)
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with on_device:
-        if row_logsumexp is None:
-            lse = torch.empty(batch * q_heads, q_len, dtype=torch.float32, device=device)
-            _row_logsumexp_kernel[(batch * q_heads, triton.cdiv(q_len, config["block_m"]))](
-                query, key, mask, lse, *common, MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
-                BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], HEAD_DIM=head_dim, **launch)
+
+def row_logsumexp_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    **config,
+) -> torch.Tensor:
+    """[B, H_q, L] float32 natural-log log-sum-exp of each query's scores (pass 1 alone; -inf for a fully masked
+    row).  Same arguments as attention_mass_triton."""
+    launch = _Launch(query, key, attn_mask, scale, *(config.get(n) for n in ("block_m", "block_n", "num_warps",
+                                                                             "num_stages")))
+    if launch.empty:
+        return torch.full((launch.batch, launch.q_heads, launch.q_len), float("-inf"), device=query.device)
+    return launch.row_logsumexp(is_causal).reshape(launch.batch, launch.q_heads, launch.q_len)
+
+
+class _Launch:
+    """The arguments both passes share: checked shapes, the mask as a strided view, the launch config."""
+
+    def __init__(self, query, key, attn_mask, scale, block_m, block_n, num_warps, num_stages):
+        reason = unsupported(query, key)
+        if reason is not None:
+            raise ValueError(f"attention_mass_triton: {reason}; use pipeline.maths.attention.attention_mass")
+        batch, q_heads, q_len, head_dim = query.shape
+        kv_heads, k_len = key.shape[1], key.shape[2]
+        if q_heads % kv_heads:
+            raise ValueError(f"query heads ({q_heads}) must be a multiple of key heads ({kv_heads}) for GQA")
+        config = dict(FLOAT32_CONFIG if query.dtype == torch.float32 else DEFAULT_CONFIG)
+        config.update({n: v for n, v in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
+                                          ("num_stages", num_stages)) if v is not None})
+        self.query, self.key, self.config, self.head_dim = query, key, config, head_dim
+        self.batch, self.q_heads, self.q_len, self.k_len = batch, q_heads, q_len, k_len
+        self.device = device = query.device
+        self.empty = batch * q_heads * q_len * k_len == 0
+        scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        if attn_mask is None:
+            self.mask_kind, self.mask, mask_strides = _NO_MASK, query, (0, 0, 0, 0)  # never read
         else:
-            lse = row_logsumexp.to(device=device, dtype=torch.float32).reshape(batch * q_heads, q_len).contiguous()
-        _key_mass_kernel[(batch * q_heads, triton.cdiv(k_len, config["block_n"]))](
-            query, key, mask, lse, weights, per_head, *common, MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
-            HAS_WEIGHTS=query_weights is not None,
-            BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], HEAD_DIM=head_dim, **launch)
-    return per_head.sum(dim=1)  # heads in a fixed order: deterministic
+            if attn_mask.dim() != 4:
+                raise ValueError(f"attn_mask must have 4 dims here, got shape {tuple(attn_mask.shape)}")
+            mask = attn_mask.to(device).expand(batch, q_heads, q_len, k_len)  # a view: broadcast dims get stride 0
+            if mask.dtype == torch.bool:
+                self.mask_kind, self.mask = _BOOL_MASK, mask.view(torch.uint8)
+            else:
+                self.mask_kind, self.mask = _ADDITIVE_MASK, mask
+            mask_strides = self.mask.stride()
+        self.common = (*query.stride(), *key.stride(), *mask_strides, q_heads, q_heads // kv_heads, q_len, k_len,
+                       scale)
+        # float32: split products (one TF32 product would cost ~1e-3); halves: tensor cores, exact products anyway
+        precision = "tf32x3" if query.dtype == torch.float32 else "tf32"
+        self.launch = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "PRECISION": precision,
+                       "BLOCK_M": config["block_m"], "BLOCK_N": config["block_n"], "HEAD_DIM": head_dim}
+
+    def _on_device(self):
+        # Triton launches on the current CUDA device: make it the tensors' one (a model spread over GPUs by device_map)
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def row_logsumexp(self, is_causal) -> torch.Tensor:
+        lse = torch.empty(self.batch * self.q_heads, self.q_len, dtype=torch.float32, device=self.device)
+        with self._on_device():
+            _row_logsumexp_kernel[(self.batch * self.q_heads, triton.cdiv(self.q_len, self.config["block_m"]))](
+                self.query, self.key, self.mask, lse, *self.common, MASK_KIND=self.mask_kind,
+                IS_CAUSAL=bool(is_causal), **self.launch)
+        return lse
+
+    def key_mass(self, lse, is_causal, query_weights) -> torch.Tensor:
+        weights = self.query
+        if query_weights is not None:
+            weights = query_weights.to(device=self.device, dtype=torch.float32).reshape(self.batch, self.q_len)
+            weights = weights.contiguous()
+        per_head = torch.empty(self.batch, self.q_heads, self.k_len, dtype=torch.float32, device=self.device)
+        with self._on_device():
+            _key_mass_kernel[(self.batch * self.q_heads, triton.cdiv(self.k_len, self.config["block_n"]))](
+                self.query, self.key, self.mask, lse, weights, per_head, *self.common, MASK_KIND=self.mask_kind,
+                IS_CAUSAL=bool(is_causal), HAS_WEIGHTS=query_weights is not None, **self.launch)
+        return per_head.sum(dim=1)  # heads in a fixed order: deterministic

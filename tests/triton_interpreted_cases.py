@@ -168,7 +168,8 @@ def test_probe_uses_the_kernel_where_it_runs_and_leaves_the_output_alone():
     plain = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     with AttentionMassProbe() as probe:
         probed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    assert probe.calls_by_kernel == {"triton": 1}
+    # the output and log-sum-exp of the op F.sdpa dispatches to (CPU flash here), then the kernel's mass pass
+    assert probe.calls_by_kernel == {"triton+sdpa_lse": 1}
     assert torch.equal(probed, plain)
     _assert_close_to_exact(probe.mass, naive_attention_mass(q, k, attn_mask=mask))
     with AttentionMassProbe(kernel="chunked") as chunked:
@@ -211,7 +212,7 @@ def test_tiny_sdar_block_causal_gqa_through_the_kernel():
             logits = model(input_ids=ids, attention_mask=attention_mask).logits
         with AttentionMassProbe(query_weights=attention_mask.bool(), kernel="chunked") as chunked:
             model(input_ids=ids, attention_mask=attention_mask)
-    assert fused.calls_by_kernel == {"triton": model.config.num_hidden_layers}
+    assert fused.calls_by_kernel == {"triton+sdpa_lse": model.config.num_hidden_layers}
     assert torch.equal(logits, plain)
     assert ((fused.mass - chunked.mass).abs().max() / chunked.mass.abs().max()).item() <= 1e-5
     assert fused.mass[1, length - 5:].abs().max() == 0
@@ -244,3 +245,76 @@ def test_tiles_that_do_not_fit_the_gpu_fall_back_to_the_chunked_path(monkeypatch
     assert torch.equal(probe.mass, attention_mass(q, k, chunk_size=5))
     with pytest.raises(kernels.OutOfResources), AttentionMassProbe(kernel="triton"):
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+# --- the output and log-sum-exp from one aten call (pipeline/maths/sdpa_lse.py) ---------------------------------------
+@pytest.fixture
+def fresh_route(monkeypatch):
+    """A verdict cache of its own: FUSED_SDPA lives as long as the process."""
+    from pipeline.maths import attention as attention_module, sdpa_lse
+
+    route = sdpa_lse.FusedSdpaRoute()
+    monkeypatch.setattr(attention_module, "FUSED_SDPA", route)
+    return route
+
+
+def _probed(q, k, v, **kwargs):
+    with AttentionMassProbe() as probe:
+        out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return out, probe
+
+
+def test_each_kind_of_call_is_verified_once_then_fused(fresh_route):
+    q, k = _qk(kv_heads=2)
+    v = torch.randn_like(k)
+    mask = _block_causal(37, 8)[None, None] & _padding([37, 30], 37)[:, None, None, :]
+    for _ in range(2):
+        out, probe = _probed(q, k, v, attn_mask=mask, enable_gqa=True)
+        assert probe.calls_by_kernel == {"triton+sdpa_lse": 1}
+        assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+        _assert_close_to_exact(probe.mass, naive_attention_mass(q, k, attn_mask=mask))
+    assert list(fresh_route.verdicts.values()) == [True]  # one kind, verified once
+    (report,) = fresh_route.reports.values()
+    assert report["same_output_bits"] and report["lse_max_abs_diff"] <= 5e-6
+    _probed(q, k, v, is_causal=True, enable_gqa=True)
+    assert len(fresh_route.verdicts) == 2  # a new kind: verified on its own
+
+
+def test_a_kind_that_failed_verification_keeps_the_separate_lse_pass(fresh_route, monkeypatch):
+    from pipeline.maths import sdpa_lse
+
+    monkeypatch.setattr(sdpa_lse, "LSE_TOLERANCE", -1.0)  # no log-sum-exp is close enough
+    q, k = _qk()
+    v = torch.randn_like(k)
+    for _ in range(2):
+        out, probe = _probed(q, k, v)
+        assert probe.calls_by_kernel == {"triton": 1}
+        assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert list(fresh_route.verdicts.values()) == [False]
+
+
+def test_a_failing_aten_op_falls_back_to_sdpa_silently(fresh_route, monkeypatch):
+    from pipeline.maths import sdpa_lse
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setattr(sdpa_lse, "aten_attention_with_lse", broken)
+    q, k = _qk()
+    v = torch.randn_like(k)
+    out, probe = _probed(q, k, v)
+    assert probe.calls_by_kernel == {"triton": 1}
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    _assert_close_to_exact(probe.mass, naive_attention_mass(q, k))
+
+
+def test_nested_probes_both_see_the_call(fresh_route):
+    """The inner probe wraps the outer one, not F.sdpa: it calls through it (the outer probe must see the call);
+    the outer one, wrapping the builtin, may take the fused op."""
+    q, k = _qk()
+    v = torch.randn_like(k)
+    with AttentionMassProbe() as outer, AttentionMassProbe() as inner:
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert inner.calls_by_kernel == {"triton": 1} and outer.calls_by_kernel == {"triton+sdpa_lse": 1}
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert torch.allclose(inner.mass, outer.mass, rtol=1e-5, atol=1e-6)

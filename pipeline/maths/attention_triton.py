@@ -72,13 +72,15 @@ if INTERPRETED:
 
 
 @_jit
-def _masked_scores(s, mask_ptrs, inside, query_index, key_index, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Scores with SDPA's masks applied: -inf where a bool mask forbids, plus a float mask, -inf above the causal
-    diagonal (top-left aligned).  query_index / key_index broadcast to s's shape."""
+def _masked_scores(s, mask_ptrs, inside, query_index, key_index, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   MASK_FACTOR: tl.constexpr = 1.0):
+    """Scores with SDPA's masks applied: -inf where a bool mask forbids, plus a float mask (times MASK_FACTOR, for
+    scores kept in log2 units), -inf above the causal diagonal (top-left aligned).  query_index / key_index
+    broadcast to s's shape."""
     if MASK_KIND == 1:
         s = tl.where(tl.load(mask_ptrs, mask=inside, other=0) != 0, s, float("-inf"))
     if MASK_KIND == 2:
-        s += tl.load(mask_ptrs, mask=inside, other=0.0).to(tl.float32)
+        s += tl.load(mask_ptrs, mask=inside, other=0.0).to(tl.float32) * MASK_FACTOR
     if IS_CAUSAL:
         s = tl.where(key_index <= query_index, s, float("-inf"))
     return s
@@ -144,7 +146,10 @@ def _key_mass_kernel(
     """out[b·H_q + h, j] = Σ_i w_i · exp(s_ij − lse_i) for the keys j of this program's block.
 
     Scores are computed transposed, keys by queries (k · qᵀ), so that the sum over queries runs along rows: within
-    a warp's lanes, with one [BLOCK_N] accumulator, rather than across warps or in a second [N, M] tile."""
+    a warp's lanes, with one [BLOCK_N] accumulator, rather than across warps or in a second [N, M] tile.  The pass
+    is bound by its exponentials (one per score, as many as the attention forward's), so each score costs as few
+    other operations as possible: scores in log2 units straight from the dot (scale · log2(e) in one multiply), and
+    a row with no allowed key (or past the end) gets lse = +inf, so exp2(s − lse) is 0 there without a select."""
     head = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch · stride may pass 2^31
     batch, q_head = head // q_heads, head % q_heads
     kv_head = q_head // groups
@@ -159,17 +164,18 @@ def _key_mass_kernel(
     query_start = 0
     if IS_CAUSAL:  # key j is seen by queries i >= j only
         query_start = (tl.program_id(1) * BLOCK_N // BLOCK_M) * BLOCK_M
+    scale_log2 = scale * 1.4426950408889634
     for start in range(query_start, q_len, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q_t = tl.load(q_base + rows[None, :] * q_stride_l + dims[:, None] * q_stride_d,
-                      mask=rows[None, :] < q_len, other=0.0)  # [D, M]: qᵀ
+        q = tl.load(q_base + rows[:, None] * q_stride_l + dims[None, :] * q_stride_d,
+                    mask=rows[:, None] < q_len, other=0.0)  # [M, D], rows contiguous as stored
         lse = tl.load(lse_ptr + head * q_len + rows, mask=rows < q_len, other=float("-inf"))
-        s = tl.dot(k, q_t, input_precision=PRECISION) * scale  # [N, M]
+        # fully masked rows (lse = -inf), and rows past the end: +inf, so that they give exp2(s - inf) = 0
+        lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2  # [N, M], log2 units
         s = _masked_scores(s, m_base + rows[None, :] * m_stride_l, (cols[:, None] < k_len) & (rows[None, :] < q_len),
-                           rows[None, :], cols[:, None], MASK_KIND, IS_CAUSAL)
-        empty = lse == float("-inf")  # fully masked rows, and rows past the end: they give 0
-        p = tl.exp2(s * 1.4426950408889634 - (tl.where(empty, 0.0, lse) * 1.4426950408889634)[None, :])
-        p = tl.where(empty[None, :], 0.0, p)
+                           rows[None, :], cols[:, None], MASK_KIND, IS_CAUSAL, 1.4426950408889634)
+        p = tl.exp2(s - lse_log2[None, :])
         if HAS_WEIGHTS:
             p = p * tl.load(weight_ptr + batch * q_len + rows, mask=rows < q_len, other=0.0)[None, :]
         mass += tl.sum(p, 1)

@@ -5,14 +5,16 @@
 
 Per sequence length, with no mask and with a [1, 1, T, T] block-causal bool mask (SDAR / LLaDA2's layout): the
 median time (CUDA events, after warm-up) of the model's own SDPA call, of the Triton mass in each launch config
-(pipeline/maths/attention_triton.py), of the chunked mass (pipeline/maths/attention.py, the CPU path) and of a whole
-probed SDPA call (output + mass, AttentionMassProbe's default on CUDA); each mass's largest error against a float64
+(pipeline/maths/attention_triton.py; both passes, and the mass pass alone given the log-sum-exp, which is all the
+probe runs where it takes SDPA's own log-sum-exp), of the chunked mass (pipeline/maths/attention.py, the CPU path) and
+of a whole probed SDPA call (output + mass, AttentionMassProbe's default on CUDA: the route it took, its time over one
+SDPA call, and pipeline.maths.attention.FUSED_SDPA's verdicts); each mass's largest error against a float64
 softmax relative to the largest mass (target <= 1e-5); whether two runs give the same bits; and whether the sink
 sets (s >= 0.5 by pipeline.maths.sinks.sink_scores, default k and alpha) equal the chunked mass's.  The inputs carry
 three planted sinks (keys 0, 1 and T/2 share a direction with every query), so the sink sets are not empty.
 Without a mask it also measures the mass from the log-sum-exp that torch's flash-attention op returns with its
 output (the kernel's second pass only), whether that op's output is bit for bit F.scaled_dot_product_attention's,
-and what the pair costs next to SDPA alone: what fusing the probe's output and mass would save (not wired in).
+and what the pair costs next to SDPA alone.
 First, the kernel's semantics on this device against float64 at a small odd shape (2 x 8 query heads over 2 key heads,
 T = 300, bf16 and fp32): GQA, padding mask with query weights, block-causal mask, float mask, is_causal with
 fewer queries, a fully masked row, NaN.  Writes benchmarks/results/mass_kernel_cuda.json (--json).  No model, nothing downloaded; about 30-60 s on an H200.
@@ -39,15 +41,17 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.semi_structured_24 import cuda_median_ms  # noqa: E402  (CUDA-event medians, one definition)
 from pipeline.maths import attention_triton  # noqa: E402
-from pipeline.maths.attention import AttentionMassProbe, attention_mass, naive_attention_mass  # noqa: E402
-from pipeline.maths.attention_triton import attention_mass_triton  # noqa: E402
+from pipeline.maths.attention import FUSED_SDPA, AttentionMassProbe, attention_mass, naive_attention_mass  # noqa: E402
+from pipeline.maths.attention_triton import attention_mass_triton, row_logsumexp_triton  # noqa: E402
 from pipeline.maths.sinks import sink_scores  # noqa: E402
 
 # Block sizes / warps / pipeline stages tried on the GPU; the first is attention_triton.DEFAULT_CONFIG.
 GPU_CONFIGS = {
     "m128_n64_w8_s2": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    "m128_n128_w8_s3": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3},
     "m64_n64_w4_s3": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
+    "m64_n128_w8_s3": {"block_m": 64, "block_n": 128, "num_warps": 8, "num_stages": 3},
+    "m128_n128_w8_s4": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 4},
+    "m128_n64_w4_s4": {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 4},
 }
 TINY_CONFIGS = {"m16_n16": {"block_m": 16, "block_n": 16, "num_warps": 1, "num_stages": 1}}
 
@@ -170,10 +174,10 @@ def measure(a, configs, length, masked):
         return probe
 
     # one GPU run has to tell everything: a config (or variant) that fails is recorded and the others still run
-    row["probe"] = recorded(lambda: {"uses": probed_call().calls_by_kernel,
-                                     "call_ms": median_ms(probed_call, device, a.warmup, a.repeats)})
+    row["probe"] = recorded(lambda: probe_figures(a, probed_call, exact, row))
+    lse = row_logsumexp_triton(q, k, mask)  # for the mass pass alone
     for name, config in configs.items():
-        row["triton"][name] = recorded(lambda: measure_config(a, q, k, mask, config, exact, row))
+        row["triton"][name] = recorded(lambda: measure_config(a, q, k, mask, config, exact, row, lse))
     if not masked and device == "cuda":
         row["flash_lse"] = recorded(lambda: flash_lse_variant(a, q, k, v, exact, row, configs))
     return row
@@ -186,11 +190,22 @@ def recorded(measurement):
         return {"error": repr(error)[:400]}
 
 
-def measure_config(a, q, k, mask, config, exact, row):
+def probe_figures(a, probed_call, exact, row):
+    probe = probed_call()  # the first call of its kind also verifies the fused route (FUSED_SDPA)
+    ms = median_ms(probed_call, a.device, a.warmup, a.repeats)
+    return {"uses": probe.calls_by_kernel, "call_ms": ms, "ratio_to_sdpa": ms / row["sdpa_ms"],
+            "rel_err": relative_error(probe.mass, exact), "same_sinks_as_chunked": sink_set(probe.mass) == row[
+                "sinks_chunked"]}
+
+
+def measure_config(a, q, k, mask, config, exact, row, lse):
     first = attention_mass_triton(q, k, mask, **config)
     again = attention_mass_triton(q, k, mask, **config)
     ms = median_ms(lambda: attention_mass_triton(q, k, mask, **config), a.device, a.warmup, a.repeats)
-    return {"ms": ms, "ratio_to_sdpa": ms / row["sdpa_ms"], "rel_err": relative_error(first, exact),
+    mass_pass_ms = median_ms(lambda: attention_mass_triton(q, k, mask, row_logsumexp=lse, **config), a.device,
+                             a.warmup, a.repeats)
+    return {"ms": ms, "ratio_to_sdpa": ms / row["sdpa_ms"], "mass_pass_ms": mass_pass_ms,
+            "mass_pass_ratio_to_sdpa": mass_pass_ms / row["sdpa_ms"], "rel_err": relative_error(first, exact),
             "deterministic": bool(torch.equal(first, again)),
             "same_sinks_as_chunked": sink_set(first) == row["sinks_chunked"]}
 
@@ -219,8 +234,8 @@ def flash_lse_variant(a, q, k, v, exact, row, configs):
 def config_cell(r):
     if "error" in r:
         return f"FAILED {r['error']}"
-    return (f"{r['ms']:.3f} {r['ratio_to_sdpa']:.2f}x {r['rel_err']:.1e} {'y' if r['deterministic'] else 'N'} "
-            f"{'y' if r['same_sinks_as_chunked'] else 'N'}")
+    return (f"{r['ms']:.3f} {r['ratio_to_sdpa']:.2f}x {r['mass_pass_ms']:.3f} {r['mass_pass_ratio_to_sdpa']:.2f}x "
+            f"{r['rel_err']:.1e} {'y' if r['deterministic'] else 'N'} {'y' if r['same_sinks_as_chunked'] else 'N'}")
 
 
 def main() -> None:
@@ -248,8 +263,8 @@ def main() -> None:
     semantics_ok = all("error" not in r and all(v is True or (v is not False and v <= 1e-5) for v in r.values())
                        for r in semantics.values())
     print(f"semantics within 1e-5 of float64, NaN kept: {semantics_ok}")
-    print(f"{'T':>5} {'mask':>12} {'SDPA ms':>8} {'chunked':>8} {'probed':>8} | per config: ms, /SDPA, rel err, "
-          "same bits, same sinks")
+    print(f"{'T':>5} {'mask':>12} {'SDPA ms':>8} {'chunked':>8} {'probed':>8} {'/SDPA':>6} | per config: both passes "
+          "ms, /SDPA, mass pass alone ms, /SDPA, rel err, same bits, same sinks")
     rows = []
     for masked in (False, True):
         for length in a.seq_lens:
@@ -257,7 +272,8 @@ def main() -> None:
             rows.append(row)
             cells = "  ".join(f"{name}: {config_cell(r)}" for name, r in row["triton"].items())
             probe = row["probe"]
-            probed = f"{probe['call_ms']:>8.3f}" if "call_ms" in probe else f"{'failed':>8}"
+            probed = (f"{probe['call_ms']:>8.3f} {probe['ratio_to_sdpa']:>5.2f}x" if "call_ms" in probe
+                      else f"{'failed':>15}")
             print(f"{length:>5} {row['mask'] or '-':>12} {row['sdpa_ms']:>8.3f} {row['chunked_ms']:>8.3f} "
                   f"{probed} | {cells}   sinks {row['sinks_chunked']}, chunked err {row['chunked_rel_err']:.1e}, "
                   f"probe {probe.get('uses', probe.get('error'))}")
@@ -266,6 +282,10 @@ def main() -> None:
     working = [name for name in configs if not any("error" in r["triton"][name] for r in rows)]
     worst = {name: max(r["triton"][name]["ratio_to_sdpa"] for r in rows) for name in working}
     best = min(worst, key=worst.get) if worst else None
+    # where the probe takes SDPA's own log-sum-exp, the mass pass alone is what it adds to the model's SDPA call
+    worst_pass = {name: max(r["triton"][name]["mass_pass_ratio_to_sdpa"] for r in rows) for name in working}
+    best_pass = min(worst_pass, key=worst_pass.get) if worst_pass else None
+    probed = {f"{r['T']} {r['mask'] or '-'}": r["probe"].get("ratio_to_sdpa") for r in rows}
     checks = {"max_ratio_to_sdpa": worst.get(best),
               "max_rel_err": max(r["triton"][best]["rel_err"] for r in rows) if best else None,
               "deterministic": all(r["triton"][n]["deterministic"] for r in rows for n in working),
@@ -276,12 +296,18 @@ def main() -> None:
     else:
         print(f"best config {best} ({configs[best]}): worst ratio to SDPA {worst[best]:.2f}x (target <= 1.2x), "
               f"max rel err {checks['max_rel_err']:.1e} (target <= 1e-5), deterministic {checks['deterministic']}, "
-              f"same sinks {checks['same_sinks_as_chunked']}, failed configs {checks['failed_configs']}; "
-              f"{time.perf_counter() - started:.0f} s")
+              f"same sinks {checks['same_sinks_as_chunked']}, failed configs {checks['failed_configs']}")
+        print(f"best config for the mass pass alone {best_pass} ({configs[best_pass]}): worst ratio to SDPA "
+              f"{worst_pass[best_pass]:.2f}x; per config {({n: round(v, 2) for n, v in worst_pass.items()})}")
+    print(f"probed SDPA call (output + mass, default config) / one SDPA call: "
+          f"{({n: None if v is None else round(v, 2) for n, v in probed.items()})}")
+    print(f"fused route verdicts (pipeline.maths.attention.FUSED_SDPA): {FUSED_SDPA.reports}")
+    print(f"{time.perf_counter() - started:.0f} s")
     meta = {"device": device_name, "torch": torch.__version__, "triton": __import__("triton").__version__,
             "heads": a.heads, "head_dim": a.head_dim, "block_causal_block": a.block, "repeats": a.repeats,
             "configs": configs, "worst_ratio_by_config": worst, "best_config": best, "checks": checks,
-            "semantics_ok": semantics_ok}
+            "worst_mass_pass_ratio_by_config": worst_pass, "best_mass_pass_config": best_pass,
+            "probed_ratio_to_sdpa": probed, "fused_sdpa_verdicts": FUSED_SDPA.reports, "semantics_ok": semantics_ok}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps({"meta": meta, "semantics": semantics, "rows": rows}, indent=1))
 

@@ -275,7 +275,7 @@ def test_each_kind_of_call_is_verified_once_then_fused(fresh_route):
         _assert_close_to_exact(probe.mass, naive_attention_mass(q, k, attn_mask=mask))
     assert list(fresh_route.verdicts.values()) == [True]  # one kind, verified once
     (report,) = fresh_route.reports.values()
-    assert report["same_output_bits"] and report["lse_max_abs_diff"] <= 5e-6
+    assert report["same_output_bits"] and report["lse_max_abs_diff"] <= 8e-6
     _probed(q, k, v, is_causal=True, enable_gqa=True)
     assert len(fresh_route.verdicts) == 2  # a new kind: verified on its own
 

@@ -12,7 +12,10 @@ they would have been) and then, under no_grad and in float32, recomputes the att
 the same q, k, mask, causal flag, scale and GQA layout, chunked over queries so that no [T_q, T_k] matrix
 for all queries is ever held at once (peak O(B·H·chunk·T_k) instead of O(B·H·T_q·T_k)).  On a CUDA device with
 triton installed, the same mass comes from two fused Triton passes instead (pipeline/maths/attention_triton.py: the
-row log-sum-exp, then Σ_q exp(q·k − lse) per key block), unless the probe keeps the reference's order; CPU runs
+row log-sum-exp, then Σ_q exp(q·k − lse) per key block), unless the probe keeps the reference's order; where the
+probe wraps torch's own SDPA, the output and the log-sum-exp come from one call of the aten op SDPA dispatches to
+(flash / cuDNN / memory-efficient: pipeline/maths/sdpa_lse.py), used only for kinds of call verified once to give
+SDPA's very bits, so only the second pass runs.  CPU runs
 (Triton's interpreter aside, TRITON_INTERPRET=1 as in the tests) and the reference flavour take the chunked /
 reference paths, so their bits never depend on the kernel.  docs/mass_kernel.md.
 

@@ -26,7 +26,8 @@ BACKEND_NAMES = {MATH: "math", FLASH: "flash", EFFICIENT: "efficient", CUDNN: "c
 # an error of d in lse_q scales row q's probabilities by exp(-d), so it becomes the mass's relative error one for one,
 # and the mass must stay within 1e-5 of float64.
 LSE_TOLERANCE = 8e-6
-SDPA = torch._C._nn.scaled_dot_product_attention  # the builtin: only it is known to dispatch as described here
+# the builtin (F.scaled_dot_product_attention unpatched): only it is known to dispatch as described here
+SDPA = getattr(getattr(torch._C, "_nn", None), "scaled_dot_product_attention", None)
 
 
 def call_kind(backend: int, query, key, attn_mask, is_causal: bool) -> tuple:

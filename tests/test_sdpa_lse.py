@@ -43,12 +43,13 @@ def test_call_kinds_separate_what_can_change_the_bits():
              sdpa_lse.call_kind(sdpa_lse.CUDNN, q, k, padding.float(), False),
              sdpa_lse.call_kind(sdpa_lse.CUDNN, q, k, torch.ones(2, 1, 29, 29, dtype=torch.bool), False),
              sdpa_lse.call_kind(sdpa_lse.CUDNN, q, q, None, False),  # no GQA
-             sdpa_lse.call_kind(sdpa_lse.CUDNN, q[:, :, :7], k, None, False),  # L != S
+             sdpa_lse.call_kind(sdpa_lse.CUDNN, q[:, :, :7], k, None, False),  # another length
+             sdpa_lse.call_kind(sdpa_lse.CUDNN, q.transpose(1, 2).contiguous().transpose(1, 2), k, None, False),
              sdpa_lse.call_kind(sdpa_lse.CUDNN, q.half(), k.half(), None, False)}
-    assert len(kinds) == 9
-    # another length, batch or content of the same kind: the same verdict
+    assert len(kinds) == 10
+    # other contents of the same shapes: the same verdict
     assert sdpa_lse.call_kind(sdpa_lse.CUDNN, q, k, None, False) == sdpa_lse.call_kind(
-        sdpa_lse.CUDNN, torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16), None, False)
+        sdpa_lse.CUDNN, torch.randn_like(q), torch.randn_like(k), None, False)
 
 
 def test_cpu_flash_op_gives_sdpa_bits_and_the_natural_log_lse():
@@ -88,4 +89,17 @@ def test_route_verifies_once_and_falls_back_on_any_failure():
     q.requires_grad_(False)
     assert route.attention(q, k, v, None, 0.0, False, None, False, oracle_lse=oracle) is None
     assert route.attention(q, k, v, None, 0.0, False, None, True, oracle_lse=lambda *a: _exact_lse(*a) + 1) is None
+    assert route.reports[repr(sdpa_lse.call_kind(sdpa_lse.FLASH, q, k, None, False))]["same_output_bits"]
     assert route.attention(q, k, v, None, 0.0, False, None, True, oracle_lse=oracle) is None  # remembered: False
+
+
+def test_an_lse_in_log2_units_is_recognised_and_converted():
+    q, k, v = _qkv()
+    route = sdpa_lse.FusedSdpaRoute()
+    log2 = 1.4426950408889634
+    for _ in range(2):
+        _, lse, _ = route.attention(q, k, v, None, 0.0, False, None, True,
+                                    oracle_lse=lambda *a: _exact_lse(*a) / log2)  # as if the op's were log2
+        assert torch.allclose(lse, _exact_lse(q, k) / log2, atol=1e-5)
+    (report,) = route.reports.values()
+    assert report["lse_unit"] == "log2"

@@ -31,11 +31,12 @@ SDPA = getattr(getattr(torch._C, "_nn", None), "scaled_dot_product_attention", N
 
 
 def call_kind(backend: int, query, key, attn_mask, is_causal: bool) -> tuple:
-    """What decides whether the op's bits are F.sdpa's: the backend, device, dtype, mask (dtype and which dims are
-    broadcast), causal flag, GQA, and L == S (causal alignment)."""
-    mask = None if attn_mask is None else (str(attn_mask.dtype), tuple(n == 1 for n in attn_mask.shape))
-    return (backend, str(query.device), str(query.dtype), mask, bool(is_causal), query.shape[-3] != key.shape[-3],
-            query.shape[-2] == key.shape[-2])
+    """What may decide whether the op's bits are F.sdpa's: the backend, device, dtype, causal flag, the shapes of
+    q, k and the mask (a library may pick its kernel by shape: a calibration's windows share one shape, so this costs
+    one verification per shape) and their memory layouts (contiguous or not), the mask's dtype."""
+    mask = None if attn_mask is None else (str(attn_mask.dtype), tuple(attn_mask.shape), attn_mask.is_contiguous())
+    return (backend, str(query.device), str(query.dtype), bool(is_causal), tuple(query.shape), tuple(key.shape),
+            query.is_contiguous(), key.is_contiguous(), mask)
 
 
 def route(backend: int | None, eligible: bool, verdict: bool | None) -> str:
@@ -115,6 +116,7 @@ class FusedSdpaRoute:
     def __init__(self):
         self.verdicts: dict[tuple, bool] = {}
         self.fills: dict[tuple, float] = {}
+        self.units: dict[tuple, float] = {}  # what turns the op's lse into natural log (1, or ln 2 for log2 units)
         self.reports: dict[str, dict] = {}
 
     def attention(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *, oracle_lse):
@@ -136,7 +138,7 @@ class FusedSdpaRoute:
                                     enable_gqa, oracle_lse)
             out, lse = aten_attention_with_lse(backend, query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                self.fills[kind])
-            return out, lse, BACKEND_NAMES[backend]
+            return out, lse * self.units[kind] if self.units[kind] != 1.0 else lse, BACKEND_NAMES[backend]
         except Exception:  # noqa: BLE001  (any surprise: F.sdpa and the separate lse, as without this route)
             return None
 
@@ -155,9 +157,13 @@ class FusedSdpaRoute:
                 break
         else:
             return None
-        close, largest = lse_matches(lse, oracle_lse(query, key, attn_mask, is_causal, scale))
-        report["lse_max_abs_diff"] = largest
-        if not close:
-            return None
-        self.verdicts[kind], self.fills[kind] = True, fill
-        return expected, lse, BACKEND_NAMES[backend]
+        oracle = oracle_lse(query, key, attn_mask, is_causal, scale)
+        for unit in (1.0, math.log(2.0)):  # natural log as documented, or log2 units
+            close, largest = lse_matches(lse * unit, oracle)
+            if unit == 1.0:
+                report["lse_max_abs_diff"] = largest
+            if close:
+                report.update(lse_max_abs_diff=largest, lse_unit="natural" if unit == 1.0 else "log2")
+                self.verdicts[kind], self.fills[kind], self.units[kind] = True, fill, unit
+                return expected, lse * unit, BACKEND_NAMES[backend]
+        return None

@@ -3,6 +3,7 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh kernel vs_reference offload quantize
 #   SUITE_SMOKE=1 OUT=/tmp/gpu bash benchmarks/gpu_suite.sh kernel vs_reference   # toy sizes on a CPU (the script runs)
+#   SUITE_SECONDS=550 ... # a budget for all steps together (a device call's limit)
 #
 # Steps: kernel (benchmarks/mass_kernel_cuda.py), vs_reference (benchmarks/vs_reference_cuda.py; needs a clone of the
 # reference in SINKPRUNE_REFERENCE, default .ref/sap), offload (benchmarks/offload_cuda.py), quantize
@@ -20,8 +21,13 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 smoke=()
 [ -n "${SUITE_SMOKE:-}" ] && smoke=(--device cpu --tiny)
+# SUITE_SECONDS: the whole suite's budget; a step never runs past it (its limit is cut to what is left, minus 5 s)
+deadline=$(( $(date +%s) + ${SUITE_SECONDS:-100000} ))
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
+  local left=$(( deadline - $(date +%s) - 5 ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  [ "$limit" -le 0 ] && { echo "== $name skipped: the suite's time is spent"; return; }
   echo "== $name ($(date +%T), limit ${limit}s): $*"
   timeout "$limit" "$@" "${smoke[@]}" 2>&1 | grep -v -e "^loading calibration" -e "^dataset loading" -e "litlogger" \
     -e "^Computing sink" -e "^Pruning layer" -e "available: " -e "Trainer.fit. stopped"
@@ -33,7 +39,7 @@ for s in "$@"; do
     kernel) step kernel 150 $PY benchmarks/mass_kernel_cuda.py --json "$OUT/mass_kernel_cuda.json" ;;
     vs_reference) step vs_reference ${VS_LIMIT:-420} $PY benchmarks/vs_reference_cuda.py --json "$OUT/vs_reference_cuda.json" \
                     ${VS_ARGS:-} ;;
-    offload) step offload 240 $PY benchmarks/offload_cuda.py --json "$OUT/offload_cuda.json" ;;
+    offload) step offload ${OFFLOAD_LIMIT:-240} $PY benchmarks/offload_cuda.py --json "$OUT/offload_cuda.json" ${OFFLOAD_ARGS:-} ;;
     quantize) step quantize 150 $PY benchmarks/quantize_cuda.py --json "$OUT/quantize_cuda.json" ;;
     *) echo "unknown step $s: use kernel, vs_reference, offload, quantize"; exit 2 ;;
   esac

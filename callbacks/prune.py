@@ -21,12 +21,15 @@ from callbacks.layers import routed_tokens, solve_layers
 from callbacks.shared import SharedInputs
 from pipeline.maths import sparsity as sp
 from pipeline.model.calibration import NoisedBatch
+from pipeline.run.outcome import PruneOutcome
 from pipeline.run.phase import phase
+from pipeline.run.protocols import (DescribesCalibration, NoisedBatchHooks, PublishesPruneOutcome, SinkScoreConsumer,
+                                    check_listed_after, check_module, outcome_publisher)
 from pipeline.maths.pruners import METHODS, check_prune_args, make_pruner
 
 
-class PruneCallback(Callback):
-    """Compute and apply pruning masks from calibration.
+class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCalibration, PublishesPruneOutcome):
+    """Compute and apply pruning masks from calibration; publish them as a PruneOutcome when calibration ends.
 
     Args:
         method: magnitude, wanda, sparsegpt, sink_wanda or sink_sparsegpt.
@@ -66,15 +69,23 @@ class PruneCallback(Callback):
         self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
         # layers SparseGPT updated; weights to restore on resume; expert name -> calibration tokens routed to it
         self.updated, self._resumed, self.expert_tokens = set(), {}, {}
+        self._outcome: PruneOutcome | None = None
 
     layers = property(lambda self: self.t.layers)  # name -> targeted nn.Linear
     pruned_weights = property(lambda self: {n: self.layers[n].weight.detach().cpu() for n in sorted(self.updated)})
     _routed = lambda self, name: routed_tokens(self.t.experts, name)  # noqa: E731 - an MoE expert's token rows
 
+    @property
+    def prune_outcome(self) -> PruneOutcome | None:
+        return self._outcome
+
     @override
     def setup(self, trainer, pl_module, stage=None) -> None:
+        check_module(pl_module, "PruneCallback")
+        outcome_publisher(trainer)  # one pruning callback
         if self.pruner.weighting.sink_aware and not any(isinstance(cb, SinkStatsCallback) for cb in trainer.callbacks):
             raise ValueError(f"prune method={self.method} needs a SinkStatsCallback listed before PruneCallback in trainer.callbacks")
+        check_listed_after(trainer, self, SinkStatsCallback, "reads its sink scores")
         if self.masks_from and not (Path(self.masks_from).expanduser() / "masks.safetensors").is_file():
             raise FileNotFoundError(f"prune masks_from={self.masks_from}: no masks.safetensors there; point it at a previous run's output_dir")
         self.reduction_slots = default_slots(self.reduction_slots, trainer.world_size, pl_module)
@@ -106,11 +117,21 @@ class PruneCallback(Callback):
             return self.t.block_layers[epoch] if epoch < len(self.t.block_layers) else []
         return list(self.layers)
 
+    @override
     def wants_sink_scores(self, epoch: int) -> bool:  # SinkStatsCallback skips its probe when no consumer wants them
         return epoch == 0 or self.pruner.inputs == "noised"
 
+    @override
     def reads_probed_forward(self, epoch: int) -> bool:  # False: the probe may stop at the last attention call
         return self.probed.reads_last_block
+
+    @override
+    def calibration_phase(self, epoch: int, epochs: int) -> str | None:
+        """Layer-sequential: "calibration block i/L" (after the reference flavour's sink-score epoch, if any)."""
+        if self.mode != "sequential" or epochs <= 1:
+            return None
+        block, blocks = epoch - self.offset, epochs - self.offset
+        return "calibration (sink scores)" if block < 0 else f"calibration block {block + 1}/{blocks}"
 
     @override
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -118,6 +139,7 @@ class PruneCallback(Callback):
         if self.single_pass and self.pruner.weighting.sink_aware and self.pruner.inputs == "noised":
             self.probed.start(self.layers, self._active_layers(trainer.current_epoch), self._routed, self.t.last_block_name)
 
+    @override
     def on_noised_batch(self, trainer, pl_module, nb: NoisedBatch) -> None:
         if self.cached:  # the work happens at the epoch's end (calibrate_from_cache)
             self.recorded.record(nb, self.pruner.inputs == "clean")
@@ -181,6 +203,25 @@ class PruneCallback(Callback):
                     self.info.setdefault("sparsegpt", {})[name] = info
         self.sums.clear()
         self.info["timings"]["prune_s"] = self.info["timings"].get("prune_s", 0.0) + time.time() - t0
+
+    @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._outcome = self._publish()
+
+    def _publish(self) -> PruneOutcome:
+        timings = dict(self.info["timings"])
+        timings["calibration_s"] = time.time() - timings.pop("calibration_start", time.time())
+        layers = self.layers
+        return PruneOutcome(
+            method=self.method, flavor=self.flavor, solver=type(self.pruner).__name__, mode=self.mode,
+            sparsity=self.sparsity, n_m=self.n_m, promise=self.pruner.promise, layers=layers,
+            masks={n: self.masks[n] for n in layers if n in self.masks}, targets={n: self.sparsity for n in layers},
+            updated=self.updated, solver_info=self.info.get("sparsegpt", {}), calibrated_pairs=tuple(sorted(self.seen)),
+            expert_of={n: e for n, (e, _) in self.t.experts.items()}, expert_tokens=self.expert_tokens,
+            dense_routers=tuple(self.t.dense_routers), timings=timings,
+            settings={"method": self.method, "flavor": self.flavor, "sparsity": self.sparsity, "n_m": self.n_m,
+                      "mode": self.mode, "reduction_slots": self.reduction_slots, "masks_from": self.masks_from,
+                      "single_pass": self.single_pass, "eager": self.eager})
 
     @override
     def state_dict(self) -> dict:

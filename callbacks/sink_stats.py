@@ -24,12 +24,13 @@ from pipeline.model.calibration import (NoisedBatch, calibration_forward, find_b
 from callbacks.reduction import gather_records
 from pipeline.maths.attention import AttentionMassProbe
 from pipeline.run.outputs import AtomicDir
+from pipeline.run.protocols import NoisedBatchHooks, SinkScoreConsumer, callbacks_of, check_module
 from pipeline.evaluation.sink_tables import plot_heatmap, render_timestep_table, positional_warning, summarize_records
 from pipeline.maths import reference
 from pipeline.maths.sinks import mass_statistics, sink_scores, token_kind
 
 
-class SinkStatsCallback(Callback):
+class SinkStatsCallback(Callback, NoisedBatchHooks):
     def __init__(
         self,
         sink_std: float = 2.0,
@@ -60,6 +61,9 @@ class SinkStatsCallback(Callback):
         self._calls_checked = False
         self._reference_order = False
 
+    def setup(self, trainer, pl_module, stage=None) -> None:
+        check_module(pl_module, "SinkStatsCallback")
+
     def on_fit_start(self, trainer, pl_module) -> None:
         """Fail in seconds, not after the dense scoring, when the probe cannot see the model's attention."""
         ids = mask_window(pl_module)
@@ -76,11 +80,11 @@ class SinkStatsCallback(Callback):
 
     # --- per noised batch --------------------------------------------------------------------------
     def on_noised_batch_start(self, trainer, pl_module, nb: NoisedBatch) -> None:
-        consumers = [cb for cb in trainer.callbacks if hasattr(cb, "wants_sink_scores")]
+        consumers = callbacks_of(trainer, SinkScoreConsumer)
         if consumers and not any(cb.wants_sink_scores(trainer.current_epoch) for cb in consumers):
             return  # e.g. flavor="reference" SparseGPT's clean-input block epochs
         valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
-        read = any(getattr(cb, "reads_probed_forward", lambda epoch: True)(trainer.current_epoch) for cb in consumers)
+        read = any(cb.reads_probed_forward(trainer.current_epoch) for cb in consumers)
         last_call = None if read or not self._calls_checked else self._last_call  # None: the whole forward
         with AttentionMassProbe(per_layer=self.per_layer, chunk_size=self.chunk_size, query_weights=valid,
                                 last_call=last_call, reference_order=self._reference_order) as probe:

@@ -14,12 +14,13 @@ from callbacks.sink_stats import SinkStatsCallback
 from pipeline.maths.pruners import make_pruner
 from pipeline.model.calibration import find_blocks
 from pipeline.model.module import DLMModule
+from pipeline.run.protocols import NoisedBatchHooks
 from tests import reference_formulas as ref
 
 NSAMPLES, SEQLEN, TIMESTEPS = 6, 128, 2
 
 
-class Recorder(L.Callback):
+class Recorder(L.Callback, NoisedBatchHooks):
     """Listed after PruneCallback: keeps every noised batch (ids, sink scores) in dispatch order, epoch 0 only."""
 
     def __init__(self):

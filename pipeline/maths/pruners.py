@@ -65,6 +65,7 @@ class Pruner:
     mode: str | None = None       # the calibration mode the flavour imposes (None: PruneCallback's `mode`)
     inputs = "noised"             # "noised": x_t at every timestep; "clean": x_0, once per sample
     mean_scores = False           # True: the calibration epoch averages each sample's sink scores over the timesteps
+    unstructured_promise = "row"  # what `solve` guarantees per layer, unstructured (pipeline/run/outcome.py PROMISES)
 
     def __init__(self, sparsity: float | None, n_m: tuple[int, int] | None, weighting: PlainWeighting | None = None,
                  blocksize: int = 128, percdamp: float = 0.01, use_variant: bool = False):
@@ -76,6 +77,13 @@ class Pruner:
         self.n_m = n_m
         self.weighting = weighting or PlainWeighting()
         self.blocksize, self.percdamp = blocksize, percdamp
+
+    @property
+    def promise(self) -> str:
+        """"n:m" for N:M patterns, else the solver's unstructured promise ("row", "layer" or "about")."""
+        if self.n_m is not None:
+            return "n:m"
+        return "about" if self.use_variant else self.unstructured_promise
 
     def batch_values(self, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor | None:
         """Per-sample statistics of a whole [B, T, d] batch at once, when the method has a batched form."""
@@ -131,7 +139,7 @@ class SparseGPT(Pruner):
 
 class ReferenceMagnitude(Pruner):
     """The reference's `prune_magnitude`: one |W| threshold per layer (rows vary); N:M per group."""
-    flavor = "reference"
+    flavor, unstructured_promise = "reference", "layer"
 
     def solve(self, weight, stat):
         return PruneResult(rf.layerwise_magnitude_mask(weight, self.sparsity, self.n_m))
@@ -184,6 +192,10 @@ class ReferenceSparseGPT(SparseGPT):
     threshold per 128-column block over all rows, damping percdamp · mean diag).  With one slot, the reference's bits."""
     flavor, mode, inputs = "reference", "sequential", "clean"
     threshold = "block"  # fasterprune's unstructured rule ("row": the same count from every row, an ablation)
+
+    @property
+    def unstructured_promise(self) -> str:
+        return "layer" if self.threshold == "block" else "row"
 
     def add(self, sums, name, sample_id, xb, wb, value=None):
         d = xb.shape[-1]

@@ -87,6 +87,7 @@ class DLMModule(L.LightningModule):
         self.model = None  # loaded in configure_model, after every config check has passed
         self.tokenizer = None
         self.mask_token_id: int | None = None
+        self.heldout_windows: dict = {}  # window index -> (nll, tokens) of the last score_heldout
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints carry no weights (see on_save_checkpoint)
 

@@ -1,0 +1,119 @@
+"""PruneOutcome: what PruneCallback publishes when calibration ends, and the declared callback protocols.
+
+Later stages read the outcome only: EvaluateExportCallback writes the same files from a bare publisher of the
+outcome as it does after a real PruneCallback."""
+import copy
+import dataclasses
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+
+from callbacks.evaluate import EvaluateExportCallback
+from callbacks.prune import PruneCallback
+from callbacks.sink_stats import SinkStatsCallback
+from pipeline.model.calibration import dispatch_noised_batch, noised_batches
+from pipeline.model.data import CalibrationData
+from pipeline.run.outcome import PruneOutcome
+from pipeline.run.protocols import PublishesPruneOutcome, find_outcome
+
+
+class PlainModule(L.LightningModule):
+    def __init__(self, model, mask_token_id, timesteps=(0.25, 0.5, 1.0), seed=3):
+        super().__init__()
+        self.model, self.mask_token_id, self.timesteps, self.seed = model, mask_token_id, list(timesteps), seed
+        self.model.requires_grad_(False)
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        return None
+
+    def training_step(self, batch, batch_idx):
+        self.model.eval()
+        with torch.no_grad():
+            for nb in noised_batches(batch, self.timesteps, self.mask_token_id, seed=self.seed):
+                dispatch_noised_batch(self.trainer, self, nb)
+
+
+class OutcomeOnly(Callback, PublishesPruneOutcome):
+    """Publishes a given PruneOutcome and nothing else: what a later stage may rely on."""
+
+    def __init__(self, outcome):
+        self._outcome = outcome
+
+    @property
+    def prune_outcome(self):
+        return self._outcome
+
+
+def _fit(tmp_path, model, tok, callbacks):
+    dm = CalibrationData(tokenizer="minilm-dlm", nsamples=5, seqlen=48, batch_size=2, heldout_samples=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(PlainModule(model, tok.mask_token_id), datamodule=dm)
+    return trainer
+
+
+def _export(out):
+    return EvaluateExportCallback(output_dir=str(out), save_model=False, score=False, score_dense=False)
+
+
+def test_outcome_fields_after_a_tiny_run(tmp_path, minilm):
+    model, tok = minilm
+    model = copy.deepcopy(model)
+    prune = PruneCallback(method="sink_wanda", sparsity=0.5)
+    assert prune.prune_outcome is None  # nothing published before calibration ends
+    trainer = _fit(tmp_path, model, tok, [SinkStatsCallback(output_dir=str(tmp_path / "sinks")), prune,
+                                          _export(tmp_path / "pruned")])
+    outcome = find_outcome(trainer)
+    assert isinstance(outcome, PruneOutcome) and outcome is prune.prune_outcome
+    assert (outcome.method, outcome.flavor, outcome.solver, outcome.mode) == ("sink_wanda", "default", "Wanda", "oneshot")
+    assert outcome.sparsity == 0.5 and outcome.n_m is None and outcome.promise == "row"
+    assert len(outcome.layers) == 36 and list(outcome.masks) == list(outcome.layers)
+    assert all(isinstance(layer, torch.nn.Linear) for layer in outcome.layers.values())
+    assert set(outcome.targets.values()) == {0.5} and set(outcome.achieved.values()) == {0.5}
+    assert outcome.average_target == 0.5
+    for name, layer in outcome.layers.items():  # the layers hold the masked weights
+        assert bool((layer.weight[outcome.masks[name]] == 0).all())
+    assert len(outcome.calibrated_pairs) == 15 and outcome.calibrated_pairs[0] == (0, 0, 0)
+    assert outcome.timings["calibration_s"] >= outcome.timings["prune_s"] > 0
+    assert outcome.updated == frozenset() and not outcome.expert_of
+    assert outcome.settings["method"] == "sink_wanda" and outcome.settings["single_pass"] is True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        outcome.sparsity = 0.4
+    with pytest.raises(TypeError):
+        outcome.masks["x"] = torch.zeros(1)
+    results = json.loads((tmp_path / "pruned" / "results.json").read_text())
+    assert results["method"] == "sink_wanda" and results["flavor"] == "default" and results["promise"] == "row"
+    assert results["run"]["callback"] == dict(outcome.settings)
+
+
+def test_export_reads_only_the_outcome(tmp_path, minilm):
+    """The files EvaluateExportCallback writes come from the outcome alone: a bare publisher gives the same masks,
+    sparsity report and pruning fields as the PruneCallback that made it."""
+    model, tok = minilm
+    model = copy.deepcopy(model)
+    trainer = _fit(tmp_path / "a", model, tok, [PruneCallback(method="magnitude", sparsity=0.25), _export(tmp_path / "a" / "out")])
+    outcome = find_outcome(trainer)
+    _fit(tmp_path / "b", model, tok, [OutcomeOnly(outcome), _export(tmp_path / "b" / "out")])
+    first, second = (json.loads((tmp_path / d / "out" / "results.json").read_text()) for d in ("a", "b"))
+    for key in ("method", "flavor", "solver", "mode", "sparsity", "n_m", "promise", "calibrated_pairs", "sparsity_report"):
+        assert first[key] == second[key], key
+    assert first["sparsity_report"]["meets_target"] and len(first["sparsity_report"]["layers"]) == 36
+    masks_a, masks_b = (load_file(str(tmp_path / d / "out" / "masks.safetensors")) for d in ("a", "b"))
+    assert masks_a.keys() == masks_b.keys() and all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
+
+
+def test_protocols_are_checked_at_setup(tmp_path, minilm):
+    model, tok = minilm
+    with pytest.raises(ValueError, match="lists 2 pruning callbacks"):
+        _fit(tmp_path / "two", model, tok, [PruneCallback(method="magnitude"), OutcomeOnly(None)])
+    with pytest.raises(ValueError, match="PruneCallback is listed after EvaluateExportCallback"):
+        _fit(tmp_path / "order", model, tok, [_export(tmp_path / "order" / "out"), PruneCallback(method="magnitude")])
+    with pytest.raises(ValueError, match="SinkStatsCallback is listed after PruneCallback"):
+        _fit(tmp_path / "sinks", model, tok, [PruneCallback(method="sink_wanda"), SinkStatsCallback(record=False)])
+    assert not (tmp_path / "order" / "out").exists()

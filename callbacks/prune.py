@@ -17,9 +17,10 @@ from callbacks.cached import RecordedBatches, calibrate_from_cache, uniform_bloc
 from callbacks.schedule import MeanSinkScores, ProbedInputs, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
 from callbacks.layers import Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks, reapply
-from callbacks.layers import routed_tokens, solve_layers
+from callbacks.layers import owl_targets, routed_tokens, solve_layers
 from callbacks.shared import SharedInputs
 from pipeline.maths import sparsity as sp
+from pipeline.maths.allocation import ByGlob, Owl, Uniform, parse_sparsity
 from pipeline.model.calibration import NoisedBatch
 from pipeline.run.outcome import PruneOutcome
 from pipeline.run.phase import phase
@@ -33,7 +34,9 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
 
     Args:
         method: magnitude, wanda, sparsegpt, sink_wanda or sink_sparsegpt.
-        sparsity: fraction of each row's weights to prune, in [0, 1) (default 0.5 unless n_m is set).
+        sparsity: fraction of each row's weights to prune, in [0, 1) (default 0.5 unless n_m is set); or per layer:
+            a mapping of globs on full layer names to fractions (first match wins), or a profile: "owl" or
+            {profile: owl, average: 0.5, lmbda: 0.08, m: 5} (pipeline/maths/allocation.py; one-shot, calibrated methods).
         n_m: semi-structured pattern "N:M" (N zeros in every M consecutive inputs), e.g. "2:4".
         targets / ignore: regexes on module names that select / drop Linear layers inside the blocks.
         mode: "oneshot" or "sequential" (block by block, on the outputs of the pruned blocks before it).
@@ -46,7 +49,7 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         flavor: "default" (this project's) or "reference" (the paper's code and schedule; docs/reference.md).
     """
 
-    def __init__(self, method: str = "sink_wanda", sparsity: float | None = None, n_m: str | None = None,
+    def __init__(self, method: str = "sink_wanda", sparsity: float | str | dict | None = None, n_m: str | None = None,
                  targets: list[str] | None = None, ignore: list[str] | None = None, mode: str = "oneshot",
                  blocksize: int = 128, percdamp: float = 0.01, reduction_slots: int | None = None, masks_from: str | None = None,
                  single_pass: bool = True, flavor: str = "default", eager: bool = True, use_variant: bool = False):
@@ -55,10 +58,16 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
             sparsity = 0.5
         check_prune_args(method, sparsity, n_m, self.n_m, mode, blocksize, percdamp, reduction_slots)
         self.method, self.flavor = method, flavor
-        self.sparsity = self.n_m[0] / self.n_m[1] if self.n_m else float(sparsity)
+        self.allocation = Uniform(self.n_m[0] / self.n_m[1]) if self.n_m else parse_sparsity(sparsity)
+        self.sparsity = self.allocation.average  # the requested average (by globs: known with the layers, on_fit_start)
         self.pruner = make_pruner(method, self.sparsity, self.n_m, flavor, blocksize=blocksize, percdamp=percdamp,
                                   use_variant=use_variant)
         self.mode = self.pruner.mode or mode
+        if isinstance(self.allocation, Owl) and (not self.pruner.statistic or self.mode != "oneshot" or masks_from):
+            raise ValueError(f"prune sparsity: the owl profile ranks every block's calibration statistics at once, so it "
+                             f"needs a calibrated method (not magnitude), mode oneshot and no masks_from (got method={method}, "
+                             f"mode={self.mode}{', masks_from' if masks_from else ''})")
+        self.layer_targets: dict[str, float] = {}  # layer -> fraction to prune (the owl profile's: at the solve)
         self.offset = 1 if self.pruner.mean_scores and self.pruner.statistic else 0  # 1: the epoch also collects s̄
         self.cached = bool(self.pruner.statistic and not masks_from and (self.pruner.inputs == "clean" or self.offset))
         self.mean_scores, self.recorded = MeanSinkScores(self.pruner), RecordedBatches()
@@ -94,6 +103,11 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
     def on_fit_start(self, trainer, pl_module) -> None:
         """Find the layers once the model exists (configure_model), before any calibration work."""
         self.t = find_targets(pl_module.model, self.targets, self.ignore, self.n_m, self.pruner.statistic and self.method)
+        if not isinstance(self.allocation, Owl):
+            self.layer_targets = self.allocation.targets(self.layers)
+        if isinstance(self.allocation, ByGlob):
+            sizes = {n: layer.weight.numel() for n, layer in self.layers.items()}
+            self.sparsity = sum(self.layer_targets[n] * sizes[n] for n in sizes) / sum(sizes.values())
         if self.pruner.statistic and not self.masks_from:  # layers fed one tensor share one statistic
             self.shared = SharedInputs.find(pl_module, self.layers, self.t.block_modules[-1], self.eager)
         if self.cached:  # one epoch (s̄, the recorded batches), then block by block from cached inputs at its end
@@ -195,8 +209,13 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         if self.pruner.statistic:
             samples, leaders = len({s for _, s, _ in self.seen} | self.recorded.ids), [n for n in names if self.shared.key(n) == n]
             count_expert_tokens(self.sums, self.t.experts, leaders, self.expert_tokens, samples)
+        if isinstance(self.allocation, Owl) and not self.layer_targets:
+            with torch.no_grad(), phase("OWL layer targets"):
+                self.layer_targets = owl_targets(self.pruner, self.sums, self.shared, self.layers, self.t.block_layers,
+                                                 self.allocation)
+        targets = {n: None if self.n_m else self.layer_targets[n] for n in names}
         with torch.no_grad(), phase("computing the masks"):
-            for name, mask, new_weight, info in solve_layers(self.pruner, self.sums, self.shared, self.layers, names):
+            for name, mask, new_weight, info in solve_layers(self.pruner, self.sums, self.shared, self.layers, names, targets):
                 self.masks[name] = mask
                 if new_weight is not None:
                     self.updated.add(name)
@@ -215,7 +234,7 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         return PruneOutcome(
             method=self.method, flavor=self.flavor, solver=type(self.pruner).__name__, mode=self.mode,
             sparsity=self.sparsity, n_m=self.n_m, promise=self.pruner.promise, layers=layers,
-            masks={n: self.masks[n] for n in layers if n in self.masks}, targets={n: self.sparsity for n in layers},
+            masks={n: self.masks[n] for n in layers if n in self.masks}, targets=self.layer_targets,
             updated=self.updated, solver_info=self.info.get("sparsegpt", {}), calibrated_pairs=tuple(sorted(self.seen)),
             expert_of={n: e for n, (e, _) in self.t.experts.items()}, expert_tokens=self.expert_tokens,
             dense_routers=tuple(self.t.dense_routers), timings=timings,
@@ -227,13 +246,14 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
     def state_dict(self) -> dict:
         return {"masks": self.masks, "sums": self.sums.state_dict() if self.sums else None,
                 "seen": sorted(self.seen), "pruned_weights": self.pruned_weights, "expert_tokens": self.expert_tokens,
-                "mean_scores": self.mean_scores.sums, "recorded": self.recorded.state_dict()}
+                "mean_scores": self.mean_scores.sums, "recorded": self.recorded.state_dict(), "layer_targets": self.layer_targets}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         self.masks, self._resumed, self.expert_tokens, self.mean_scores.sums = (
             state_dict.get(k, {}) for k in ("masks", "pruned_weights", "expert_tokens", "mean_scores"))
         self.seen = {tuple(k) for k in state_dict.get("seen", [])}
+        self.layer_targets = state_dict.get("layer_targets") or self.layer_targets
         self.recorded.load_state_dict(state_dict.get("recorded", {}))
         if state_dict.get("sums") is not None:
             self.sums = SlotSums(self.reduction_slots or state_dict["sums"]["slots"])

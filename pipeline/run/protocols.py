@@ -10,19 +10,30 @@ is found by `isinstance`, never by probing attribute names:
     DescribesCalibration  names the calibration epochs for the progress bar ("calibration block 3/6")
     PublishesPruneOutcome publishes a PruneOutcome (pipeline/run/outcome.py) when calibration ends
 
-What the callbacks read from the module: CalibrationModule (and ScoresHeldout to score held-out text).
+The message they receive is a NoisedBatch.  What the callbacks read from the module: CalibrationModule (and ScoresHeldout to score held-out text).
 `check_callbacks` is run by the callbacks at setup and fails with one line when the list breaks a contract.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from pipeline.run.outcome import PruneOutcome
 
-if TYPE_CHECKING:
-    from pipeline.model.calibration import NoisedBatch
+
+@dataclass
+class NoisedBatch:
+    input_ids: torch.Tensor          # x_t [B, L]
+    clean_ids: torch.Tensor          # x_0 [B, L]
+    masked: torch.Tensor             # bool [B, L], positions replaced by the mask token
+    t: float                         # the timestep
+    step: int                        # index of t in the schedule
+    sample_ids: list[int]            # global indices of the windows (for seeding and DDP-exact reductions)
+    attention_mask: torch.Tensor | None = None
+    sink_scores: torch.Tensor | None = None   # [B, L], set by SinkStatsCallback
+    extras: dict = field(default_factory=dict)
 
 
 @runtime_checkable

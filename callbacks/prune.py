@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.reduction import SlotSums, default_slots
+from callbacks.reduction import SlotSums
 from callbacks.cached import RecordedBatches, calibrate_from_cache, uniform_block_calls
 from callbacks.schedule import MeanSinkScores, ProbedInputs, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
@@ -24,12 +24,13 @@ from pipeline.maths.allocation import ByGlob, Owl, Uniform, parse_sparsity
 from pipeline.model.calibration import NoisedBatch
 from pipeline.run.outcome import PruneOutcome
 from pipeline.run.phase import phase
-from pipeline.run.protocols import (DescribesCalibration, NoisedBatchHooks, PublishesPruneOutcome, SinkScoreConsumer,
-                                    check_listed_after, check_module, outcome_publisher)
-from pipeline.maths.pruners import METHODS, check_prune_args, make_pruner
+from pipeline.run.protocols import (ChoosesFlavor, DescribesCalibration, NoisedBatchHooks, PublishesPruneOutcome,
+                                    SinkScoreConsumer, check_listed_after, check_module, outcome_publisher)
+from pipeline.maths.flavors import get_flavor, make_pruner
+from pipeline.maths.pruners import METHODS, check_prune_args
 
 
-class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCalibration, PublishesPruneOutcome):
+class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCalibration, PublishesPruneOutcome, ChoosesFlavor):
     """Compute and apply pruning masks from calibration; publish them as a PruneOutcome when calibration ends.
 
     Args:
@@ -41,12 +42,13 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         targets / ignore: regexes on module names that select / drop Linear layers inside the blocks.
         mode: "oneshot" or "sequential" (block by block, on the outputs of the pruned blocks before it).
         blocksize / percdamp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).
-        reduction_slots: slots for DDP-exact sums (window i → slot i mod it); default 8, 1 for noise_order=reference.
+        reduction_slots: slots for DDP-exact sums (window i → slot i mod it); default 8, 1 for flavor reference-exact.
         masks_from: a previous run's output folder: apply its masks.safetensors instead of calibrating.
         single_pass: read the Linear inputs of SinkStatsCallback's probed forward, no second forward (bit-identical).
         use_variant: the reference's Wanda variant (alpha bisected per row); wanda, flavor=reference only.
         eager: hooked forwards in torch.compile's "force_eager" stance (no cold compile of a compiled SDPA).
-        flavor: "default" (this project's) or "reference" (the paper's code and schedule; docs/reference.md).
+        flavor: "default" (this project's), "reference" (the paper's pruners and schedule) or "reference-exact" (also
+            its noise order and mass operations: its bits; docs/reference.md); pipeline/maths/flavors.py.
     """
 
     def __init__(self, method: str = "sink_wanda", sparsity: float | str | dict | None = None, n_m: str | None = None,
@@ -57,10 +59,10 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         if method in METHODS and sparsity is None and self.n_m is None:
             sparsity = 0.5
         check_prune_args(method, sparsity, n_m, self.n_m, mode, blocksize, percdamp, reduction_slots)
-        self.method, self.flavor = method, flavor
+        self.method, self.flavor = method, get_flavor(flavor)  # the run's flavour: the module and SinkStats read it too
         self.allocation = Uniform(self.n_m[0] / self.n_m[1]) if self.n_m else parse_sparsity(sparsity)
         self.sparsity = self.allocation.average  # the requested average (by globs: known with the layers, on_fit_start)
-        self.pruner = make_pruner(method, self.sparsity, self.n_m, flavor, blocksize=blocksize, percdamp=percdamp,
+        self.pruner = make_pruner(method, self.sparsity, self.n_m, self.flavor, blocksize=blocksize, percdamp=percdamp,
                                   use_variant=use_variant)
         self.mode = self.pruner.mode or mode
         if isinstance(self.allocation, Owl) and (not self.pruner.statistic or self.mode != "oneshot" or masks_from):
@@ -72,6 +74,8 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         self.cached = bool(self.pruner.statistic and not masks_from and (self.pruner.inputs == "clean" or self.offset))
         self.mean_scores, self.recorded = MeanSinkScores(self.pruner), RecordedBatches()
         self.targets, self.ignore = compile_patterns("targets", targets), compile_patterns("ignore", ignore)
+        if masks_from and not (Path(masks_from).expanduser() / "masks.safetensors").is_file():
+            raise FileNotFoundError(f"prune masks_from={masks_from}: no masks.safetensors there; point it at a previous run's output_dir")
         self.reduction_slots, self.masks_from, self.single_pass, self.eager = reduction_slots, masks_from, single_pass, eager
         self.t, self.sums, self.info, self.masks = Targets(), None, {"timings": {}}, {}  # masks: True = pruned
         self.shared, self.probed = SharedInputs(), ProbedInputs()
@@ -95,9 +99,7 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         if self.pruner.weighting.sink_aware and not any(isinstance(cb, SinkStatsCallback) for cb in trainer.callbacks):
             raise ValueError(f"prune method={self.method} needs a SinkStatsCallback listed before PruneCallback in trainer.callbacks")
         check_listed_after(trainer, self, SinkStatsCallback, "reads its sink scores")
-        if self.masks_from and not (Path(self.masks_from).expanduser() / "masks.safetensors").is_file():
-            raise FileNotFoundError(f"prune masks_from={self.masks_from}: no masks.safetensors there; point it at a previous run's output_dir")
-        self.reduction_slots = default_slots(self.reduction_slots, trainer.world_size, pl_module)
+        self.reduction_slots = self.flavor.slots(self.reduction_slots, trainer.world_size)
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -197,7 +199,7 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         batches = self.recorded.noised_batches(pl_module.device)
         if self.offset:  # every rank gets every sample's s̄
             self.mean_scores.gather()
-            batches = [self.mean_scores.with_mean(nb, self.flavor) for nb in batches]
+            batches = [self.mean_scores.with_mean(nb, self.flavor.name) for nb in batches]
         on_input = lambda n, x, nb: self._add(n, x, self._routed(n), nb)  # noqa: E731
         with phase("calibrating block by block"):
             calibrate_from_cache(pl_module, self.t, batches, on_input, self._solve, self.eager, self.mode == "sequential",
@@ -232,13 +234,13 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         timings["calibration_s"] = time.time() - timings.pop("calibration_start", time.time())
         layers = self.layers
         return PruneOutcome(
-            method=self.method, flavor=self.flavor, solver=type(self.pruner).__name__, mode=self.mode,
+            method=self.method, flavor=self.flavor.name, solver=type(self.pruner).__name__, mode=self.mode,
             sparsity=self.sparsity, n_m=self.n_m, promise=self.pruner.promise, layers=layers,
             masks={n: self.masks[n] for n in layers if n in self.masks}, targets=self.layer_targets,
             updated=self.updated, solver_info=self.info.get("sparsegpt", {}), calibrated_pairs=tuple(sorted(self.seen)),
             expert_of={n: e for n, (e, _) in self.t.experts.items()}, expert_tokens=self.expert_tokens,
             dense_routers=tuple(self.t.dense_routers), timings=timings,
-            settings={"method": self.method, "flavor": self.flavor, "sparsity": self.sparsity, "n_m": self.n_m,
+            settings={"method": self.method, "flavor": self.flavor.name, "sparsity": self.sparsity, "n_m": self.n_m,
                       "mode": self.mode, "reduction_slots": self.reduction_slots, "masks_from": self.masks_from,
                       "single_pass": self.single_pass, "eager": self.eager})
 

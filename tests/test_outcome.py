@@ -139,7 +139,7 @@ def test_owl_rule_keeps_the_parameter_weighted_average():
     ({"method": "magnitude", "sparsity": "owl"}, "needs a calibrated method"),
     ({"method": "wanda", "sparsity": "owl", "mode": "sequential"}, "mode oneshot"),
     ({"method": "wanda", "sparsity": {"profile": "owl", "average": 0.5, "lmbda": 0.3}}, "lower lmbda"),
-    ({"method": "wanda", "sparsity": {"*.query": 1.5}}, r"sparsity\['\*.query'\]=1.5 must be a number in \[0, 1\)"),
+    ({"method": "wanda", "sparsity": {"*.query": 1.5}}, r"sparsity\['\*.query'\]=1.5 must be in \[0, 1\)"),
     ({"method": "wanda", "sparsity": "olw"}, "a profile must be one of owl"),
 ])
 def test_per_layer_sparsity_refusals(kwargs, message):

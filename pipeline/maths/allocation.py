@@ -59,7 +59,7 @@ class Owl:
 
 def _fraction(field: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"prune {field}={value!r} must be a number in [0, 1); e.g. 0.5 for 50%")
+        raise ValueError(f"prune {field}={value!r} must be in [0, 1); e.g. 0.5 for 50%")
     return float(value)
 
 

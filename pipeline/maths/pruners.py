@@ -3,7 +3,7 @@
 A pruner turns one Linear layer's calibration inputs into a statistic (`add`, per sample, into a
 reduction slot of `callbacks/reduction.SlotSums`) and the summed statistic into a mask (`solve`):
 
-    pruner = make_pruner("sink_wanda", sparsity=0.5)        # Wanda with SinkWeighting
+    pruner = make_pruner("sink_wanda", sparsity=0.5)        # Wanda with SinkWeighting (pipeline/maths/flavors.py)
     w = pruner.weighting(sink_scores, attention_mask)        # [B, L] token weights, or None
     pruner.add(sums, name, sample_id, x_b, w_b)              # x_b [T, d_in], w_b [T]
     result = pruner.solve(weight, sums.total(name), 0.5)     # PruneResult(mask, weight, info); target None for N:M
@@ -12,8 +12,8 @@ flavor="reference" (Reference* classes below) computes what the paper's referenc
 calibration schedule (clean or noised inputs, one-shot or layer-sequential, per-sample mean sink scores).
 
 Sink-awareness is a policy, not a method: `SinkWeighting` weights each token by 1 − sink score,
-`PlainWeighting` by 1 (both 0 on padding).  A *flavour* is a variant of a pruner (a subclass registered
-under (method, flavour) in FLAVORS), so a new one is a new class here and nothing else changes.
+`PlainWeighting` by 1 (both 0 on padding).  A flavour (pipeline/maths/flavors.py) maps each method to one of these
+classes, so a new variant is a new class here and a Flavor that names it.
 """
 from __future__ import annotations
 
@@ -240,27 +240,6 @@ class ReferenceSinkSparseGPT(ReferenceSparseGPT):
     @staticmethod
     def mean_score(total: torch.Tensor, count: int) -> torch.Tensor:
         return total / count
-
-
-FLAVORS: dict[tuple[str, str], type[Pruner]] = {
-    ("magnitude", "default"): Pruner, ("wanda", "default"): Wanda, ("sparsegpt", "default"): SparseGPT,
-    ("magnitude", "reference"): ReferenceMagnitude, ("wanda", "reference"): ReferenceWanda,
-    ("sink_wanda", "reference"): ReferenceSinkWanda, ("sparsegpt", "reference"): ReferenceSparseGPT,
-    ("sink_sparsegpt", "reference"): ReferenceSinkSparseGPT,
-}
-
-
-def make_pruner(method: str, sparsity: float | None, n_m=None, flavor: str = "default", **kwargs) -> Pruner:
-    """`method` as users write it ("sink_wanda" = Wanda with SinkWeighting); `flavor` picks a variant."""
-    if method not in METHODS:
-        raise ValueError(f"prune method={method!r} is unknown; choose one of {', '.join(METHODS)}")
-    base = method.removeprefix("sink_")
-    cls = FLAVORS.get((method, flavor)) or FLAVORS.get((base, flavor))  # a sink-specific variant first
-    if cls is None:
-        known = sorted({f for m, f in FLAVORS if m in (base, method)})
-        raise ValueError(f"prune flavor={flavor!r} is unknown for {base}; choose one of {', '.join(known)}")
-    weighting = SinkWeighting() if method.startswith("sink_") else PlainWeighting()
-    return cls(sparsity, n_m, weighting, **kwargs)
 
 
 def check_prune_args(method, sparsity, n_m_text, n_m, mode, blocksize, percdamp, reduction_slots) -> None:

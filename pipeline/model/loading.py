@@ -279,6 +279,13 @@ def dlm_forward(model, input_ids, attention_mask=None):
     return model(decoder_input_ids=input_ids, cache=empty_prompt_cache(model, input_ids.shape[0]), **kwargs)
 
 
+def check_mask_id(mask_token_id: int | None, vocab: int | None) -> None:
+    """The mask id names a row of the embedding (preflight: config.json's vocabulary; DLMModule: the loaded one)."""
+    if mask_token_id is not None and vocab and not 0 <= int(mask_token_id) < int(vocab):
+        raise ValueError(f"model.mask_token_id={mask_token_id} is outside the vocabulary (0 … {int(vocab) - 1}); "
+                         "use the tokenizer's [MASK] id (LLaDA: 126336, Dream: 151666) or leave it unset")
+
+
 def resolve_mask_token_id(tokenizer, config, explicit: int | None = None) -> int:
     """The mask id: an explicit value wins, then the tokenizer's, then the config's, then a known id."""
     if explicit is not None:

@@ -9,6 +9,8 @@ is found by `isinstance`, never by probing attribute names:
                           the probed forward's activations (else the probe may stop at the last attention call)
     DescribesCalibration  names the calibration epochs for the progress bar ("calibration block 3/6")
     PublishesPruneOutcome publishes a PruneOutcome (pipeline/run/outcome.py) when calibration ends
+    ChoosesFlavor         chooses the run's flavour (pipeline/maths/flavors.py), which the module's noise and
+                          SinkStatsCallback's operations follow (`run_flavor`)
 
 The message they receive is a NoisedBatch.  What the callbacks read from the module: CalibrationModule (and ScoresHeldout to score held-out text).
 `check_callbacks` is run by the callbacks at setup and fails with one line when the list breaks a contract.
@@ -20,6 +22,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from pipeline.maths.flavors import DEFAULT, Flavor
 from pipeline.run.outcome import PruneOutcome
 
 
@@ -89,6 +92,19 @@ class PublishesPruneOutcome(Protocol):
     @property
     def prune_outcome(self) -> PruneOutcome | None:
         """The PruneOutcome once calibration has ended, None before."""
+
+
+@runtime_checkable
+class ChoosesFlavor(Protocol):
+    flavor: Flavor
+
+
+def run_flavor(trainer) -> Flavor:
+    """The flavour the run's callbacks chose (PruneCallback's `flavor`), the default when none chose one."""
+    chosen = {cb.flavor.name: cb.flavor for cb in callbacks_of(trainer, ChoosesFlavor)}
+    if len(chosen) > 1:
+        raise ValueError(f"trainer.callbacks choose flavours {', '.join(sorted(chosen))}; use one")
+    return next(iter(chosen.values()), DEFAULT)
 
 
 def callbacks_of(trainer, protocol) -> list:

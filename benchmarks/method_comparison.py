@@ -120,11 +120,7 @@ def owl_layer_targets(model, layers, dense, stats, method, average, lmbda, m) ->
 
 def run_owl_seed(model, tok_name, layers, dense, mask_id, seed, args, console, t0) -> dict:
     """One calibration seed: every method at each --owl-sparsity, with uniform and with OWL layer targets."""
-    dm = CalibrationData(tokenizer=tok_name, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
-                         batch_size=4, heldout_samples=args.heldout)
-    dm.setup("fit")
-    stats, _ = calibrate(model, layers, dm, mask_id, timestep_grid(args.timesteps), seed, 2.0, 5.0, args.keep_special)
-    score = lambda: heldout_nll(model, dm, mask_id, args.heldout_timesteps, args.keep_special)  # noqa: E731
+    stats, _, score = calibrated(model, tok_name, layers, mask_id, seed, args)
     out = {"nll": {"dense": score()}, "targets": {}}
     for sparsity in args.owl_sparsity:
         for method in METHODS:
@@ -188,13 +184,18 @@ def heldout_nll(model, dm, mask_id, n_timesteps, keep_special=False) -> float:
     return metric.compute()["nll"]
 
 
-def run_seed(model, tok_name, layers, dense, mask_id, seed, args, console, t0) -> dict:
-    """One calibration seed: dense NLL, every method × setting's NLL, sink-vs-plain mask differences, s histogram."""
+def calibrated(model, tok_name, layers, mask_id, seed, args):
+    """One seed's calibration statistics and s histogram, and a function scoring the model on its held-out windows."""
     dm = CalibrationData(tokenizer=tok_name, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
                          batch_size=4, heldout_samples=args.heldout)
     dm.setup("fit")
     stats, s_hist = calibrate(model, layers, dm, mask_id, timestep_grid(args.timesteps), seed, 2.0, 5.0, args.keep_special)
-    score = lambda: heldout_nll(model, dm, mask_id, args.heldout_timesteps, args.keep_special)  # noqa: E731
+    return stats, s_hist, lambda: heldout_nll(model, dm, mask_id, args.heldout_timesteps, args.keep_special)
+
+
+def run_seed(model, tok_name, layers, dense, mask_id, seed, args, console, t0) -> dict:
+    """One calibration seed: dense NLL, every method × setting's NLL, sink-vs-plain mask differences, s histogram."""
+    stats, s_hist, score = calibrated(model, tok_name, layers, mask_id, seed, args)
     out = {"nll": {"dense": score()}, "mask_difference": {}, "s_histogram": s_hist.tolist()}
     for label, (sparsity, n_m) in SETTINGS.items():
         masks = {}

@@ -15,27 +15,10 @@ from safetensors.torch import load_file
 from callbacks.evaluate import EvaluateExportCallback
 from callbacks.prune import PruneCallback
 from callbacks.sink_stats import SinkStatsCallback
-from pipeline.model.calibration import dispatch_noised_batch, noised_batches
 from pipeline.model.data import CalibrationData
 from pipeline.run.outcome import PruneOutcome
 from pipeline.run.protocols import PublishesPruneOutcome, find_outcome
-
-
-class PlainModule(L.LightningModule):
-    def __init__(self, model, mask_token_id, timesteps=(0.25, 0.5, 1.0), seed=3):
-        super().__init__()
-        self.model, self.mask_token_id, self.timesteps, self.seed = model, mask_token_id, list(timesteps), seed
-        self.model.requires_grad_(False)
-        self.automatic_optimization = False
-
-    def configure_optimizers(self):
-        return None
-
-    def training_step(self, batch, batch_idx):
-        self.model.eval()
-        with torch.no_grad():
-            for nb in noised_batches(batch, self.timesteps, self.mask_token_id, seed=self.seed):
-                dispatch_noised_batch(self.trainer, self, nb)
+from tests.test_protocol import PlainModule
 
 
 class OutcomeOnly(Callback, PublishesPruneOutcome):
@@ -54,7 +37,7 @@ def _fit(tmp_path, model, tok, callbacks):
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                         default_root_dir=str(tmp_path))
-    trainer.fit(PlainModule(model, tok.mask_token_id), datamodule=dm)
+    trainer.fit(PlainModule(model, tok.mask_token_id, [0.25, 0.5, 1.0]), datamodule=dm)
     return trainer
 
 
@@ -208,3 +191,33 @@ def find_outcome_layers(model):
     from pipeline.model.calibration import target_linears
 
     return list(target_linears(model).values())
+
+
+def test_one_flavor_field_chooses_everything():
+    from pipeline.maths import pruners as pr
+    from pipeline.maths.flavors import get_flavor, make_pruner, with_noise_order
+
+    default, reference, exact = (get_flavor(n) for n in ("default", "reference", "reference-exact"))
+    assert (default.noise_order, reference.noise_order, exact.noise_order) == ("per_sample", "per_sample", "reference")
+    assert (default.slots(None, 1), reference.slots(None, 1), exact.slots(None, 1), exact.slots(None, 2)) == (8, 8, 1, 8)
+    assert exact.slots(4, 1) == 4  # the user's count wins
+    assert type(make_pruner("sink_sparsegpt", 0.5, flavor="reference-exact")) is pr.ReferenceSinkSparseGPT
+    assert type(make_pruner("sink_wanda", 0.5, flavor="default")) is pr.Wanda
+    mass = torch.tensor([[1.0, 9.0, 1.0, 1.0]])
+    assert torch.equal(exact.sink_scores(mass, 2.0, 5.0, None), pr.rf.collector_sink_scores(mass, 2.0, 5.0))
+    assert with_noise_order("reference", "reference") == "reference-exact"
+    with pytest.raises(ValueError, match="prune flavor='nope' is unknown; choose one of default, reference, reference-exact"):
+        PruneCallback(method="wanda", flavor="nope")
+
+
+def test_owl_profile_from_a_config_file(tmp_path):
+    """The profile as a user writes it in YAML, through the CLI: per-layer targets in results.json."""
+    from tests.runs import run_inprocess, tiny_config
+
+    config = tiny_config(tmp_path, method="wanda", sparsity={"profile": "owl", "average": 0.5, "lmbda": 0.05},
+                         nsamples=2, seqlen=32, timesteps=2, prune_args={"save_model": False, "score": False},
+                         model_args={"score_dense": False})
+    code, err = run_inprocess(config, tmp_path)
+    assert code == 0, err[-2000:]
+    report = json.loads((tmp_path / "pruned" / "results.json").read_text())["sparsity_report"]
+    assert report["per_layer"] and report["meets_target"] and report["target"] == 0.5

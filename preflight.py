@@ -22,6 +22,7 @@ import torch
 
 from pipeline.maths.diffusion import check_window
 from pipeline.model.loading import check_mask_id
+from pipeline.run.protocols import check_callback_list
 from pipeline.run.outputs import check_not_input, check_writable, prepare_output_dir
 
 # --- small readers --------------------------------------------------------------------------------
@@ -243,6 +244,7 @@ def check_run(module, datamodule, trainer, ckpt_path=None, max_epochs=None) -> l
     prune = next((cb for cb in trainer.callbacks if isinstance(cb, PruneCallback)), None)
     evaluate = next((cb for cb in trainer.callbacks if isinstance(cb, EvaluateExportCallback)), None)
     check_trainer(trainer, max_epochs)
+    check_callback_list(trainer)
     check_heldout(datamodule, evaluate)
     folder = local_model_folder(module.hparams.pretrained)
     inputs = run_inputs(module, datamodule, prune, ckpt_path)

@@ -18,7 +18,8 @@ from callbacks.reduction import gather_records
 from pipeline.run.outcome import PruneOutcome
 from pipeline.run.outputs import prepare_output_dir, run_metadata, save_pruned
 from pipeline.run.phase import phase
-from pipeline.run.protocols import PublishesPruneOutcome, ScoresHeldout, check_listed_after, find_outcome, outcome_publisher
+from pipeline.run.protocols import (ChecksCallbackList, PublishesPruneOutcome, ScoresHeldout, check_listed_after, find_outcome,
+                                    outcome_publisher)
 from pipeline.evaluation.report import sparsity_report
 from pipeline.evaluation.scoring import paired_results
 
@@ -28,7 +29,7 @@ def _say(*renderables) -> None:
     Console().print(*renderables)
 
 
-class EvaluateExportCallback(Callback):
+class EvaluateExportCallback(Callback, ChecksCallbackList):
     """Dense-vs-pruned held-out perplexity and lm-eval tasks; results.json, masks.safetensors and the model.
 
     Args:
@@ -60,9 +61,13 @@ class EvaluateExportCallback(Callback):
         return Path(self.output_dir or Path(trainer.default_root_dir) / "pruned").expanduser()
 
     @override
+    def check_list(self, trainer) -> None:
+        check_listed_after(trainer, self, PublishesPruneOutcome, "reads its PruneOutcome")
+
+    @override
     def setup(self, trainer, pl_module, stage=None) -> None:
         self.prunes = outcome_publisher(trainer) is not None
-        check_listed_after(trainer, self, PublishesPruneOutcome, "reads its PruneOutcome")
+        self.check_list(trainer)
         if self.prunes:
             prepare_output_dir(self.output_path(trainer), self.overwrite)
 

@@ -24,13 +24,14 @@ from pipeline.maths.allocation import ByGlob, Owl, Uniform, parse_sparsity
 from pipeline.model.calibration import NoisedBatch
 from pipeline.run.outcome import PruneOutcome
 from pipeline.run.phase import phase
-from pipeline.run.protocols import (ChoosesFlavor, DescribesCalibration, NoisedBatchHooks, PublishesPruneOutcome,
+from pipeline.run.protocols import (ChecksCallbackList, ChoosesFlavor, DescribesCalibration, NoisedBatchHooks, PublishesPruneOutcome,
                                     SinkScoreConsumer, check_listed_after, check_module, outcome_publisher)
 from pipeline.maths.flavors import get_flavor, make_pruner
 from pipeline.maths.pruners import METHODS, check_prune_args
 
 
-class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCalibration, PublishesPruneOutcome, ChoosesFlavor):
+class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCalibration, PublishesPruneOutcome, ChoosesFlavor,
+                    ChecksCallbackList):
     """Compute and apply pruning masks from calibration; publish them as a PruneOutcome when calibration ends.
 
     Args:
@@ -93,12 +94,16 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         return self._outcome
 
     @override
-    def setup(self, trainer, pl_module, stage=None) -> None:
-        check_module(pl_module, "PruneCallback")
+    def check_list(self, trainer) -> None:
         outcome_publisher(trainer)  # one pruning callback
         if self.pruner.weighting.sink_aware and not any(isinstance(cb, SinkStatsCallback) for cb in trainer.callbacks):
             raise ValueError(f"prune method={self.method} needs a SinkStatsCallback listed before PruneCallback in trainer.callbacks")
         check_listed_after(trainer, self, SinkStatsCallback, "reads its sink scores")
+
+    @override
+    def setup(self, trainer, pl_module, stage=None) -> None:
+        check_module(pl_module, "PruneCallback")
+        self.check_list(trainer)
         self.reduction_slots = self.flavor.slots(self.reduction_slots, trainer.world_size)
 
     @override

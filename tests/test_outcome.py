@@ -221,3 +221,15 @@ def test_owl_profile_from_a_config_file(tmp_path):
     assert code == 0, err[-2000:]
     report = json.loads((tmp_path / "pruned" / "results.json").read_text())["sparsity_report"]
     assert report["per_layer"] and report["meets_target"] and report["target"] == 0.5
+
+
+def test_a_misordered_callback_list_is_refused_before_the_run_folder_exists(tmp_path):
+    from tests.runs import run_inprocess, tiny_config
+
+    root = tmp_path / "run"
+    config = tiny_config(root, method="sink_wanda", nsamples=2, seqlen=32, timesteps=2)
+    callbacks = config["trainer"]["callbacks"]
+    callbacks[0], callbacks[1] = callbacks[1], callbacks[0]  # PruneCallback before SinkStatsCallback
+    code, err = run_inprocess(config, tmp_path)
+    assert code != 0 and err.strip().splitlines()[-1].startswith("error: trainer.callbacks: SinkStatsCallback is listed after")
+    assert not root.exists()

@@ -9,6 +9,7 @@ is found by `isinstance`, never by probing attribute names:
                           the probed forward's activations (else the probe may stop at the last attention call)
     DescribesCalibration  names the calibration epochs for the progress bar ("calibration block 3/6")
     PublishesPruneOutcome publishes a PruneOutcome (pipeline/run/outcome.py) when calibration ends
+    ChecksCallbackList    checks its place in trainer.callbacks (at setup, and in preflight before the run folder exists)
     ChoosesFlavor         chooses the run's flavour (pipeline/maths/flavors.py), which the module's noise and
                           SinkStatsCallback's operations follow (`run_flavor`)
 
@@ -92,6 +93,17 @@ class PublishesPruneOutcome(Protocol):
     @property
     def prune_outcome(self) -> PruneOutcome | None:
         """The PruneOutcome once calibration has ended, None before."""
+
+
+@runtime_checkable
+class ChecksCallbackList(Protocol):
+    def check_list(self, trainer) -> None:
+        """One-line error if trainer.callbacks breaks this callback's contracts (order, company)."""
+
+
+def check_callback_list(trainer) -> None:
+    for cb in callbacks_of(trainer, ChecksCallbackList):
+        cb.check_list(trainer)
 
 
 @runtime_checkable

@@ -159,7 +159,7 @@ def owl_markdown(d: dict) -> str:
     dense = statistics.mean(r["nll"]["dense"] for r in d["per_seed"])
     lines = [f"{d['args']['model']}, seeds {d['args']['seeds']}, dense NLL {dense:.4f} nats/token; OWL λ = "
              f"{d['args']['owl_lambda']}, M = {d['args']['owl_m']}", "",
-             "| method, sparsity | uniform | OWL | OWL − uniform per seed | signs | mean | noise floor | |",
+             "| method, sparsity | uniform | OWL | OWL − uniform per seed | signs | mean | noise floor | verdict |",
              "|---|---:|---:|---|---|---:|---:|---|"]
     for name, r in d["owl_minus_uniform"].items():
         floor = "n/a" if r["noise_floor"] is None else f"{r['noise_floor']:.4f}"

@@ -6,7 +6,7 @@
 Per sequence length: the median time (CUDA events, after warm-up) of the model's own SDPA call, of the probe's
 chunked fp32 mass (`pipeline.maths.attention.attention_mass`, the probe's CPU path; on CUDA it takes the fused
 Triton kernel, timed by benchmarks/mass_kernel_cuda.py),
-and of the reference's full-softmax mass (`pipeline.maths.reference.attention_mass`, the bit-for-bit path); the peak
+and of the reference's full-softmax mass (`pipeline.maths.reference.collector_attention_mass`, the bit-for-bit path); the peak
 extra memory of each mass (torch.cuda.max_memory_allocated above the inputs); and the probe's largest relative error
 against a float64 computation on the same bf16 inputs.  Writes benchmarks/results/probe_cuda.json.  Needs a CUDA GPU.
 """
@@ -66,9 +66,9 @@ def main() -> None:
                                               a.repeats) for c in a.chunk_sizes},
                "probe_peak_mib_by_chunk": {c: peak_mib(lambda: attention_mass(q, k, chunk_size=c, max_chunk_bytes=1 << 40))
                                            for c in a.chunk_sizes},
-               "reference_ops_ms": timed(lambda: reference.attention_mass(q, k), a.warmup, a.repeats),
+               "reference_ops_ms": timed(lambda: reference.collector_attention_mass(q, k), a.warmup, a.repeats),
                "probe_peak_mib": peak_mib(lambda: attention_mass(q, k)),
-               "reference_ops_peak_mib": peak_mib(lambda: reference.attention_mass(q, k))}
+               "reference_ops_peak_mib": peak_mib(lambda: reference.collector_attention_mass(q, k))}
         exact = naive_attention_mass(q.double(), k.double()).double() if T <= 2048 else None
         row["max_rel_err"] = None if exact is None else float(((attention_mass(q, k).double() - exact).abs() / exact.abs()).max())
         rows.append(row)

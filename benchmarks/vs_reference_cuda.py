@@ -203,10 +203,10 @@ def run_project(model, windows: torch.Tensor, method: str, config: str, timestep
     from pipeline.model.module import DLMModule
 
     flavor, mode = CONFIGS[config]
-    module = DLMModule(pretrained="tiny-llada", timesteps=timesteps, seed=seed,
-                       noise_order="reference" if flavor == "reference" else "per_sample")
+    module = DLMModule(pretrained="tiny-llada", timesteps=timesteps, seed=seed)
     module.model, module.tokenizer, module.mask_token_id = model, None, MASK_ID  # configure_model keeps a set model
-    prune = PruneCallback(method=method, sparsity=0.5, mode="oneshot" if method == "sink_wanda" else mode, flavor=flavor)
+    prune = PruneCallback(method=method, sparsity=0.5, mode="oneshot" if method == "sink_wanda" else mode,
+                          flavor="reference-exact" if flavor == "reference" else flavor)  # (the reference's noise order too)
     done = _PruningDone()  # after PruneCallback's hooks: the masks are in place; Lightning's teardown comes after
     trainer = L.Trainer(max_epochs=1, accelerator=device.type if device.type == "cpu" else "gpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -6,9 +6,10 @@ probability each key receives over queries, heads and layers, and publishes
 for PruneCallback to down-weight sink tokens.  During the first epoch it also records per-(sample,
 timestep) diagnostics; at the epoch's end it gathers them across ranks and rank 0 writes
 `sinks.json` (per-timestep table, sink-position variance across timesteps) and `sink_heatmap.png`.
-With DLMModule(noise_order="reference") the mass and the scores use the reference's own operations (its bits:
-pipeline/maths/reference.py) wherever there is no padding.  Elsewhere, on a CUDA device with triton installed, each
-attention call's mass comes from a fused Triton kernel (mass_kernel="auto"; "chunked" keeps the float32 chunks).
+The run's flavour (pipeline/maths/flavors.py; "reference-exact": the reference's own operations, its bits) picks
+the operations of the mass and the scores.
+On a CUDA device with triton installed, each attention call's mass comes from a fused Triton kernel
+(mass_kernel="auto"; "chunked" keeps the float32 chunks; the reference's operations take no kernel).
 With an offloaded model (DLMModule(offload=...)) no forward runs per batch: the noised batches are recorded, and at
 the epoch's end one block-by-block pass over all of them gives every window's mass over all layers (the same bits),
 then the scores (`scores_for(nb)`, read by PruneCallback) and the records.
@@ -31,12 +32,13 @@ from callbacks.schedule import guard_memory
 from pipeline.run.phase import phase
 from pipeline.maths.attention import MASS_KERNELS, AttentionMassProbe
 from pipeline.run.outputs import AtomicDir
+from pipeline.run.protocols import NoisedBatchHooks, SinkScoreConsumer, callbacks_of, check_module, run_flavor
 from pipeline.evaluation.sink_tables import plot_heatmap, render_timestep_table, positional_warning, summarize_records
-from pipeline.maths import reference
-from pipeline.maths.sinks import mass_statistics, sink_scores, token_kind
+from pipeline.maths.flavors import DEFAULT
+from pipeline.maths.sinks import mass_statistics, token_kind
 
 
-class SinkStatsCallback(Callback):
+class SinkStatsCallback(Callback, NoisedBatchHooks):
     def __init__(
         self,
         sink_std: float = 2.0,
@@ -70,9 +72,12 @@ class SinkStatsCallback(Callback):
         self._stop_after: torch.nn.Module | None = None
         self._last_call: int | None = None
         self._calls_checked = False
-        self._reference_order = False
+        self._flavor = DEFAULT
         self.deferred = RecordedBatches()  # offloaded model: the noised batches whose mass waits for the epoch's end
         self.offload_scores: dict[tuple, torch.Tensor] = {}
+
+    def setup(self, trainer, pl_module, stage=None) -> None:
+        check_module(pl_module, "SinkStatsCallback")
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Fail in seconds, not after the dense scoring, when the probe cannot see the model's attention."""
@@ -85,22 +90,21 @@ class SinkStatsCallback(Callback):
         # whole forward of a calibration window has made that many calls too (on_noised_batch_start)
         self._last_call = probe.calls if probe.calls == len(find_blocks(pl_module.model)) else None
         self._calls_checked = False
-        # DLMModule(noise_order="reference") reproduces the reference bit for bit: its mass and score operations too
-        self._reference_order = getattr(pl_module, "hparams", {}).get("noise_order") == "reference"
+        self._flavor = run_flavor(trainer)
 
     # --- per noised batch --------------------------------------------------------------------------
     def on_noised_batch_start(self, trainer, pl_module, nb: NoisedBatch) -> None:
-        consumers = [cb for cb in trainer.callbacks if hasattr(cb, "wants_sink_scores")]
+        consumers = callbacks_of(trainer, SinkScoreConsumer)
         if consumers and not any(cb.wants_sink_scores(trainer.current_epoch) for cb in consumers):
             return  # e.g. flavor="reference" SparseGPT's clean-input block epochs
         if getattr(pl_module, "offloader", None) is not None:
             return self.deferred.record(nb, clean=False)
         valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
-        read = any(getattr(cb, "reads_probed_forward", lambda epoch: True)(trainer.current_epoch) for cb in consumers)
+        read = any(cb.reads_probed_forward(trainer.current_epoch) for cb in consumers)
         last_call = None if read or not self._calls_checked else self._last_call  # None: the whole forward
-        kernel = "auto" if self._reference_order else self.mass_kernel  # the reference's order takes no kernel
+        kernel = "auto" if self._flavor.reference_mass else self.mass_kernel  # the reference's order takes no kernel
         with AttentionMassProbe(per_layer=self.per_layer, chunk_size=self.chunk_size, query_weights=valid,
-                                last_call=last_call, reference_order=self._reference_order, kernel=kernel) as probe:
+                                last_call=last_call, reference_order=self._flavor.reference_mass, kernel=kernel) as probe:
             forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask, stop_after=self._stop_after)
         probe.require_attention()
         if not self._calls_checked:  # the first whole forward of a window: the same number of calls as at fit start?
@@ -117,10 +121,7 @@ class SinkStatsCallback(Callback):
                 f"attention mass has NaN/Inf at timestep t={nb.t} (samples {nb.sample_ids}){where}; "
                 "check the model's dtype and inputs"
             )
-        if self._reference_order and (valid is None or bool(valid.all())):
-            nb.sink_scores = reference.sink_scores(mass, self.sink_std, self.sink_alpha)
-        else:
-            nb.sink_scores = sink_scores(mass, k=self.sink_std, alpha=self.sink_alpha, valid=valid)
+        nb.sink_scores = self._flavor.sink_scores(mass, self.sink_std, self.sink_alpha, valid)
         nb.extras["attention_mass"] = mass
         if self.per_layer:
             nb.extras["attention_mass_per_layer"] = per_layer
@@ -134,8 +135,8 @@ class SinkStatsCallback(Callback):
         uniform = next((cb.uniform for cb in trainer.callbacks if hasattr(cb, "uniform")), None)  # PruneCallback's
         uniform = uniform_block_calls(pl_module) if uniform is None else uniform
         masses = mass_from_cache(pl_module, batches, pl_module.offloader, True, uniform, chunk_size=self.chunk_size,
-                                 reference_order=self._reference_order,
-                                 kernel="auto" if self._reference_order else self.mass_kernel)  # (as the resident probe)
+                                 reference_order=self._flavor.reference_mass,
+                                 kernel="auto" if self._flavor.reference_mass else self.mass_kernel)  # (as the resident probe)
         for nb, (mass, per_call) in zip(batches, masses):
             if mass is None:
                 from pipeline.maths.attention import NoAttentionSeenError

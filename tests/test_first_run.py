@@ -43,15 +43,18 @@ def test_short_flags_rewrite():
 def test_method_flags_reach_prune_callback():
     from jsonargparse import Namespace
 
-    from pipeline.run.lightning_cli import PRUNE, SINK_STATS, apply_method_flags
+    from lightning_cli import PRUNE, SINK_STATS, apply_method_flags
 
     config = {"trainer": {"callbacks": [Namespace(class_path=PRUNE, init_args=Namespace(method="wanda", sparsity=0.5, n_m=None))]}}
     apply_method_flags(config, {"method": "sink_wanda", "n_m": "2:4"})
     sink, prune = config["trainer"]["callbacks"]
     assert sink.class_path == SINK_STATS  # a sink method needs the statistics callback before PruneCallback
     assert (prune.init_args.method, prune.init_args.n_m, prune.init_args.sparsity) == ("sink_wanda", "2:4", None)
-    with pytest.raises(ValueError, match="choose one of"):
-        apply_method_flags(config, {"method": "nope"})
+    apply_method_flags(config, {"method": "nope"})  # checked once, with the callback's other arguments, when it is built
+    from callbacks.prune import PruneCallback
+
+    with pytest.raises(ValueError, match="prune method='nope' is unknown; choose one of"):
+        PruneCallback(method=config["trainer"]["callbacks"][-1].init_args.method)
 
 
 def test_help_is_fast_and_explains_the_tool():

@@ -39,7 +39,7 @@ CASES = {
     "moe-sink_sparsegpt": dict(pretrained="tiny-llada-moe", method="sink_sparsegpt"),
     "llada-sink_wanda-2of4": dict(pretrained="tiny-llada", method="sink_wanda", n_m="2:4"),
     "llada-reference-sink_sparsegpt": dict(pretrained="tiny-llada", method="sink_sparsegpt",
-                                           prune_args={"flavor": "reference"}, model_args={"noise_order": "reference"}),
+                                           prune_args={"flavor": "reference-exact"}),
     "moe-wanda-sequential": dict(pretrained="tiny-llada-moe", method="wanda", prune_args={"mode": "sequential"}),
     "llada-sink_wanda-sequential": dict(pretrained="tiny-llada", method="sink_wanda", prune_args={"mode": "sequential"}),
     "llada-magnitude": dict(pretrained="tiny-llada", method="magnitude"),

@@ -302,7 +302,7 @@ class AttentionMassProbe:
         path = self._mass_kernel(query, key, attn_mask, is_causal, weights)
         layer_mass = None
         if path == "reference":
-            layer_mass = reference.attention_mass(query, key, scale)
+            layer_mass = reference.collector_attention_mass(query, key, scale)
         elif path == "triton":
             try:
                 layer_mass = triton_attention_mass(query, key, attn_mask, bool(is_causal), scale, query_weights=weights,

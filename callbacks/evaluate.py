@@ -14,6 +14,7 @@ from rich.console import Console
 from typing_extensions import override
 
 from callbacks.prune import PruneCallback
+from callbacks.quantize import QuantizeCallback, quantize_summary
 from callbacks.reduction import gather_records
 from pipeline.run.outputs import prepare_output_dir, run_metadata, save_pruned
 from pipeline.run.phase import phase
@@ -118,6 +119,10 @@ class EvaluateExportCallback(Callback):
                    "calibrated_pairs": sorted(prune.seen), "sparsity_report": report}
         if prune.t.experts:  # tokens routed to each expert (noised tokens, padding excluded; top_k times per layer)
             results["moe"] = {"expert_tokens": dict(sorted(prune.expert_tokens.items())), "dense_routers": prune.t.dense_routers}
+        quantized = next((cb.outcome for cb in trainer.callbacks if isinstance(cb, QuantizeCallback)), None)
+        if quantized is not None:  # the layers hold the quantized weights: what is scored and saved
+            results["quantize"] = quantize_summary(quantized)
+            timings.update(quantized.timings)
         pruned = self._score_pruned(pl_module, timings)
         results.update({"dense": dict(self.dense), "pruned": pruned, "timings": timings, "sparsegpt": prune.info.get("sparsegpt", {})})
         results["paired"] = paired_results(self.dense, getattr(self, "dense_windows", {}), pruned,
@@ -132,7 +137,7 @@ class EvaluateExportCallback(Callback):
             out = self.output_path(trainer)
             with phase("saving"):  # results.json gets timings.save_s before the folder is renamed into place
                 save_pruned(out, results, prune.masks, pl_module.model if self.save_model else None,
-                            getattr(pl_module, "tokenizer", None), self.overwrite)
+                            getattr(pl_module, "tokenizer", None), self.overwrite, quantized)
             _say(f"saved pruned model, masks and results to [bold]{out}[/]")
             self._summary(results["phase_timings"])
         if trainer.world_size > 1:

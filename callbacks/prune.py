@@ -29,7 +29,7 @@ class PruneCallback(Callback):
     """Compute and apply pruning masks from calibration.
 
     Args:
-        method: magnitude, wanda, sparsegpt, sink_wanda or sink_sparsegpt.
+        method: magnitude, wanda, sparsegpt, sink_wanda, sink_sparsegpt, or dense (prunes nothing; e.g. to quantize alone).
         sparsity: fraction of each row's weights to prune, in [0, 1) (default 0.5 unless n_m is set).
         n_m: semi-structured pattern "N:M" (N zeros in every M consecutive inputs), e.g. "2:4".
         targets / ignore: regexes on module names that select / drop Linear layers inside the blocks.
@@ -49,7 +49,7 @@ class PruneCallback(Callback):
                  single_pass: bool = True, flavor: str = "default", eager: bool = True, use_variant: bool = False):
         self.n_m = sp.parse_n_m(n_m) if method in METHODS else None
         if method in METHODS and sparsity is None and self.n_m is None:
-            sparsity = 0.5
+            sparsity = 0.0 if method == "dense" else 0.5
         check_prune_args(method, sparsity, n_m, self.n_m, mode, blocksize, percdamp, reduction_slots)
         self.method, self.flavor = method, flavor
         self.sparsity = self.n_m[0] / self.n_m[1] if self.n_m else float(sparsity)

@@ -4,9 +4,12 @@
     W_q, scales, info = gptq_quantize(W, H, Scheme.parse("w4a16"), mask=pruned)
 
 Columns are quantized one at a time; each column's rounding error is spread onto the columns not yet visited through
-the inverse Hessian (lazily, per block of `blocksize` columns, as SparseGPT).  Pruned weights (mask True) stay exactly
-zero: a masked entry is set to zero before its column is quantized (the error feedback that reached it is dropped, so
-none of it flows on), a group's scale is taken after its masked entries are zeroed, and zero quantizes to zero.
+the inverse Hessian (lazily, per block of `blocksize` columns, as SparseGPT).  Pruned weights (mask True) end exactly
+zero.  joint="obs" (default) treats a pruned weight as quantized to zero when its column is reached: the error feedback
+it received on the way is passed on to the columns after it, as SparseGPT's joint pruning and quantization does.
+joint="mask" drops that feedback instead (the update never lands on a pruned weight).  Both give exact zeros; "obs"
+leaves a slightly smaller layer-output error (docs/quantize.md).  A group's scale is taken with its pruned entries at
+zero, and zero quantizes to zero.
 
 Groups are contiguous runs of `group_size` inputs in the weight's own order, which is what compressed-tensors'
 pack-quantized format and the serving engines read (no g_idx).  Without act-order a group's scale comes from its
@@ -36,13 +39,15 @@ def _check(weight, hessian, mask, scheme: Scheme):
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, mask: torch.Tensor | None = None,
-                  blocksize: int = 128, percdamp: float = 0.01, max_damp_retries: int = 3
+                  blocksize: int = 128, percdamp: float = 0.01, max_damp_retries: int = 3, joint: str = "obs"
                   ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(dequantized weight in weight's dtype, scales [out, groups] in weight's dtype, info).
 
     info: "percdamp" used, "retries", "dead_inputs" (H_ii = 0: those weights are set to zero), the OBS "loss"
     Σ err² / 2 in the units of the normalised Hessian."""
     _check(weight, hessian, mask, scheme)
+    if joint not in ("obs", "mask"):
+        raise ValueError(f"joint={joint!r}: use 'obs' (a pruned weight quantizes to zero, its error passed on) or 'mask'")
     rows, cols = weight.shape
     width = scheme.group_width(cols)
     w = weight.detach().float().t().contiguous()           # W^T [in, out]: each column step reads a contiguous row
@@ -65,6 +70,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, m
     group_of = (order if order is not None else torch.arange(cols, device=w.device)) // width  # column -> its group
 
     hinv, used, retries = _damped_inverse_cholesky(h, h.diagonal().mean(), percdamp, max_damp_retries)
+    scales_f = scales.float()
+    groups = group_of.tolist()
     codes = torch.empty(cols, rows, dtype=torch.float32, device=w.device)  # the grid values, in visiting order
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
     for start in range(0, cols, blocksize):
@@ -73,16 +80,20 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, m
         errors = torch.empty_like(block)
         for i in range(end - start):
             col = start + i
-            if keep is not None:
-                block[i].mul_(keep[col])                     # a pruned weight stays zero: its feedback is dropped
             if not static and col % width == 0:              # a group's scale once the solve reaches it
                 group = w[col:col + width] if keep is None else w[col:col + width] * keep[col:col + width]
                 scales[:, col // width] = group_scales(group.t(), scheme).squeeze(1)
-            scale = scales[:, group_of[col]].float()
+                scales_f[:, col // width] = scales[:, col // width].float()
+            scale = scales_f[:, groups[col]]
+            if keep is not None and joint == "mask":
+                block[i].mul_(keep[col])                     # the feedback that reached a pruned weight is dropped
             q = _round(block[i] / scale, scheme)
+            if keep is not None:
+                q.mul_(keep[col])                            # a pruned weight is "quantized" to zero
             codes[col] = q
-            errors[i] = (block[i] - q * scale) / hblock[i, i]
-            block[i + 1:].addr_(hblock[i, i + 1:], errors[i], alpha=-1)
+            torch.div(block[i] - q * scale, hblock[i, i], out=errors[i])
+            # (addmm_ with a rank-1 product: torch's CPU addr_ is ~1000x slower at a few thousand columns)
+            block[i + 1:].addmm_(hblock[i, i + 1:, None], errors[i:i + 1], alpha=-1)
         loss += (errors.double() ** 2).sum() / 2
         if end < cols:
             w[end:].addmm_(hinv[start:end, end:].t(), errors, alpha=-1)

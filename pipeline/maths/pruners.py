@@ -24,7 +24,7 @@ import torch
 from pipeline.maths import reference as rf
 from pipeline.maths import sparsity as sp
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt", "dense")
 
 
 # --- row weighting ---------------------------------------------------------------------------------------
@@ -87,6 +87,14 @@ class Pruner:
 
     def solve(self, weight: torch.Tensor, stat: torch.Tensor | None) -> PruneResult:
         return PruneResult(sp.select_mask(sp.magnitude_scores(weight.float()), self.sparsity, self.n_m))
+
+
+class Dense(Pruner):
+    """Prunes nothing: a recipe's calibration and export for the dense model (e.g. quantized alone, callbacks/quantize.py)."""
+    method = "dense"
+
+    def solve(self, weight, stat):
+        return PruneResult(torch.zeros(weight.shape, dtype=torch.bool))
 
 
 class Wanda(Pruner):
@@ -217,6 +225,7 @@ FLAVORS: dict[tuple[str, str], type[Pruner]] = {
     ("magnitude", "reference"): ReferenceMagnitude, ("wanda", "reference"): ReferenceWanda,
     ("sink_wanda", "reference"): ReferenceSinkWanda, ("sparsegpt", "reference"): ReferenceSparseGPT,
     ("sink_sparsegpt", "reference"): ReferenceSinkSparseGPT,
+    ("dense", "default"): Dense, ("dense", "reference"): Dense,
 }
 
 
@@ -236,6 +245,8 @@ def make_pruner(method: str, sparsity: float | None, n_m=None, flavor: str = "de
 def check_prune_args(method, sparsity, n_m_text, n_m, mode, blocksize, percdamp, reduction_slots) -> None:
     if method not in METHODS:
         raise ValueError(f"prune method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if method == "dense" and (n_m is not None or sparsity):
+        raise ValueError(f"prune method=dense prunes nothing; drop sparsity={sparsity} / n_m={n_m_text} or choose a pruning method")
     if n_m is None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
         raise ValueError(f"prune sparsity={sparsity!r} must be in [0, 1); e.g. 0.5 for 50%")
     if n_m is not None and sparsity is not None and sparsity != n_m[0] / n_m[1]:

@@ -19,6 +19,7 @@ from typing import Mapping
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from callbacks.layers import accumulate, routed_tokens
@@ -31,6 +32,7 @@ from pipeline.maths.gptq import gptq_quantize
 from pipeline.maths.pruners import make_pruner
 from pipeline.maths.quantize import Scheme, round_to_nearest
 from pipeline.model.calibration import NoisedBatch
+from pipeline.model.fused_experts import UnfusedExperts
 from pipeline.run.phase import phase
 
 
@@ -110,7 +112,17 @@ class QuantizeCallback(Callback):
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
         """The pruned layers (known once the model exists); every width checked before any calibration work."""
-        self.layers = dict(self.prune.layers)
+        fused = fused_expert_layers(pl_module.model, self.prune.layers)
+        if fused:
+            rank_zero_warn(f"quantize: {len(fused)} layers of fused MoE experts (e.g. {fused[0]}) stay unquantized: the "
+                           "checkpoint stores them as 3-D tensors, which the compressed-tensors save does not pack")
+        self.layers = {n: m for n, m in self.prune.layers.items() if n not in set(fused)}
+        tied = tied_layers(pl_module.model, self.layers)
+        if tied:
+            name, other = tied[0]
+            raise ValueError(f"quantize: {name} shares its weight with {other} (tied layers, as a canvas model's encoder and "
+                             "decoder); the compressed-tensors save cannot pack tied layers, which transformers re-ties on "
+                             "load; quantize a model without tied layers or drop the QuantizeCallback")
         for name, layer in self.layers.items():
             self.scheme.check_width(name, layer.in_features)
         if self.gptq:
@@ -182,6 +194,23 @@ class QuantizeCallback(Callback):
         if state_dict.get("sums") is not None:
             self.sums = SlotSums(self.reduction_slots or state_dict["sums"]["slots"])
             self.sums.load_state_dict(state_dict["sums"])
+
+
+def fused_expert_layers(model, layers: dict) -> list[str]:
+    """Targeted Linears inside fused MoE experts that load_dlm split per expert (pipeline/model/fused_experts.py)."""
+    def parent(name: str, up: int):
+        return model.get_submodule(name.rsplit(".", up)[0]) if name.count(".") >= up else None
+    return [n for n in layers if isinstance(parent(n, 2), UnfusedExperts)]
+
+
+def tied_layers(model, layers: dict) -> list[tuple[str, str]]:
+    """(targeted layer, another module holding the same weight Parameter)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter):
+            holders.setdefault(id(weight), []).append(name)
+    return [(n, next(o for o in holders[id(m.weight)] if o != n)) for n, m in layers.items() if len(holders[id(m.weight)]) > 1]
 
 
 def quantize_summary(outcome: QuantizeOutcome) -> dict:

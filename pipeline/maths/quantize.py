@@ -69,11 +69,15 @@ class Scheme:
         if in_features % self.group_width(in_features):
             raise ValueError(f"{field} group_size={self.group_size}: {name} has {in_features} inputs, not a multiple of "
                              f"{self.group_size}; choose a group_size dividing every width (e.g. "
-                             f"{_divisor(in_features, self.group_size)}) or add the layer to {field} ignore")
+                             f"{_divisor(in_features, self.group_size)}) or group_size: null (one scale per output channel)")
 
 
 def _divisor(width: int, group_size: int) -> int:
-    return next(g for g in range(min(group_size, width), 0, -1) if width % g == 0)
+    """The largest power of two <= group_size dividing width (the group sizes kernels like)."""
+    g = 1 << (group_size.bit_length() - 1)
+    while width % g:
+        g //= 2
+    return g
 
 
 def group_scales(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:

@@ -156,10 +156,10 @@ def test_group_size_not_dividing_a_width_fails_before_calibration(tmp_path):
     assert not (tmp_path / "run" / "pruned").exists()
 
 
-def _quantized_run(tmp_path, name, devices, method="sink_wanda", extra=("--quantize", "w4a16")):
+def _quantized_run(tmp_path, name, devices, method="sink_wanda", extra=("--quantize", "w4a16", "--group-size", "64")):
     root = tmp_path / name
     trainer = {"devices": devices, **({"strategy": "calibration_ddp_spawn"} if devices > 1 else {})}
-    config = tiny_config(root, method=method, nsamples=4, seqlen=32, timesteps=2, trainer_args=trainer,
+    config = tiny_config(root, method=method, nsamples=4, seqlen=32, timesteps=2, trainer_args=trainer, pretrained="tiny-llada",
                          prune_args={"tasks": [], "score": False}, model_args={"score_dense": False})
     proc = run_cli(config, tmp_path, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -167,14 +167,14 @@ def _quantized_run(tmp_path, name, devices, method="sink_wanda", extra=("--quant
 
 
 def test_one_and_two_processes_give_identical_quantized_weights(tmp_path):
-    """sink-Wanda 50% + GPTQ int4 on minilm-dlm, gloo: the saved packed weights and scales are identical, pruned
+    """sink-Wanda 50% + GPTQ int4 (groups of 64) on tiny-llada, gloo: the saved packed weights and scales are identical, pruned
     weights decompress to exactly zero, results.json records the quantization."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
     one, two = _quantized_run(tmp_path, "one", 1), _quantized_run(tmp_path, "two", 2)
     w1, w2 = load_file(str(one / "model" / "model.safetensors")), load_file(str(two / "model" / "model.safetensors"))
-    assert w1.keys() == w2.keys() and sum(k.endswith("weight_packed") for k in w1) == 36
+    assert w1.keys() == w2.keys() and sum(k.endswith("weight_packed") for k in w1) == 28
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     results = json.loads((one / "results.json").read_text())
     assert results["quantize"]["scheme"] == "w4a16" and results["quantize"]["algorithm"] == "gptq"
@@ -200,3 +200,27 @@ def test_tied_layers_refused_in_one_line(tmp_path):
     assert code == 2 and len(lines) == 1, err[-2000:]
     assert "quantize: model.decoder.layers.0.self_attn.q_proj shares its weight with model.encoder." in lines[0]
     assert not (tmp_path / "run" / "pruned").exists()
+
+
+def test_dense_model_quantized_alone(tmp_path):
+    """`--method dense --quantize fp8`: nothing pruned, every targeted layer saved as FP8, whose decompressed weights are
+    round-to-nearest of the dense ones; results.json says so."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = tiny_config(tmp_path / "run", method="dense", sparsity=0, pretrained="tiny-llada", nsamples=2, timesteps=1,
+                         prune_args={"tasks": [], "score": False}, model_args={"score_dense": False})
+    code, err = run_inprocess(config, tmp_path, "--quantize", "fp8")
+    assert code == 0, err[-2000:]
+    out = tmp_path / "run" / "pruned"
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "dense" and results["quantize"]["scheme"] == "fp8" and results["quantize"]["algorithm"] == "rtn"
+    qconfig = QuantizationConfig.model_validate(json.loads((out / "model" / "config.json").read_text())["quantization_config"])
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    dense, _ = load_dlm("tiny-llada")
+    compressor = BaseCompressor.get_value_from_registry(qconfig.format)
+    for n, layer in target_linears(dense).items():
+        local = {k[len(n) + 1:]: v for k, v in saved.items() if k.rsplit(".", 1)[0] == n}
+        assert local["weight"].dtype == torch.float8_e4m3fn, n
+        weight = compressor.decompress(local, qconfig.config_groups["group_0"])["weight"]
+        assert torch.equal(weight, round_to_nearest(layer.weight.detach(), Scheme.parse("fp8"))[1]), n

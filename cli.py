@@ -49,7 +49,7 @@ def _on_signal(signum, frame):
 
 def remove_partial_outputs() -> None:
     """A failed run leaves nothing: result folders it created go, and so do its temp folders."""
-    holder = sys.modules.get("pipeline.run.lightning_cli")
+    holder = sys.modules.get("lightning_cli")
     cli_class = getattr(holder, "SinkPruneCLI", None)
     for _field, folder, existed in (cli_class.result_dirs if cli_class else []):
         if not existed and folder.exists():
@@ -72,7 +72,7 @@ def _run(args: list[str], from_argv: bool) -> list[str]:
         sys.argv = [sys.argv[0], *args]
     from pipeline.model.data import CalibrationData
     from pipeline.model.module import DLMModule
-    from pipeline.run.lightning_cli import SinkPruneCLI
+    from lightning_cli import SinkPruneCLI
 
     SinkPruneCLI.short_flags = flags
     SinkPruneCLI(DLMModule, CalibrationData, subclass_mode_model=True, subclass_mode_data=True,
@@ -132,7 +132,7 @@ def main(args=None):
 def __getattr__(name: str):
     """Lightning-heavy names load on first use, so `--help` prints before torch is imported."""
     if name in ("SinkPruneCLI", "CLEAN_ERRORS"):
-        from pipeline.run import lightning_cli
+        import lightning_cli
 
         return getattr(lightning_cli, name)
     raise AttributeError(f"module 'cli' has no attribute {name!r}")
@@ -145,7 +145,7 @@ def _process_exception() -> type:
 
 
 def _clean_errors() -> tuple:
-    from pipeline.run.lightning_cli import CLEAN_ERRORS
+    from lightning_cli import CLEAN_ERRORS
 
     return CLEAN_ERRORS
 
@@ -362,7 +362,7 @@ def one_line(exc: BaseException) -> str:
     wrong_type = re.match(r"Expected a <class '(\w+)'>\. Got value: (.*)", root)
     if wrong_type:
         root = f"expected a {wrong_type.group(1)}, got {wrong_type.group(2)!r}; write a plain number (e.g. 0.5, not '50%')"
-    from pipeline.run.lightning_cli import one_line_root
+    from lightning_cli import one_line_root
 
     root = one_line_root(root, exc)
     return f"{' '.join(path)}: {root}" if path else root

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.maths.diffusion import MAX_LENGTH_KEYS
+from pipeline.maths.diffusion import check_window
+from pipeline.model.loading import check_mask_id
 from pipeline.run.outputs import check_not_input, check_writable, prepare_output_dir
 
 # --- small readers --------------------------------------------------------------------------------
@@ -161,13 +162,8 @@ def check_model_files(module, datamodule, folder: Path | None) -> dict | None:
         raise ValueError(f"model.pretrained: {config_file} is not readable JSON ({exc}); repair or re-download it") from None
     table = weight_table(folder)
     seqlen = getattr(getattr(datamodule, "hparams", None), "seqlen", None)
-    limit = next((config[k] for k in MAX_LENGTH_KEYS if isinstance(config.get(k), int) and config[k] > 0), None)
-    if seqlen is not None and limit is not None and seqlen > limit:
-        raise ValueError(f"data.seqlen={seqlen} exceeds the model's maximum sequence length {limit}; lower data.init_args.seqlen")
-    vocab = config.get("vocab_size") or config.get("embedding_size")
-    if hp.mask_token_id is not None and vocab and not 0 <= int(hp.mask_token_id) < int(vocab):
-        raise ValueError(f"model.mask_token_id={hp.mask_token_id} is outside the vocabulary (0 … {int(vocab) - 1}); "
-                         "use the tokenizer's [MASK] id (LLaDA: 126336, Dream: 151666) or leave it unset")
+    check_window(seqlen, config)
+    check_mask_id(hp.mask_token_id, config.get("vocab_size") or config.get("embedding_size"))
     return table
 
 
@@ -175,10 +171,7 @@ def check_masks_from(prune, table: dict | None) -> None:
     """Every saved mask must name a weight of the model and have its shape (headers only)."""
     if prune is None or not prune.masks_from:
         return
-    folder = Path(prune.masks_from).expanduser()
-    if not (folder / "masks.safetensors").is_file():
-        raise FileNotFoundError(f"prune masks_from={prune.masks_from}: no masks.safetensors there; point it at a previous run's output_dir")
-    masks = safetensors_header(folder / "masks.safetensors")
+    masks = safetensors_header(Path(prune.masks_from).expanduser() / "masks.safetensors")  # (there: PruneCallback checked)
     if table is None:
         return
     for name, entry in masks.items():

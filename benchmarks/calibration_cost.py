@@ -40,6 +40,7 @@ from pipeline.maths import sparsity as sp
 from pipeline.maths.attention import AttentionMassProbe, naive_attention_mass
 from pipeline.maths.sinks import sink_scores
 from benchmarks.bench_model import load_for_calibration
+from tests import float64_statistics as f64
 
 
 def accumulate(captured, weights, statistic) -> SlotSums:
@@ -65,12 +66,12 @@ def accumulate_float64_loop(captured, weights, statistic):
     out = {}
     for name, x in captured.items():
         x = x.float()
-        acc = sp.new_hessian(x.shape[-1]) if statistic == "hessian" else sp.new_act_sq_sum(x.shape[-1])
+        acc = f64.new_hessian(x.shape[-1]) if statistic == "hessian" else f64.new_act_sq_sum(x.shape[-1])
         for b in range(x.shape[0]):
             if statistic == "hessian":
-                acc = sp.accumulate_hessian(acc, x[b], weights[b])
+                acc = f64.accumulate_hessian(acc, x[b], weights[b])
             else:
-                acc = sp.accumulate_act_sq_sum(acc, x[b], weights[b])
+                acc = f64.accumulate_act_sq_sum(acc, x[b], weights[b])
         out[name] = acc
     return out
 

@@ -4,6 +4,7 @@ sink-aware SparseGPT at 50/60/70% unstructured and 2:4, over several calibration
     python benchmarks/method_comparison.py                     # minilm-dlm, 3 seeds
     python benchmarks/method_comparison.py --model minilm-dlm-rel
     python benchmarks/method_comparison.py --model tiny-llada
+    python benchmarks/method_comparison.py --owl              # OWL vs uniform layer targets (docs/owl.md)
 
 The forward process masks every position (the reference's), `--keep-special` never masks the leading
 [CLS]/BOS.  Also reported: per-seed paired differences sink − plain with their signs and a paired t-test,
@@ -32,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.model.calibration import noised_batches
+from pipeline.maths import allocation
 from pipeline.maths import sparsity as sp
 from pipeline.maths.attention import AttentionMassProbe
 from pipeline.model.data import CalibrationData
@@ -81,10 +83,12 @@ def calibrate(model, layers, dm, mask_id, timesteps, seed, sink_std, sink_alpha,
 
 
 @torch.no_grad()
-def prune_copy(layers, dense, stats, method, sparsity, n_m) -> dict[str, torch.Tensor]:
+def prune_copy(layers, dense, stats, method, sparsity, n_m, targets=None) -> dict[str, torch.Tensor]:
+    """Prune every layer from its dense weight; `targets` (layer -> fraction) overrides `sparsity` per layer."""
     masks = {}
     for name, layer in layers.items():
         weight = dense[name].clone()
+        sparsity = sparsity if targets is None else targets[name]
         if method == "magnitude":
             mask = sp.select_mask(sp.magnitude_scores(weight), sparsity, n_m)
         elif method.endswith("wanda"):
@@ -95,6 +99,77 @@ def prune_copy(layers, dense, stats, method, sparsity, n_m) -> dict[str, torch.T
         layer.weight.copy_(weight)
         masks[name] = mask.bool()
     return masks
+
+
+@torch.no_grad()
+def owl_layer_targets(model, layers, dense, stats, method, average, lmbda, m) -> dict[str, float]:
+    """PruneCallback's OWL rule (callbacks/layers.owl_targets) on this benchmark's statistics: per block, the outlier
+    ratio of the Wanda scores |W|·√(Σ(w x)²) (w = 1 − s for sink methods; SparseGPT: the Hessian's diagonal)."""
+    from pipeline.model.calibration import find_blocks
+
+    blocks = [[n for n in layers if n.startswith(f"{prefix}.")] for prefix, _ in find_blocks(model)]
+    blocks = [names for names in blocks if names]
+    ratios, sizes = [], []
+    for names in blocks:
+        stat = lambda n: stats[n][method] if method.endswith("wanda") else stats[n][method].diagonal().double()  # noqa: E731
+        ratios.append(allocation.outlier_ratio([sp.wanda_scores(dense[n].float(), stat(n)) for n in names], m))
+        sizes.append(sum(dense[n].numel() for n in names))
+    per_block = allocation.owl_targets(ratios, sizes, average, lmbda)
+    return {n: t for names, t in zip(blocks, per_block) for n in names}
+
+
+def run_owl_seed(model, tok_name, layers, dense, mask_id, seed, args, console, t0) -> dict:
+    """One calibration seed: every method at each --owl-sparsity, with uniform and with OWL layer targets."""
+    dm = CalibrationData(tokenizer=tok_name, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
+                         batch_size=4, heldout_samples=args.heldout)
+    dm.setup("fit")
+    stats, _ = calibrate(model, layers, dm, mask_id, timestep_grid(args.timesteps), seed, 2.0, 5.0, args.keep_special)
+    score = lambda: heldout_nll(model, dm, mask_id, args.heldout_timesteps, args.keep_special)  # noqa: E731
+    out = {"nll": {"dense": score()}, "targets": {}}
+    for sparsity in args.owl_sparsity:
+        for method in METHODS:
+            targets = owl_layer_targets(model, layers, dense, stats, method, sparsity, args.owl_lambda, args.owl_m)
+            out["targets"][f"{method} {sparsity:.0%}"] = targets
+            for profile, per_layer in (("uniform", None), ("owl", targets)):
+                prune_copy(layers, dense, stats, method, sparsity, None, per_layer)
+                key = f"{method} {profile} {sparsity:.0%}"
+                out["nll"][key] = score()
+                console.print(f"seed {seed} {key:28s} NLL {out['nll'][key]:.4f}  ({time.time() - t0:.0f}s)")
+    with torch.no_grad():
+        for n, m in layers.items():
+            m.weight.copy_(dense[n])
+    return out
+
+
+def owl_rows(per_seed: list[dict], sparsities) -> dict:
+    """owl − uniform per method and sparsity: per-seed paired differences, signs, mean, and the noise floor
+    (2 standard errors of the mean difference over seeds): |mean| under it is not a measured effect."""
+    rows = {}
+    for sparsity in sparsities:
+        for method in METHODS:
+            diffs = [r["nll"][f"{method} owl {sparsity:.0%}"] - r["nll"][f"{method} uniform {sparsity:.0%}"] for r in per_seed]
+            mean = statistics.mean(diffs)
+            floor = 2 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+            rows[f"{method} {sparsity:.0%}"] = {
+                "per_seed": diffs, "signs": "".join("+" if d > 0 else "-" if d < 0 else "0" for d in diffs),
+                "mean": mean, "noise_floor": floor, "within_noise": floor is None or abs(mean) <= floor,
+                "uniform": statistics.mean(r["nll"][f"{method} uniform {sparsity:.0%}"] for r in per_seed),
+                "owl": statistics.mean(r["nll"][f"{method} owl {sparsity:.0%}"] for r in per_seed)}
+    return rows
+
+
+def owl_markdown(d: dict) -> str:
+    """docs/owl.md's table from the --owl results JSON."""
+    dense = statistics.mean(r["nll"]["dense"] for r in d["per_seed"])
+    lines = [f"{d['args']['model']}, seeds {d['args']['seeds']}, dense NLL {dense:.4f} nats/token; OWL λ = "
+             f"{d['args']['owl_lambda']}, M = {d['args']['owl_m']}", "",
+             "| method, sparsity | uniform | OWL | OWL − uniform per seed | signs | mean | noise floor | |",
+             "|---|---:|---:|---|---|---:|---:|---|"]
+    for name, r in d["owl_minus_uniform"].items():
+        floor = "n/a" if r["noise_floor"] is None else f"{r['noise_floor']:.4f}"
+        lines.append(f"| {name} | {r['uniform']:.4f} | {r['owl']:.4f} | {' '.join(f'{x:+.4f}' for x in r['per_seed'])} | "
+                     f"{r['signs']} | {r['mean']:+.4f} | {floor} | {'within noise' if r['within_noise'] else 'measured'} |")
+    return "\n".join(lines)
 
 
 def mask_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -196,7 +271,8 @@ def markdown(path: Path) -> str:
 
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--markdown":
-        print(markdown(Path(sys.argv[2])))
+        d = json.loads(Path(sys.argv[2]).read_text())
+        print(owl_markdown(d) if "owl_minus_uniform" in d else markdown(Path(sys.argv[2])))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm-dlm")
@@ -208,11 +284,17 @@ def main():
     ap.add_argument("--heldout-timesteps", type=int, default=8)
     ap.add_argument("--keep-special", action="store_true", help="never mask the leading [CLS]/BOS (default: mask every position)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--owl", action="store_true", help="OWL vs uniform layer targets instead of the method grid")
+    ap.add_argument("--owl-sparsity", type=float, nargs="+", default=[0.5, 0.7])
+    ap.add_argument("--owl-lambda", type=float, default=0.08)
+    ap.add_argument("--owl-m", type=float, default=5.0)
     args = ap.parse_args()
     model, tok, mask_id, layers = load_for_calibration(args.model, args.threads)
     dense = {n: m.weight.detach().clone() for n, m in layers.items()}
     console = Console(width=160)
     t0 = time.time()
+    if args.owl:
+        return owl_main(model, layers, dense, mask_id, args, console, t0)
     per_seed = [run_seed(model, args.model, layers, dense, mask_id, seed, args, console, t0) for seed in args.seeds]
     paired = paired_rows(per_seed)
     hist = [sum(col) for col in zip(*(r["s_histogram"] for r in per_seed))]
@@ -222,6 +304,16 @@ def main():
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "per_seed": per_seed, "sink_minus_plain": paired,
                                "s_histogram": {"bins": S_BINS, "counts": hist}, "seconds": time.time() - t0}, indent=1))
+
+
+def owl_main(model, layers, dense, mask_id, args, console, t0) -> None:
+    per_seed = [run_owl_seed(model, args.model, layers, dense, mask_id, seed, args, console, t0) for seed in args.seeds]
+    result = {"args": vars(args), "per_seed": per_seed, "owl_minus_uniform": owl_rows(per_seed, args.owl_sparsity),
+              "seconds": time.time() - t0}
+    out = Path(__file__).parent / "results" / f"owl_{args.model}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    console.print(owl_markdown(result))
 
 
 if __name__ == "__main__":

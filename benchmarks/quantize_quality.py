@@ -35,7 +35,7 @@ from pipeline.maths.attention import AttentionMassProbe  # noqa: E402
 from pipeline.maths.diffusion import timestep_grid  # noqa: E402
 from pipeline.maths.gptq import gptq_quantize  # noqa: E402
 from pipeline.maths.metrics import elbo_nll  # noqa: E402
-from pipeline.maths.pruners import make_pruner  # noqa: E402
+from pipeline.maths.flavors import make_pruner  # noqa: E402
 from pipeline.maths.quantize import Scheme, round_to_nearest  # noqa: E402
 from pipeline.maths.sinks import sink_scores  # noqa: E402
 from pipeline.model.calibration import noised_batches  # noqa: E402

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,7 +35,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from method_comparison import heldout_nll  # noqa: E402  (the project's held-out NLL, reused as is)
-from pipeline.maths.pruners import FLAVORS, ReferenceSinkSparseGPT, ReferenceSinkWanda, Wanda  # noqa: E402
+from pipeline.maths.flavors import REFERENCE, register, with_noise_order  # noqa: E402
+from pipeline.maths.pruners import ReferenceSinkSparseGPT, ReferenceSinkWanda, Wanda  # noqa: E402
 
 
 # --- one switch each ----------------------------------------------------------------------------------------------
@@ -72,7 +74,7 @@ class OneShotSinkSparseGPT(ReferenceSinkSparseGPT):
     mode = "oneshot"
 
 
-VARIANTS = {  # flavour name -> (method, class); PruneCallback(flavor=name) picks the class from FLAVORS
+VARIANTS = {  # flavour name -> (method, class): the reference flavour with that one class switched
     "ablate-root-sum-squares": ("sink_wanda", RootSumSquaresSinkWanda),
     "ablate-per-timestep-scores": ("sink_sparsegpt", PerTimestepSinkSparseGPT),
     "ablate-noised-inputs": ("sink_sparsegpt", NoisedSinkSparseGPT),
@@ -80,7 +82,7 @@ VARIANTS = {  # flavour name -> (method, class); PruneCallback(flavor=name) pick
     "ablate-one-shot": ("sink_sparsegpt", OneShotSinkSparseGPT),
 }
 for _flavor, (_method, _cls) in VARIANTS.items():
-    FLAVORS[(_method, _flavor)] = _cls
+    register(replace(REFERENCE, name=_flavor, pruners={**REFERENCE.pruners, _method: _cls}))
 
 # row label -> (method, flavour, noise order, mode); the first row of each method is its base
 ROWS = {
@@ -114,11 +116,11 @@ def prune_once(loaded, method: str, flavor: str, noise: str, mode: str, seed: in
     from pipeline.model.module import DLMModule
 
     model, tokenizer, mask_id = loaded
-    module = DLMModule(pretrained=a.model, timesteps=a.timesteps, seed=seed, noise_order=noise)
+    module = DLMModule(pretrained=a.model, timesteps=a.timesteps, seed=seed)
     module.model, module.tokenizer, module.mask_token_id = model, tokenizer, mask_id  # loaded once per model
     dm = CalibrationData(tokenizer=a.model, nsamples=a.nsamples, seqlen=a.seqlen, seed=seed, batch_size=a.batch_size,
                          heldout_samples=a.heldout)
-    prune = PruneCallback(method=method, sparsity=0.5, flavor=flavor, mode=mode)
+    prune = PruneCallback(method=method, sparsity=0.5, flavor=with_noise_order(flavor, noise), mode=mode)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(workdir),
                         callbacks=[SinkStatsCallback(record=False, heatmap=False), prune])

@@ -5,7 +5,7 @@
     python benchmarks/vs_reference.py --markdown benchmarks/results/vs_reference.json     # README's table
 
 The first command is README's whole table in one invocation: T = 128 and 512, sink_wanda and sink_sparsegpt, this
-project's configurations `reference` (flavor=reference), `reference-noise` (the same with DLMModule(noise_order=
+project's configurations `reference` (flavor=reference), `reference-noise` (flavor=reference-exact, i.e. noise_order=
 "reference"): the reference's bits, reported as "identical (+weights)" when every mask entry and the sha256 of every
 pruned weight match), `default` (the default flavour at its recipes' mode: one-shot), `default-sequential` (an extra
 row) and `probes-only` (the floor of any schedule: the probed forwards alone), 3 repeats, cold and warm, peak RSS, mask
@@ -167,10 +167,13 @@ def run_project(ckpt: Path, windows, method: str, seed: int, timesteps: int, mod
     from callbacks.sink_stats import SinkStatsCallback
     from pipeline.model.module import DLMModule
 
-    module = DLMModule(pretrained=str(ckpt), timesteps=timesteps, seed=seed, noise_order=noise)
+    from pipeline.maths.flavors import with_noise_order
+
+    module = DLMModule(pretrained=str(ckpt), timesteps=timesteps, seed=seed)
     probes_only = flavor == "probes"  # the probed forwards alone (magnitude needs nothing of them: they stop early)
     method, flavor = ("magnitude", "default") if probes_only else (method, flavor)
-    prune = PruneCallback(method=method, sparsity=0.5, mode=mode, flavor=flavor, single_pass=single_pass, eager=eager)
+    prune = PruneCallback(method=method, sparsity=0.5, mode=mode, flavor=with_noise_order(flavor, noise),
+                          single_pass=single_pass, eager=eager)
     callbacks = ([SinkStatsCallback(record=False, heatmap=False)] if probes_only or method.startswith("sink_") else []) + [prune]
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,

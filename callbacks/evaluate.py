@@ -1,7 +1,8 @@
 """EvaluateExportCallback: scores the dense model before calibration and the pruned one after, writes
 results.json, the masks and the pruned model.
 
-List it after PruneCallback.  Without a PruneCallback it only scores the dense model (nothing is written).
+It reads the pruning through the run's PruneOutcome only (pipeline/run/outcome.py), so list it after the callback
+that publishes one (PruneCallback).  Without one it only scores the dense model (nothing is written).
 """
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from typing_extensions import override
 
-from callbacks.prune import PruneCallback
-from callbacks.quantize import QuantizeCallback, quantize_summary
+from callbacks.quantize import quantize_outcome, quantize_summary
 from callbacks.reduction import gather_records
+from pipeline.run.outcome import PruneOutcome
 from pipeline.run.outputs import prepare_output_dir, run_metadata, save_pruned
 from pipeline.run.phase import phase
+from pipeline.run.protocols import PublishesPruneOutcome, ScoresHeldout, check_listed_after, find_outcome, outcome_publisher
 from pipeline.evaluation.report import sparsity_report
 from pipeline.evaluation.scoring import paired_results
 
@@ -53,15 +55,16 @@ class EvaluateExportCallback(Callback):
         self.dense: dict = {}
         self.timings: dict = {}
         self.results: dict | None = None
-        self.prune: PruneCallback | None = None
+        self.prunes = False  # a callback publishes a PruneOutcome (found at setup)
 
     def output_path(self, trainer) -> Path:
         return Path(self.output_dir or Path(trainer.default_root_dir) / "pruned").expanduser()
 
     @override
     def setup(self, trainer, pl_module, stage=None) -> None:
-        self.prune = next((cb for cb in trainer.callbacks if isinstance(cb, PruneCallback)), None)
-        if self.prune is not None:
+        self.prunes = outcome_publisher(trainer) is not None
+        check_listed_after(trainer, self, PublishesPruneOutcome, "reads its PruneOutcome")
+        if self.prunes:
             prepare_output_dir(self.output_path(trainer), self.overwrite)
 
     def _dense_cache_key(self, trainer, pl_module) -> str | None:
@@ -71,8 +74,8 @@ class EvaluateExportCallback(Callback):
             return None
         if not (self.score_dense or (self.tasks and self.score_dense_tasks)):
             return None  # nothing dense to score, so nothing to cache
-        if not (hasattr(pl_module, "score_heldout") and hasattr(getattr(trainer, "datamodule", None), "heldout_dataloader")):
-            return None  # the key needs CalibrationModule scoring and held-out windows (a plain module has neither)
+        if not (isinstance(pl_module, ScoresHeldout) and hasattr(getattr(trainer, "datamodule", None), "heldout_dataloader")):
+            return None  # the key needs held-out scoring and held-out windows (a plain module has neither)
         settings = {"tasks": self.tasks if self.score_dense_tasks else [], "eval_kwargs": self.eval_kwargs,
                     "heldout": self.score_dense}
         return dense_cache.dense_key(pl_module, settings)
@@ -109,39 +112,38 @@ class EvaluateExportCallback(Callback):
 
     @override
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.prune is None:
+        if not self.prunes:
             return
-        prune = self.prune
-        timings = {**self.timings, **prune.info["timings"]}
-        timings["calibration_s"] = time.time() - timings.pop("calibration_start", time.time())
-        report = sparsity_report(prune.layers, prune.masks, prune.sparsity, prune.n_m)
-        results = {"method": prune.method, "sparsity": prune.sparsity, "n_m": prune.n_m, "mode": prune.mode,
-                   "calibrated_pairs": sorted(prune.seen), "sparsity_report": report}
-        if prune.t.experts:  # tokens routed to each expert (noised tokens, padding excluded; top_k times per layer)
-            results["moe"] = {"expert_tokens": dict(sorted(prune.expert_tokens.items())), "dense_routers": prune.t.dense_routers}
-        quantized = next((cb.outcome for cb in trainer.callbacks if isinstance(cb, QuantizeCallback)), None)
+        outcome = find_outcome(trainer)
+        timings = {**self.timings, **outcome.timings}
+        report = sparsity_report(outcome)
+        results = {**outcome.summary(), "sparsity_report": report}
+        quantized = quantize_outcome(trainer)
         if quantized is not None:  # the layers hold the quantized weights: what is scored and saved
             results["quantize"] = quantize_summary(quantized)
             timings.update(quantized.timings)
         pruned = self._score_pruned(pl_module, timings)
-        results.update({"dense": dict(self.dense), "pruned": pruned, "timings": timings, "sparsegpt": prune.info.get("sparsegpt", {})})
+        results.update({"dense": dict(self.dense), "pruned": pruned, "timings": timings, "sparsegpt": dict(outcome.solver_info)})
         results["paired"] = paired_results(self.dense, getattr(self, "dense_windows", {}), pruned,
-                                           gather_records(getattr(pl_module, "heldout_windows", {})) if self.score else {})
-        results["run"] = run_metadata(trainer, pl_module, prune)
+                                           gather_records(pl_module.heldout_windows) if self.score else {})
+        results["run"] = run_metadata(trainer, pl_module, outcome.settings)
         from pipeline.run.console import ordered_phases, phase_timings
 
         results["phase_timings"] = ordered_phases(phase_timings(), timings)
         self.results = results
         if trainer.is_global_zero:
-            self._print(report, pruned, prune.method)
-            out = self.output_path(trainer)
-            with phase("saving"):  # results.json gets timings.save_s before the folder is renamed into place
-                save_pruned(out, results, prune.masks, pl_module.model if self.save_model else None,
-                            getattr(pl_module, "tokenizer", None), self.overwrite, quantized)
-            _say(f"saved pruned model, masks and results to [bold]{out}[/]")
-            self._summary(results["phase_timings"])
+            self._print(report, pruned, outcome.method)
+            self._save(trainer, pl_module, results, outcome, quantized)
         if trainer.world_size > 1:
             trainer.strategy.barrier("prune_saved")
+
+    def _save(self, trainer, pl_module, results: dict, outcome: PruneOutcome, quantized=None) -> None:
+        out = self.output_path(trainer)
+        with phase("saving"):  # results.json gets timings.save_s before the folder is renamed into place
+            save_pruned(out, results, outcome.masks, pl_module.model if self.save_model else None,
+                        getattr(pl_module, "tokenizer", None), self.overwrite, quantized)
+        _say(f"saved pruned model, masks and results to [bold]{out}[/]")
+        self._summary(results["phase_timings"])
 
     def _score_pruned(self, pl_module, timings: dict) -> dict:
         pruned = {}

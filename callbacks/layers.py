@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks import moe
+from pipeline.maths import allocation
 from pipeline.maths import sparsity as sp
 from pipeline.model.calibration import find_blocks
 
@@ -148,13 +149,14 @@ def load_masks(masks_from: str, layers: dict[str, torch.nn.Linear]) -> dict[str,
     return masks
 
 
-def solve_layer(pruner, name: str, weight: torch.Tensor, stat) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """Solve and apply one layer's mask in place: (bool mask on CPU, updated weight or None, solver info)."""
+def solve_layer(pruner, name: str, weight: torch.Tensor, stat, target: float | None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Solve and apply one layer's mask in place (`target`: its fraction, None for N:M): (bool mask on CPU, updated
+    weight or None, solver info)."""
     if not torch.isfinite(weight).all():
         raise FloatingPointError(f"NaN/Inf in the weight of {name} before pruning")
     if pruner.statistic and stat is None:
         raise RuntimeError(f"prune: no calibration statistics reached {name}; the layer never ran in the calibration forward")
-    result = pruner.solve(weight, stat)
+    result = pruner.solve(weight, stat, target)
     new_weight, info = None, {}
     if result.weight is not None:
         weight.copy_(result.weight)
@@ -166,13 +168,30 @@ def solve_layer(pruner, name: str, weight: torch.Tensor, stat) -> tuple[torch.Te
     return result.mask.to(torch.bool).cpu(), new_weight, info
 
 
-def solve_layers(pruner, sums, shared, layers: dict, names: list[str]):
+def solve_layers(pruner, sums, shared, layers: dict, names: list[str], targets: dict[str, float | None]):
     """solve_layer for each of `names` in order, yielding (name, mask, new weight or None, info); the statistics are
     taken from `sums` (collective), a shared-input group's total once, freed after its last member."""
     shared.release()
     stats = sums.take_each(names, shared.key) if pruner.statistic else ((n, None) for n in names)
     for name, stat in stats:
-        yield (name, *solve_layer(pruner, name, layers[name].weight, stat))
+        yield (name, *solve_layer(pruner, name, layers[name].weight, stat, targets[name]))
+
+
+def owl_targets(pruner, sums, shared, layers: dict, block_layers: list[list[str]], owl) -> dict[str, float]:
+    """Per-layer targets of the OWL profile (pipeline/maths/allocation.py) from the summed statistics, block by block
+    (collective: every rank reads the same totals in the same order; the sums are left in place for the solve)."""
+    ratios, sizes, blocks = [], [], [names for names in block_layers if names]
+    for names in blocks:
+        scores = []
+        for name in names:
+            stat = sums.total(shared.key(name))
+            weight = layers[name].weight.detach()
+            scores.append(torch.zeros_like(weight, dtype=torch.float32) if stat is None  # an expert no token reached
+                          else pruner.outlier_scores(weight, stat).float())
+        ratios.append(allocation.outlier_ratio(scores, owl.m))
+        sizes.append(sum(layers[n].weight.numel() for n in names))
+    per_block = allocation.owl_targets(ratios, sizes, owl.average, owl.lmbda)
+    return {name: target for names, target in zip(blocks, per_block) for name in names}
 
 
 def reapply(layers: dict, masks: dict, pruned_weights: dict) -> None:

@@ -12,38 +12,46 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.reduction import SlotSums, default_slots
+from callbacks.reduction import SlotSums
 from callbacks.cached import RecordedBatches, calibrate_from_cache, uniform_block_calls
 from callbacks.schedule import MeanSinkScores, ProbedInputs, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
 from callbacks.layers import Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks, reapply
-from callbacks.layers import routed_tokens, solve_layers
+from callbacks.layers import owl_targets, routed_tokens, solve_layers
 from callbacks.shared import SharedInputs
 from pipeline.maths import sparsity as sp
+from pipeline.maths.allocation import ByGlob, Owl, Uniform, parse_sparsity
 from pipeline.model.calibration import NoisedBatch
+from pipeline.run.outcome import PruneOutcome
 from pipeline.run.phase import phase
-from pipeline.maths.pruners import METHODS, check_prune_args, make_pruner
+from pipeline.run.protocols import (ChoosesFlavor, DescribesCalibration, NoisedBatchHooks, PublishesPruneOutcome,
+                                    SinkScoreConsumer, check_listed_after, check_module, outcome_publisher)
+from pipeline.maths.flavors import get_flavor, make_pruner
+from pipeline.maths.pruners import METHODS, check_prune_args
 
 
-class PruneCallback(Callback):
-    """Compute and apply pruning masks from calibration.
+class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCalibration, PublishesPruneOutcome, ChoosesFlavor):
+    """Compute and apply pruning masks from calibration; publish them as a PruneOutcome when calibration ends.
 
     Args:
         method: magnitude, wanda, sparsegpt, sink_wanda, sink_sparsegpt, or dense (prunes nothing; e.g. to quantize alone).
-        sparsity: fraction of each row's weights to prune, in [0, 1) (default 0.5 unless n_m is set).
+        sparsity: fraction of each row's weights to prune, in [0, 1) (default 0.5 unless n_m is set); or per layer:
+            a mapping of globs on full layer names to fractions (first match wins), or a profile: "owl" or
+            {profile: owl, average: 0.5, lmbda: 0.08, m: 5} (pipeline/maths/allocation.py; one-shot, calibrated methods).
         n_m: semi-structured pattern "N:M" (N zeros in every M consecutive inputs), e.g. "2:4".
         targets / ignore: regexes on module names that select / drop Linear layers inside the blocks.
         mode: "oneshot" or "sequential" (block by block, on the outputs of the pruned blocks before it).
         blocksize / percdamp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).
-        reduction_slots: slots for DDP-exact sums (window i → slot i mod it); default 8, 1 for noise_order=reference.
+        reduction_slots: slots for DDP-exact sums (window i → slot i mod it); default 8, 1 for flavor reference-exact.
         masks_from: a previous run's output folder: apply its masks.safetensors instead of calibrating.
         single_pass: read the Linear inputs of SinkStatsCallback's probed forward, no second forward (bit-identical).
         use_variant: the reference's Wanda variant (alpha bisected per row); wanda, flavor=reference only.
         eager: hooked forwards in torch.compile's "force_eager" stance (no cold compile of a compiled SDPA).
-        flavor: "default" (this project's) or "reference" (the paper's code and schedule; docs/reference.md).
+        flavor: "default" (this project's), "reference" (the paper's pruners and schedule) or "reference-exact" (also
+            its noise order and mass operations: its bits; docs/reference.md); pipeline/maths/flavors.py.
     """
 
-    def __init__(self, method: str = "sink_wanda", sparsity: float | None = None, n_m: str | None = None,
+    def __init__(self, method: str = "sink_wanda", sparsity: float | str | dict | None = None, n_m: str | None = None,
                  targets: list[str] | None = None, ignore: list[str] | None = None, mode: str = "oneshot",
                  blocksize: int = 128, percdamp: float = 0.01, reduction_slots: int | None = None, masks_from: str | None = None,
                  single_pass: bool = True, flavor: str = "default", eager: bool = True, use_variant: bool = False):
@@ -51,38 +59,57 @@ class PruneCallback(Callback):
         if method in METHODS and sparsity is None and self.n_m is None:
             sparsity = 0.0 if method == "dense" else 0.5
         check_prune_args(method, sparsity, n_m, self.n_m, mode, blocksize, percdamp, reduction_slots)
-        self.method, self.flavor = method, flavor
-        self.sparsity = self.n_m[0] / self.n_m[1] if self.n_m else float(sparsity)
-        self.pruner = make_pruner(method, self.sparsity, self.n_m, flavor, blocksize=blocksize, percdamp=percdamp,
+        self.method, self.flavor = method, get_flavor(flavor)  # the run's flavour: the module and SinkStats read it too
+        self.allocation = Uniform(self.n_m[0] / self.n_m[1]) if self.n_m else parse_sparsity(sparsity)
+        self.sparsity = self.allocation.average  # the requested average (by globs: known with the layers, on_fit_start)
+        self.pruner = make_pruner(method, self.sparsity, self.n_m, self.flavor, blocksize=blocksize, percdamp=percdamp,
                                   use_variant=use_variant)
         self.mode = self.pruner.mode or mode
+        if isinstance(self.allocation, Owl) and (not self.pruner.statistic or self.mode != "oneshot" or masks_from):
+            raise ValueError(f"prune sparsity: the owl profile ranks every block's calibration statistics at once, so it "
+                             f"needs a calibrated method (not magnitude), mode oneshot and no masks_from (got method={method}, "
+                             f"mode={self.mode}{', masks_from' if masks_from else ''})")
+        self.layer_targets: dict[str, float] = {}  # layer -> fraction to prune (the owl profile's: at the solve)
         self.offset = 1 if self.pruner.mean_scores and self.pruner.statistic else 0  # 1: the epoch also collects s̄
         self.cached = bool(self.pruner.statistic and not masks_from and (self.pruner.inputs == "clean" or self.offset))
         self.mean_scores, self.recorded = MeanSinkScores(self.pruner), RecordedBatches()
         self.targets, self.ignore = compile_patterns("targets", targets), compile_patterns("ignore", ignore)
+        if masks_from and not (Path(masks_from).expanduser() / "masks.safetensors").is_file():
+            raise FileNotFoundError(f"prune masks_from={masks_from}: no masks.safetensors there; point it at a previous run's output_dir")
         self.reduction_slots, self.masks_from, self.single_pass, self.eager = reduction_slots, masks_from, single_pass, eager
         self.t, self.sums, self.info, self.masks = Targets(), None, {"timings": {}}, {}  # masks: True = pruned
         self.shared, self.probed = SharedInputs(), ProbedInputs()
         self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
         # layers SparseGPT updated; weights to restore on resume; expert name -> calibration tokens routed to it
         self.updated, self._resumed, self.expert_tokens = set(), {}, {}
+        self._outcome: PruneOutcome | None = None
 
     layers = property(lambda self: self.t.layers)  # name -> targeted nn.Linear
     pruned_weights = property(lambda self: {n: self.layers[n].weight.detach().cpu() for n in sorted(self.updated)})
     _routed = lambda self, name: routed_tokens(self.t.experts, name)  # noqa: E731 - an MoE expert's token rows
 
+    @property
+    def prune_outcome(self) -> PruneOutcome | None:
+        return self._outcome
+
     @override
     def setup(self, trainer, pl_module, stage=None) -> None:
+        check_module(pl_module, "PruneCallback")
+        outcome_publisher(trainer)  # one pruning callback
         if self.pruner.weighting.sink_aware and not any(isinstance(cb, SinkStatsCallback) for cb in trainer.callbacks):
             raise ValueError(f"prune method={self.method} needs a SinkStatsCallback listed before PruneCallback in trainer.callbacks")
-        if self.masks_from and not (Path(self.masks_from).expanduser() / "masks.safetensors").is_file():
-            raise FileNotFoundError(f"prune masks_from={self.masks_from}: no masks.safetensors there; point it at a previous run's output_dir")
-        self.reduction_slots = default_slots(self.reduction_slots, trainer.world_size, pl_module)
+        check_listed_after(trainer, self, SinkStatsCallback, "reads its sink scores")
+        self.reduction_slots = self.flavor.slots(self.reduction_slots, trainer.world_size)
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
         """Find the layers once the model exists (configure_model), before any calibration work."""
         self.t = find_targets(pl_module.model, self.targets, self.ignore, self.n_m, self.pruner.statistic and self.method)
+        if not isinstance(self.allocation, Owl):
+            self.layer_targets = self.allocation.targets(self.layers)
+        if isinstance(self.allocation, ByGlob):
+            sizes = {n: layer.weight.numel() for n, layer in self.layers.items()}
+            self.sparsity = sum(self.layer_targets[n] * sizes[n] for n in sizes) / sum(sizes.values())
         if self.pruner.statistic and not self.masks_from:  # layers fed one tensor share one statistic
             self.shared = SharedInputs.find(pl_module, self.layers, self.t.block_modules[-1], self.eager)
         if self.cached:  # one epoch (s̄, the recorded batches), then block by block from cached inputs at its end
@@ -106,11 +133,21 @@ class PruneCallback(Callback):
             return self.t.block_layers[epoch] if epoch < len(self.t.block_layers) else []
         return list(self.layers)
 
+    @override
     def wants_sink_scores(self, epoch: int) -> bool:  # SinkStatsCallback skips its probe when no consumer wants them
         return epoch == 0 or self.pruner.inputs == "noised"
 
+    @override
     def reads_probed_forward(self, epoch: int) -> bool:  # False: the probe may stop at the last attention call
         return self.probed.reads_last_block
+
+    @override
+    def calibration_phase(self, epoch: int, epochs: int) -> str | None:
+        """Layer-sequential: "calibration block i/L" (after the reference flavour's sink-score epoch, if any)."""
+        if self.mode != "sequential" or epochs <= 1:
+            return None
+        block, blocks = epoch - self.offset, epochs - self.offset
+        return "calibration (sink scores)" if block < 0 else f"calibration block {block + 1}/{blocks}"
 
     @override
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -118,6 +155,7 @@ class PruneCallback(Callback):
         if self.single_pass and self.pruner.weighting.sink_aware and self.pruner.inputs == "noised":
             self.probed.start(self.layers, self._active_layers(trainer.current_epoch), self._routed, self.t.last_block_name)
 
+    @override
     def on_noised_batch(self, trainer, pl_module, nb: NoisedBatch) -> None:
         if self.cached:  # the work happens at the epoch's end (calibrate_from_cache)
             self.recorded.record(nb, self.pruner.inputs == "clean")
@@ -161,7 +199,7 @@ class PruneCallback(Callback):
         batches = self.recorded.noised_batches(pl_module.device)
         if self.offset:  # every rank gets every sample's s̄
             self.mean_scores.gather()
-            batches = [self.mean_scores.with_mean(nb, self.flavor) for nb in batches]
+            batches = [self.mean_scores.with_mean(nb, self.flavor.name) for nb in batches]
         on_input = lambda n, x, nb: self._add(n, x, self._routed(n), nb)  # noqa: E731
         with phase("calibrating block by block"):
             calibrate_from_cache(pl_module, self.t, batches, on_input, self._solve, self.eager, self.mode == "sequential",
@@ -173,8 +211,13 @@ class PruneCallback(Callback):
         if self.pruner.statistic:
             samples, leaders = len({s for _, s, _ in self.seen} | self.recorded.ids), [n for n in names if self.shared.key(n) == n]
             count_expert_tokens(self.sums, self.t.experts, leaders, self.expert_tokens, samples)
+        if isinstance(self.allocation, Owl) and not self.layer_targets:
+            with torch.no_grad(), phase("OWL layer targets"):
+                self.layer_targets = owl_targets(self.pruner, self.sums, self.shared, self.layers, self.t.block_layers,
+                                                 self.allocation)
+        targets = {n: None if self.n_m else self.layer_targets[n] for n in names}
         with torch.no_grad(), phase("computing the masks"):
-            for name, mask, new_weight, info in solve_layers(self.pruner, self.sums, self.shared, self.layers, names):
+            for name, mask, new_weight, info in solve_layers(self.pruner, self.sums, self.shared, self.layers, names, targets):
                 self.masks[name] = mask
                 if new_weight is not None:
                     self.updated.add(name)
@@ -183,16 +226,36 @@ class PruneCallback(Callback):
         self.info["timings"]["prune_s"] = self.info["timings"].get("prune_s", 0.0) + time.time() - t0
 
     @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._outcome = self._publish()
+
+    def _publish(self) -> PruneOutcome:
+        timings = dict(self.info["timings"])
+        timings["calibration_s"] = time.time() - timings.pop("calibration_start", time.time())
+        layers = self.layers
+        return PruneOutcome(
+            method=self.method, flavor=self.flavor.name, solver=type(self.pruner).__name__, mode=self.mode,
+            sparsity=self.sparsity, n_m=self.n_m, promise=self.pruner.promise, layers=layers,
+            masks={n: self.masks[n] for n in layers if n in self.masks}, targets=self.layer_targets,
+            updated=self.updated, solver_info=self.info.get("sparsegpt", {}), calibrated_pairs=tuple(sorted(self.seen)),
+            expert_of={n: e for n, (e, _) in self.t.experts.items()}, expert_tokens=self.expert_tokens,
+            dense_routers=tuple(self.t.dense_routers), timings=timings,
+            settings={"method": self.method, "flavor": self.flavor.name, "sparsity": self.sparsity, "n_m": self.n_m,
+                      "mode": self.mode, "reduction_slots": self.reduction_slots, "masks_from": self.masks_from,
+                      "single_pass": self.single_pass, "eager": self.eager})
+
+    @override
     def state_dict(self) -> dict:
         return {"masks": self.masks, "sums": self.sums.state_dict() if self.sums else None,
                 "seen": sorted(self.seen), "pruned_weights": self.pruned_weights, "expert_tokens": self.expert_tokens,
-                "mean_scores": self.mean_scores.sums, "recorded": self.recorded.state_dict()}
+                "mean_scores": self.mean_scores.sums, "recorded": self.recorded.state_dict(), "layer_targets": self.layer_targets}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         self.masks, self._resumed, self.expert_tokens, self.mean_scores.sums = (
             state_dict.get(k, {}) for k in ("masks", "pruned_weights", "expert_tokens", "mean_scores"))
         self.seen = {tuple(k) for k in state_dict.get("seen", [])}
+        self.layer_targets = state_dict.get("layer_targets") or self.layer_targets
         self.recorded.load_state_dict(state_dict.get("recorded", {}))
         if state_dict.get("sums") is not None:
             self.sums = SlotSums(self.reduction_slots or state_dict["sums"]["slots"])

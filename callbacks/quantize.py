@@ -29,11 +29,11 @@ from callbacks.schedule import hooked_forward
 from callbacks.shared import SharedInputs
 from callbacks.sink_stats import SinkStatsCallback
 from pipeline.maths.gptq import gptq_quantize
-from pipeline.maths.pruners import make_pruner
+from pipeline.maths.flavors import make_pruner
 from pipeline.maths.quantize import Scheme, round_to_nearest
-from pipeline.model.calibration import NoisedBatch
 from pipeline.model.fused_experts import UnfusedExperts
 from pipeline.run.phase import phase
+from pipeline.run.protocols import NoisedBatch, NoisedBatchHooks, SinkScoreConsumer, callbacks_of, find_outcome
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class QuantizeOutcome:
         object.__setattr__(self, "timings", MappingProxyType(dict(self.timings)))
 
 
-class QuantizeCallback(Callback):
+class QuantizeCallback(Callback, NoisedBatchHooks, SinkScoreConsumer):
     """Quantize the pruned layers' weights in place (the pruned weights stay exactly zero).
 
     Args:
@@ -130,12 +130,15 @@ class QuantizeCallback(Callback):
             self.sums = self.sums or SlotSums(self.reduction_slots)
             self.shared = SharedInputs.find(pl_module, self.layers, self.prune.t.block_modules[-1], self.eager)
 
+    @override
     def wants_sink_scores(self, epoch: int) -> bool:  # SinkStatsCallback probes only when a consumer wants them
         return bool(self.gptq and self.sink_aware and epoch == 0)
 
+    @override
     def reads_probed_forward(self, epoch: int) -> bool:  # its own hooked forward reads the layer inputs
         return False
 
+    @override
     def on_noised_batch(self, trainer, pl_module, nb: NoisedBatch) -> None:
         if self.gptq and trainer.current_epoch == 0:
             self._accumulate(pl_module, nb)
@@ -157,12 +160,16 @@ class QuantizeCallback(Callback):
 
     @override
     def on_train_end(self, trainer, pl_module) -> None:
-        """Every layer pruned by now (one-shot, sequential or from cache): quantize them, joint with their masks."""
-        self._quantize()
+        """PruneCallback has published its PruneOutcome (its on_train_end runs first): quantize the pruned layers, joint
+        with their masks."""
+        self._quantize(find_outcome(trainer))
 
-    def _quantize(self) -> None:
+    def _quantize(self, outcome) -> None:
         t0 = time.time()
-        masks, scales, info = self.prune.masks, {}, {}
+        missing = sorted(set(self.layers) - set(outcome.layers))
+        if missing:
+            raise RuntimeError(f"quantize: {missing[0]} is not among the PruneOutcome's layers; the pruning changed its targets")
+        masks, scales, info = outcome.masks, {}, {}
         names = list(self.layers)
         self.shared.release()
         stats = self.sums.take_each(names, self.shared.key) if self.gptq else ((n, None) for n in names)
@@ -211,6 +218,11 @@ def tied_layers(model, layers: dict) -> list[tuple[str, str]]:
         if isinstance(weight, torch.nn.Parameter):
             holders.setdefault(id(weight), []).append(name)
     return [(n, next(o for o in holders[id(m.weight)] if o != n)) for n, m in layers.items() if len(holders[id(m.weight)]) > 1]
+
+
+def quantize_outcome(trainer) -> QuantizeOutcome | None:
+    """The run's QuantizeOutcome (None: nothing quantized); read in on_train_end, after QuantizeCallback's."""
+    return next((cb.outcome for cb in callbacks_of(trainer, QuantizeCallback)), None)
 
 
 def quantize_summary(outcome: QuantizeOutcome) -> dict:

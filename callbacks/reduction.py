@@ -18,13 +18,6 @@ import torch.distributed as dist
 from pipeline.run.strategy import dist_ready
 
 
-def default_slots(slots: int | None, world_size: int, pl_module) -> int:
-    """The user's count, else 8; 1 in one process with DLMModule(noise_order="reference"): one running statistic
-    over every window in order, as the reference keeps it (its bits)."""
-    bitwise = world_size == 1 and getattr(pl_module, "hparams", {}).get("noise_order") == "reference"
-    return slots or (1 if bitwise else 8)
-
-
 def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist_ready() else (0, 1)
 

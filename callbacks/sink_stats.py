@@ -6,8 +6,8 @@ probability each key receives over queries, heads and layers, and publishes
 for PruneCallback to down-weight sink tokens.  During the first epoch it also records per-(sample,
 timestep) diagnostics; at the epoch's end it gathers them across ranks and rank 0 writes
 `sinks.json` (per-timestep table, sink-position variance across timesteps) and `sink_heatmap.png`.
-With DLMModule(noise_order="reference") the mass and the scores use the reference's own operations (its bits:
-pipeline/maths/reference.py) wherever there is no padding.
+The run's flavour (pipeline/maths/flavors.py; "reference-exact": the reference's own operations, its bits) picks
+the operations of the mass and the scores.
 """
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ from pipeline.model.calibration import (NoisedBatch, calibration_forward, find_b
 from callbacks.reduction import gather_records
 from pipeline.maths.attention import AttentionMassProbe
 from pipeline.run.outputs import AtomicDir
+from pipeline.run.protocols import NoisedBatchHooks, SinkScoreConsumer, callbacks_of, check_module, run_flavor
 from pipeline.evaluation.sink_tables import plot_heatmap, render_timestep_table, positional_warning, summarize_records
-from pipeline.maths import reference
-from pipeline.maths.sinks import mass_statistics, sink_scores, token_kind
+from pipeline.maths.flavors import DEFAULT
+from pipeline.maths.sinks import mass_statistics, token_kind
 
 
-class SinkStatsCallback(Callback):
+class SinkStatsCallback(Callback, NoisedBatchHooks):
     def __init__(
         self,
         sink_std: float = 2.0,
@@ -58,7 +59,10 @@ class SinkStatsCallback(Callback):
         self._stop_after: torch.nn.Module | None = None
         self._last_call: int | None = None
         self._calls_checked = False
-        self._reference_order = False
+        self._flavor = DEFAULT
+
+    def setup(self, trainer, pl_module, stage=None) -> None:
+        check_module(pl_module, "SinkStatsCallback")
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Fail in seconds, not after the dense scoring, when the probe cannot see the model's attention."""
@@ -71,19 +75,18 @@ class SinkStatsCallback(Callback):
         # whole forward of a calibration window has made that many calls too (on_noised_batch_start)
         self._last_call = probe.calls if probe.calls == len(find_blocks(pl_module.model)) else None
         self._calls_checked = False
-        # DLMModule(noise_order="reference") reproduces the reference bit for bit: its mass and score operations too
-        self._reference_order = getattr(pl_module, "hparams", {}).get("noise_order") == "reference"
+        self._flavor = run_flavor(trainer)
 
     # --- per noised batch --------------------------------------------------------------------------
     def on_noised_batch_start(self, trainer, pl_module, nb: NoisedBatch) -> None:
-        consumers = [cb for cb in trainer.callbacks if hasattr(cb, "wants_sink_scores")]
+        consumers = callbacks_of(trainer, SinkScoreConsumer)
         if consumers and not any(cb.wants_sink_scores(trainer.current_epoch) for cb in consumers):
             return  # e.g. flavor="reference" SparseGPT's clean-input block epochs
         valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
-        read = any(getattr(cb, "reads_probed_forward", lambda epoch: True)(trainer.current_epoch) for cb in consumers)
+        read = any(cb.reads_probed_forward(trainer.current_epoch) for cb in consumers)
         last_call = None if read or not self._calls_checked else self._last_call  # None: the whole forward
         with AttentionMassProbe(per_layer=self.per_layer, chunk_size=self.chunk_size, query_weights=valid,
-                                last_call=last_call, reference_order=self._reference_order) as probe:
+                                last_call=last_call, reference_order=self._flavor.reference_mass) as probe:
             forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask, stop_after=self._stop_after)
         probe.require_attention()
         if not self._calls_checked:  # the first whole forward of a window: the same number of calls as at fit start?
@@ -96,10 +99,7 @@ class SinkStatsCallback(Callback):
                 f"attention mass has NaN/Inf at timestep t={nb.t} (samples {nb.sample_ids}){where}; "
                 "check the model's dtype and inputs"
             )
-        if self._reference_order and (valid is None or bool(valid.all())):
-            nb.sink_scores = reference.sink_scores(mass, self.sink_std, self.sink_alpha)
-        else:
-            nb.sink_scores = sink_scores(mass, k=self.sink_std, alpha=self.sink_alpha, valid=valid)
+        nb.sink_scores = self._flavor.sink_scores(mass, self.sink_std, self.sink_alpha, valid)
         nb.extras["attention_mass"] = mass
         if self.per_layer:
             nb.extras["attention_mass_per_layer"] = probe.per_layer

@@ -43,7 +43,7 @@ def test_short_flags_rewrite():
 def test_method_flags_reach_prune_callback():
     from jsonargparse import Namespace
 
-    from pipeline.run.lightning_cli import PRUNE, SINK_STATS, apply_method_flags
+    from lightning_cli import PRUNE, SINK_STATS, apply_method_flags
 
     config = {"trainer": {"callbacks": [Namespace(class_path=PRUNE, init_args=Namespace(method="wanda", sparsity=0.5, n_m=None))]}}
     apply_method_flags(config, {"method": "sink_wanda", "n_m": "2:4"})

@@ -21,6 +21,7 @@ from callbacks.prune import PruneCallback
 from callbacks.sink_stats import SinkStatsCallback
 from tests.test_protocol import PlainModule
 from pipeline.maths.attention import AttentionMassProbe
+from pipeline.run.protocols import NoisedBatchHooks
 
 SEEDS = [0, 1, 2, 3]
 MAJOR = int(transformers.__version__.split(".")[0])
@@ -106,7 +107,7 @@ def test_probe_on_random_inputs(seed, minilm):
 
 # --- (b) both callbacks through the protocol on a plain LightningModule --------------------------------------
 
-class Spy(Callback):
+class Spy(Callback, NoisedBatchHooks):
     """Between SinkStatsCallback and PruneCallback: checks every noised batch's sink scores and attention
     mass, and PruneCallback's summed statistics just before it prunes (its epoch-end hook runs after ours)."""
 

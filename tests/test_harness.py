@@ -43,7 +43,7 @@ def tiny():
 def minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    from pipeline.zoo.minilm_dlm import wheel_path
+    from pipeline.model.minilm import wheel_path
 
     return AutoTokenizer.from_pretrained(wheel_path())
 
@@ -331,7 +331,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str):
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
-    from pipeline.zoo.minilm_dlm import wheel_path
+    from pipeline.model.minilm import wheel_path
 
     torch.set_num_threads(1)
     # what torchrun exports; DiffusionLM joins the process group itself

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.model.loading import load_dlm
-from pipeline.zoo import minilm_dlm
+from pipeline.model import minilm
 from pipeline.zoo.minilm_report import unigram_entropy
 from pipeline.zoo.train_minilm import heldout_elbo
 from pipeline.zoo.training import token_stream
@@ -19,7 +19,7 @@ def streams():
 def test_model_loads_offline_and_beats_unigram(name, streams):
     tok, train, held = streams
     model, _ = load_dlm(name)
-    variant = minilm_dlm.VARIANTS[name]
+    variant = minilm.VARIANTS[name]
     assert getattr(model.config, "is_decoder", False) == variant.causal
     torch.manual_seed(0)
     nll = heldout_elbo(model, held, tok.mask_token_id, tok.cls_token_id, variant, n_windows=16, n_t=4)
@@ -29,7 +29,7 @@ def test_model_loads_offline_and_beats_unigram(name, streams):
 
 def test_rel_model_has_no_position_zero_row():
     """minilm-dlm-rel's position table is the wheel's shifted by one: BERT's position-0 anchor is gone."""
-    base = minilm_dlm.base_masked_lm()
+    base = minilm.base_masked_lm()
     rel, _ = load_dlm("minilm-dlm-rel")
     table, shifted = base.bert.embeddings.position_embeddings.weight, rel.bert.embeddings.position_embeddings.weight
     assert torch.equal(shifted[:-1], table[1:])

@@ -5,21 +5,24 @@ sink scores, then recomputes the masks with the oracle from the same model and t
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import lightning as L
 import pytest
 import torch
 
 from callbacks.prune import PruneCallback
 from callbacks.sink_stats import SinkStatsCallback
-from pipeline.maths.pruners import make_pruner
+from pipeline.maths.flavors import REFERENCE, make_pruner, register
 from pipeline.model.calibration import find_blocks
 from pipeline.model.module import DLMModule
+from pipeline.run.protocols import NoisedBatchHooks
 from tests import reference_formulas as ref
 
 NSAMPLES, SEQLEN, TIMESTEPS = 6, 128, 2
 
 
-class Recorder(L.Callback):
+class Recorder(L.Callback, NoisedBatchHooks):
     """Listed after PruneCallback: keeps every noised batch (ids, sink scores) in dispatch order, epoch 0 only."""
 
     def __init__(self):
@@ -36,8 +39,11 @@ def _windows():
 
 
 def _run(method: str, tmp_path, noise_order: str = "per_sample", **prune_kwargs):
-    module = DLMModule(pretrained="tiny-llada", timesteps=TIMESTEPS, seed=0, noise_order=noise_order)
-    prune = PruneCallback(method=method, sparsity=0.5, flavor="reference", **prune_kwargs)
+    """flavor reference (per-sample noise), or reference-exact (noise_order "reference": also the reference's noise
+    order, mass and score operations and one slot)."""
+    module = DLMModule(pretrained="tiny-llada", timesteps=TIMESTEPS, seed=0)
+    flavor = "reference-exact" if noise_order == "reference" else "reference"
+    prune = PruneCallback(method=method, sparsity=0.5, flavor=flavor, **prune_kwargs)
     recorder = Recorder()
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
@@ -71,7 +77,7 @@ def _agreement(a, b):
 
 @pytest.mark.parametrize("noise_order", ["per_sample", "reference"])
 def test_sink_wanda_reference_matches_oracle(tmp_path, noise_order):
-    # one reduction slot (noise_order="reference" chooses it by itself): one float32 sum in dispatch order
+    # one reduction slot (flavor reference-exact chooses it by itself): one float32 sum in dispatch order
     module, prune, recorder = _run("sink_wanda", tmp_path, noise_order, single_pass=True,
                                    **({"reduction_slots": 1} if noise_order == "per_sample" else {}))
     assert prune.mode == "oneshot" and len(recorder.batches) == NSAMPLES * TIMESTEPS
@@ -157,7 +163,7 @@ def _running_hessian32(inputs, scores):
 
 @pytest.mark.parametrize("noise_order", ["per_sample", "reference"])
 def test_sink_sparsegpt_reference_matches_oracle(tmp_path, noise_order):
-    # one reduction slot: one running mean over every window in order, as the reference (noise_order="reference"
+    # one reduction slot: one running mean over every window in order, as the reference (flavor reference-exact
     # chooses it by itself in one process)
     module, prune, recorder = _run("sink_sparsegpt", tmp_path, noise_order,
                                    **({"reduction_slots": 1} if noise_order == "per_sample" else {}))
@@ -258,7 +264,7 @@ def _collector_mass(model, ids):
 
 
 def test_reference_noise_order_gives_the_reference_sink_scores(tmp_path):
-    """noise_order="reference": each noised batch's sink scores are the reference's, bit for bit: its collector's mass
+    """flavor reference-exact: each noised batch's sink scores are the reference's, bit for bit: its collector's mass
     and sigmoid(alpha·(mass − (mean + 2·population std)))."""
     _, _, recorder = _run("sink_wanda", tmp_path, "reference")
     dense = _dense_model()
@@ -269,7 +275,7 @@ def test_reference_noise_order_gives_the_reference_sink_scores(tmp_path):
 
 
 def test_reference_noise_order_replays_the_global_generator():
-    """noise_order="reference": the k-th draw after manual_seed(seed) noises (window k // n_t, timestep k % n_t)."""
+    """flavor reference-exact: the k-th draw after manual_seed(seed) noises (window k // n_t, timestep k % n_t)."""
     from pipeline.maths.diffusion import timestep_grid
     from pipeline.model.calibration import reference_noised_batches
 
@@ -383,7 +389,7 @@ def _uncached_reference(method, prune, mode="sequential", inputs=None):
                 hooked_forward(module, modules, names, add, ids, None, stop, True)
         with torch.no_grad():
             for n in names:
-                masks[n], weights[n], _ = solve_layer(pruner, n, modules[n].weight, sums.total(n))
+                masks[n], weights[n], _ = solve_layer(pruner, n, modules[n].weight, sums.total(n), 0.5)
     return masks, weights
 
 
@@ -423,12 +429,13 @@ def test_cached_block_inputs_are_bit_identical_to_full_forwards(tmp_path, method
 
 def test_cached_one_shot_is_bit_identical_to_a_dense_forward(tmp_path):
     """A clean-input flavour in one-shot mode: every layer's statistic from the dense model, one pass per block."""
-    from pipeline.maths.pruners import FLAVORS, ReferenceSinkSparseGPT
+    from pipeline.maths.flavors import FLAVORS
+    from pipeline.maths.pruners import ReferenceSinkSparseGPT
 
     class OneShot(ReferenceSinkSparseGPT):
         mode = "oneshot"
 
-    FLAVORS[("sink_sparsegpt", "test-one-shot")] = OneShot
+    register(replace(REFERENCE, name="test-one-shot", pruners={**REFERENCE.pruners, "sink_sparsegpt": OneShot}))
     try:
         module = DLMModule(pretrained="tiny-llada", timesteps=TIMESTEPS, seed=0)
         prune = PruneCallback(method="sink_sparsegpt", sparsity=0.5, flavor="test-one-shot")
@@ -440,7 +447,7 @@ def test_cached_one_shot_is_bit_identical_to_a_dense_forward(tmp_path):
         loader = torch.utils.data.DataLoader(_items(), batch_size=1)
         trainer.fit(module, train_dataloaders=loader)
     finally:
-        del FLAVORS[("sink_sparsegpt", "test-one-shot")]
+        del FLAVORS["test-one-shot"]
     assert prune.mode == "oneshot" and prune.cached
     masks, weights = _uncached_reference("sink_sparsegpt", prune, mode="oneshot")
     assert all(torch.equal(masks[n], prune.masks[n]) for n in masks)
@@ -495,12 +502,13 @@ def test_reference_flavor_resumes_mid_epoch_to_the_same_masks(tmp_path):
 def test_cached_noised_inputs_with_mean_scores_are_bit_identical(tmp_path):
     """A pruner with s̄ on noised inputs (the ablation's row 4): every (window, timestep) recorded, then block by block
     from cached inputs, the same bits as full forwards of those x_t."""
-    from pipeline.maths.pruners import FLAVORS, ReferenceSinkSparseGPT
+    from pipeline.maths.flavors import FLAVORS
+    from pipeline.maths.pruners import ReferenceSinkSparseGPT
 
     class Noised(ReferenceSinkSparseGPT):
         inputs = "noised"
 
-    FLAVORS[("sink_sparsegpt", "test-noised")] = Noised
+    register(replace(REFERENCE, name="test-noised", pruners={**REFERENCE.pruners, "sink_sparsegpt": Noised}))
     try:
         import lightning as L
 
@@ -511,7 +519,7 @@ def test_cached_noised_inputs_with_mean_scores_are_bit_identical(tmp_path):
                             callbacks=[SinkStatsCallback(record=False, heatmap=False), prune, recorder])
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_items(), batch_size=1))
     finally:
-        del FLAVORS[("sink_sparsegpt", "test-noised")]
+        del FLAVORS["test-noised"]
     assert prune.cached and len(prune.recorded.batches) == NSAMPLES * TIMESTEPS
     noised = [(sids[0], ids) for sids, ids, _, _ in recorder.batches]
     masks, weights = _uncached_reference("sink_sparsegpt", prune, inputs=noised)

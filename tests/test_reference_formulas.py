@@ -12,8 +12,8 @@ def test_sink_scores_by_hand():
     # mean 2, population std sqrt((1+1+1+9)/4) = sqrt(3); threshold 2 + 2·sqrt(3)
     thr = 2 + 2 * math.sqrt(3)
     expected = [1 / (1 + math.exp(-5 * (v - thr))) for v in (1.0, 1.0, 1.0, 5.0)]
-    torch.testing.assert_close(rf.sink_scores(mass), torch.tensor([expected], dtype=torch.float64))
-    flat = rf.sink_scores(torch.full((2, 3), 7.0))
+    torch.testing.assert_close(rf.collector_sink_scores(mass), torch.tensor([expected], dtype=torch.float64))
+    flat = rf.collector_sink_scores(torch.full((2, 3), 7.0))
     torch.testing.assert_close(flat, torch.full((2, 3), 0.5, dtype=torch.float64))  # std 0: sigmoid(0)
 
 
@@ -21,17 +21,17 @@ def test_attention_mass_by_hand_and_gqa():
     # one head, d=1: q = [0, 0] gives uniform attention; two queries over two keys -> mass [1, 1]
     q = torch.zeros(1, 1, 2, 1)
     k = torch.tensor([[[[1.0], [2.0]]]])
-    torch.testing.assert_close(rf.attention_mass(q, k), torch.tensor([[1.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(rf.collector_attention_mass(q, k), torch.tensor([[1.0, 1.0]], dtype=torch.float64))
     # q = [ln 3] against k = [0, 1]: softmax([0, ln 3]) = [1/4, 3/4]
     q = torch.full((1, 1, 1, 1), math.log(3.0))
     k = torch.tensor([[[[0.0], [1.0]]]])
-    torch.testing.assert_close(rf.attention_mass(q, k), torch.tensor([[0.25, 0.75]], dtype=torch.float64))
+    torch.testing.assert_close(rf.collector_attention_mass(q, k), torch.tensor([[0.25, 0.75]], dtype=torch.float64))
     # GQA: 2 query heads share one key head -> twice the one-head mass
-    torch.testing.assert_close(rf.attention_mass(q.repeat(1, 2, 1, 1), k), torch.tensor([[0.5, 1.5]], dtype=torch.float64))
+    torch.testing.assert_close(rf.collector_attention_mass(q.repeat(1, 2, 1, 1), k), torch.tensor([[0.5, 1.5]], dtype=torch.float64))
     # every query row sums to 1: total mass = heads · queries
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 5, 3, generator=g), torch.randn(2, 2, 5, 3, generator=g)
-    torch.testing.assert_close(rf.attention_mass(q, k).sum(dim=1), torch.full((2,), 20.0, dtype=torch.float64))
+    torch.testing.assert_close(rf.collector_attention_mass(q, k).sum(dim=1), torch.full((2,), 20.0, dtype=torch.float64))
 
 
 def test_wanda_norm_sum_is_a_sum_of_per_batch_norms():
@@ -94,8 +94,8 @@ def test_formulas_that_the_project_shares_agree_with_it():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
     mass = attention_mass(q, k)
-    torch.testing.assert_close(mass.double(), rf.attention_mass(q, k), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sink_scores(mass).double(), rf.sink_scores(mass), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mass.double(), rf.collector_attention_mass(q, k), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sink_scores(mass).double(), rf.collector_sink_scores(mass), rtol=1e-5, atol=1e-6)
     x, s = torch.randn(3, 9, 5, generator=g), torch.rand(3, 9, generator=g)
     acc = torch.zeros(5, 5)
     for b in range(3):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from pipeline.maths import sparsity as sp
+from tests import float64_statistics as f64
 
 torch.set_num_threads(1)
 
@@ -30,7 +31,7 @@ def zeros_per_group(mask, m):
 
 def test_wanda_matches_naive_loop():
     weight, x = _randn(6, 10, seed=1), _randn(20, 10, seed=2)
-    act_sq_sum = sp.accumulate_act_sq_sum(sp.new_act_sq_sum(10), x)
+    act_sq_sum = f64.accumulate_act_sq_sum(f64.new_act_sq_sum(10), x)
     scores = sp.wanda_scores(weight, act_sq_sum)
     for i in range(6):
         for j in range(10):
@@ -46,8 +47,8 @@ def test_wanda_matches_naive_loop():
 
 def test_statistics_with_row_weights_match_naive():
     x, w = _randn(7, 5, seed=3), torch.rand(7, generator=torch.Generator().manual_seed(4))
-    act = sp.accumulate_act_sq_sum(sp.new_act_sq_sum(5), x, w)
-    hess = sp.accumulate_hessian(sp.new_hessian(5), x, w)
+    act = f64.accumulate_act_sq_sum(f64.new_act_sq_sum(5), x, w)
+    hess = f64.accumulate_hessian(f64.new_hessian(5), x, w)
     xd, wd = x.double(), w.double()
     assert torch.allclose(act, ((wd[:, None] * xd) ** 2).sum(0))
     assert torch.allclose(hess, (wd[:, None] * xd).T @ (wd[:, None] * xd))
@@ -57,14 +58,14 @@ def test_statistics_with_row_weights_match_naive():
 def test_zero_sink_scores_equal_plain_statistics_bit_for_bit():
     # several batches, a 3-D [B, L, d] input, and a non-contiguous one: all must match exactly
     batches = [_randn(2, 9, 16, seed=s) for s in range(3)] + [_randn(16, 18, seed=9).T]
-    plain_act, plain_h = sp.new_act_sq_sum(16), sp.new_hessian(16)
-    sink_act, sink_h = sp.new_act_sq_sum(16), sp.new_hessian(16)
+    plain_act, plain_h = f64.new_act_sq_sum(16), f64.new_hessian(16)
+    sink_act, sink_h = f64.new_act_sq_sum(16), f64.new_hessian(16)
     for x in batches:
         sink_score = torch.zeros(x.shape[:-1])
-        sp.accumulate_act_sq_sum(plain_act, x)
-        sp.accumulate_hessian(plain_h, x)
-        sp.accumulate_act_sq_sum(sink_act, x, 1 - sink_score)
-        sp.accumulate_hessian(sink_h, x, 1 - sink_score)
+        f64.accumulate_act_sq_sum(plain_act, x)
+        f64.accumulate_hessian(plain_h, x)
+        f64.accumulate_act_sq_sum(sink_act, x, 1 - sink_score)
+        f64.accumulate_hessian(sink_h, x, 1 - sink_score)
     assert torch.equal(plain_act, sink_act)
     assert torch.equal(plain_h, sink_h)
 
@@ -139,7 +140,7 @@ def test_n_m_masks_magnitude_and_wanda(n_m):
     n, m = sp.parse_n_m(n_m)
     weight, x = _randn(12, 32, seed=6), _randn(40, 32, seed=7)
     for scores in (sp.magnitude_scores(weight),
-                   sp.wanda_scores(weight, sp.accumulate_act_sq_sum(sp.new_act_sq_sum(32), x))):
+                   sp.wanda_scores(weight, f64.accumulate_act_sq_sum(f64.new_act_sq_sum(32), x))):
         mask = sp.select_mask(scores, n_m=n_m)
         assert (zeros_per_group(mask, m) == n).all()
 
@@ -169,9 +170,9 @@ def test_invalid_arguments_raise_clear_errors(kwargs, words):
 
 def test_statistic_shape_errors():
     with pytest.raises(ValueError, match="features"):
-        sp.accumulate_hessian(sp.new_hessian(4), torch.rand(3, 5))
+        f64.accumulate_hessian(f64.new_hessian(4), torch.rand(3, 5))
     with pytest.raises(ValueError, match="one weight per token"):
-        sp.accumulate_act_sq_sum(sp.new_act_sq_sum(4), torch.rand(3, 4), torch.ones(2))
+        f64.accumulate_act_sq_sum(f64.new_act_sq_sum(4), torch.rand(3, 4), torch.ones(2))
     with pytest.raises(ValueError, match="in_features"):
         sp.wanda_scores(torch.rand(2, 4), torch.rand(5))
 
@@ -181,7 +182,7 @@ def test_statistic_shape_errors():
 def _layer(rows=48, cols=64, tokens=256, seed=10):
     weight = _randn(rows, cols, seed=seed) / cols ** 0.5
     x = correlated_inputs(tokens, cols, seed=seed + 1)
-    return weight, x, sp.accumulate_hessian(sp.new_hessian(cols), x)
+    return weight, x, f64.accumulate_hessian(f64.new_hessian(cols), x)
 
 
 @pytest.mark.parametrize("n_m", [(2, 4), (4, 8)])
@@ -202,7 +203,7 @@ def test_sparsegpt_unstructured_exact_count_per_row():
 
 def test_sparsegpt_beats_wanda_and_magnitude_on_correlated_inputs():
     weight, x, hessian = _layer()
-    act_sq_sum = sp.accumulate_act_sq_sum(sp.new_act_sq_sum(weight.shape[1]), x)
+    act_sq_sum = f64.accumulate_act_sq_sum(f64.new_act_sq_sum(weight.shape[1]), x)
     for kw in ({"sparsity": 0.5}, {"n_m": (2, 4)}):
         sgpt, _, _ = sp.sparsegpt_prune(weight, hessian, blocksize=32, **kw)
         wanda = sp.apply_mask_(weight.clone(), sp.select_mask(sp.wanda_scores(weight, act_sq_sum), **kw))
@@ -230,7 +231,7 @@ def test_sparsegpt_float64_compute_agrees_with_float32():
 def test_sparsegpt_keeps_input_dtype_and_handles_dead_inputs():
     weight, x, _ = _layer()
     x[:, :3] = 0  # three inputs that never fire
-    hessian = sp.accumulate_hessian(sp.new_hessian(weight.shape[1]), x)
+    hessian = f64.accumulate_hessian(f64.new_hessian(weight.shape[1]), x)
     pruned, mask, info = sp.sparsegpt_prune(weight.to(torch.bfloat16), hessian, n_m=(2, 4))
     assert pruned.dtype == torch.bfloat16 and info["dead_inputs"] == 3
     assert (pruned[:, :3] == 0).all()

@@ -10,26 +10,34 @@ def expected_row_zeros(in_features: int, sparsity: float, n_m: tuple[int, int] |
     return int(in_features * sparsity)
 
 
-def sparsity_report(layers: dict, masks: dict, sparsity: float, n_m=None) -> dict:
-    """Per-layer zeros in the actual weights (not just the masks), checked against the target per row."""
+def _check_layer(weight, zeros_per_row, target: float, promise: str, n_m) -> tuple[int | None, bool]:
+    """(rows below the row target or None, whether the layer keeps the solver's promise; pipeline/run/outcome.py)."""
+    if promise in ("row", "n:m"):
+        below = int((zeros_per_row < expected_row_zeros(weight.shape[1], target, n_m)).sum())
+        return below, below == 0
+    zeros = int(zeros_per_row.sum())
+    if promise == "layer":  # one threshold per column block prunes at least int(numel · target) in all
+        return None, zeros >= int(weight.numel() * target)
+    return None, abs(zeros / weight.numel() - target) <= 0.01  # "about"
+
+
+def sparsity_report(outcome) -> dict:
+    """Per-layer zeros in the actual weights (not just the masks), checked against each layer's target as the
+    solver promises it (outcome.promise): per row, per N:M group, or over the layer."""
     rows, total_zeros, total = [], 0, 0
-    for name, layer in layers.items():
+    for name, layer in outcome.layers.items():
         weight = layer.weight.detach()
         zeros_per_row = (weight == 0).sum(dim=1)
-        expected = expected_row_zeros(weight.shape[1], sparsity, n_m)
-        zeros = int(zeros_per_row.sum())
-        rows.append({
-            "layer": name,
-            "shape": list(weight.shape),
-            "zeros": zeros,
-            "sparsity": zeros / weight.numel(),
-            "pruned": name in masks,
-            "rows_below_target": int((zeros_per_row < expected).sum()) if name in masks else None,
-        })
+        zeros, pruned = int(zeros_per_row.sum()), name in outcome.masks
+        below, meets = _check_layer(weight, zeros_per_row, outcome.targets[name], outcome.promise, outcome.n_m)
+        rows.append({"layer": name, "shape": list(weight.shape), "zeros": zeros, "sparsity": zeros / weight.numel(),
+                     "target": outcome.targets[name], "pruned": pruned,
+                     "rows_below_target": below if pruned else None, "meets_target": meets if pruned else None})
         total_zeros += zeros
         total += weight.numel()
-    ok = all(r["rows_below_target"] == 0 for r in rows if r["pruned"])
-    return {"target": sparsity, "n_m": list(n_m) if n_m else None, "layers": rows,
+    ok = all(r["meets_target"] for r in rows if r["pruned"])
+    return {"target": outcome.sparsity, "n_m": list(outcome.n_m) if outcome.n_m else None, "promise": outcome.promise,
+            "per_layer": len(set(outcome.targets.values())) > 1, "layers": rows,
             "total_sparsity": total_zeros / max(total, 1), "meets_target": ok}
 
 
@@ -49,17 +57,22 @@ def short_layer_name(name: str) -> str:
 
 def render_sparsity(report: dict, max_rows: int = 40) -> Table:
     target = f"{report['n_m'][0]}:{report['n_m'][1]}" if report["n_m"] else f"{report['target']:.0%}"
-    table = Table(title=f"sparsity (target {target}; total {report['total_sparsity']:.2%}; "
+    target = f"per layer, average {target}" if report.get("per_layer") else target
+    promise = {"row": "per row", "n:m": "per group", "layer": "per layer", "about": "per layer ±1%"}[report["promise"]]
+    table = Table(title=f"sparsity (target {target}, {promise}; total {report['total_sparsity']:.2%}; "
                         f"{'meets target' if report['meets_target'] else '[red]BELOW TARGET[/]'})",
                   caption="short layer names; full names in results.json")
-    for col in ("layer", "shape", "sparsity", "rows < target"):
+    for col in ("layer", "shape", "target", "sparsity", "rows < target" if report["promise"] in ("row", "n:m") else "check"):
         table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
     rows = report["layers"]
     shown = rows if len(rows) <= max_rows else rows[: max_rows // 2] + rows[-max_rows // 2:]
     for r in shown:
-        table.add_row(short_layer_name(r["layer"]), "x".join(map(str, r["shape"])), f"{r['sparsity']:.2%}", str(r["rows_below_target"]))
+        check = str(r["rows_below_target"]) if r["rows_below_target"] is not None else \
+            {True: "ok", False: "[red]below[/]", None: "-"}[r["meets_target"]]
+        table.add_row(short_layer_name(r["layer"]), "x".join(map(str, r["shape"])), f"{r['target']:.2%}",
+                      f"{r['sparsity']:.2%}", check)
     if len(shown) < len(rows):
-        table.add_row("…", "", "", f"({len(rows) - len(shown)} more in the JSON)")
+        table.add_row("…", "", "", "", f"({len(rows) - len(shown)} more in the JSON)")
     return table
 
 

@@ -247,7 +247,7 @@ class AttentionMassProbe:
                 f"[batch, queries] = [{query.shape[0]}, {query.shape[-2]}]"
             )
         if self.reference_order and (weights is None or bool(weights.all())) and attn_mask is None and not is_causal:
-            layer_mass = reference.attention_mass(query, key, scale)
+            layer_mass = reference.collector_attention_mass(query, key, scale)
         else:
             layer_mass = attention_mass(
                 query, key, attn_mask, bool(is_causal), scale, query_weights=weights, chunk_size=self.chunk_size

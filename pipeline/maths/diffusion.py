@@ -124,9 +124,17 @@ MAX_LENGTH_KEYS = ("max_position_embeddings", "max_sequence_length", "n_position
 
 
 def config_max_length(config) -> int | None:
-    """The longest sequence a model config declares (the first of MAX_LENGTH_KEYS that is set), else None."""
+    """The longest sequence a model config declares (the first of MAX_LENGTH_KEYS that is set), else None.
+    `config`: a transformers config or its config.json as a dict."""
     for key in MAX_LENGTH_KEYS:
-        value = getattr(config, key, None)
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_window(seqlen: int | None, config) -> None:
+    """The calibration window fits the model (preflight reads config.json, DLMModule the loaded config)."""
+    limit = config_max_length(config)
+    if seqlen is not None and limit is not None and seqlen > limit:
+        raise ValueError(f"data.seqlen={seqlen} exceeds the model's maximum sequence length {limit}; lower data.init_args.seqlen")

@@ -3,17 +3,17 @@
 A pruner turns one Linear layer's calibration inputs into a statistic (`add`, per sample, into a
 reduction slot of `callbacks/reduction.SlotSums`) and the summed statistic into a mask (`solve`):
 
-    pruner = make_pruner("sink_wanda", sparsity=0.5)        # Wanda with SinkWeighting
+    pruner = make_pruner("sink_wanda", sparsity=0.5)        # Wanda with SinkWeighting (pipeline/maths/flavors.py)
     w = pruner.weighting(sink_scores, attention_mask)        # [B, L] token weights, or None
     pruner.add(sums, name, sample_id, x_b, w_b)              # x_b [T, d_in], w_b [T]
-    result = pruner.solve(weight, sums.total(name))          # PruneResult(mask, weight, info)
+    result = pruner.solve(weight, sums.total(name), 0.5)     # PruneResult(mask, weight, info); target None for N:M
 
 flavor="reference" (Reference* classes below) computes what the paper's reference code computes, including its
 calibration schedule (clean or noised inputs, one-shot or layer-sequential, per-sample mean sink scores).
 
 Sink-awareness is a policy, not a method: `SinkWeighting` weights each token by 1 − sink score,
-`PlainWeighting` by 1 (both 0 on padding).  A *flavour* is a variant of a pruner (a subclass registered
-under (method, flavour) in FLAVORS), so a new one is a new class here and nothing else changes.
+`PlainWeighting` by 1 (both 0 on padding).  A flavour (pipeline/maths/flavors.py) maps each method to one of these
+classes, so a new variant is a new class here and a Flavor that names it.
 """
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ class Pruner:
     mode: str | None = None       # the calibration mode the flavour imposes (None: PruneCallback's `mode`)
     inputs = "noised"             # "noised": x_t at every timestep; "clean": x_0, once per sample
     mean_scores = False           # True: the calibration epoch averages each sample's sink scores over the timesteps
+    unstructured_promise = "row"  # what `solve` guarantees per layer, unstructured (pipeline/run/outcome.py PROMISES)
 
     def __init__(self, sparsity: float | None, n_m: tuple[int, int] | None, weighting: PlainWeighting | None = None,
                  blocksize: int = 128, percdamp: float = 0.01, use_variant: bool = False):
@@ -77,6 +78,13 @@ class Pruner:
         self.weighting = weighting or PlainWeighting()
         self.blocksize, self.percdamp = blocksize, percdamp
 
+    @property
+    def promise(self) -> str:
+        """"n:m" for N:M patterns, else the solver's unstructured promise ("row", "layer" or "about")."""
+        if self.n_m is not None:
+            return "n:m"
+        return "about" if self.use_variant else self.unstructured_promise
+
     def batch_values(self, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor | None:
         """Per-sample statistics of a whole [B, T, d] batch at once, when the method has a batched form."""
         return None
@@ -85,15 +93,27 @@ class Pruner:
         """Add one sample's statistic (xb [T, d], wb [T] or None) to its slot; False if it is not finite."""
         return True
 
-    def solve(self, weight: torch.Tensor, stat: torch.Tensor | None) -> PruneResult:
-        return PruneResult(sp.select_mask(sp.magnitude_scores(weight.float()), self.sparsity, self.n_m))
+    def solve(self, weight: torch.Tensor, stat: torch.Tensor | None, target: float | None) -> PruneResult:
+        """The layer's mask (and updated weight) pruning the fraction `target` (None: the N:M pattern)."""
+        return PruneResult(sp.select_mask(sp.magnitude_scores(weight.float()), target, self.n_m))
+
+    def outlier_scores(self, weight: torch.Tensor, stat: torch.Tensor | None) -> torch.Tensor:
+        """The Wanda score |W_ij|·‖X_j‖ from this pruner's statistic, for OWL's outlier ratios (allocation.py)."""
+        if stat is None:
+            raise ValueError(f"prune sparsity profile owl needs calibration statistics; method {self.method} has none "
+                             "(use wanda, sparsegpt or their sink_ forms)")
+        return sp.wanda_scores(weight.float(), self.feature_sq_sums(stat).to(weight.device))
+
+    def feature_sq_sums(self, stat: torch.Tensor) -> torch.Tensor:
+        """Σ_t (w_t x_tj)² per input feature from the summed statistic."""
+        return stat
 
 
 class Dense(Pruner):
     """Prunes nothing: a recipe's calibration and export for the dense model (e.g. quantized alone, callbacks/quantize.py)."""
     method = "dense"
 
-    def solve(self, weight, stat):
+    def solve(self, weight, stat, target):
         return PruneResult(torch.zeros(weight.shape, dtype=torch.bool))
 
 
@@ -110,8 +130,8 @@ class Wanda(Pruner):
         sums.add(name, sample_id, value)
         return bool(torch.isfinite(value).all())
 
-    def solve(self, weight, stat):
-        return PruneResult(sp.select_mask(sp.wanda_scores(weight.float(), stat.to(weight.device)), self.sparsity, self.n_m))
+    def solve(self, weight, stat, target):
+        return PruneResult(sp.select_mask(sp.wanda_scores(weight.float(), stat.to(weight.device)), target, self.n_m))
 
 
 class SparseGPT(Pruner):
@@ -124,10 +144,13 @@ class SparseGPT(Pruner):
         sp.add_sample_hessian_(acc, xb, wb)
         return bool(torch.isfinite(acc.diagonal()).all())  # NaN/Inf anywhere in x reaches H_jj = Σ x_j²
 
-    def solve(self, weight, stat):
-        new_weight, mask, info = sp.sparsegpt_prune(weight, stat.to(weight.device), sparsity=self.sparsity, n_m=self.n_m,
+    def solve(self, weight, stat, target):
+        new_weight, mask, info = sp.sparsegpt_prune(weight, stat.to(weight.device), sparsity=target, n_m=self.n_m,
                                                     blocksize=self.blocksize, percdamp=self.percdamp)
         return PruneResult(mask, new_weight, info)
+
+    def feature_sq_sums(self, stat):
+        return stat.diagonal()  # H_jj = Σ_t (w_t x_tj)²
 
 
 # --- flavor="reference": what github.com/VILA-Lab/Sink-Aware-Pruning computes (docs/reference.md) -------------
@@ -139,10 +162,10 @@ class SparseGPT(Pruner):
 
 class ReferenceMagnitude(Pruner):
     """The reference's `prune_magnitude`: one |W| threshold per layer (rows vary); N:M per group."""
-    flavor = "reference"
+    flavor, unstructured_promise = "reference", "layer"
 
-    def solve(self, weight, stat):
-        return PruneResult(rf.layerwise_magnitude_mask(weight, self.sparsity, self.n_m))
+    def solve(self, weight, stat, target):
+        return PruneResult(rf.layerwise_magnitude_mask(weight, target, self.n_m))
 
 
 class ReferenceWanda(Wanda):
@@ -151,10 +174,10 @@ class ReferenceWanda(Wanda):
     flavor, mode, inputs = "reference", "sequential", "clean"
     variant_capable = True
 
-    def solve(self, weight, stat):
+    def solve(self, weight, stat, target):
         if not self.use_variant:
-            return super().solve(weight, stat)
-        mask, alpha = rf.wanda_variant_mask(sp.wanda_scores(weight.float(), stat.to(weight.device)), self.sparsity)
+            return super().solve(weight, stat, target)
+        mask, alpha = rf.wanda_variant_mask(sp.wanda_scores(weight.float(), stat.to(weight.device)), target)
         return PruneResult(mask, info={"alpha": alpha})
 
 
@@ -179,11 +202,14 @@ class ReferenceSinkWanda(Wanda):
         sums.accumulator(name, sample_id, value.shape, device=value.device).add_(value)  # float32, in order
         return bool(torch.isfinite(value).all())
 
-    def solve(self, weight, stat):
+    def solve(self, weight, stat, target):
         metric = weight.float().abs() * stat.to(weight.device, torch.float32).reshape(1, -1)
         if self.n_m is not None:
             return PruneResult(sp.select_mask(metric, None, self.n_m))
-        return PruneResult(rf.lowest_by_topk(metric, int(metric.shape[1] * self.sparsity)))
+        return PruneResult(rf.lowest_by_topk(metric, int(metric.shape[1] * target)))
+
+    def feature_sq_sums(self, stat):
+        return stat.double() ** 2  # the metric is |W|·Σ‖x⊙(1 − s)‖₂: its square root of the square ranks the same
 
 
 class ReferenceSparseGPT(SparseGPT):
@@ -193,14 +219,18 @@ class ReferenceSparseGPT(SparseGPT):
     flavor, mode, inputs = "reference", "sequential", "clean"
     threshold = "block"  # fasterprune's unstructured rule ("row": the same count from every row, an ablation)
 
+    @property
+    def unstructured_promise(self) -> str:
+        return "layer" if self.threshold == "block" else "row"
+
     def add(self, sums, name, sample_id, xb, wb, value=None):
         d = xb.shape[-1]
         acc, seen = sums.running(name, sample_id, (d, d), device=xb.device)
         rf.add_running_hessian_(acc, seen, xb, wb)
         return bool(torch.isfinite(acc.diagonal()).all())
 
-    def solve(self, weight, stat):
-        new_weight, mask, info = rf.fasterprune(weight, stat.to(weight.device), sparsity=self.sparsity, n_m=self.n_m,
+    def solve(self, weight, stat, target):
+        new_weight, mask, info = rf.fasterprune(weight, stat.to(weight.device), sparsity=target, n_m=self.n_m,
                                                 blocksize=self.blocksize, percdamp=self.percdamp, threshold=self.threshold)
         return PruneResult(mask, new_weight, info)
 
@@ -220,35 +250,14 @@ class ReferenceSinkSparseGPT(ReferenceSparseGPT):
         return total / count
 
 
-FLAVORS: dict[tuple[str, str], type[Pruner]] = {
-    ("magnitude", "default"): Pruner, ("wanda", "default"): Wanda, ("sparsegpt", "default"): SparseGPT,
-    ("magnitude", "reference"): ReferenceMagnitude, ("wanda", "reference"): ReferenceWanda,
-    ("sink_wanda", "reference"): ReferenceSinkWanda, ("sparsegpt", "reference"): ReferenceSparseGPT,
-    ("sink_sparsegpt", "reference"): ReferenceSinkSparseGPT,
-    ("dense", "default"): Dense, ("dense", "reference"): Dense,
-}
-
-
-def make_pruner(method: str, sparsity: float | None, n_m=None, flavor: str = "default", **kwargs) -> Pruner:
-    """`method` as users write it ("sink_wanda" = Wanda with SinkWeighting); `flavor` picks a variant."""
-    if method not in METHODS:
-        raise ValueError(f"prune method={method!r} is unknown; choose one of {', '.join(METHODS)}")
-    base = method.removeprefix("sink_")
-    cls = FLAVORS.get((method, flavor)) or FLAVORS.get((base, flavor))  # a sink-specific variant first
-    if cls is None:
-        known = sorted({f for m, f in FLAVORS if m in (base, method)})
-        raise ValueError(f"prune flavor={flavor!r} is unknown for {base}; choose one of {', '.join(known)}")
-    weighting = SinkWeighting() if method.startswith("sink_") else PlainWeighting()
-    return cls(sparsity, n_m, weighting, **kwargs)
-
-
 def check_prune_args(method, sparsity, n_m_text, n_m, mode, blocksize, percdamp, reduction_slots) -> None:
     if method not in METHODS:
         raise ValueError(f"prune method={method!r} is unknown; choose one of {', '.join(METHODS)}")
     if method == "dense" and (n_m is not None or sparsity):
         raise ValueError(f"prune method=dense prunes nothing; drop sparsity={sparsity} / n_m={n_m_text} or choose a pruning method")
-    if n_m is None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
-        raise ValueError(f"prune sparsity={sparsity!r} must be in [0, 1); e.g. 0.5 for 50%")
+    if n_m is not None and sparsity is not None and not isinstance(sparsity, (int, float)):
+        raise ValueError(f"prune n_m={n_m_text} prunes every layer alike; per-layer sparsity ({sparsity!r}) needs "
+                         "unstructured pruning: drop n_m or give sparsity as a number")
     if n_m is not None and sparsity is not None and sparsity != n_m[0] / n_m[1]:
         raise ValueError(f"prune sparsity={sparsity} disagrees with n_m={n_m_text} (= {n_m[0] / n_m[1]}); drop sparsity or set it to N/M")
     if mode not in ("oneshot", "sequential"):

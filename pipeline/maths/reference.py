@@ -64,9 +64,9 @@ def wanda_variant_mask(metric: torch.Tensor, sparsity: float) -> tuple[torch.Ten
     return mask, alpha
 
 
-# --- sink scores as the reference computes them (DLMModule(noise_order="reference") selects these) ----------------
+# --- sink scores as the reference computes them (flavor "reference-exact" selects these, pipeline/maths/flavors.py) ---
 
-def attention_mass(query: torch.Tensor, key: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def collector_attention_mass(query: torch.Tensor, key: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """[B, T_k] float32: the reference's `attn_collector` on one attention call (q [B, H, T, hd], k [B, H_kv, T, hd]):
     the whole [B, H, T, T] softmax of q·kᵀ/√hd (key heads repeated), summed over queries, then over heads."""
     q, k = query.detach(), key.detach()
@@ -77,7 +77,7 @@ def attention_mass(query: torch.Tensor, key: torch.Tensor, scale: float | None =
     return torch.softmax(scores.float(), dim=-1).sum(dim=2).sum(dim=1)
 
 
-def sink_scores(mass: torch.Tensor, std_factor: float = 2.0, alpha: float = 5.0) -> torch.Tensor:
+def collector_sink_scores(mass: torch.Tensor, std_factor: float = 2.0, alpha: float = 5.0) -> torch.Tensor:
     """The reference's `_compute_sink_mask`: sigmoid(alpha · (mass − (mean + std_factor · population std))) per row."""
     mean = mass.mean(dim=1, keepdim=True)
     std = mass.std(dim=1, keepdim=True, unbiased=False)

@@ -1,6 +1,7 @@
-"""Calibration: the protocol between a calibrating LightningModule and the callbacks, and the noising.
+"""Calibration: how a calibrating LightningModule hands noised batches to the callbacks, and the noising.
 
-A module that wants `SinkStatsCallback` and `PruneCallback` provides (`CalibrationModule`):
+A module that wants `SinkStatsCallback` and `PruneCallback` provides (`CalibrationModule`, declared with the
+callbacks' own protocols in pipeline/run/protocols.py):
   * `model`              the network; `calibration_forward(input_ids, attention_mask)` runs it (by default
                          `model(input_ids=..., attention_mask=...)`);
   * `mask_token_id`      the id the forward process writes;
@@ -15,42 +16,18 @@ Dispatch has two phases so that sink scores exist before activations are weighte
 Both forwards stop after the last transformer block (`forward_through_blocks`): sink scores need every
 layer's attention and the statistics need the blocks' Linear inputs, but nothing needs the LM head's
 logits over the vocabulary (on a small model that head is most of the forward's cost).  A callback that reads
-activations off the probed forward (PruneCallback's single pass) says so with `reads_probed_forward(epoch)`;
-callbacks with `wants_sink_scores` that lack it are assumed to read them.  When no consumer reads them, the
-probed forward stops at the last attention call (the last block's attention output and MLP never run).
+activations off the probed forward (PruneCallback's single pass) says so through `SinkScoreConsumer`
+(`reads_probed_forward(epoch)`).  When no consumer reads them, the probed forward stops at the last attention
+call (the last block's attention output and MLP never run).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import torch
 
 from pipeline.maths.attention import AllAttentionSeen
 from pipeline.model.loading import dlm_forward
+from pipeline.run.protocols import CalibrationForward, NoisedBatch, NoisedBatchHooks
 from pipeline.maths.diffusion import DEFAULT_EPS, forward_process, noise_seed, per_sample_tokens, per_sample_uniform, token_seed
-
-
-@dataclass
-class NoisedBatch:
-    input_ids: torch.Tensor          # x_t [B, L]
-    clean_ids: torch.Tensor          # x_0 [B, L]
-    masked: torch.Tensor             # bool [B, L], positions replaced by the mask token
-    t: float                         # the timestep
-    step: int                        # index of t in the schedule
-    sample_ids: list[int]            # global indices of the windows (for seeding and DDP-exact reductions)
-    attention_mask: torch.Tensor | None = None
-    sink_scores: torch.Tensor | None = None   # [B, L], set by SinkStatsCallback
-    extras: dict = field(default_factory=dict)
-
-
-@runtime_checkable
-class CalibrationModule(Protocol):
-    """What the callbacks read from the LightningModule.  `calibration_forward` is optional: without it
-    the callbacks run `model(input_ids=..., attention_mask=...)`.  EvaluateExportCallback also calls
-    `score_heldout()` (a dict with nll, ppl, tokens) when it scores held-out text, and reads `tokenizer`."""
-    model: torch.nn.Module
-    mask_token_id: int
 
 
 def noised_batches(batch: dict, timesteps: list[float], mask_token_id: int, *, seed: int, eps: float = DEFAULT_EPS,
@@ -94,9 +71,8 @@ def mask_window(module, length: int = 8) -> torch.Tensor:
 
 def calibration_forward(module, input_ids, attention_mask=None):
     """The module's `calibration_forward` if it has one, else `loading.dlm_forward(module.model, ...)`."""
-    fn = getattr(module, "calibration_forward", None)
-    if fn is not None:
-        return fn(input_ids, attention_mask)
+    if isinstance(module, CalibrationForward):
+        return module.calibration_forward(input_ids, attention_mask)
     return dlm_forward(module.model, input_ids, attention_mask)
 
 
@@ -169,12 +145,10 @@ def forward_through_blocks(module, input_ids, attention_mask=None, stop_after: t
 
 
 def dispatch_noised_batch(trainer, module, nb: NoisedBatch) -> NoisedBatch:
-    for cb in trainer.callbacks:
-        hook = getattr(cb, "on_noised_batch_start", None)
-        if hook is not None:
-            hook(trainer, module, nb)
-    for cb in trainer.callbacks:
-        hook = getattr(cb, "on_noised_batch", None)
-        if hook is not None:
-            hook(trainer, module, nb)
+    """Every NoisedBatchHooks callback's on_noised_batch_start, then every one's on_noised_batch, in list order."""
+    hooks = [cb for cb in trainer.callbacks if isinstance(cb, NoisedBatchHooks)]
+    for cb in hooks:
+        cb.on_noised_batch_start(trainer, module, nb)
+    for cb in hooks:
+        cb.on_noised_batch(trainer, module, nb)
     return nb

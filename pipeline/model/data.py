@@ -135,7 +135,7 @@ def corpus_tokens(tokenizer, source: str, split: str) -> torch.Tensor:
     from importlib.metadata import version
 
     from pipeline.model import corpus
-    from pipeline.zoo.minilm_dlm import cache_root
+    from pipeline.model.minilm import cache_root
 
     spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}  # call state
     h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())

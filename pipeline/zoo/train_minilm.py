@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.maths.diffusion import forward_process, masked_token_nll
-from pipeline.zoo import minilm_dlm
+from pipeline.model import minilm
 from pipeline.zoo.training import next_token_loss, parse_loop_arguments, token_stream, train, windows
 
 
@@ -78,32 +78,32 @@ def heldout_elbo(model, stream, mask_id, cls_id, variant, seqlen=128, n_windows=
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--variant", choices=sorted(minilm_dlm.VARIANTS), default="minilm-dlm")
-    ap.add_argument("--init-from", choices=sorted(minilm_dlm.VARIANTS), default=None,
+    ap.add_argument("--variant", choices=sorted(minilm.VARIANTS), default="minilm-dlm")
+    ap.add_argument("--init-from", choices=sorted(minilm.VARIANTS), default=None,
                     help="start from another variant's delta (e.g. minilm-dlm-rel from minilm-dlm)")
     args = parse_loop_arguments(ap, minutes=60.0, max_steps=4000, batch=16, lr=1e-3, threads=2)
-    variant = minilm_dlm.VARIANTS[args.variant]
+    variant = minilm.VARIANTS[args.variant]
     ckpt_dir = Path(".cache") / f"train_{variant.folder}"
 
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(minilm_dlm.wheel_path())
+    tok = AutoTokenizer.from_pretrained(minilm.wheel_path())
     mask_id, cls_id = tok.mask_token_id, tok.cls_token_id
     train_stream, held_stream = token_stream(tok, "train"), token_stream(tok, "heldout")
     print(f"train tokens {len(train_stream)}, held-out tokens {len(held_stream)}", flush=True)
 
-    model = minilm_dlm.base_masked_lm(seed=0, drop_first_position=variant.drop_first_position, causal=variant.causal)
-    minilm_dlm.add_low_rank(model, args.rank, seed=0)
+    model = minilm.base_masked_lm(seed=0, drop_first_position=variant.drop_first_position, causal=variant.causal)
+    minilm.add_low_rank(model, args.rank, seed=0)
     if args.init_from:
         from safetensors.torch import load_file
 
-        init = {k: v.float() for k, v in load_file(str(minilm_dlm.VARIANTS[args.init_from].delta_file)).items()}
-        missing = set(init) - set(minilm_dlm.trainable_state(model))
+        init = {k: v.float() for k, v in load_file(str(minilm.VARIANTS[args.init_from].delta_file)).items()}
+        missing = set(init) - set(minilm.trainable_state(model))
         assert not missing, missing
         model.load_state_dict(init, strict=False)
     for p in model.parameters():
         p.requires_grad_(False)
-    trainable = list(minilm_dlm.trainable_state(model).values())
+    trainable = list(minilm.trainable_state(model).values())
     for p in trainable:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
@@ -118,7 +118,7 @@ def main():
 
 
 def export(model, step, log, args, variant):
-    delta = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in minilm_dlm.trainable_state(model).items()}
+    delta = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in minilm.trainable_state(model).items()}
     variant.here.mkdir(parents=True, exist_ok=True)
     tmp = variant.delta_file.with_suffix(".tmp")
     save_file(delta, str(tmp), metadata={"step": str(step)})

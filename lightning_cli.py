@@ -70,11 +70,7 @@ def apply_method_flags(config, flags: dict) -> None:
         raise ValueError(f"--{'/--'.join(k.replace('_', '-') for k in flags)}: this recipe has no PruneCallback; "
                          "start from a pruning recipe (e.g. --config tiny_sink50)")
     args = callbacks[index].init_args
-    if "method" in flags:
-        from pipeline.maths.pruners import METHODS
-
-        if flags["method"] not in METHODS:
-            raise ValueError(f"--method {flags['method']}: unknown; choose one of {', '.join(METHODS)}")
+    if "method" in flags:  # (checked with the callback's other arguments when it is built)
         args.method = flags["method"]
     if args.method == "dense":  # nothing pruned: the recipe's sparsity / n_m do not apply
         args.sparsity, args.n_m = None, None

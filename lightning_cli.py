@@ -60,8 +60,8 @@ class SinkPruneCLI(LightningCLI):
 
 
 def apply_method_flags(config, flags: dict) -> None:
-    """--method / --sparsity / --n-m onto the PruneCallback (and --quantize / --group-size, add_quantize) of trainer.callbacks (a SinkStatsCallback is added
-    before it for a sink_* method when the recipe has none)."""
+    """--method / --sparsity / --n-m onto the PruneCallback of trainer.callbacks (a SinkStatsCallback is added
+    before it for a sink_* method when the recipe has none); --quantize / --group-size: add_quantize."""
     if not flags:
         return
     callbacks = config["trainer"].get("callbacks") or []

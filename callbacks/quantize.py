@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from callbacks.layers import accumulate, routed_tokens
 from callbacks.prune import PruneCallback
-from callbacks.reduction import SlotSums, default_slots
+from callbacks.reduction import SlotSums
 from callbacks.schedule import hooked_forward
 from callbacks.shared import SharedInputs
 from callbacks.sink_stats import SinkStatsCallback
@@ -33,7 +33,7 @@ from pipeline.maths.flavors import make_pruner
 from pipeline.maths.quantize import Scheme, round_to_nearest
 from pipeline.model.fused_experts import UnfusedExperts
 from pipeline.run.phase import phase
-from pipeline.run.protocols import NoisedBatch, NoisedBatchHooks, SinkScoreConsumer, callbacks_of, find_outcome
+from pipeline.run.protocols import NoisedBatch, NoisedBatchHooks, SinkScoreConsumer, callbacks_of, find_outcome, run_flavor
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class QuantizeCallback(Callback, NoisedBatchHooks, SinkScoreConsumer):
             from pipeline.run.compressed import require_compressed_tensors
 
             require_compressed_tensors()
-        self.reduction_slots = default_slots(self.reduction_slots, trainer.world_size, pl_module)
+        self.reduction_slots = run_flavor(trainer).slots(self.reduction_slots, trainer.world_size)
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:

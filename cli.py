@@ -201,6 +201,7 @@ def check_config_files(args: list[str]) -> list[str]:
 
 
 SHORT_FLAGS = {"--method": "method", "--sparsity": "sparsity", "--n-m": "n_m", "--nm": "n_m",
+               "--quantize": "quantize", "--group-size": "group_size",
                "--model": "model", "--data": "data", "--output": "output", "-o": "output"}
 
 
@@ -257,7 +258,7 @@ def help_text() -> str:
     names = recipes()
     tiny = [n for n in names if n.startswith("tiny_")]
     big = [n for n in names if not n.startswith("tiny_")]
-    return f"""usage: sinkprune fit --config RECIPE [--method M] [--sparsity S | --n-m N:M] [--model M] [--data D] [--output DIR]
+    return f"""usage: sinkprune fit --config RECIPE [--method M] [--sparsity S | --n-m N:M] [--quantize Q] [--model M] [--data D] [--output DIR]
        (python cli.py ... is the same)
 
 Sink-aware pruning of diffusion language models (LLaDA, Dream, minilm-dlm).  One `fit` calibrates
@@ -276,9 +277,12 @@ recipes (--config NAME, from {CONFIG_DIR}; or a path to your own YAML):
 
 everyday options (map onto the recipe's classes):
   --config NAME        a recipe above (with or without .yaml) or a YAML file
-  --method M           PruneCallback method (sink_wanda, sink_sparsegpt, wanda, sparsegpt, magnitude)
+  --method M           PruneCallback method (sink_wanda, sink_sparsegpt, wanda, sparsegpt, magnitude, dense)
   --sparsity S         fraction of each row's weights pruned, e.g. 0.5 (or 50%)
   --n-m N:M            semi-structured instead: N zeros in every M inputs, e.g. 2:4
+  --quantize Q         then quantize the weights: w4a16 (GPTQ int4, groups of 128) or fp8; saved in the
+                       compressed-tensors format (docs/quantize.md; --method dense quantizes alone)
+  --group-size G       inputs per int4 scale (default 128; must divide every layer's width)
   --model NAME         model.init_args.pretrained: embedded name (minilm-dlm, tiny-llada), folder or hub id
   --data NAME          data.init_args.dataset: wiki-embedded (offline), wikitext2, c4, or a local file
   --output DIR         trainer.default_root_dir: run folder (results.json, sinks/, pruned/, run.log)

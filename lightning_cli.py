@@ -15,6 +15,7 @@ quiet_libraries(seed=None)  # Lightning sets its loggers up at import: quiet the
 CLEAN_ERRORS = (ValueError, OSError, RuntimeError, ArithmeticError, ArgumentError, MisconfigurationException)
 SINK_STATS = "callbacks.sink_stats.SinkStatsCallback"
 PRUNE = "callbacks.prune.PruneCallback"
+QUANTIZE = "callbacks.quantize.QuantizeCallback"
 
 
 class SinkPruneCLI(LightningCLI):
@@ -60,7 +61,7 @@ class SinkPruneCLI(LightningCLI):
 
 def apply_method_flags(config, flags: dict) -> None:
     """--method / --sparsity / --n-m onto the PruneCallback of trainer.callbacks (a SinkStatsCallback is added
-    before it for a sink_* method when the recipe has none)."""
+    before it for a sink_* method when the recipe has none); --quantize / --group-size: add_quantize."""
     if not flags:
         return
     callbacks = config["trainer"].get("callbacks") or []
@@ -71,12 +72,40 @@ def apply_method_flags(config, flags: dict) -> None:
     args = callbacks[index].init_args
     if "method" in flags:  # (checked with the callback's other arguments when it is built)
         args.method = flags["method"]
+    if args.method == "dense":  # nothing pruned: the recipe's sparsity / n_m do not apply
+        args.sparsity, args.n_m = None, None
     if "sparsity" in flags:
         args.sparsity, args.n_m = flags["sparsity"], None
     if "n_m" in flags:
         args.n_m, args.sparsity = flags["n_m"], None
+    if "quantize" in flags or "group_size" in flags:
+        add_quantize(callbacks, index, flags)
     if str(args.method).startswith("sink_") and not any(getattr(cb, "class_path", None) == SINK_STATS for cb in callbacks[:index]):
         callbacks.insert(index, Namespace(class_path=SINK_STATS, init_args=Namespace()))
+
+
+def add_quantize(callbacks: list, index: int, flags: dict) -> None:
+    """--quantize SCHEME [--group-size G]: a QuantizeCallback right after the PruneCallback at `index` (the recipe's own
+    QuantizeCallback, if it lists one, takes the settings instead)."""
+    from pipeline.maths.quantize import SCHEMES
+
+    scheme = flags.get("quantize")
+    if scheme is not None and scheme not in SCHEMES:
+        raise ValueError(f"--quantize {scheme}: unknown; choose one of {', '.join(SCHEMES)}")
+    found = next((cb for cb in callbacks if getattr(cb, "class_path", None) == QUANTIZE), None)
+    if found is None:
+        if scheme is None:
+            raise ValueError("--group-size: this recipe quantizes nothing; add --quantize w4a16")
+        found = Namespace(class_path=QUANTIZE, init_args=Namespace())
+        callbacks.insert(index + 1, found)
+    if scheme is not None:
+        found.init_args.scheme, found.init_args.bits = scheme, None
+    if "group_size" in flags:
+        value = flags["group_size"]
+        try:
+            found.init_args.group_size = None if value in ("none", "channel") else int(value)
+        except ValueError:
+            raise ValueError(f"--group-size {value}: not an integer; e.g. --group-size 128 (or 'channel')") from None
 
 
 def one_line_root(root: str, exc: BaseException) -> str:

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from typing_extensions import override
 
+from callbacks.quantize import quantize_outcome, quantize_summary
 from callbacks.reduction import gather_records
 from pipeline.run.outcome import PruneOutcome
 from pipeline.run.outputs import prepare_output_dir, run_metadata, save_pruned
@@ -122,6 +123,10 @@ class EvaluateExportCallback(Callback, ChecksCallbackList):
         timings = {**self.timings, **outcome.timings}
         report = sparsity_report(outcome)
         results = {**outcome.summary(), "sparsity_report": report}
+        quantized = quantize_outcome(trainer)
+        if quantized is not None:  # the layers hold the quantized weights: what is scored and saved
+            results["quantize"] = quantize_summary(quantized)
+            timings.update(quantized.timings)
         pruned = self._score_pruned(pl_module, timings)
         results.update({"dense": dict(self.dense), "pruned": pruned, "timings": timings, "sparsegpt": dict(outcome.solver_info)})
         results["paired"] = paired_results(self.dense, getattr(self, "dense_windows", {}), pruned,
@@ -135,15 +140,15 @@ class EvaluateExportCallback(Callback, ChecksCallbackList):
         self.results = results
         if trainer.is_global_zero:
             self._print(report, pruned, outcome.method)
-            self._save(trainer, pl_module, results, outcome)
+            self._save(trainer, pl_module, results, outcome, quantized)
         if trainer.world_size > 1:
             trainer.strategy.barrier("prune_saved")
 
-    def _save(self, trainer, pl_module, results: dict, outcome: PruneOutcome) -> None:
+    def _save(self, trainer, pl_module, results: dict, outcome: PruneOutcome, quantized=None) -> None:
         out = self.output_path(trainer)
         with phase("saving"):  # results.json gets timings.save_s before the folder is renamed into place
             save_pruned(out, results, outcome.masks, pl_module.model if self.save_model else None,
-                        getattr(pl_module, "tokenizer", None), self.overwrite)
+                        getattr(pl_module, "tokenizer", None), self.overwrite, quantized)
         _say(f"saved pruned model, masks and results to [bold]{out}[/]")
         self._summary(results["phase_timings"])
 

@@ -35,7 +35,7 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
     """Compute and apply pruning masks from calibration; publish them as a PruneOutcome when calibration ends.
 
     Args:
-        method: magnitude, wanda, sparsegpt, sink_wanda or sink_sparsegpt.
+        method: magnitude, wanda, sparsegpt, sink_wanda, sink_sparsegpt, or dense (prunes nothing; e.g. to quantize alone).
         sparsity: fraction of each row's weights to prune, in [0, 1) (default 0.5 unless n_m is set); or per layer:
             a mapping of globs on full layer names to fractions (first match wins), or a profile: "owl" or
             {profile: owl, average: 0.5, lmbda: 0.08, m: 5} (pipeline/maths/allocation.py; one-shot, calibrated methods).
@@ -58,7 +58,7 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
                  single_pass: bool = True, flavor: str = "default", eager: bool = True, use_variant: bool = False):
         self.n_m = sp.parse_n_m(n_m) if method in METHODS else None
         if method in METHODS and sparsity is None and self.n_m is None:
-            sparsity = 0.5
+            sparsity = 0.0 if method == "dense" else 0.5
         check_prune_args(method, sparsity, n_m, self.n_m, mode, blocksize, percdamp, reduction_slots)
         self.method, self.flavor = method, get_flavor(flavor)  # the run's flavour: the module and SinkStats read it too
         self.allocation = Uniform(self.n_m[0] / self.n_m[1]) if self.n_m else parse_sparsity(sparsity)

@@ -52,9 +52,9 @@ class Flavor:
         return sink_scores(mass, k=std, alpha=alpha, valid=valid)
 
 
-DEFAULT = Flavor("default", {"magnitude": pr.Pruner, "wanda": pr.Wanda, "sparsegpt": pr.SparseGPT})
+DEFAULT = Flavor("default", {"magnitude": pr.Pruner, "wanda": pr.Wanda, "sparsegpt": pr.SparseGPT, "dense": pr.Dense})
 REFERENCE = Flavor("reference", {
-    "magnitude": pr.ReferenceMagnitude, "wanda": pr.ReferenceWanda, "sink_wanda": pr.ReferenceSinkWanda,
+    "dense": pr.Dense, "magnitude": pr.ReferenceMagnitude, "wanda": pr.ReferenceWanda, "sink_wanda": pr.ReferenceSinkWanda,
     "sparsegpt": pr.ReferenceSparseGPT, "sink_sparsegpt": pr.ReferenceSinkSparseGPT})
 REFERENCE_EXACT = Flavor("reference-exact", REFERENCE.pruners, noise_order="reference", reference_mass=True,
                          single_slot=True)

@@ -24,7 +24,7 @@ import torch
 from pipeline.maths import reference as rf
 from pipeline.maths import sparsity as sp
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt", "dense")
 
 
 # --- row weighting ---------------------------------------------------------------------------------------
@@ -107,6 +107,14 @@ class Pruner:
     def feature_sq_sums(self, stat: torch.Tensor) -> torch.Tensor:
         """Σ_t (w_t x_tj)² per input feature from the summed statistic."""
         return stat
+
+
+class Dense(Pruner):
+    """Prunes nothing: a recipe's calibration and export for the dense model (e.g. quantized alone, callbacks/quantize.py)."""
+    method = "dense"
+
+    def solve(self, weight, stat, target):
+        return PruneResult(torch.zeros(weight.shape, dtype=torch.bool))
 
 
 class Wanda(Pruner):
@@ -245,6 +253,8 @@ class ReferenceSinkSparseGPT(ReferenceSparseGPT):
 def check_prune_args(method, sparsity, n_m_text, n_m, mode, blocksize, percdamp, reduction_slots) -> None:
     if method not in METHODS:
         raise ValueError(f"prune method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if method == "dense" and (n_m is not None or sparsity):
+        raise ValueError(f"prune method=dense prunes nothing; drop sparsity={sparsity} / n_m={n_m_text} or choose a pruning method")
     if n_m is not None and sparsity is not None and not isinstance(sparsity, (int, float)):
         raise ValueError(f"prune n_m={n_m_text} prunes every layer alike; per-layer sparsity ({sparsity!r}) needs "
                          "unstructured pruning: drop n_m or give sparsity as a number")

@@ -106,9 +106,15 @@ class AtomicDir:
         return False
 
 
-def save_model(model, tokenizer, directory: Path) -> None:
-    """save_pretrained, plus the remote-code .py files so `from_pretrained(..., trust_remote_code=True)` still works."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save_model(model, tokenizer, directory: Path, quantized=None) -> None:
+    """save_pretrained, plus the remote-code .py files so `from_pretrained(..., trust_remote_code=True)` still works.
+    quantized (a QuantizeOutcome: scheme, scales): in the compressed-tensors format (pipeline/run/compressed.py)."""
+    if quantized is not None:
+        from pipeline.run.compressed import save_compressed
+
+        save_compressed(model, directory, quantized.scales, quantized.scheme)
+    else:
+        model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     source = Path(str(getattr(model.config, "_name_or_path", "")))
@@ -118,7 +124,8 @@ def save_model(model, tokenizer, directory: Path) -> None:
                 shutil.copy(py, directory / py.name)
 
 
-def save_pruned(out, results: dict, masks: dict, model=None, tokenizer=None, overwrite: bool = False) -> float:
+def save_pruned(out, results: dict, masks: dict, model=None, tokenizer=None, overwrite: bool = False,
+                quantized=None) -> float:
     """masks.safetensors, the model (when given) and results.json into `out`, all or nothing (AtomicDir).
 
     results.json is written last, with the time spent saving so far as timings.save_s and
@@ -138,7 +145,7 @@ def save_pruned(out, results: dict, masks: dict, model=None, tokenizer=None, ove
             if step == "masks":
                 save_file({n: m.to(torch.uint8).contiguous() for n, m in masks.items()}, str(tmp / "masks.safetensors"))
             elif step == "model":
-                save_model(model, tokenizer, tmp / "model")
+                save_model(model, tokenizer, tmp / "model", quantized)
             else:
                 seconds = time.time() - start
                 results.setdefault("timings", {})["save_s"] = seconds

@@ -1,0 +1,226 @@
+"""Prune, then quantize (GPTQ int4 / FP8), saved in the compressed-tensors format with the library itself.
+
+The saved folder reloads through compressed-tensors' own decompression and through transformers' `from_pretrained`
+with the in-memory model's exact weights and logits; pruned weights stay exactly zero; bad settings get one line."""
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from pipeline.maths import sparsity as sp
+from pipeline.maths.gptq import gptq_quantize
+from pipeline.maths.quantize import Scheme, dequantize, group_scales, quantize_codes, round_to_nearest
+from pipeline.model.calibration import target_linears
+from pipeline.model.loading import dlm_forward, load_dlm
+from pipeline.run.compressed import save_compressed
+from tests.runs import run_cli, run_inprocess, tiny_config
+
+pytest.importorskip("compressed_tensors", reason="the [quantize] extra (in [test]) installs compressed-tensors")
+torch.set_num_threads(1)
+
+
+def _hessians(model, layers, vocab, windows=2, length=24) -> dict:
+    """Σ x xᵀ of each layer's inputs over a few random windows of the real model (experts: the tokens routed to them)."""
+    sums, handles = {}, []
+    for name, layer in layers.items():
+        def hook(mod, inp, out, name=name):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+        handles.append(layer.register_forward_hook(hook))
+    ids = torch.randint(4, vocab, (windows, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dlm_forward(model, ids)
+    for h in handles:
+        h.remove()
+    return {n: sums.get(n, torch.zeros(layers[n].in_features, layers[n].in_features, dtype=torch.float64)) for n in layers}
+
+
+def _prune_and_quantize(name: str, scheme: Scheme, gptq: bool = True):
+    """The embedded model, 50% magnitude-pruned per row, then quantized: (model, tokenizer, masks, scales)."""
+    model, tokenizer = load_dlm(name)
+    model.eval()
+    layers = target_linears(model)
+    hessians = _hessians(model, layers, len(tokenizer)) if gptq else {}
+    masks, scales = {}, {}
+    with torch.no_grad():
+        for n, layer in layers.items():
+            masks[n] = sp.select_mask(sp.magnitude_scores(layer.weight.float()), 0.5)
+            if gptq:
+                new, scales[n], _ = gptq_quantize(layer.weight, hessians[n], scheme, masks[n])
+            else:
+                scales[n], new = round_to_nearest(layer.weight.masked_fill(masks[n], 0), scheme)
+            layer.weight.copy_(new)
+    return model, tokenizer, masks, scales
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return dlm_forward(model, ids).logits
+
+
+@pytest.mark.parametrize("name,scheme,gptq", [
+    pytest.param("tiny-llada", Scheme.parse("w4a16", group_size=64), True, marks=pytest.mark.tf5),  # 4.x-era remote code
+    ("tiny-llada-moe", Scheme.parse("w4a16", group_size=32, actorder=True), True),
+    ("minilm-dlm", Scheme.parse("fp8"), False),
+])
+def test_saved_folder_reloads_with_the_in_memory_weights_and_logits(tmp_path, name, scheme, gptq):
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    model, tokenizer, masks, scales = _prune_and_quantize(name, scheme, gptq)
+    ids = torch.randint(4, len(tokenizer), (2, 20), generator=torch.Generator().manual_seed(0))
+    expected = _logits(model, ids)
+    save_compressed(model, tmp_path, scales, scheme)
+    tokenizer.save_pretrained(tmp_path)
+    assert torch.equal(_logits(model, ids), expected)  # saving leaves the model as it was
+
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    assert config["format"] == ("float-quantized" if scheme.is_float else "pack-quantized")
+    # 1. compressed-tensors' own decompression of the saved tensors gives each layer's weight, bit for bit
+    qconfig = QuantizationConfig.model_validate(config)
+    group = qconfig.config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(qconfig.format)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    layers = target_linears(model)
+    for n, layer in layers.items():
+        local = {k[len(n) + 1:]: v for k, v in saved.items() if k.rsplit(".", 1)[0] == n}
+        stored = "weight" if scheme.is_float else "weight_packed"
+        assert local[stored].dtype == (torch.float8_e4m3fn if scheme.is_float else torch.int32), n
+        weight = compressor.decompress(local, group)["weight"]
+        assert torch.equal(weight, layer.weight), n
+        assert not weight[masks[n]].any(), n                              # pruned weights stay exactly zero
+    # 2. transformers' compressed-tensors integration: the same logits
+    reloaded, _ = load_dlm(str(tmp_path), torch_dtype="auto")
+    assert torch.equal(_logits(reloaded, ids), expected)
+    if name == "tiny-llada":  # remote-code models keep their code files
+        assert (tmp_path / "modeling_llada.py").is_file()
+
+
+def test_gptq_keeps_zeros_and_beats_round_to_nearest():
+    """On a real layer's Hessian: pruned weights exactly zero, every code on the int4 grid, and GPTQ's layer-output
+    error below round-to-nearest's (joint with the mask, both joint modes)."""
+    model, tokenizer = load_dlm("tiny-llada")
+    name, layer = next(iter(target_linears(model).items()))
+    h = _hessians(model, {name: layer}, len(tokenizer), windows=4, length=64)[name]
+    w = layer.weight.detach()
+    mask = sp.select_mask(sp.magnitude_scores(w), 0.5)
+    target = w.masked_fill(mask, 0).double()
+    scheme = Scheme.parse("w4a16", group_size=64)
+    error = lambda q: float(torch.einsum("ij,jk,ik->", q.double() - target, h, q.double() - target))  # noqa: E731
+    rtn = error(round_to_nearest(target.float(), scheme)[1])
+    for joint in ("obs", "mask"):
+        q, scales, info = gptq_quantize(w, h, scheme, mask, joint=joint)
+        assert not q[mask].any() and error(q) < 0.9 * rtn, (joint, error(q), rtn)
+        codes = quantize_codes(q, scales, scheme)
+        assert codes.min() >= -8 and codes.max() <= 7 and torch.equal(dequantize(codes, scales, scheme), q)
+
+
+def test_grids_map_zero_to_zero():
+    w = torch.tensor([[0.0, 1.0, -2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    for scheme in (Scheme.parse("w4a16", group_size=2), Scheme.parse("fp8")):
+        scales, q = round_to_nearest(w, scheme)
+        assert torch.equal(q == 0, w == 0) and torch.equal(scales, group_scales(w, scheme))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"bits": 3}, r"^quantize bits=3: only 4 .* and 8 .* are supported; use bits: 4 or bits: 8$"),
+    ({"scheme": "int3"}, r"^quantize scheme='int3' is unknown; choose one of w4a16, fp8$"),
+    ({"group_size": 0}, r"^quantize group_size=0 must be a positive integer"),
+    ({"scheme": "fp8", "actorder": True}, r"^quantize actorder=true orders GPTQ's columns; it needs gptq: true"),
+])
+def test_bad_settings_one_line(kwargs, message):
+    from callbacks.quantize import QuantizeCallback
+
+    with pytest.raises(ValueError, match=message):
+        QuantizeCallback(**kwargs)
+
+
+def test_fp8_on_a_torch_without_float8(monkeypatch):
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    with pytest.raises(ValueError, match=r"^quantize scheme=fp8: this torch .* has no float8_e4m3fn; install torch >= 2\.1 or use scheme: w4a16$"):
+        Scheme.parse("fp8")
+
+
+def test_group_size_not_dividing_a_width_fails_before_calibration(tmp_path):
+    """tiny-llada's 192-wide layers and groups of 128: one line, exit 2, before any calibration or scoring."""
+    config = tiny_config(tmp_path / "run", method="wanda", pretrained="tiny-llada", nsamples=2, timesteps=1,
+                         prune_args={"tasks": [], "score": False}, model_args={"score_dense": False})
+    code, err = run_inprocess(config, tmp_path, "--quantize", "w4a16")
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert "quantize group_size=128: model.transformer.blocks.0.q_proj has 192 inputs, not a multiple of 128; " \
+           "choose a group_size dividing every width (e.g. 64) or group_size: null" in lines[0]
+    assert not (tmp_path / "run" / "pruned").exists()
+
+
+def _quantized_run(tmp_path, name, devices, method="sink_wanda", extra=("--quantize", "w4a16", "--group-size", "64")):
+    root = tmp_path / name
+    trainer = {"devices": devices, **({"strategy": "calibration_ddp_spawn"} if devices > 1 else {})}
+    config = tiny_config(root, method=method, nsamples=4, seqlen=32, timesteps=2, trainer_args=trainer, pretrained="tiny-llada",
+                         prune_args={"tasks": [], "score": False}, model_args={"score_dense": False})
+    proc = run_cli(config, tmp_path, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "pruned"
+
+
+def test_one_and_two_processes_give_identical_quantized_weights(tmp_path):
+    """sink-Wanda 50% + GPTQ int4 (groups of 64) on tiny-llada, gloo: the saved packed weights and scales are identical, pruned
+    weights decompress to exactly zero, results.json records the quantization."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    one, two = _quantized_run(tmp_path, "one", 1), _quantized_run(tmp_path, "two", 2)
+    w1, w2 = load_file(str(one / "model" / "model.safetensors")), load_file(str(two / "model" / "model.safetensors"))
+    assert w1.keys() == w2.keys() and sum(k.endswith("weight_packed") for k in w1) == 28
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    results = json.loads((one / "results.json").read_text())
+    assert results["quantize"]["scheme"] == "w4a16" and results["quantize"]["algorithm"] == "gptq"
+    qconfig = QuantizationConfig.model_validate(json.loads((one / "model" / "config.json").read_text())["quantization_config"])
+    masks = load_file(str(one / "masks.safetensors"))
+    compressor = BaseCompressor.get_value_from_registry(qconfig.format)
+    for n, mask in masks.items():
+        local = {k[len(n) + 1:]: v for k, v in w1.items() if k.rsplit(".", 1)[0] == n}
+        weight = compressor.decompress(local, qconfig.config_groups["group_0"])["weight"]
+        assert not weight[mask.bool()].any() and weight[~mask.bool()].count_nonzero() > 0.9 * (~mask.bool()).sum(), n
+
+
+@pytest.mark.tf5
+@pytest.mark.skipif(not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"),
+                    reason=f"transformers {transformers.__version__} has no DiffusionGemma (tiny-diffgemma)")
+def test_tied_layers_refused_in_one_line(tmp_path):
+    """tiny-diffgemma's decoder layers share their weights with the encoder's: transformers re-ties them on load, which
+    a packed layer (no `weight`) cannot take, so the run stops with one line before calibration."""
+    config = tiny_config(tmp_path / "run", method="magnitude", pretrained="tiny-diffgemma", nsamples=2, timesteps=1,
+                         prune_args={"tasks": [], "score": False}, model_args={"score_dense": False, "noise": "uniform"})
+    code, err = run_inprocess(config, tmp_path, "--quantize", "w4a16", "--group-size", "16")
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert "quantize: model.decoder.layers.0.self_attn.q_proj shares its weight with model.encoder." in lines[0]
+    assert not (tmp_path / "run" / "pruned").exists()
+
+
+def test_dense_model_quantized_alone(tmp_path):
+    """`--method dense --quantize fp8`: nothing pruned, every targeted layer saved as FP8, whose decompressed weights are
+    round-to-nearest of the dense ones; results.json says so."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = tiny_config(tmp_path / "run", method="dense", sparsity=0, pretrained="tiny-llada", nsamples=2, timesteps=1,
+                         prune_args={"tasks": [], "score": False}, model_args={"score_dense": False})
+    code, err = run_inprocess(config, tmp_path, "--quantize", "fp8")
+    assert code == 0, err[-2000:]
+    out = tmp_path / "run" / "pruned"
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "dense" and results["quantize"]["scheme"] == "fp8" and results["quantize"]["algorithm"] == "rtn"
+    qconfig = QuantizationConfig.model_validate(json.loads((out / "model" / "config.json").read_text())["quantization_config"])
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    dense, _ = load_dlm("tiny-llada")
+    compressor = BaseCompressor.get_value_from_registry(qconfig.format)
+    for n, layer in target_linears(dense).items():
+        local = {k[len(n) + 1:]: v for k, v in saved.items() if k.rsplit(".", 1)[0] == n}
+        assert local["weight"].dtype == torch.float8_e4m3fn, n
+        weight = compressor.decompress(local, qconfig.config_groups["group_0"])["weight"]
+        assert torch.equal(weight, round_to_nearest(layer.weight.detach(), Scheme.parse("fp8"))[1]), n

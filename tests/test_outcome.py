@@ -233,3 +233,28 @@ def test_a_misordered_callback_list_is_refused_before_the_run_folder_exists(tmp_
     code, err = run_inprocess(config, tmp_path)
     assert code != 0 and err.strip().splitlines()[-1].startswith("error: trainer.callbacks: SinkStatsCallback is listed after")
     assert not root.exists()
+
+
+def test_check_module_sees_submodules_as_python_312_does():
+    """Python >= 3.12 checks a runtime protocol's data members with getattr_static, blind to nn.Module submodules:
+    the module check must accept a LightningModule whose `model` is a submodule, and refuse one without it."""
+    import inspect
+
+    import lightning as L
+    import torch
+
+    from pipeline.run.protocols import check_module
+
+    class Wrapped(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(2, 2)
+            self.mask_token_id = 1
+
+    module = Wrapped()
+    with pytest.raises(AttributeError):
+        inspect.getattr_static(module, "model")  # what 3.12's isinstance would look at
+    check_module(module, "SinkStatsCallback")
+    del module.model
+    with pytest.raises(TypeError, match="needs a LightningModule with `model`"):
+        check_module(module, "SinkStatsCallback")

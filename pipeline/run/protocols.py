@@ -154,6 +154,8 @@ def check_listed_after(trainer, callback, protocol, why: str) -> None:
 
 def check_module(pl_module, who: str) -> None:
     """One line if the LightningModule lacks what the callbacks read (CalibrationModule)."""
-    if not isinstance(pl_module, CalibrationModule):
+    # hasattr, not isinstance(pl_module, CalibrationModule): from Python 3.12 isinstance reads a protocol's data members
+    # with inspect.getattr_static, which never sees an nn.Module's submodules (they live in `_modules`)
+    if not all(hasattr(pl_module, name) for name in CalibrationModule.__annotations__):
         raise TypeError(f"{who} needs a LightningModule with `model` and `mask_token_id` (CalibrationModule in "
                         f"pipeline/run/protocols.py); {type(pl_module).__name__} lacks them: use pipeline.model.module.DLMModule")

@@ -67,6 +67,7 @@ def _run(args: list[str], from_argv: bool) -> list[str]:
 
     quiet_warnings()
     args, flags = short_flags(args)
+    args, print_config = without_print_config(args)
     args = check_config_files(args)
     if from_argv:
         sys.argv = [sys.argv[0], *args]
@@ -74,7 +75,7 @@ def _run(args: list[str], from_argv: bool) -> list[str]:
     from pipeline.model.module import DLMModule
     from pipeline.run.lightning_cli import SinkPruneCLI
 
-    SinkPruneCLI.short_flags = flags
+    SinkPruneCLI.short_flags, SinkPruneCLI.print_config = flags, print_config
     SinkPruneCLI(DLMModule, CalibrationData, subclass_mode_model=True, subclass_mode_data=True,
                  trainer_defaults=TRAINER_DEFAULTS, save_config_callback=None, parser_kwargs={"exit_on_error": False},
                  args=None if from_argv else args)
@@ -95,6 +96,7 @@ def main(args=None):
         args = ["--help" if a == "--help-all" else a for a in args]
     handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     set_current("parsing the config")
+    given = list(args)
     try:
         args = _run(args, from_argv)
     except RunInterrupted as exc:
@@ -102,8 +104,7 @@ def main(args=None):
         remove_partial_outputs()
         if debug:
             raise
-        print(f"error: stopped by {exc} while {where}; nothing was saved. Run the same command again to start over"
-              f"{resume_hint(args)}", file=sys.stderr)
+        print(f"error: stopped by {exc} while {where}; {resume_hint(given)}", file=sys.stderr)
         sys.exit(128 + exc.signum)
     except _clean_errors() as exc:
         remove_partial_outputs()
@@ -200,6 +201,7 @@ def check_config_files(args: list[str]) -> list[str]:
 
 SHORT_FLAGS = {"--method": "method", "--sparsity": "sparsity", "--n-m": "n_m", "--nm": "n_m",
                "--model": "model", "--data": "data", "--output": "output", "-o": "output"}
+SWITCHES = {"--overwrite": "overwrite", "--checkpoint": "checkpoint"}  # short flags without a value
 
 
 def short_flags(args: list[str]) -> tuple[list[str], dict]:
@@ -211,6 +213,10 @@ def short_flags(args: list[str]) -> tuple[list[str], dict]:
     while i < len(args):
         arg = args[i]
         flag, eq, inline = arg.partition("=") if arg.startswith("-") else (arg, "", "")
+        if flag in SWITCHES and not eq:
+            flags[SWITCHES[flag]] = True
+            i += 1
+            continue
         key = SHORT_FLAGS.get(flag)
         if key is None:
             out.append(arg)
@@ -243,6 +249,14 @@ def short_flags(args: list[str]) -> tuple[list[str], dict]:
         else:
             flags[key] = value
     return out, flags
+
+
+def without_print_config(args: list[str]) -> tuple[list[str], str | None]:
+    """`--print_config[=options]` out of the arguments: SinkPruneCLI prints the config once the short flags
+    are applied (jsonargparse's own action would print it before them)."""
+    rest = [a for a in args if a != "--print_config" and not a.startswith("--print_config=")]
+    given = [a for a in args if a not in rest]
+    return rest, (given[-1].partition("=")[2] if given else None)
 
 
 def wants_short_help(args: list[str]) -> bool:
@@ -292,21 +306,29 @@ Every other field is a jsonargparse override (--trainer.devices 8, --data.init_a
 
 
 def resume_hint(args: list[str]) -> str:
-    """Where a CalibrationCheckpoint of this run would be, when one was saved."""
-    import glob
+    """The stop line's second half: the checkpoint this run saved and the exact command that resumes from it
+    (the same arguments, in the run folder it wrote, with --ckpt_path), or how to make the run resumable."""
+    import shlex
 
-    root = next((v for f, v in zip(args, args[1:]) if f == "--config"), None)
-    if root is None:
-        return ""
-    try:
-        import yaml
-
-        config = yaml.safe_load(Path(root).read_text())
-        dirs = [cb["init_args"]["dirpath"] for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("CalibrationCheckpoint")]
-    except Exception:
-        return ""
-    found = [p for d in dirs for p in glob.glob(str(Path(d).expanduser() / "last.ckpt"))]
-    return f", or resume with --ckpt_path {found[0]}" if found else ""
+    holder = sys.modules.get("pipeline.run.lightning_cli")
+    cli_class = getattr(holder, "SinkPruneCLI", None)
+    saved = [p for p in (cli_class.checkpoints if cli_class else [])
+             if Path(p).is_file() and Path(p).stat().st_mtime >= cli_class.started]  # this run's, not an older one
+    if not saved:
+        return ("nothing was saved. Run the same command again to start over (with --checkpoint a stopped run "
+                "can resume)")
+    moved = cli_class.run_root != cli_class.configured_root
+    replaced = ("--ckpt_path", *(("--output", "-o", "--trainer.default_root_dir") if moved else ()))
+    keep, i = [], 0
+    while i < len(args):
+        if args[i].split("=", 1)[0] in replaced:
+            i += 1 if "=" in args[i] else 2
+            continue
+        keep.append(args[i])
+        i += 1
+    keep += (["--output", cli_class.run_root] if moved else []) + ["--ckpt_path", str(saved[0])]
+    program = "python cli.py" if Path(sys.argv[0]).name == "cli.py" else "sinkprune"
+    return f"checkpoint {saved[0]}; resume with: {program} {shlex.join(keep)}"
 
 
 def rank_error(exc) -> tuple[str, str, bool]:

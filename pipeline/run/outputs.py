@@ -45,6 +45,8 @@ def run_folder(root, taken) -> Path:
     stopped run's, or the one another rank of this run has just made), otherwise the next number.
     `taken(folder)` says whether a folder holds results this run would write."""
     root = Path(root).expanduser()
+    if not taken(root):
+        return root
     numbers = sorted(int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()) if root.is_dir() else []
     last = root / f"version_{numbers[-1]}" if numbers else root
     return last if not taken(last) else root / f"version_{numbers[-1] + 1 if numbers else 1}"

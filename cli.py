@@ -265,44 +265,64 @@ def wants_short_help(args: list[str]) -> bool:
     return not args or (rest and rest[0] in ("-h", "--help") and len(rest) == 1)
 
 
+def listing(title: str, names: list[str]) -> str:
+    import textwrap
+
+    return textwrap.fill(", ".join(names), 80, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False,
+                         break_long_words=False).join([f"  {title}\n", ""])
+
+
 def help_text() -> str:
     names = recipes()
-    tiny = [n for n in names if n.startswith("tiny_")]
+    tf5 = [n for n in names if "needs transformers 5" in (CONFIG_DIR / f"{n}.yaml").read_text().partition("\n")[0]]
+    tiny = [n for n in names if n.startswith("tiny_") and n not in tf5]
     big = [n for n in names if not n.startswith("tiny_")]
-    return f"""usage: sinkprune fit --config RECIPE [--method M] [--sparsity S | --n-m N:M] [--model M] [--data D] [--output DIR]
+    return f"""usage: sinkprune fit --config RECIPE [--method M] [--sparsity S | --n-m N:M]
+         [--model M] [--data D] [--output DIR] [--overwrite] [--checkpoint]
        (python cli.py ... is the same)
 
-Sink-aware pruning of diffusion language models (LLaDA, Dream, minilm-dlm).  One `fit` calibrates
-on a few hundred noised windows (no training), measures where attention sinks sit at each noise level,
-prunes every linear layer to the target sparsity, then prints dense-vs-pruned held-out perplexity and
-benchmark scores and saves results.json, masks.safetensors and the pruned model in the run folder.
+Sink-aware pruning of diffusion language models (LLaDA, Dream, minilm-dlm).
+One `fit` calibrates on a few hundred noised windows (no training), measures
+where attention sinks sit at each noise level, prunes every linear layer to the
+target sparsity, prints dense-vs-pruned held-out perplexity and benchmark
+scores, and saves results.json, masks.safetensors and the pruned model.
 
 methods (--method):
-  sink_wanda       Wanda |W|*||X||, each token's activations down-weighted by 1 - its sink score
+  sink_wanda       Wanda |W|*||X||, each token's activations weighted by 1 - s
+                   (s: its sink score)
   sink_sparsegpt   SparseGPT with the same sink-weighted Hessian
   wanda, sparsegpt, magnitude   the usual baselines
 
-recipes (--config NAME, from {CONFIG_DIR}; or a path to your own YAML):
-  offline, CPU, about a minute:  {', '.join(tiny)}
-  GPU, real models:             {', '.join(big)}
+recipes (--config NAME, from configs/ of the package; or your own YAML file):
+{listing("offline, CPU, about a minute:", tiny)}
+{listing('transformers 5 only (pip install "transformers>=5.24,<6"):', tf5)}
+{listing("GPU, real models:", big)}
 
 everyday options (map onto the recipe's classes):
   --config NAME        a recipe above (with or without .yaml) or a YAML file
-  --method M           PruneCallback method (sink_wanda, sink_sparsegpt, wanda, sparsegpt, magnitude)
-  --sparsity S         fraction of each row's weights pruned, e.g. 0.5 (or 50%)
-  --n-m N:M            semi-structured instead: N zeros in every M inputs, e.g. 2:4
-  --model NAME         model.init_args.pretrained: embedded name (minilm-dlm, tiny-llada), folder or hub id
-  --data NAME          data.init_args.dataset: wiki-embedded (offline), wikitext2, c4, or a local file
-  --output DIR         trainer.default_root_dir: run folder (results.json, sinks/, pruned/, run.log)
+  --method M           PruneCallback method (sink_wanda, wanda, ...)
+  --sparsity S         fraction of each row's weights pruned: 0.5 (or 50%)
+  --n-m N:M            semi-structured instead: N zeros in every M inputs (2:4)
+  --model NAME         embedded name (minilm-dlm, tiny-llada), folder or hub id
+  --data NAME          wiki-embedded (offline), wikitext2, c4, or a local file
+  --output DIR         run folder (sinks/, pruned/, run.log); when it holds a
+                       previous run's results, this run writes DIR/version_N
+  --overwrite          replace the previous results in the run folder instead
+                       (only folders sinkprune wrote)
+  --checkpoint         save the calibration every batch (DIR/checkpoints); a
+                       stopped run prints the command that resumes it
+  --print_config       print the config this command would run, and stop
   --debug              show tracebacks
 
 examples:
   sinkprune fit --config tiny_sink50
-  sinkprune fit --config tiny_sink50 --method wanda --n-m 2:4 --output runs/wanda24
-  sinkprune fit --config llada_sink50 --trainer.devices 8 --trainer.strategy calibration_ddp
+  sinkprune fit --config tiny_sink50 --method wanda --n-m 2:4 --output runs/w24
+  sinkprune fit --config llada_sink50 --trainer.devices 8 \\
+      --trainer.strategy calibration_ddp
 
-Every other field is a jsonargparse override (--trainer.devices 8, --data.init_args.nsamples 64);
-`sinkprune fit --help-all` lists them all.  Benchmarks alone: `sinkprune-eval --help`."""
+Every other field is a jsonargparse override (--trainer.devices 8,
+--data.init_args.nsamples 64); `sinkprune fit --help-all` lists them all.
+Benchmarks alone: `sinkprune-eval --help`."""
 
 
 def resume_hint(args: list[str]) -> str:

@@ -57,9 +57,10 @@ def _masks(folder):
 def test_rerun_versions_stop_names_checkpoint_and_resume_command(tmp_path):
     root = tmp_path / "run"
     recipe = _recipe(tmp_path, root)
-    code, _, err = _main("fit", "--config", recipe)
+    code, out, err = _main("fit", "--config", recipe)
     assert code == 0, err[-2000:]
     first = _masks(root)
+    assert "held-out perplexity" not in out  # score: false, score_dense: false: no table of dashes
 
     # the same command again: the previous results stay, this run stops in a fresh version folder
     StopOnce.fired = False
@@ -128,3 +129,19 @@ def test_run_folder_follows_lightnings_version_convention(tmp_path):
     assert run_folder(root, taken) == root / "version_1"
     (root / "version_1" / "pruned").mkdir()
     assert run_folder(root, taken) == root / "version_2"
+
+
+def test_sink_table_wraps_words_and_never_cuts_a_value():
+    from rich.console import Console
+
+    from pipeline.evaluation.sink_tables import render_timestep_table
+
+    kinds = {"punctuation": 123, "bos/cls": 45, "mask": 6}
+    rows = [{"t": t, "top1_share": 0.3456, "normalized_entropy": 0.7712, "modal_dominant_position": 117,
+             "modal_position_fraction": 0.5, "mean_sinks_per_sample": 1.25, "dominant_kinds": kinds} for t in (0.1, 1.0)]
+    text = io.StringIO()
+    Console(file=text, width=80).print(render_timestep_table({"sink_position_variance": 342.43, "uniform_share": 1 / 128,
+                                                              "timesteps": rows}))
+    lines = text.getvalue().splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in text.getvalue()
+    assert all(value in text.getvalue() for value in ("0.10", "0.346", "44.2x", "0.771", "117", "50%", "1.25", "342.43"))

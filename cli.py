@@ -75,7 +75,7 @@ def _run(args: list[str], from_argv: bool) -> list[str]:
     from pipeline.model.module import DLMModule
     from pipeline.run.lightning_cli import SinkPruneCLI
 
-    SinkPruneCLI.short_flags, SinkPruneCLI.print_config = flags, print_config
+    SinkPruneCLI.short_flags, SinkPruneCLI.print_config, SinkPruneCLI.checkpoints = flags, print_config, []
     SinkPruneCLI(DLMModule, CalibrationData, subclass_mode_model=True, subclass_mode_data=True,
                  trainer_defaults=TRAINER_DEFAULTS, save_config_callback=None, parser_kwargs={"exit_on_error": False},
                  args=None if from_argv else args)

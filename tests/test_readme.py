@@ -49,14 +49,15 @@ def argv_of(command: str) -> tuple[list[str], dict]:
     return argv, env
 
 
-def _in_process(args: list[str]) -> tuple[int, str]:
-    out, code = io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+def _in_process(args: list[str]) -> tuple[int, str, str]:
+    """`python cli.py ARGS` in this process: (exit code, stdout, stderr)."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             cli.main(args)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue()
+    return code, out.getvalue(), err.getvalue()
 
 
 def _subprocess(argv: list[str], env: dict, cwd) -> subprocess.CompletedProcess:
@@ -88,8 +89,8 @@ def test_readme_commands_run_as_written(tmp_path):
         marked = MARK in command
         assert not marked or argv[:2] == ["python", "cli.py"], command
         if argv[:2] == ["python", "cli.py"] and (marked or "--print_config" in argv or "--help" in argv):
-            code, out = _in_process(argv[2:] + (["--print_config"] if marked else []))
-            assert code == 0, f"{command}\n{out[-2000:]}"
+            code, out, err = _in_process(argv[2:] + (["--print_config"] if marked else []))
+            assert code == 0, f"{command}\n{err[-2000:]}"
             if "--help" not in argv:
                 assert yaml.safe_load(out)["trainer"]["callbacks"], command
             ran.append(command)

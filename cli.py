@@ -89,6 +89,8 @@ def main(args=None):
     args = [a for a in args if a != "--debug"]
     if from_argv:  # LightningCLI warns when given both argv and args
         sys.argv = [sys.argv[0], *args]
+    if args[:1] == ["plan"]:
+        sys.exit(plan(args[1:]))
     if wants_short_help(args):
         print(help_text())
         return
@@ -319,6 +321,8 @@ examples:
   sinkprune fit --config tiny_sink50 --method wanda --n-m 2:4 --output runs/w24
   sinkprune fit --config llada_sink50 --trainer.devices 8 \\
       --trainer.strategy calibration_ddp
+  sinkprune plan --model configs/plans/llada2_0_flash --devices 8
+      (the memory plan of a run, from a config.json alone)
 
 Every other field is a jsonargparse override (--trainer.devices 8,
 --data.init_args.nsamples 64); `sinkprune fit --help-all` lists them all.
@@ -404,6 +408,67 @@ def one_line(exc: BaseException) -> str:
 
     root = one_line_root(root, exc)
     return f"{' '.join(path)}: {root}" if path else root
+
+
+STATISTICS = {"magnitude": None, "wanda": "act_sq_sum", "sink_wanda": "act_sq_sum", "sparsegpt": "hessian",
+              "sink_sparsegpt": "hessian"}
+
+
+def plan(args: list[str]) -> int:
+    """`sinkprune plan --model CONFIG_OR_HUB_ID --devices 8`: the memory plan from a config.json alone (no weights)."""
+    import argparse
+    import json
+
+    from pipeline.model import memory_plan as mp
+
+    ap = argparse.ArgumentParser(prog="sinkprune plan", description="The memory plan of a calibration run, from the "
+                                 "model's config.json alone (a path, a folder holding it, or a hub id in the local cache).")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--device-memory", default="80GB", help="free memory per device (default 80GB)")
+    ap.add_argument("--cpu-memory", default=None, help="CPU memory of a node (default: unbounded)")
+    ap.add_argument("--offload", default="auto", choices=("auto", "none", "cpu", "disk"))
+    ap.add_argument("--method", default="sink_wanda", choices=tuple(STATISTICS))
+    ap.add_argument("--windows", type=int, default=128)
+    ap.add_argument("--timesteps", type=int, default=10)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    a = ap.parse_args(args)
+    try:
+        if a.devices < 1:
+            raise ValueError(f"plan --devices {a.devices}: give the number of GPUs, >= 1")
+        config = json.loads(Path(_config_file(a.model)).read_text())
+        shape = mp.shape_from_config(config, a.model)
+        cal = mp.Calibration(statistic=STATISTICS[a.method], windows=a.windows, timesteps=a.timesteps, seqlen=a.seqlen,
+                             batch_size=a.batch_size)
+        result = mp.memory_plan(shape, cal, device_free=mp.parse_bytes(a.device_memory), devices=a.devices,
+                                cpu_free=None if a.cpu_memory is None else mp.parse_bytes(a.cpu_memory), offload=a.offload)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1) if a.json else mp.render_plan(result))
+    return 0 if result["fits"] else 1
+
+
+def _config_file(model: str) -> str:
+    """A config.json path, a folder holding one, or a hub id whose config.json is in the local Hugging Face cache."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return str(path)
+    if (path / "config.json").is_file():
+        return str(path / "config.json")
+    if model.count("/") == 1 and not path.exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+        if isinstance(cached, str):
+            return cached
+    if model.startswith((".", "/", "~")) or model.endswith(".json") or path.exists():
+        raise FileNotFoundError(f"plan --model {model}: no such config.json (nor a folder holding one); give the path "
+                                "of the model's config.json")
+    raise FileNotFoundError(f"plan --model {model}: not in the local Hugging Face cache (offline); fetch its config "
+                            f"(huggingface-cli download {model} config.json) or give the path of its config.json")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     python benchmarks/probe_cuda.py --seq-lens 2048 --batch 4
 
 Per sequence length: the median time (CUDA events, after warm-up) of the model's own SDPA call, of the probe's
-chunked fp32 mass (`pipeline.maths.attention.attention_mass`, what SinkStatsCallback adds to every attention call),
+chunked fp32 mass (`pipeline.maths.attention.attention_mass`, the probe's CPU path; on CUDA it takes the fused
+Triton kernel, timed by benchmarks/mass_kernel_cuda.py),
 and of the reference's full-softmax mass (`pipeline.maths.reference.attention_mass`, the bit-for-bit path); the peak
 extra memory of each mass (torch.cuda.max_memory_allocated above the inputs); and the probe's largest relative error
 against a float64 computation on the same bf16 inputs.  Writes benchmarks/results/probe_cuda.json.  Needs a CUDA GPU.

@@ -8,6 +8,14 @@ scores are each sample's timestep mean s̄ from the dense model.  The batches ar
 the block inputs exist only inside `calibrate_from_cache`.  Assumed, as by SparseGPT's and the reference's own
 "Catcher": the model calls its blocks one after another, each on the previous block's output; when the blocks get
 different arguments besides the hidden states (checked once per run), each block's own arguments are captured.
+
+With an offloaded model (DLMModule(offload=...), pipeline/model/offload.py) every method calibrates this way, each
+block onloaded for its passes and the next one prefetched.  Sink-aware statistics need each window's attention mass
+over ALL layers before the first statistic is weighted, so the noised batches take two block-by-block passes:
+`mass_from_cache` (the probe on every block: the mass, then the scores) and then `calibrate_from_cache` (the weighted
+statistics): every block crosses to the device twice and runs twice per batch, where the resident single pass reads
+the Linear inputs off the probed forward.  Layer-sequential with the partly pruned model's scores repeats both per
+block (about 1.5·L² block onloads).
 """
 from __future__ import annotations
 
@@ -132,25 +140,33 @@ def _slot_major(batches: list[NoisedBatch], slot_of) -> tuple[list[int], list[in
 
 
 def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_input, solve, eager: bool,
-                         sequential: bool = True, uniform: bool = True, sums=None, key=lambda name: name) -> None:
+                         sequential: bool = True, uniform: bool = True, sums=None, key=lambda name: name,
+                         offloader=None) -> None:
     """Calibrate on `batches` block by block from cached block inputs.  For each block that holds targets, one hooked
     pass over every batch (on_input(name, x, nb)); sequential: then solve(names) prunes them in place and one pass
     of the pruned block gives the next block's inputs; one-shot: the hooked (dense) pass gives them and solve(all)
     runs at the end.  `uniform`: every block takes block 0's arguments (else each block's own are captured).
     `sums` (SlotSums, where on_input adds under key(name)): the hooked passes go slot by slot, and each slot is folded
-    into the total as soon as it is complete (SlotSums.fold: one slot alive instead of all, the same bits)."""
+    into the total as soon as it is complete (SlotSums.fold: one slot alive instead of all, the same bits).
+    `offloader` (pipeline/model/offload.py): each block is onloaded for its passes (the next one prefetched), the block
+    inputs wait in CPU memory, and one-shot solves each block's layers before releasing it (the dense outputs already
+    taken: the same masks as solving all at the end); the pruned weights are written back to the block's masters."""
     blocks = [b for _, b in find_blocks(pl_module.model)]
+    park, unpark = _parking(pl_module, offloader)
     order, slots = _slot_major(batches, sums.slot_of if sums is not None else None)
     per_block = {id(b): names for b, names in zip(targets.block_modules, targets.block_layers)}
     last = max(i for i, b in enumerate(blocks) if id(b) in per_block)
     with torch.no_grad(), eager_stance(eager):
         calls = [block_calls(pl_module, nb.input_ids, nb.attention_mask, None if uniform else blocks[:last + 1])
                  for nb in batches]
-        hidden = [_hidden(c[0]) for c in calls]
+        hidden = [park(_hidden(c[0])) for c in calls]
         calls = [[_with_hidden(c, None) for c in cs] for cs in calls]  # the hidden states live in `hidden` only
         for i, block in enumerate(blocks[:last + 1]):
             names = per_block.get(id(block), [])
-            run = lambda j: _run(block, calls[j][0 if uniform else i], hidden[j])  # noqa: B023 - called in this loop
+            run = lambda j: park(_run(block, calls[j][0 if uniform else i], unpark(hidden[j])))  # noqa: B023 - called in this loop
+            if offloader is not None:
+                offloader.onload(i)
+                offloader.prefetch(i + 1)
             for pos, j in enumerate(order if names or not sequential else ()):
                 nb = batches[j]
                 handles = [targets.layers[n].register_forward_hook(
@@ -164,9 +180,66 @@ def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_inpu
                     hidden[j] = out
                 if names and slots[j] is not None and (pos + 1 == len(order) or slots[order[pos + 1]] != slots[j]):
                     sums.fold([key(n) for n in names], slots[j] + 1)
-            if sequential and names:
+            if names and (sequential or offloader is not None):
                 solve(names)
             for j in range(len(batches)) if sequential and i < last else ():
                 hidden[j] = run(j)
-    if not sequential:
+            if offloader is not None:
+                offloader.release(i, writeback=bool(names))
+    if not sequential and offloader is None:
         solve(list(targets.layers))
+
+
+def solve_block_by_block(targets, solve, offloader) -> None:
+    """No statistic (magnitude): each block's layers solved on the device, the pruned weights written back."""
+    index = {id(b): i for i, b in enumerate(offloader.blocks)}
+    for block, names in zip(targets.block_modules, targets.block_layers):
+        i = index[id(block)]
+        offloader.onload(i)
+        offloader.prefetch(i + 1)
+        solve(names)
+        offloader.release(i, writeback=True)
+
+
+def _parking(pl_module, offloader):
+    """(park, unpark): where block inputs wait between blocks.  Offloaded on CUDA with `offloader.park_inputs` (the
+    plan's cache does not fit beside the block): pinned CPU memory, copied back for each pass (exact copies, in stream
+    order); otherwise they stay where they are."""
+    device = pl_module.device
+    if offloader is None or device.type != "cuda" or not offloader.park_inputs:
+        return (lambda h: h), (lambda h: h)
+
+    def park(h):  # (non-blocking: only later work on this stream reads the copy)
+        return torch.empty(h.shape, dtype=h.dtype, device="cpu", pin_memory=True).copy_(h, non_blocking=True)
+
+    return park, lambda h: h.to(device, non_blocking=True)
+
+
+def mass_from_cache(pl_module, batches: list[NoisedBatch], offloader, eager: bool, uniform: bool = True,
+                    **probe_args) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Attention mass per key of every batch, summed over all layers, block by block from cached block inputs (the
+    model's blocks onloaded one at a time): [(mass [B, L], [mass of each attention call])].  Each call's mass is the
+    probe's and they are added in the forward's order, so the totals are those of one probed forward, bit for bit."""
+    from pipeline.maths.attention import AttentionMassProbe
+
+    blocks = [b for _, b in find_blocks(pl_module.model)]
+    park, unpark = _parking(pl_module, offloader)
+    totals: list[torch.Tensor | None] = [None] * len(batches)
+    per_call: list[list[torch.Tensor]] = [[] for _ in batches]
+    with torch.no_grad(), eager_stance(eager):
+        calls = [block_calls(pl_module, nb.input_ids, nb.attention_mask, None if uniform else blocks) for nb in batches]
+        hidden = [park(_hidden(c[0])) for c in calls]
+        calls = [[_with_hidden(c, None) for c in cs] for cs in calls]
+        for i, block in enumerate(blocks):
+            offloader.onload(i)
+            offloader.prefetch(i + 1)
+            for j, nb in enumerate(batches):
+                valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
+                with AttentionMassProbe(per_layer=True, query_weights=valid, **probe_args) as probe:
+                    out = _run(block, calls[j][0 if uniform else i], unpark(hidden[j]))
+                hidden[j] = park(out) if i + 1 < len(blocks) else None
+                for layer_mass in probe.per_layer:  # (the probe's own order: clone, then +=)
+                    totals[j] = layer_mass.clone() if totals[j] is None else totals[j].__iadd__(layer_mass)
+                    per_call[j].append(layer_mass)
+            offloader.release(i)
+    return list(zip(totals, per_call))

@@ -122,6 +122,8 @@ class EvaluateExportCallback(Callback):
         results["paired"] = paired_results(self.dense, getattr(self, "dense_windows", {}), pruned,
                                            gather_records(getattr(pl_module, "heldout_windows", {})) if self.score else {})
         results["run"] = run_metadata(trainer, pl_module, prune)
+        if hasattr(pl_module, "memory_report"):  # the plan made before the work, and the measured peaks beside it
+            results["memory"] = pl_module.memory_report()
         from pipeline.run.console import ordered_phases, phase_timings
 
         results["phase_timings"] = ordered_phases(phase_timings(), timings)

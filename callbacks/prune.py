@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from callbacks.reduction import SlotSums, default_slots
-from callbacks.cached import RecordedBatches, calibrate_from_cache, uniform_block_calls
-from callbacks.schedule import MeanSinkScores, ProbedInputs, hooked_forward
+from callbacks.cached import RecordedBatches, calibrate_from_cache, solve_block_by_block, uniform_block_calls
+from callbacks.schedule import MeanSinkScores, ProbedInputs, guard_memory, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
 from callbacks.layers import Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks, reapply
 from callbacks.layers import routed_tokens, solve_layers
@@ -62,10 +62,12 @@ class PruneCallback(Callback):
         self.targets, self.ignore = compile_patterns("targets", targets), compile_patterns("ignore", ignore)
         self.reduction_slots, self.masks_from, self.single_pass, self.eager = reduction_slots, masks_from, single_pass, eager
         self.t, self.sums, self.info, self.masks = Targets(), None, {"timings": {}}, {}  # masks: True = pruned
+        self.slot_major = False  # windows arrive slot by slot (_order_by_slot)
         self.shared, self.probed = SharedInputs(), ProbedInputs()
         self.seen: set[tuple[int, int, int]] = set()  # (epoch, sample id, timestep index) already counted
         # layers SparseGPT updated; weights to restore on resume; expert name -> calibration tokens routed to it
         self.updated, self._resumed, self.expert_tokens = set(), {}, {}
+        self.rescored = False  # offloaded, sequential, sink scores of the partly pruned model (see _check_offload)
 
     layers = property(lambda self: self.t.layers)  # name -> targeted nn.Linear
     pruned_weights = property(lambda self: {n: self.layers[n].weight.detach().cpu() for n in sorted(self.updated)})
@@ -83,16 +85,36 @@ class PruneCallback(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         """Find the layers once the model exists (configure_model), before any calibration work."""
         self.t = find_targets(pl_module.model, self.targets, self.ignore, self.n_m, self.pruner.statistic and self.method)
+        self._check_offload(pl_module)
         if self.pruner.statistic and not self.masks_from:  # layers fed one tensor share one statistic
             self.shared = SharedInputs.find(pl_module, self.layers, self.t.block_modules[-1], self.eager)
         if self.cached:  # one epoch (s̄, the recorded batches), then block by block from cached inputs at its end
             self.uniform = uniform_block_calls(pl_module, self.eager)  # every block called with block 0's arguments
-            trainer.fit_loop.max_epochs = 1
+            trainer.fit_loop.max_epochs = len(self.t.block_layers) if self.rescored else 1
         elif self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
             trainer.fit_loop.max_epochs = len(self.t.block_layers)
-        self.sums = self.sums or SlotSums(self.reduction_slots or 8)  # (resumed: the checkpoint's; None: setup not run)
+        self.sums = self.sums or SlotSums(self.reduction_slots or 8, self.mode == "oneshot")  # (resumed: the checkpoint's)
+        self.slot_major = self._order_by_slot(trainer, pl_module)
         reapply(self.layers, self.masks, self._resumed)  # resumed: restore the layers pruned before
         self.updated, self._resumed = self.updated | set(self._resumed), {}  # (the layers hold them now)
+
+    def _check_offload(self, pl_module) -> None:
+        """An offloaded model calibrates block by block from cached inputs (callbacks/cached.py), every method."""
+        if getattr(pl_module, "offloader", None) is None or not self.pruner.statistic or self.masks_from:
+            return
+        # sequential with the sink scores of the partly pruned model: one epoch per block, each ending in a mass pass
+        # over every block and a pass through the pruned blocks up to this one (about 1.5·L² block onloads in all)
+        self.rescored = self.mode == "sequential" and self.pruner.weighting.sink_aware and self.pruner.inputs == "noised"
+        self.cached = True
+
+    def _order_by_slot(self, trainer, pl_module) -> bool:
+        """One process, Hessians from every batch: ask for the windows slot by slot, so each completed slot is folded
+        into its total (one slot alive per layer instead of G; the same sums in the same order, the same bits)."""
+        wanted = (self.pruner.statistic == "hessian" and trainer is not None and trainer.world_size == 1 and self.sums.slots > 1
+                  and not (self.cached or self.masks_from) and getattr(pl_module, "hparams", {}).get("noise_order") != "reference")
+        order = getattr(getattr(trainer, "datamodule", None), "order_by_slot", None)  # (reference noise: the order draws it)
+        # (an MoE expert's GEMM takes the tokens routed to it from the whole batch: keep each batch's windows)
+        return bool(wanted and order is not None and order(self.sums.slots, regroup=not self.t.experts))
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:
@@ -121,7 +143,10 @@ class PruneCallback(Callback):
     def on_noised_batch(self, trainer, pl_module, nb: NoisedBatch) -> None:
         if self.cached:  # the work happens at the epoch's end (calibrate_from_cache)
             self.recorded.record(nb, self.pruner.inputs == "clean")
-            if self.offset:
+            if getattr(pl_module, "offloader", None) is not None:  # no forward has run: the scores come at the epoch's end
+                epoch = trainer.current_epoch
+                self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids if sid >= 0 and not self.offset)
+            elif self.offset:
                 self.mean_scores.add(nb, self.seen, self.method)
             return
         if not (names := self._active_layers(trainer.current_epoch)):
@@ -130,6 +155,8 @@ class PruneCallback(Callback):
             raise RuntimeError(f"prune method={self.method}: no sink scores on the batch; list SinkStatsCallback before PruneCallback")
         epoch = trainer.current_epoch
         fresh = [sid >= 0 and (epoch, sid, nb.step) not in self.seen for sid in nb.sample_ids]  # -1: DDP padding
+        if self.slot_major and any(fresh):  # the slots before this batch's are complete
+            self.sums.fold(list(self.sums.sums), min(self.sums.slot_of(s) for s, f in zip(nb.sample_ids, fresh) if f))
         if any(fresh) and self.probed.handles:
             for name, x, routed in self.probed.take(names):
                 self._add(name, x, routed, nb, fresh)
@@ -149,27 +176,50 @@ class PruneCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        with guard_memory(pl_module):
+            self._end_epoch(trainer, pl_module)
+
+    def _end_epoch(self, trainer, pl_module) -> None:
         self.probed.stop()
         epoch = trainer.current_epoch
         if self.masks_from or (epoch > 0 and not (self.mode == "sequential" and self.pruner.statistic)):
             return
         if self.cached:
-            return self._from_cache(pl_module)
+            return self._from_cache(trainer, pl_module)
+        if not self.pruner.statistic and getattr(pl_module, "offloader", None) is not None:
+            return solve_block_by_block(self.t, self._solve, pl_module.offloader)
         self._solve(self._active_layers(epoch) if self.pruner.statistic else list(self.layers))
 
-    def _from_cache(self, pl_module) -> None:
+    def _from_cache(self, trainer, pl_module) -> None:
         batches = self.recorded.noised_batches(pl_module.device)
+        offloader = getattr(pl_module, "offloader", None)
+        if offloader is not None and self.pruner.weighting.sink_aware:  # scores from SinkStatsCallback's block pass
+            sink = next(cb for cb in trainer.callbacks if isinstance(cb, SinkStatsCallback))
+            if self.offset:
+                for (step, sids), scores in sink.offload_scores.items():  # in dispatch order, as the epoch adds them
+                    self.mean_scores.add(NoisedBatch(None, None, None, 0.0, step, list(sids), sink_scores=scores), self.seen, self.method)
+            else:
+                batches = [NoisedBatch(nb.input_ids, nb.clean_ids, nb.masked, nb.t, nb.step, nb.sample_ids, nb.attention_mask,
+                                       sink_scores=sink.scores_for(nb).to(pl_module.device)) for nb in batches]
         if self.offset:  # every rank gets every sample's s̄
             self.mean_scores.gather()
             batches = [self.mean_scores.with_mean(nb, self.flavor) for nb in batches]
         on_input = lambda n, x, nb: self._add(n, x, self._routed(n), nb)  # noqa: E731
+        targets = self.t
+        if self.rescored:  # this epoch's block only, on the outputs of the pruned blocks before it
+            e = trainer.current_epoch
+            targets = Targets(self.t.layers, [self.t.block_layers[e]], [self.t.block_modules[e]], self.t.experts)
         with phase("calibrating block by block"):
-            calibrate_from_cache(pl_module, self.t, batches, on_input, self._solve, self.eager, self.mode == "sequential",
-                                 self.uniform, self.sums, self.shared.key)
+            calibrate_from_cache(pl_module, targets, batches, on_input, self._solve, self.eager, self.mode == "sequential",
+                                 self.uniform, self.sums, self.shared.key, offloader)
+        if self.rescored:  # the next block's epoch records its own batches (noised alike, through the pruned blocks)
+            self.recorded = RecordedBatches()
 
     def _solve(self, names: list[str]) -> None:
         """Solve and apply the masks of `names` from the sums (collective), then empty the sums."""
         t0 = time.time()
+        if self.slot_major:  # every slot is complete: fold the last ones too, before any solve needs the memory
+            self.sums.fold(list(self.sums.sums), self.sums.slots)
         if self.pruner.statistic:
             samples, leaders = len({s for _, s, _ in self.seen} | self.recorded.ids), [n for n in names if self.shared.key(n) == n]
             count_expert_tokens(self.sums, self.t.experts, leaders, self.expert_tokens, samples)
@@ -195,6 +245,6 @@ class PruneCallback(Callback):
         self.seen = {tuple(k) for k in state_dict.get("seen", [])}
         self.recorded.load_state_dict(state_dict.get("recorded", {}))
         if state_dict.get("sums") is not None:
-            self.sums = SlotSums(self.reduction_slots or state_dict["sums"]["slots"])
+            self.sums = SlotSums(self.reduction_slots or state_dict["sums"]["slots"], self.mode == "oneshot")
             self.sums.load_state_dict(state_dict["sums"])
 

@@ -5,12 +5,17 @@ depend on the world size, and masks near a tie flip.  Here sample i is added to 
 default 8) and every slot lives on rank (slot % world_size).  With world_size dividing G, slot g sees the
 same samples in the same order on any world size; the final sum adds slots 0..G-1 in order on every rank.
 Memory: G / world_size copies of the statistic per rank (Hessian slots are float32, summed in float64).  A single
-process that fills the slots one after another (calibration from cached block inputs, each batch in one slot) folds
-each completed slot into the float64 total at once (`fold`): the same additions in the same order, one slot alive.
+process that fills the slots one after another (calibration from cached block inputs, or windows dispatched slot by
+slot: `CalibrationData.order_by_slot`) folds each completed slot into the float64 total at once (`fold`): the same
+additions in the same order, one slot alive.  `host_totals`: the float64 totals live in host memory (a one-shot run
+holds every block's; float64 addition gives the same bits on any device), added on one worker thread while the
+device goes on.
 A key filled through `running` holds a running mean per slot (the reference's SparseGPT Hessian): its total is
 Σ_g n_g·mean_g / Σ_g n_g, which is the one slot's mean itself, bit for bit, when a single slot holds every sample.
 """
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -30,18 +35,36 @@ def world() -> tuple[int, int]:
 
 
 class SlotSums:
-    def __init__(self, slots: int = 8):
+    def __init__(self, slots: int = 8, host_totals: bool = False, fold_thread: bool | None = None):
         rank, size = world()
         if slots % size:
             raise ValueError(
                 f"reduction_slots={slots} is not a multiple of world_size={size}; set the callback's "
                 f"reduction_slots to a multiple of the number of processes (e.g. {size * ((slots + size - 1) // size)})"
             )
-        self.slots = slots
+        self.slots, self.host_totals = slots, host_totals
         self.owned = [g for g in range(slots) if g % size == rank]
         self.sums: dict[str, dict[int, torch.Tensor]] = {}
         self.folded: dict[str, tuple[int, torch.Tensor | None]] = {}  # key -> (slots < this are in the total, total)
         self.counts: dict[str, dict[int, int]] = {}  # running-mean keys: key -> slot -> samples in its mean
+        # host totals of device slots: the additions run on one thread while the device goes on (None: for slots on a
+        # device only; a CPU run keeps its own threads to its forwards)
+        self.fold_thread, self._worker, self._pending = fold_thread, None, []
+
+    def __getstate__(self) -> dict:  # (pickled for DDP spawn: no thread)
+        self.settle()
+        return {**self.__dict__, "_worker": None, "_pending": []}
+
+    def _later(self, fn) -> None:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-fold")
+        self._pending.append(self._worker.submit(fn))
+
+    def settle(self) -> None:
+        """Wait for the host additions under way (in submission order, one thread); every reader of a total calls it."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def slot_of(self, sample_id: int) -> int:
         return sample_id % self.slots
@@ -59,6 +82,16 @@ class SlotSums:
         out = value.to(torch.float64, copy=True)
         return out.mul_(self.counts[key][slot]) if key in self.counts else out
 
+    def _plus(self, key: str, out: torch.Tensor | None, slot: int, value: torch.Tensor) -> torch.Tensor:
+        """out + slot's term, in place.  A plain slot is added as it is: float64 += float32 converts each value exactly
+        first, so the bits equal adding its float64 copy, without that copy on the device (8 bytes per value more at
+        the peak); in host memory it is converted first (CPU adds of mixed dtypes are ~3x slower)."""
+        if out is None or key in self.counts:
+            term = self._term(key, slot, value)
+            return term if out is None else out.add_(term.to(out.device))
+        value = value.to(out.device)
+        return out.add_(value.double() if value.device.type == "cpu" else value)
+
     def _finish(self, key: str, out: torch.Tensor | None) -> torch.Tensor | None:
         return out.div_(sum(self.counts[key].values())) if out is not None and key in self.counts else out
 
@@ -71,10 +104,19 @@ class SlotSums:
             done, out = self.folded.get(key, (0, None))
             per_key = self.sums.get(key, {})
             for g in range(done, upto):
-                if g in per_key:
-                    slot = per_key.pop(g)
-                    term = self._term(key, g, slot)
-                    out = term if out is None else out.add_(term)  # (= out + term, bitwise)
+                if g not in per_key:
+                    continue
+                threaded = self.fold_thread if self.fold_thread is not None else per_key[g].device.type != "cpu"
+                if self.host_totals and threaded and key not in self.counts:  # the same operations as _plus, on the thread
+                    value = per_key.pop(g).cpu()  # (the device slot is freed before the next one is created)
+                    if out is None:
+                        out = torch.empty(value.shape, dtype=torch.float64)
+                        self._later(lambda out=out, value=value: out.copy_(value))
+                    else:
+                        self._later(lambda out=out, value=value: out.add_(value.double()))
+                else:
+                    value = per_key.pop(g)
+                    out = self._plus(key, out, g, value.cpu() if self.host_totals else value)
             self.folded[key] = (max(done, upto), out)
 
     def accumulator(self, key: str, sample_id: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -130,13 +172,13 @@ class SlotSums:
         return out / count if running and out is not None else out
 
     def _local_total(self, key: str, copy: bool) -> torch.Tensor | None:
+        self.settle()
         per_key = self.sums.get(key, {})
         done, out = self.folded.get(key, (0, None))
         out = out.clone() if copy and out is not None else out
         for g in range(done, self.slots):
             if g in per_key:
-                term = self._term(key, g, per_key[g])
-                out = term if out is None else out.add_(term)
+                out = self._plus(key, out, g, per_key[g])
         return self._finish(key, out)
 
     def take(self, key: str) -> torch.Tensor | None:
@@ -161,16 +203,19 @@ class SlotSums:
                 del totals[k]
 
     def clear(self) -> None:
+        self.settle()
         self.sums.clear()
         self.folded.clear()
         self.counts.clear()
 
     def state_dict(self) -> dict:
+        self.settle()
         return {"slots": self.slots, "sums": {k: {g: t.cpu() for g, t in v.items()} for k, v in self.sums.items()},
                 "folded": {k: (g, None if t is None else t.cpu()) for k, (g, t) in self.folded.items()},
                 "counts": {k: dict(v) for k, v in self.counts.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        self.settle()
         self.slots = state["slots"]
         self.sums = {k: dict(v) for k, v in state["sums"].items()}
         self.folded = dict(state.get("folded", {}))

@@ -4,7 +4,7 @@ averaged over the timesteps (s̄, the reference's SparseGPT), collected in the c
 cached block inputs (callbacks/cached.py)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -55,6 +55,12 @@ class MeanSinkScores:
         scores = torch.stack([self.mean(*self.sums[sid]) if sid >= 0 else torch.zeros(length) for sid in nb.sample_ids])
         return NoisedBatch(nb.input_ids, nb.clean_ids, nb.masked, nb.t, nb.step, nb.sample_ids, nb.attention_mask,
                            sink_scores=scores.to(nb.input_ids.device))
+
+
+def guard_memory(pl_module):
+    """The module's out-of-memory guard (DLMModule: one line with the plan and the fix), else nothing."""
+    guard = getattr(pl_module, "out_of_memory_guard", None)
+    return guard() if guard is not None else nullcontext()
 
 
 @contextmanager

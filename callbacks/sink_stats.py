@@ -7,7 +7,11 @@ for PruneCallback to down-weight sink tokens.  During the first epoch it also re
 timestep) diagnostics; at the epoch's end it gathers them across ranks and rank 0 writes
 `sinks.json` (per-timestep table, sink-position variance across timesteps) and `sink_heatmap.png`.
 With DLMModule(noise_order="reference") the mass and the scores use the reference's own operations (its bits:
-pipeline/maths/reference.py) wherever there is no padding.
+pipeline/maths/reference.py) wherever there is no padding.  Elsewhere, on a CUDA device with triton installed, each
+attention call's mass comes from a fused Triton kernel (mass_kernel="auto"; "chunked" keeps the float32 chunks).
+With an offloaded model (DLMModule(offload=...)) no forward runs per batch: the noised batches are recorded, and at
+the epoch's end one block-by-block pass over all of them gives every window's mass over all layers (the same bits),
+then the scores (`scores_for(nb)`, read by PruneCallback) and the records.
 """
 from __future__ import annotations
 
@@ -21,8 +25,11 @@ from rich.console import Console
 
 from pipeline.model.calibration import (NoisedBatch, calibration_forward, find_blocks, forward_through_blocks, last_block,
                                         mask_window)
+from callbacks.cached import RecordedBatches, mass_from_cache, uniform_block_calls
 from callbacks.reduction import gather_records
-from pipeline.maths.attention import AttentionMassProbe
+from callbacks.schedule import guard_memory
+from pipeline.run.phase import phase
+from pipeline.maths.attention import MASS_KERNELS, AttentionMassProbe
 from pipeline.run.outputs import AtomicDir
 from pipeline.evaluation.sink_tables import plot_heatmap, render_timestep_table, positional_warning, summarize_records
 from pipeline.maths import reference
@@ -40,6 +47,7 @@ class SinkStatsCallback(Callback):
         heatmap: bool = True,
         record: bool = True,
         overwrite: bool = False,
+        mass_kernel: str = "auto",
     ):
         for name, value in (("sink_std", sink_std), ("sink_alpha", sink_alpha)):
             if not math.isfinite(value):
@@ -49,6 +57,10 @@ class SinkStatsCallback(Callback):
                                  "above the mean mass; defaults: sink_std 2.0, sink_alpha 5.0)")
         if chunk_size < 1:
             raise ValueError(f"SinkStatsCallback.chunk_size={chunk_size} must be >= 1 (queries per softmax chunk; default 128)")
+        if mass_kernel not in MASS_KERNELS:
+            raise ValueError(f"SinkStatsCallback.mass_kernel={mass_kernel!r} is not one of {MASS_KERNELS} "
+                             "(auto: the Triton kernel on CUDA, else chunked; default auto)")
+        self.mass_kernel = mass_kernel
         self.overwrite = overwrite
         self.sink_std, self.sink_alpha = float(sink_std), float(sink_alpha)
         self.per_layer, self.chunk_size = per_layer, chunk_size
@@ -59,6 +71,8 @@ class SinkStatsCallback(Callback):
         self._last_call: int | None = None
         self._calls_checked = False
         self._reference_order = False
+        self.deferred = RecordedBatches()  # offloaded model: the noised batches whose mass waits for the epoch's end
+        self.offload_scores: dict[tuple, torch.Tensor] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Fail in seconds, not after the dense scoring, when the probe cannot see the model's attention."""
@@ -79,17 +93,24 @@ class SinkStatsCallback(Callback):
         consumers = [cb for cb in trainer.callbacks if hasattr(cb, "wants_sink_scores")]
         if consumers and not any(cb.wants_sink_scores(trainer.current_epoch) for cb in consumers):
             return  # e.g. flavor="reference" SparseGPT's clean-input block epochs
+        if getattr(pl_module, "offloader", None) is not None:
+            return self.deferred.record(nb, clean=False)
         valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
         read = any(getattr(cb, "reads_probed_forward", lambda epoch: True)(trainer.current_epoch) for cb in consumers)
         last_call = None if read or not self._calls_checked else self._last_call  # None: the whole forward
+        kernel = "auto" if self._reference_order else self.mass_kernel  # the reference's order takes no kernel
         with AttentionMassProbe(per_layer=self.per_layer, chunk_size=self.chunk_size, query_weights=valid,
-                                last_call=last_call, reference_order=self._reference_order) as probe:
+                                last_call=last_call, reference_order=self._reference_order, kernel=kernel) as probe:
             forward_through_blocks(pl_module, nb.input_ids, nb.attention_mask, stop_after=self._stop_after)
         probe.require_attention()
         if not self._calls_checked:  # the first whole forward of a window: the same number of calls as at fit start?
             self._last_call = self._last_call if probe.calls == self._last_call else None
             self._calls_checked = True
-        mass = probe.mass
+        self._publish(trainer, pl_module, nb, probe.mass, probe.per_layer)
+
+    def _publish(self, trainer, pl_module, nb: NoisedBatch, mass, per_layer) -> None:
+        """nb.sink_scores from the mass over all layers; the epoch-0 records."""
+        valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
         if not torch.isfinite(mass).all():
             where = _locate_nonfinite_attention(pl_module, nb, valid, self.chunk_size)
             raise FloatingPointError(
@@ -102,9 +123,31 @@ class SinkStatsCallback(Callback):
             nb.sink_scores = sink_scores(mass, k=self.sink_std, alpha=self.sink_alpha, valid=valid)
         nb.extras["attention_mass"] = mass
         if self.per_layer:
-            nb.extras["attention_mass_per_layer"] = probe.per_layer
+            nb.extras["attention_mass_per_layer"] = per_layer
         if self.record and trainer.current_epoch == 0:
-            self._record(pl_module, nb, mass, probe.per_layer if self.per_layer else None, valid)
+            self._record(pl_module, nb, mass, per_layer if self.per_layer else None, valid)
+
+    def _mass_block_by_block(self, trainer, pl_module) -> None:
+        """Offloaded model: every recorded batch's mass in one block-by-block pass, then its scores and records."""
+        batches = self.deferred.noised_batches(pl_module.device)
+        self.deferred, self.offload_scores = RecordedBatches(), {}
+        uniform = next((cb.uniform for cb in trainer.callbacks if hasattr(cb, "uniform")), None)  # PruneCallback's
+        uniform = uniform_block_calls(pl_module) if uniform is None else uniform
+        masses = mass_from_cache(pl_module, batches, pl_module.offloader, True, uniform, chunk_size=self.chunk_size,
+                                 reference_order=self._reference_order,
+                                 kernel="auto" if self._reference_order else self.mass_kernel)  # (as the resident probe)
+        for nb, (mass, per_call) in zip(batches, masses):
+            if mass is None:
+                from pipeline.maths.attention import NoAttentionSeenError
+                raise NoAttentionSeenError("the model made no attention call the probe could see in its blocks; use "
+                                           "attn_implementation='sdpa'")
+            nb.t = pl_module.timesteps[nb.step]
+            self._publish(trainer, pl_module, nb, mass, per_call)
+            self.offload_scores[(nb.step, tuple(nb.sample_ids))] = nb.sink_scores.cpu()
+
+    def scores_for(self, nb: NoisedBatch) -> torch.Tensor:
+        """The sink scores the block-by-block pass gave the batch with nb's samples and step (offloaded model)."""
+        return self.offload_scores[(nb.step, tuple(nb.sample_ids))]
 
     def _record(self, pl_module, nb, mass, per_layer, valid):
         stats = mass_statistics(mass, valid=valid)
@@ -132,6 +175,9 @@ class SinkStatsCallback(Callback):
 
     # --- end of the calibration epoch ----------------------------------------------------------------
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.deferred.batches:
+            with guard_memory(pl_module), phase("measuring attention mass block by block"):
+                self._mass_block_by_block(trainer, pl_module)
         if not self.record or trainer.current_epoch != 0:
             return
         records = gather_records(self.records)
@@ -153,11 +199,12 @@ class SinkStatsCallback(Callback):
         return Path(self.output_dir or Path(trainer.default_root_dir) / "sinks").expanduser()
 
     def state_dict(self) -> dict:
-        return {"records": self.records, "summary": self.summary}
+        return {"records": self.records, "summary": self.summary, "deferred": self.deferred.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.records = state_dict.get("records", {})
         self.summary = state_dict.get("summary")
+        self.deferred.load_state_dict(state_dict.get("deferred", {}))
 
 
 class _LocatingProbe(AttentionMassProbe):

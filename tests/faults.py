@@ -3,6 +3,7 @@
     FailOnRank      raises on one rank at one hook (DDP failure handling)
     PoisonInput     replaces one module's input by NaN/Inf from the calibration epoch on
     PoisonWeight    sets one parameter of the model to NaN at the start of calibration
+    OutOfMemoryInBlock  a transformer block raises torch.cuda.OutOfMemoryError once calibration runs
 """
 from __future__ import annotations
 
@@ -118,3 +119,19 @@ class Stamp(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._stamp("on_train_end")
+
+
+class OutOfMemoryInBlock(Callback):
+    """From the start of calibration (after the structural forwards of fit start), the forward of block `block`
+    raises torch.cuda.OutOfMemoryError, as the CUDA caching allocator does when an allocation fails."""
+
+    def __init__(self, block: int = 0):
+        self.block = block
+
+    def on_train_start(self, trainer, pl_module):
+        from pipeline.model.calibration import find_blocks
+
+        def fail(module, args):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+        find_blocks(pl_module.model)[self.block][1].register_forward_pre_hook(fail)

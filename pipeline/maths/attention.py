@@ -10,7 +10,11 @@ How it sees attention: while active, the probe replaces `torch.nn.functional.sca
 (SDPA) with a wrapper that first calls the original function (so the model's outputs are bit-for-bit what
 they would have been) and then, under no_grad and in float32, recomputes the attention probabilities from
 the same q, k, mask, causal flag, scale and GQA layout, chunked over queries so that no [T_q, T_k] matrix
-for all queries is ever held at once (peak O(B·H·chunk·T_k) instead of O(B·H·T_q·T_k)).
+for all queries is ever held at once (peak O(B·H·chunk·T_k) instead of O(B·H·T_q·T_k)).  On a CUDA device with
+triton installed, the same mass comes from two fused Triton passes instead (pipeline/maths/attention_triton.py: the
+row log-sum-exp, then Σ_q exp(q·k − lse) per key block), unless the probe keeps the reference's order; CPU runs
+(Triton's interpreter aside, TRITON_INTERPRET=1 as in the tests) and the reference flavour take the chunked /
+reference paths, so their bits never depend on the kernel.  docs/mass_kernel.md.
 
 What is covered, and what is not:
   * any code that looks SDPA up as `torch.nn.functional.scaled_dot_product_attention` / `F.scaled_...`
@@ -45,10 +49,13 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from pipeline.maths import reference
+from pipeline.maths import attention_triton, reference
 
 # Cap on one chunk's float32 score tensor; chunk_size is lowered to fit it for huge B·H·T_k.
 DEFAULT_CHUNK_BYTES = 64 << 20
+# How AttentionMassProbe computes each call's mass: "auto" = the Triton kernel wherever it runs (CUDA tensors,
+# triton installed, head dim a power of 2 in [16, 256]), else chunked; "triton" insists; "chunked" never uses it.
+MASS_KERNELS = ("auto", "triton", "chunked")
 
 _SDPA_SIGNATURE = inspect.Signature(
     [
@@ -182,7 +189,23 @@ def _chunk_probabilities_summed_over_heads(q_grouped, k_t, mask, is_causal, scal
     return scores.sum(dim=1)
 
 
-def naive_attention_mass(query, key, attn_mask=None, is_causal=False, scale=None) -> torch.Tensor:
+def triton_attention_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    query_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """attention_mass's result from the fused Triton kernel (same arguments, same layouts of q, k and mask)."""
+    return attention_triton.attention_mass_triton(
+        _as_heads(query.detach()), _as_heads(key.detach()), _mask_as_4d(attn_mask, query), is_causal, scale,
+        query_weights=query_weights,
+    )
+
+
+def naive_attention_mass(query, key, attn_mask=None, is_causal=False, scale=None, query_weights=None) -> torch.Tensor:
     """Reference: the full [B, H, L, S] softmax in float64 with repeated key heads. For tests only."""
     q, k = _as_heads(query).double(), _as_heads(key).double()
     if q.shape[1] != k.shape[1]:
@@ -193,9 +216,11 @@ def naive_attention_mass(query, key, attn_mask=None, is_causal=False, scale=None
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
     if is_causal:
-        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if query_weights is not None:
+        probs = probs * query_weights.double().reshape(q.shape[0], 1, q.shape[2], 1)
     return probs.sum(dim=(1, 2)).float()
 
 
@@ -210,12 +235,20 @@ class AttentionMassProbe:
     after it are never computed; the mass is unchanged).  An outer probe around it does not see that last call.
     reference_order: each call's mass by the reference's own operations (pipeline/maths/reference.py: its bits, the
     whole [B, H, T, T] softmax at once) wherever it applies (no padding, no attention mask); chunked elsewhere.
+    kernel: "auto" (the fused Triton kernel where it runs, see MASS_KERNELS; chunked under reference_order),
+    "triton" (always; an error where it cannot run) or "chunked".  calls_by_kernel counts the calls of each path.
     """
 
     def __init__(self, *, per_layer: bool = False, query_weights: torch.Tensor | None = None, chunk_size: int = 128,
-                 last_call: int | None = None, reference_order: bool = False):
+                 last_call: int | None = None, reference_order: bool = False, kernel: str = "auto"):
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be a positive number of query rows")
+        if kernel not in MASS_KERNELS:
+            raise ValueError(f"kernel={kernel!r} is not one of {MASS_KERNELS}")
+        if kernel == "triton" and reference_order:
+            raise ValueError("kernel='triton' contradicts reference_order=True (the reference's own operations); "
+                             "use kernel='auto'")
+        self.kernel = kernel
         self.keep_per_layer = per_layer
         self.chunk_size = int(chunk_size)
         self.query_weights = query_weights
@@ -224,6 +257,7 @@ class AttentionMassProbe:
         self.mass: torch.Tensor | None = None
         self.per_layer: list[torch.Tensor] = []
         self.calls = 0
+        self.calls_by_kernel: dict[str, int] = {}
         self._previous = None
         self._wrapper = None
         self._thread = None
@@ -235,6 +269,7 @@ class AttentionMassProbe:
         self.mass = None
         self.per_layer = []
         self.calls = 0
+        self.calls_by_kernel = {}
 
     def set_query_weights(self, query_weights: torch.Tensor | None) -> None:
         self.query_weights = query_weights
@@ -246,12 +281,22 @@ class AttentionMassProbe:
                 f"query_weights has shape {tuple(weights.shape)} but this attention call has "
                 f"[batch, queries] = [{query.shape[0]}, {query.shape[-2]}]"
             )
-        if self.reference_order and (weights is None or bool(weights.all())) and attn_mask is None and not is_causal:
+        path = self._mass_kernel(query, key, attn_mask, is_causal, weights)
+        layer_mass = None
+        if path == "reference":
             layer_mass = reference.attention_mass(query, key, scale)
-        else:
+        elif path == "triton":
+            try:
+                layer_mass = triton_attention_mass(query, key, attn_mask, bool(is_causal), scale, query_weights=weights)
+            except attention_triton.OutOfResources:  # the tiles do not fit this GPU (shared memory, registers)
+                if self.kernel == "triton":
+                    raise
+                path = "chunked"
+        if layer_mass is None:
             layer_mass = attention_mass(
                 query, key, attn_mask, bool(is_causal), scale, query_weights=weights, chunk_size=self.chunk_size
             )
+        self.calls_by_kernel[path] = self.calls_by_kernel.get(path, 0) + 1
         if self.mass is None:
             self.mass = layer_mass.clone()
         elif self.mass.shape != layer_mass.shape:
@@ -264,6 +309,20 @@ class AttentionMassProbe:
         if self.keep_per_layer:
             self.per_layer.append(layer_mass)
         self.calls += 1
+
+    def _mass_kernel(self, query, key, attn_mask, is_causal, weights) -> str:
+        """"reference", "triton" or "chunked": which computation gives this call's mass."""
+        if self.reference_order:
+            plain = (weights is None or bool(weights.all())) and attn_mask is None and not is_causal
+            return "reference" if plain else "chunked"
+        if self.kernel == "chunked":
+            return "chunked"
+        reason = attention_triton.unsupported(query, key)
+        if reason is None:
+            return "triton"
+        if self.kernel == "triton":
+            raise ValueError(f"AttentionMassProbe(kernel='triton'): {reason}; use kernel='auto' or 'chunked'")
+        return "chunked"
 
     def require_attention(self, model=None) -> None:
         """Raise NoAttentionSeenError when the probed forward made no attention call the probe could see."""

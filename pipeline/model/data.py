@@ -193,13 +193,16 @@ class UnpaddedDistributedSampler(DistributedSampler):
     count some windows twice.  Subclassing it keeps Lightning from wrapping it again.
     `skip_next` drops the first indices of the next epoch only: a resumed run starts after the batches
     its checkpoint already counted (Lightning would otherwise replay the epoch from its first batch).
+    `order` (one process): the indices in that order instead (`slot_major_order`).
     """
 
     def __init__(self, dataset, num_replicas: int = 1, rank: int = 0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.skip_next = 0
+        self.skip_next, self.order = 0, None
 
     def _indices(self):
+        if self.order is not None and self.num_replicas == 1:
+            return self.order
         per_rank = -(-len(self.dataset) // self.num_replicas)
         return range(self.rank, per_rank * self.num_replicas, self.num_replicas)
 
@@ -209,6 +212,24 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     def __len__(self):
         return len(self._indices())
+
+
+def slot_major_order(n: int, slots: int, batch_size: int) -> list[int] | None:
+    """Windows 0..n-1 regrouped so that reduction slots (window i -> slot i mod `slots`, callbacks/reduction.py) complete
+    in slot order, at most `batch_size` of them under way at once (one, in batches of one): each batch takes the next
+    window of each of the lowest slots that still have some.  Each slot still sees its windows in increasing order,
+    every timestep of one before the next (a batch never holds two windows of one slot), and the batches keep their
+    sizes.  None when the batches cannot be filled that way."""
+    queues: dict[int, list[int]] = {}
+    for i in range(n):
+        queues.setdefault(i % slots, []).append(i)
+    order = []
+    for start in range(0, n, batch_size):
+        lowest = sorted(s for s, q in queues.items() if q)[:min(batch_size, n - start)]
+        if len(lowest) < min(batch_size, n - start):
+            return None
+        order += [queues[s].pop(0) for s in lowest]
+    return order
 
 
 class CalibrationData(L.LightningDataModule):
@@ -233,6 +254,14 @@ class CalibrationData(L.LightningDataModule):
         self.save_hyperparameters()
         self.calibration: WindowDataset | None = None
         self.heldout: WindowDataset | None = None
+
+    @classmethod
+    def from_windows(cls, windows: torch.Tensor, batch_size: int = 1) -> "CalibrationData":
+        """Calibration on given token windows [n, T] (benchmarks, tests): nothing tokenized, no held-out windows, no
+        position kept from the noise; the same loader as the corpus windows (`order_by_slot` included)."""
+        data = cls(nsamples=len(windows), seqlen=windows.shape[1], batch_size=batch_size, heldout_samples=0)
+        data.calibration, data.heldout = WindowDataset(windows, n_kept=0), WindowDataset(windows[:0], n_kept=0)
+        return data
 
     def _tokenizer(self):
         from transformers import AutoTokenizer
@@ -281,7 +310,19 @@ class CalibrationData(L.LightningDataModule):
     def train_dataloader(self):
         loader = self._loader(self.calibration)
         self.train_sampler = loader.sampler
+        self.train_sampler.order = getattr(self, "slot_order", None)
         return loader
+
+    def order_by_slot(self, slots: int, regroup: bool = True) -> bool:
+        """Calibration windows slot by slot for `slots` reduction slots (`slot_major_order`), in one process.  With
+        batches of more than one window, which windows share a batch changes: `regroup=False` refuses that.  True when
+        the order is taken."""
+        one_process = self.trainer is None or self.trainer.world_size == 1
+        fits = self.calibration is not None and (regroup or self.hparams.batch_size == 1)
+        self.slot_order = slot_major_order(len(self.calibration), slots, self.hparams.batch_size) if one_process and fits else None
+        if getattr(self, "train_sampler", None) is not None:  # a loader built already: its sampler reads it when iterated
+            self.train_sampler.order = self.slot_order
+        return self.slot_order is not None
 
     def skip_batches(self, n: int) -> None:
         """Resume: the next calibration epoch starts after its first n batches (on this rank)."""

@@ -6,17 +6,22 @@ timestep of the schedule and hands each noised batch to the callbacks (see pipel
 """
 from __future__ import annotations
 
+import os
 import warnings
+from contextlib import contextmanager, nullcontext
 
 import lightning as L
 import torch
 from typing_extensions import override
 
-from pipeline.model.calibration import calibration_forward, dispatch_noised_batch, noised_batches, reference_noised_batches
+from pipeline.model.calibration import (calibration_forward, dispatch_noised_batch, find_blocks, noised_batches,
+                                        reference_noised_batches)
 from pipeline.model.head import logits_at
 from pipeline.maths.diffusion import DEFAULT_EPS, NOISES, config_max_length, timestep_grid
 from pipeline.model.loading import dlm_forward, load_dlm, resolve_mask_token_id, resolve_path
-from pipeline.run.phase import set_current
+from pipeline.model import memory_plan as mp
+from pipeline.model.offload import OFFLOADS, BlockOffloader
+from pipeline.run.phase import current, set_current
 from pipeline.maths.metrics import MaskedDiffusionPerplexity, elbo_nll
 
 
@@ -53,6 +58,7 @@ class DLMModule(L.LightningModule):
         keep_special_tokens: bool = False,
         noise: str = "mask",
         noise_order: str = "per_sample",
+        offload: str = "auto",
     ):
         """Args:
             keep_special_tokens: never mask the special token the data puts first (BOS / [CLS]), in
@@ -67,6 +73,11 @@ class DLMModule(L.LightningModule):
                 reference's own float operations in SinkStatsCallback's attention mass and sink scores and one
                 reduction slot in PruneCallback: with batch_size 1 in a single process and PruneCallback(flavor=
                 "reference"), masks and weights are the reference's bit for bit (benchmarks/vs_reference.py).
+            offload: where the transformer blocks' weights live during calibration (docs/offload.md): "auto" (default:
+                on the device when the memory plan says the model and the calibration state fit its free memory, else
+                "cpu"), "none" (on the device), "cpu" (CPU memory, onloaded block by block) or "disk" (memory-mapped
+                from the checkpoint's safetensors, onloaded block by block).  SINKPRUNE_DEVICE_BUDGET (e.g. 20GiB)
+                replaces the device's free memory in the plan.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -83,7 +94,12 @@ class DLMModule(L.LightningModule):
             raise ValueError(f"model.heldout_timesteps={heldout_timesteps} must be >= 1 (timesteps per held-out window)")
         if noise not in NOISES:
             raise ValueError(f"model.noise={noise!r}: use one of {', '.join(NOISES)}")
+        if offload not in OFFLOADS:
+            raise ValueError(f"model.offload={offload!r}: use one of {', '.join(OFFLOADS)} (default auto)")
+        device_budget()  # a malformed SINKPRUNE_DEVICE_BUDGET fails here, before loading
         resolve_path(pretrained)  # a missing local path fails here, before anything is loaded
+        self.offloader: BlockOffloader | None = None  # set in configure_model when the plan offloads
+        self.memory_plan: dict | None = None
         self.model = None  # loaded in configure_model, after every config check has passed
         self.tokenizer = None
         self.mask_token_id: int | None = None
@@ -101,14 +117,20 @@ class DLMModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
+        # Lightning runs this hook under `with torch.device(root_device)`: a model that will be offloaded loads into
+        # CPU memory instead (a resident one goes straight to the device, as before)
+        on_cpu = self._target_device().type != "cpu" and self._offload_before_loading() != "none"
         try:
-            self.model, self.tokenizer = load_dlm(
-                hp.pretrained, trust_remote_code=hp.trust_remote_code, torch_dtype=hp.torch_dtype,
-                model_class=hp.model_class, attn_implementation=hp.attn_implementation,
-            )
+            with torch.device("cpu") if on_cpu else nullcontext():
+                self.model, self.tokenizer = load_dlm(
+                    hp.pretrained, trust_remote_code=hp.trust_remote_code, torch_dtype=hp.torch_dtype,
+                    model_class=hp.model_class, attn_implementation=hp.attn_implementation,
+                )
         except torch.OutOfMemoryError as exc:
             raise RuntimeError(f"{hp.pretrained} does not fit in the memory of {self._target_device()}: {FIT_HINT}") from exc
-        check_fits(self.model, self._target_device(), hp.pretrained)
+        self._plan_memory()
+        if self.offloader is None:
+            check_fits(self.model, self._target_device(), hp.pretrained)
         self.mask_token_id = resolve_mask_token_id(self.tokenizer, self.model.config, hp.mask_token_id)
         vocab = self.model.get_input_embeddings().num_embeddings
         if not 0 <= self.mask_token_id < vocab:
@@ -124,6 +146,99 @@ class DLMModule(L.LightningModule):
         limit = config_max_length(self.model.config)
         if seqlen is not None and limit is not None and seqlen > limit:
             raise ValueError(f"data.seqlen={seqlen} exceeds the model's maximum sequence length {limit}; lower data.init_args.seqlen")
+
+    def _offload_before_loading(self) -> str:
+        """offload, with "auto" resolved by the plan of the checkpoint's config.json (no weights); "cpu" when the
+        config does not say enough (loading into CPU memory is always safe)."""
+        if self.hparams.offload != "auto":
+            return self.hparams.offload
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(resolve_path(self.hparams.pretrained), trust_remote_code=self.hparams.trust_remote_code)
+            shape = mp.shape_from_config(config.to_dict(), self.hparams.pretrained)
+        except (ValueError, OSError, TypeError, KeyError):
+            return "cpu"
+        device = self._target_device()
+        return mp.memory_plan(shape, self._calibration_sizes(), device_free=device_free_bytes(device),
+                              cpu_free=cpu_free_bytes(), devices=self._world_size())["offload"]
+
+    def _plan_memory(self) -> None:
+        """The memory plan (printed before any work; results.json `memory`), and the offloader when it offloads."""
+        device, blocks = self._target_device(), [b for _, b in find_blocks(self.model)]
+        shape = mp.shape_from_model(self.model, blocks, self.hparams.pretrained)
+        loaded_there = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
+                           if t.device == device) if device.type == "cuda" else 0  # (free again once offloaded)
+        offload = self.hparams.offload if blocks else "none"
+        if offload == "auto" and device.type == "cpu" and device_budget() is None:
+            offload = "none"  # the CPU computes: offloading to its own memory would only add copies
+        self.memory_plan = mp.memory_plan(shape, self._calibration_sizes(), device_free=device_free_bytes(device, loaded_there),
+                                          cpu_free=cpu_free_bytes(), devices=self._world_size(), offload=offload)
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(mp.render_plan(self.memory_plan), flush=True)
+        if self.memory_plan["offload"] != "none":
+            self.offloader = BlockOffloader(self.model, blocks, device, self.memory_plan["offload"],
+                                            resolve_path(self.hparams.pretrained))
+            plan = self.memory_plan  # the cached block inputs stay on the device when they fit beside the block
+            spare = plan["device_free_bytes"] * mp.HEADROOM - plan["offload_device_peak_bytes"]
+            self.offloader.park_inputs = plan["block_input_cache_bytes"] > spare
+            # every rank maps the same checkpoint: the blocks are not broadcast (nor could NCCL send CPU tensors)
+            self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.offloader.ignored_names]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _calibration_sizes(self) -> mp.Calibration:
+        """The calibration's sizes, read off the data module and the pruning callback (defaults when absent)."""
+        cal = mp.Calibration(timesteps=len(self.timesteps))
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        hp = getattr(dm, "hparams", {})
+        cal.windows, cal.seqlen, cal.batch_size = (hp.get(k, d) for k, d in
+                                                   (("nsamples", cal.windows), ("seqlen", cal.seqlen), ("batch_size", 1)))
+        prune = next((cb for cb in (self.trainer.callbacks if self._trainer is not None else []) if hasattr(cb, "pruner")), None)
+        if prune is not None:
+            cal.statistic = prune.pruner.statistic
+            cal.reduction_slots = getattr(prune, "reduction_slots", None) or cal.reduction_slots
+        return cal
+
+    def memory_report(self) -> dict:
+        """The plan with the measured peaks beside it (results.json `memory`)."""
+        report = dict(self.memory_plan or {})
+        device = self._target_device()
+        report["measured_device_peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        if self.offloader is not None:
+            report["offloader"] = self.offloader.report()
+        return report
+
+    @contextmanager
+    def out_of_memory_guard(self):
+        """A CUDA out-of-memory error becomes one line: where, the plan, the measured peak, the fix, the resume."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise RuntimeError(self.out_of_memory_message()) from None  # (the one line cli.py prints is the root cause)
+
+    def out_of_memory_message(self) -> str:
+        plan, device = self.memory_plan or {}, self._target_device()
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                self.offloader.peak_bytes if self.offloader is not None else None)
+        offload = plan.get("offload", "none")
+        fixes = ["model.offload: cpu (blocks onloaded one at a time)"] if offload == "none" else []
+        cal = self._calibration_sizes()
+        if cal.batch_size > 1:
+            fixes.append(f"data.init_args.batch_size: {cal.batch_size // 2}")
+        if cal.statistic == "hessian":
+            fixes.append("more devices or fewer PruneCallback reduction_slots (SparseGPT's Hessian slots)")
+        fixes.append("PruneCallback mode: sequential" if offload == "none" else "a shorter data.init_args.seqlen")
+        checkpoint = next((cb for cb in self.trainer.callbacks if hasattr(cb, "every_n_batches") and hasattr(cb, "dirpath")), None)
+        last = checkpoint.dirpath / "last.ckpt" if checkpoint is not None else None
+        resume = (f"resume with --ckpt_path {last}" if last is not None and last.is_file() else
+                  "add a CalibrationCheckpoint to trainer.callbacks to resume instead of starting over")
+        return (f"CUDA out of memory while {current()}: plan offload={offload} predicted a peak of "
+                f"{mp.gib(plan.get('predicted_device_peak_bytes'))} of {mp.gib(plan.get('device_free_bytes'))} free, "
+                f"measured peak {mp.gib(peak)}; fix: {' or '.join(fixes)}; {resume}")
 
     def _target_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
@@ -148,7 +263,7 @@ class DLMModule(L.LightningModule):
     @override
     def training_step(self, batch, batch_idx):
         set_current(f"calibrating (epoch {self.current_epoch + 1}, batch {batch_idx + 1})")
-        with torch.no_grad():
+        with torch.no_grad(), self.out_of_memory_guard():
             batch = {**batch, "keep": self.keep(batch)}
             if self.hparams.noise_order == "reference":
                 if self._noise_generator is None:  # resumed mid-epoch: the stream restarts (not the reference's)
@@ -215,6 +330,35 @@ class DLMModule(L.LightningModule):
             raise ValueError("data.heldout_samples: no held-out token was scored (the held-out text is shorter than one "
                              "window); give more held-out text or a smaller data.seqlen")
         return scores
+
+
+def device_budget() -> int | None:
+    """SINKPRUNE_DEVICE_BUDGET (a size: 20GiB, 8e9) in bytes, None when unset."""
+    budget = os.environ.get("SINKPRUNE_DEVICE_BUDGET")
+    if not budget:
+        return None
+    try:
+        return mp.parse_bytes(budget)
+    except ValueError as exc:
+        raise ValueError(f"SINKPRUNE_DEVICE_BUDGET={budget}: {exc}") from None
+
+
+def device_free_bytes(device: torch.device, held: int = 0) -> int:
+    """Free memory of the compute device: SINKPRUNE_DEVICE_BUDGET when set, else CUDA's free memory plus `held` (bytes
+    of the model already there), else (the CPU computes) the available CPU memory."""
+    budget = device_budget()
+    if budget is not None:
+        return budget
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] + held
+    return cpu_free_bytes()
+
+
+def cpu_free_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**50
 
 
 def validate_timesteps(timesteps: int | list[float]) -> list[float]:

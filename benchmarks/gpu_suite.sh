@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every GPU figure of the docs in one device call: each step under its own time limit, JSON and one log under $OUT.
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh kernel vs_reference offload quantize
+#   SUITE_SMOKE=1 OUT=/tmp/gpu bash benchmarks/gpu_suite.sh kernel vs_reference   # toy sizes on a CPU (the script runs)
+#
+# Steps: kernel (benchmarks/mass_kernel_cuda.py), vs_reference (benchmarks/vs_reference_cuda.py; needs a clone of the
+# reference in SINKPRUNE_REFERENCE, default .ref/sap), offload (benchmarks/offload_cuda.py), quantize
+# (benchmarks/quantize_cuda.py).  Wheels in .whl/ (packages the GPU machine lacks) are installed first, if present.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+       TOKENIZERS_PARALLELISM=false SINKPRUNE_REFERENCE=${SINKPRUNE_REFERENCE:-$PWD/.ref/sap}
+PY=${PYTHON:-python3}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+smoke=()
+[ -n "${SUITE_SMOKE:-}" ] && smoke=(--device cpu --tiny)
+step() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name ($(date +%T), limit ${limit}s): $*"
+  timeout "$limit" "$@" "${smoke[@]}" 2>&1 | grep -v -e "^loading calibration" -e "^dataset loading" -e "litlogger" \
+    -e "^Computing sink" -e "^Pruning layer" -e "available: " -e "Trainer.fit. stopped"
+  echo "== $name exit ${PIPESTATUS[0]} ($(date +%T))"
+}
+[ -n "${SUITE_SMOKE:-}" ] && command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+for s in "$@"; do
+  case $s in
+    kernel) step kernel 150 $PY benchmarks/mass_kernel_cuda.py --json "$OUT/mass_kernel_cuda.json" ;;
+    vs_reference) step vs_reference ${VS_LIMIT:-420} $PY benchmarks/vs_reference_cuda.py --json "$OUT/vs_reference_cuda.json" \
+                    ${VS_ARGS:-} ;;
+    offload) step offload 240 $PY benchmarks/offload_cuda.py --json "$OUT/offload_cuda.json" ;;
+    quantize) step quantize 150 $PY benchmarks/quantize_cuda.py --json "$OUT/quantize_cuda.json" ;;
+    *) echo "unknown step $s: use kernel, vs_reference, offload, quantize"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,416 @@
+"""This project against the reference (VILA-Lab/Sink-Aware-Pruning) on one CUDA GPU, at LLaDA-8B's layer shapes.
+
+    git clone https://github.com/VILA-Lab/Sink-Aware-Pruning /tmp/sap
+    SINKPRUNE_REFERENCE=/tmp/sap python benchmarks/vs_reference_cuda.py --json benchmarks/results/vs_reference_cuda.json
+    python benchmarks/vs_reference_cuda.py --markdown benchmarks/results/vs_reference_cuda.json      # docs table
+    SINKPRUNE_REFERENCE=/tmp/sap python benchmarks/vs_reference_cuda.py --tiny --device cpu        # a CPU smoke run
+
+The model is the reference's own `model/modeling_llada.py` (imported from the clone, never vendored) at LLaDA-8B's
+shapes: d_model 4096, 32 heads, MLP 12288, vocabulary 126464, the first `--layers` (4) blocks, random bf16 weights
+built in GPU memory.  Both sides see the same random token windows, 10 timesteps, batch size 1.  One process builds
+the model once; before every run the block weights are restored from a pristine copy, so each run prunes the same
+dense model.  Rows, per T (default T = 2048 with 16 windows and T = 4096 with 8):
+
+  floor               plain forwards of the same noised windows (windows × timesteps forwards, no statistic)
+  reference           the reference's `prune_sink` / `prune_sink_sparsegpt`
+  default             this project, default flavour (SinkStatsCallback + PruneCallback, one-shot)
+  reference-flavour   this project, flavor=reference (the reference's operations; sequential SparseGPT)
+  default-sequential  this project, default flavour, sequential SparseGPT (the LLaDA-8B recipes' mode)
+
+Reported: the median over `--repeats` of the pruning call's seconds (synchronised; model building excluded; this
+project's time is PruneCallback's calibration + masks), peak `torch.cuda.max_memory_allocated` (the model's weights
+included, as on both sides), ratios to the reference and to the floor, and mask agreement with the reference next to
+its noise floor (the reference against itself with another seed).  With the fused mass kernel available, the sink
+sets (s >= 0.5) of the fused and the chunked probe are compared on the benchmark's own noised windows.
+
+Nothing here needs lm-eval, datasets, jsonargparse or gensim: the reference's `lib/data.py` imports `datasets` at
+module level, so a stand-in module is registered before it is imported (its loader is replaced by the windows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+MASK_ID = 126336
+LLADA_8B = dict(d_model=4096, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288, vocab_size=126464, embedding_size=126464)
+TINY = dict(d_model=128, n_heads=4, n_kv_heads=4, mlp_hidden_size=384, vocab_size=126464, embedding_size=126464)
+COMMON = dict(block_type="llama", rope=True, rope_theta=500000.0, layer_norm_type="rms", rms_norm_eps=1e-5,
+              activation_type="silu", attention_dropout=0.0, residual_dropout=0.0, embedding_dropout=0.0,
+              weight_tying=False, include_bias=False, include_qkv_bias=False, mask_token_id=MASK_ID, pad_token_id=126081,
+              eos_token_id=126081, flash_attention=False, scale_logits=False, alibi=False)
+REFERENCE_FN = {"sink_wanda": "prune_sink", "sink_sparsegpt": "prune_sink_sparsegpt"}
+# (flavor, SparseGPT mode); sink Wanda is one-shot in every configuration
+CONFIGS = {"default": ("default", "oneshot"), "reference-flavour": ("reference", "sequential"),
+           "default-sequential": ("default", "sequential")}
+
+
+def reference_dir() -> Path:
+    ref = os.environ.get("SINKPRUNE_REFERENCE")
+    if not ref or not (Path(ref) / "lib" / "prune_llada.py").is_file():
+        sys.exit("set SINKPRUNE_REFERENCE to a clone of github.com/VILA-Lab/Sink-Aware-Pruning (it has lib/prune_llada.py)")
+    return Path(ref)
+
+
+def import_reference(ref: Path):
+    """The reference's pruning module and model classes, with a stand-in `datasets` (only its loader uses it)."""
+    if "datasets" not in sys.modules:
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            stand_in = types.ModuleType("datasets")
+            stand_in.load_dataset = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no datasets in this benchmark"))
+            sys.modules["datasets"] = stand_in
+    sys.path.insert(0, str(ref))
+    if not torch.cuda.is_available():  # CPU smoke runs: lib/sparsegpt.py synchronises unconditionally
+        torch.cuda.synchronize = lambda *a, **k: None
+    import lib.prune_llada as P
+    from model import LLaDAConfig, LLaDAModelLM
+    return P, LLaDAConfig, LLaDAModelLM
+
+
+# --- the model and the windows -----------------------------------------------------------------------------------
+
+def build_model(LLaDAConfig, LLaDAModelLM, dims: dict, layers: int, max_len: int, device: torch.device, dtype, seed: int):
+    config = LLaDAConfig(**dims, **COMMON, n_layers=layers, max_sequence_length=max_len, init_device=str(device))
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LLaDAModelLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to(device=device, dtype=dtype)  # LLaDA's init may place some modules on its own init device
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # random weights at a trained model's scale (norms stay at 1)
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, device=device, generator=g, dtype=torch.float32).mul_(0.02).to(dtype))
+    model.eval().requires_grad_(False)
+    model.hf_device_map = {}  # the reference's sparsegpt path reads it
+    if not hasattr(model.config, "use_cache"):  # transformers 5 configs no longer default it; the reference reads it
+        model.config.use_cache = False
+    return model
+
+
+def block_linears(model) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".blocks." in n}
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """The dense block weights, on the CPU (pinned when CUDA), to restore before each run."""
+    out = {}
+    for n, m in block_linears(model).items():
+        t = m.weight.detach().to("cpu", copy=True)
+        out[n] = t.pin_memory() if m.weight.is_cuda else t
+    return out
+
+
+def restore(model, dense: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, m in block_linears(model).items():
+            m.weight.copy_(dense[n], non_blocking=True)
+    sync(model)
+
+
+def sync(model=None) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_windows(n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Random token windows (ids below the mask token), the same on both sides."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, MASK_ID - 1, (n, seqlen), generator=g)
+
+
+# --- one run of each side ----------------------------------------------------------------------------------------
+
+def measured(fn, device: torch.device):
+    """(seconds, peak bytes, result) of fn(), synchronised; peak = torch.cuda.max_memory_allocated (0 on CPU).
+    fn returns (result, end): end is when the pruning was done (perf_counter), or None for when fn returned."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    sync()
+    t0 = time.perf_counter()
+    result, end = fn()
+    sync()
+    seconds = (end or time.perf_counter()) - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return seconds, peak, result
+
+
+def run_floor(model, windows: torch.Tensor, timesteps: int, device: torch.device, seed: int):
+    """Plain forwards of the windows at every timestep, noised as the reference noises them (global RNG)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for w in windows:
+            ids = w[None].to(device)
+            for step in range(1, timesteps + 1):
+                p = (1 - 1e-3) * step / timesteps + 1e-3
+                noisy = torch.where(torch.rand(ids.shape, device=device) < p, torch.tensor(MASK_ID, device=device), ids)
+                model(input_ids=noisy, use_cache=False)
+    return None
+
+
+def run_reference(P, model, windows: torch.Tensor, method: str, timesteps: int, device: torch.device, seed: int):
+    samples = [(w[None].clone(), w[None].clone()) for w in windows]
+    P.get_loaders = lambda name, nsamples=128, seed=0, seqlen=2048, tokenizer=None: (samples[:nsamples], None)
+    P.tqdm = _quiet_tqdm
+    model.seqlen = windows.shape[1]
+    args = SimpleNamespace(nsamples=len(samples), seed=seed, sparsity_ratio=0.5, use_variant=False, calib_dataset="wikitext2",
+                           diffusion_steps=5 * timesteps, sample_interval=5, batch_size=1, noise_eps=1e-3,
+                           sink_std=2.0, sink_alpha=5.0, prune_method=method)
+    torch.manual_seed(seed)  # as main_llada.py seeds before pruning
+    getattr(P, REFERENCE_FN[method])(args, model, SimpleNamespace(mask_token_id=MASK_ID), device, prune_n=0, prune_m=0)
+    return {n: (m.weight == 0).cpu() for n, m in block_linears(model).items()}
+
+
+class _quiet_tqdm:  # the reference's progress bars would interleave with this table
+    def __init__(self, iterable=(), *a, **k):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def update(self, *a):
+        pass
+
+    def close(self):
+        pass
+
+
+def run_project(model, windows: torch.Tensor, method: str, config: str, timesteps: int, device: torch.device, seed: int,
+                workdir: Path):
+    import lightning as L
+
+    from callbacks.prune import PruneCallback
+    from callbacks.sink_stats import SinkStatsCallback
+    from pipeline.model.data import CalibrationData
+    from pipeline.model.module import DLMModule
+
+    flavor, mode = CONFIGS[config]
+    module = DLMModule(pretrained="tiny-llada", timesteps=timesteps, seed=seed,
+                       noise_order="reference" if flavor == "reference" else "per_sample")
+    module.model, module.tokenizer, module.mask_token_id = model, None, MASK_ID  # configure_model keeps a set model
+    prune = PruneCallback(method=method, sparsity=0.5, mode="oneshot" if method == "sink_wanda" else mode, flavor=flavor)
+    done = _PruningDone()  # after PruneCallback's hooks: the masks are in place; Lightning's teardown comes after
+    trainer = L.Trainer(max_epochs=1, accelerator=device.type if device.type == "cpu" else "gpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[SinkStatsCallback(record=False, heatmap=False), prune, done], default_root_dir=str(workdir))
+    # the project's own loader: in one process SparseGPT's windows arrive slot by slot (one Hessian slot alive)
+    trainer.fit(module, datamodule=CalibrationData.from_windows(windows, batch_size=1))
+    model.to(device)  # the strategy's teardown moved the module to the CPU
+    return {n: m.to(torch.bool).cpu() for n, m in prune.masks.items()}, done.at
+
+
+def _PruningDone():
+    import lightning as L
+
+    class PruningDone(L.Callback):
+        at = None
+
+        def on_train_end(self, trainer, pl_module):
+            sync()
+            self.at = time.perf_counter()
+
+    return PruningDone()
+
+
+def agreement(a: dict, b: dict) -> float:
+    if set(a) != set(b):
+        raise RuntimeError(f"the two sides pruned different layers: {sorted(set(a) ^ set(b))[:4]}")
+    return sum(int((a[n] == b[n]).sum()) for n in a) / sum(a[n].numel() for n in a)
+
+
+def sink_sets_equal(model, windows: torch.Tensor, timesteps: int, device: torch.device, seed: int) -> dict | None:
+    """Sink sets (s >= 0.5) of the fused probe against the chunked one on the benchmark's noised windows."""
+    import inspect
+
+    from pipeline.maths.attention import AttentionMassProbe
+    from pipeline.maths.sinks import sink_scores
+
+    if "kernel" not in inspect.signature(AttentionMassProbe).parameters:
+        return None
+    torch.manual_seed(seed)
+    same = total = 0
+    worst = 0.0
+    with torch.no_grad():
+        for w in windows:
+            ids = w[None].to(device)
+            for step in range(1, timesteps + 1):
+                p = (1 - 1e-3) * step / timesteps + 1e-3
+                noisy = torch.where(torch.rand(ids.shape, device=device) < p, torch.tensor(MASK_ID, device=device), ids)
+                masses = {}
+                for kernel in ("triton", "chunked"):
+                    with AttentionMassProbe(kernel=kernel) as probe:
+                        model(input_ids=noisy, use_cache=False)
+                    masses[kernel] = probe.mass
+                worst = max(worst, float((masses["triton"] - masses["chunked"]).abs().max() / masses["chunked"].abs().max()))
+                sets = {k: sink_scores(m) >= 0.5 for k, m in masses.items()}
+                same += int((sets["triton"] == sets["chunked"]).all())
+                total += 1
+    return {"windows_equal": same, "windows": total, "max_rel_mass_difference": worst}
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+
+def measure_T(a, P, model, dense, seqlen: int, nwin: int, device: torch.device, workdir: Path) -> tuple[list[dict], dict]:
+    windows = make_windows(nwin, seqlen, a.seed)
+    jobs = [("floor", None, None)]
+    for method in a.methods:
+        if method == "sink_sparsegpt" and seqlen not in a.sparsegpt_seqlens:
+            continue
+        jobs.append(("reference", method, None))
+        for config in a.configs if method == "sink_wanda" else a.sparsegpt_configs:
+            if method == "sink_wanda" and config == "default-sequential":
+                continue  # sink Wanda is one-shot in every configuration
+            jobs.append(("project", method, config))
+    runs: dict[tuple, list] = {job: [] for job in jobs}
+    masks: dict[tuple, dict] = {}
+    # one untimed warm-up of each side (CUDA context, cuBLAS, the reference's torch.compile, Triton's JIT)
+    for side, method, config in [("floor", None, None)] + [j for j in jobs if j[0] != "floor" and j[1] == a.methods[0]][:3]:
+        restore(model, dense)
+        _one(a, P, model, windows[:1], side, method, config, device, workdir)
+    for rep in range(a.repeats):
+        order = jobs[rep % len(jobs):] + jobs[:rep % len(jobs)]  # rotate, so no side always runs first
+        for job in order:
+            if job[1] == "sink_sparsegpt" and rep >= (a.sparsegpt_repeats or a.repeats):
+                continue
+            restore(model, dense)
+            seconds, peak, result = measured(lambda: _one(a, P, model, windows, *job, device, workdir), device)
+            runs[job].append((seconds, peak))
+            if rep == 0 and result is not None:
+                masks[job] = result
+            print(f"  T={seqlen} rep {rep} {job[0]:>9} {job[1] or '':>14} {job[2] or '':>18} {seconds:8.2f} s "
+                  f"{peak / 2**30:6.2f} GiB", flush=True)
+    # the reference against itself with another seed: the noise floor of every agreement figure
+    floors = {}
+    for method in {m for _, m, _ in jobs if m}:
+        restore(model, dense)
+        other, _ = _one(a, P, model, windows, "reference", method, None, device, workdir, seed=a.seed + 1)
+        floors[method] = agreement(other, masks[("reference", method, None)])
+    restore(model, dense)
+    med = {job: statistics.median(s for s, _ in v) for job, v in runs.items()}
+    peak = {job: statistics.median(p for _, p in v) for job, v in runs.items()}
+    floor_s = med[("floor", None, None)]
+    rows = [{"T": seqlen, "windows": nwin, "method": None, "run": "floor", "seconds": floor_s,
+             "peak_gib": peak[("floor", None, None)] / 2**30, "seconds_all": [round(s, 3) for s, _ in runs[("floor", None, None)]]}]
+    for side, method, config in jobs[1:]:
+        job = (side, method, config)
+        ref = ("reference", method, None)
+        rows.append({
+            "T": seqlen, "windows": nwin, "method": method, "run": "reference" if side == "reference" else config,
+            "seconds": med[job], "peak_gib": peak[job] / 2**30,
+            "x_reference": med[job] / med[ref], "x_floor": med[job] / floor_s, "memory_x_reference": peak[job] / peak[ref] if peak[ref] else None,
+            "agreement": None if side == "reference" else agreement(masks[job], masks[ref]),
+            "agreement_floor": floors[method], "seconds_all": [round(s, 3) for s, _ in runs[job]],
+        })
+    sinks = sink_sets_equal(model, windows[: a.sink_windows], a.timesteps, device, a.seed) if device.type == "cuda" else None
+    return rows, {"T": seqlen, "sink_sets": sinks}
+
+
+def _one(a, P, model, windows, side, method, config, device, workdir, seed=None):
+    seed = a.seed if seed is None else seed
+    if side == "floor":
+        return run_floor(model, windows, a.timesteps, device, seed), None
+    if side == "reference":
+        return run_reference(P, model, windows, method, a.timesteps, device, seed), None
+    return run_project(model, windows, method, config, a.timesteps, device, seed, workdir)
+
+
+def _ratio(x) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def render_markdown(doc: dict) -> str:
+    meta = doc["meta"]
+    out = [f"{meta['device']}, torch {meta['torch']}, {meta['layers']} blocks at LLaDA-8B shapes, bf16, "
+           f"{meta['timesteps']} timesteps, batch 1, median of {meta['repeats']} (SparseGPT rows: "
+           f"{meta.get('sparsegpt_repeats', meta['repeats'])})",
+           "", "| T, windows | method | run | pruning call | x reference | x floor | peak GPU memory | x reference | "
+           "mask agreement (reference vs itself) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if r["run"] == "floor":
+            out.append(f"| {r['T']}, {r['windows']} | | floor: plain forwards | {r['seconds']:.2f} s | | 1.00 | "
+                       f"{r['peak_gib']:.1f} GiB | | |")
+            continue
+        agree = "—" if r["agreement"] is None else f"{r['agreement']:.2%}"
+        out.append(f"| {r['T']}, {r['windows']} | {r['method']} | {r['run']} | {r['seconds']:.2f} s | {r['x_reference']:.2f} | "
+                   f"{r['x_floor']:.2f} | {r['peak_gib']:.1f} GiB | {_ratio(r['memory_x_reference'])} | {agree} "
+                   f"({r['agreement_floor']:.2%}) |")
+    for s in doc.get("sink_sets", []):
+        if s["sink_sets"]:
+            k = s["sink_sets"]
+            out.append(f"\nT = {s['T']}: sink sets (s >= 0.5) fused vs chunked probe equal in {k['windows_equal']} of "
+                       f"{k['windows']} noised windows (largest mass difference {k['max_rel_mass_difference']:.1e} of the largest mass)")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--windows", type=int, nargs="+", default=[16, 8], help="windows per sequence length")
+    ap.add_argument("--sparsegpt-seqlens", type=int, nargs="+", default=[2048])
+    ap.add_argument("--methods", nargs="+", default=["sink_wanda", "sink_sparsegpt"], choices=list(REFERENCE_FN))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="this project's runs of sink Wanda")
+    ap.add_argument("--sparsegpt-configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                    help="this project's runs of sink SparseGPT")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--timesteps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sparsegpt-repeats", type=int, default=None, help="repeats of the SparseGPT rows (default --repeats)")
+    ap.add_argument("--sink-windows", type=int, default=4, help="windows of the fused-vs-chunked sink-set check")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="toy widths (a smoke run of the script, e.g. on a CPU)")
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "vs_reference_cuda.json")
+    ap.add_argument("--markdown", type=Path, default=None, help="render a --json file as a markdown table and exit")
+    a = ap.parse_args()
+    if a.markdown:
+        print(render_markdown(json.loads(a.markdown.read_text())))
+        return
+    if len(a.windows) != len(a.seqlens):
+        sys.exit(f"--windows has {len(a.windows)} values for {len(a.seqlens)} --seqlens; give one per sequence length")
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: use --device cpu --tiny for a smoke run")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import logging
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):  # the Trainer's banner on every run
+        logging.getLogger(name).setLevel(logging.WARNING)
+    P, LLaDAConfig, LLaDAModelLM = import_reference(reference_dir())
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(LLaDAConfig, LLaDAModelLM, TINY if a.tiny else LLADA_8B, a.layers, max(a.seqlens), device, dtype, a.seed)
+    dense = snapshot(model)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{name}, torch {torch.__version__}, {a.layers} blocks, {'tiny' if a.tiny else 'LLaDA-8B'} widths, "
+          f"weights {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30:.2f} GiB", flush=True)
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "vs_reference_cuda"
+    workdir.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": {"device": name, "torch": torch.__version__, "layers": a.layers, "tiny": a.tiny, "timesteps": a.timesteps,
+                    "repeats": a.repeats, "sparsegpt_repeats": a.sparsegpt_repeats or a.repeats, "seed": a.seed, "dtype": str(dtype)}, "rows": [], "sink_sets": []}
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    for seqlen, nwin in zip(a.seqlens, a.windows):
+        rows, sinks = measure_T(a, P, model, dense, seqlen, nwin, device, workdir)
+        doc["rows"] += rows
+        doc["sink_sets"].append(sinks)
+        a.json.write_text(json.dumps(doc, indent=1))  # after each length: a run stopped at its time limit keeps these
+    print(render_markdown(doc))
+
+
+if __name__ == "__main__":
+    main()

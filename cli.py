@@ -67,6 +67,7 @@ def _run(args: list[str], from_argv: bool) -> list[str]:
 
     quiet_warnings()
     args, flags = short_flags(args)
+    args, print_config = without_print_config(args)
     args = check_config_files(args)
     if from_argv:
         sys.argv = [sys.argv[0], *args]
@@ -74,7 +75,7 @@ def _run(args: list[str], from_argv: bool) -> list[str]:
     from pipeline.model.module import DLMModule
     from lightning_cli import SinkPruneCLI
 
-    SinkPruneCLI.short_flags = flags
+    SinkPruneCLI.short_flags, SinkPruneCLI.print_config, SinkPruneCLI.checkpoints = flags, print_config, []
     SinkPruneCLI(DLMModule, CalibrationData, subclass_mode_model=True, subclass_mode_data=True,
                  trainer_defaults=TRAINER_DEFAULTS, save_config_callback=None, parser_kwargs={"exit_on_error": False},
                  args=None if from_argv else args)
@@ -97,6 +98,7 @@ def main(args=None):
         args = ["--help" if a == "--help-all" else a for a in args]
     handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     set_current("parsing the config")
+    given = list(args)
     try:
         args = _run(args, from_argv)
     except RunInterrupted as exc:
@@ -104,8 +106,7 @@ def main(args=None):
         remove_partial_outputs()
         if debug:
             raise
-        print(f"error: stopped by {exc} while {where}; nothing was saved. Run the same command again to start over"
-              f"{resume_hint(args)}", file=sys.stderr)
+        print(f"error: stopped by {exc} while {where}; {resume_hint(given)}", file=sys.stderr)
         sys.exit(128 + exc.signum)
     except _clean_errors() as exc:
         remove_partial_outputs()
@@ -203,6 +204,7 @@ def check_config_files(args: list[str]) -> list[str]:
 SHORT_FLAGS = {"--method": "method", "--sparsity": "sparsity", "--n-m": "n_m", "--nm": "n_m",
                "--quantize": "quantize", "--group-size": "group_size",
                "--model": "model", "--data": "data", "--output": "output", "-o": "output"}
+SWITCHES = {"--overwrite": "overwrite", "--checkpoint": "checkpoint"}  # short flags without a value
 
 
 def short_flags(args: list[str]) -> tuple[list[str], dict]:
@@ -214,6 +216,10 @@ def short_flags(args: list[str]) -> tuple[list[str], dict]:
     while i < len(args):
         arg = args[i]
         flag, eq, inline = arg.partition("=") if arg.startswith("-") else (arg, "", "")
+        if flag in SWITCHES and not eq:
+            flags[SWITCHES[flag]] = True
+            i += 1
+            continue
         key = SHORT_FLAGS.get(flag)
         if key is None:
             out.append(arg)
@@ -248,72 +254,109 @@ def short_flags(args: list[str]) -> tuple[list[str], dict]:
     return out, flags
 
 
+def without_print_config(args: list[str]) -> tuple[list[str], str | None]:
+    """`--print_config[=options]` out of the arguments: SinkPruneCLI prints the config once the short flags
+    are applied (jsonargparse's own action would print it before them)."""
+    rest = [a for a in args if a != "--print_config" and not a.startswith("--print_config=")]
+    given = [a for a in args if a not in rest]
+    return rest, (given[-1].partition("=")[2] if given else None)
+
+
 def wants_short_help(args: list[str]) -> bool:
     """`sinkprune`, `sinkprune --help`, `sinkprune fit --help`: ours (fast); `--help-all`: Lightning's full list."""
     rest = [a for a in args if a not in ("fit",)]
     return not args or (rest and rest[0] in ("-h", "--help") and len(rest) == 1)
 
 
+def listing(title: str, names: list[str]) -> str:
+    import textwrap
+
+    return textwrap.fill(", ".join(names), 80, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False,
+                         break_long_words=False).join([f"  {title}\n", ""])
+
+
 def help_text() -> str:
     names = recipes()
-    tiny = [n for n in names if n.startswith("tiny_")]
+    tf5 = [n for n in names if "needs transformers 5" in (CONFIG_DIR / f"{n}.yaml").read_text().partition("\n")[0]]
+    tiny = [n for n in names if n.startswith("tiny_") and n not in tf5]
     big = [n for n in names if not n.startswith("tiny_")]
-    return f"""usage: sinkprune fit --config RECIPE [--method M] [--sparsity S | --n-m N:M] [--quantize Q] [--model M] [--data D] [--output DIR]
+    return f"""usage: sinkprune fit --config RECIPE [--method M] [--sparsity S | --n-m N:M]
+         [--quantize Q] [--model M] [--data D] [--output DIR] [--overwrite] [--checkpoint]
        (python cli.py ... is the same)
 
-Sink-aware pruning of diffusion language models (LLaDA, Dream, minilm-dlm).  One `fit` calibrates
-on a few hundred noised windows (no training), measures where attention sinks sit at each noise level,
-prunes every linear layer to the target sparsity, then prints dense-vs-pruned held-out perplexity and
-benchmark scores and saves results.json, masks.safetensors and the pruned model in the run folder.
+Sink-aware pruning of diffusion language models (LLaDA, Dream, minilm-dlm).
+One `fit` calibrates on a few hundred noised windows (no training), measures
+where attention sinks sit at each noise level, prunes every linear layer to the
+target sparsity, prints dense-vs-pruned held-out perplexity and benchmark
+scores, and saves results.json, masks.safetensors and the pruned model.
 
 methods (--method):
-  sink_wanda       Wanda |W|*||X||, each token's activations down-weighted by 1 - its sink score
+  sink_wanda       Wanda |W|*||X||, each token's activations weighted by 1 - s
+                   (s: its sink score)
   sink_sparsegpt   SparseGPT with the same sink-weighted Hessian
   wanda, sparsegpt, magnitude   the usual baselines
 
-recipes (--config NAME, from {CONFIG_DIR}; or a path to your own YAML):
-  offline, CPU, about a minute:  {', '.join(tiny)}
-  GPU, real models:             {', '.join(big)}
+recipes (--config NAME, from configs/ of the package; or your own YAML file):
+{listing("offline, CPU, about a minute:", tiny)}
+{listing('transformers 5 only (pip install "transformers>=5.24,<6"):', tf5)}
+{listing("GPU, real models:", big)}
 
 everyday options (map onto the recipe's classes):
   --config NAME        a recipe above (with or without .yaml) or a YAML file
-  --method M           PruneCallback method (sink_wanda, sink_sparsegpt, wanda, sparsegpt, magnitude, dense)
-  --sparsity S         fraction of each row's weights pruned, e.g. 0.5 (or 50%)
-  --n-m N:M            semi-structured instead: N zeros in every M inputs, e.g. 2:4
-  --quantize Q         then quantize the weights: w4a16 (GPTQ int4, groups of 128) or fp8; saved in the
-                       compressed-tensors format (docs/quantize.md; --method dense quantizes alone)
-  --group-size G       inputs per int4 scale (default 128; must divide every layer's width)
-  --model NAME         model.init_args.pretrained: embedded name (minilm-dlm, tiny-llada), folder or hub id
-  --data NAME          data.init_args.dataset: wiki-embedded (offline), wikitext2, c4, or a local file
-  --output DIR         trainer.default_root_dir: run folder (results.json, sinks/, pruned/, run.log)
+  --method M           PruneCallback method (sink_wanda, wanda, ..., dense)
+  --sparsity S         fraction of each row's weights pruned: 0.5 (or 50%)
+  --n-m N:M            semi-structured instead: N zeros in every M inputs (2:4)
+  --quantize Q         then quantize: w4a16 (GPTQ int4, groups of 128) or fp8,
+                       saved as compressed-tensors (--method dense: quantize only)
+  --group-size G       inputs per int4 scale (default 128; divides every width)
+  --model NAME         embedded name (minilm-dlm, tiny-llada), folder or hub id
+  --data NAME          wiki-embedded (offline), wikitext2, c4, or a local file
+  --output DIR         run folder (sinks/, pruned/, run.log); when it holds a
+                       previous run's results, this run writes DIR/version_N
+  --overwrite          replace the previous results in the run folder instead
+                       (only folders sinkprune wrote)
+  --checkpoint         save the calibration every batch (DIR/checkpoints); a
+                       stopped run prints the command that resumes it
+  --print_config       print the config this command would run, and stop
   --debug              show tracebacks
 
 examples:
   sinkprune fit --config tiny_sink50
-  sinkprune plan --model configs/plans/llada2_0_flash --devices 8     # memory plan from a config.json alone
-  sinkprune fit --config tiny_sink50 --method wanda --n-m 2:4 --output runs/wanda24
-  sinkprune fit --config llada_sink50 --trainer.devices 8 --trainer.strategy calibration_ddp
+  sinkprune fit --config tiny_sink50 --method wanda --n-m 2:4 --output runs/w24
+  sinkprune fit --config llada_sink50 --trainer.devices 8 \\
+      --trainer.strategy calibration_ddp
+  sinkprune plan --model configs/plans/llada2_0_flash --devices 8
+      (the memory plan of a run, from a config.json alone)
 
-Every other field is a jsonargparse override (--trainer.devices 8, --data.init_args.nsamples 64);
-`sinkprune fit --help-all` lists them all.  Benchmarks alone: `sinkprune-eval --help`."""
+Every other field is a jsonargparse override (--trainer.devices 8,
+--data.init_args.nsamples 64); `sinkprune fit --help-all` lists them all.
+Benchmarks alone: `sinkprune-eval --help`."""
 
 
 def resume_hint(args: list[str]) -> str:
-    """Where a CalibrationCheckpoint of this run would be, when one was saved."""
-    import glob
+    """The stop line's second half: the checkpoint this run saved and the exact command that resumes from it
+    (the same arguments, in the run folder it wrote, with --ckpt_path), or how to make the run resumable."""
+    import shlex
 
-    root = next((v for f, v in zip(args, args[1:]) if f == "--config"), None)
-    if root is None:
-        return ""
-    try:
-        import yaml
-
-        config = yaml.safe_load(Path(root).read_text())
-        dirs = [cb["init_args"]["dirpath"] for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("CalibrationCheckpoint")]
-    except Exception:
-        return ""
-    found = [p for d in dirs for p in glob.glob(str(Path(d).expanduser() / "last.ckpt"))]
-    return f", or resume with --ckpt_path {found[0]}" if found else ""
+    holder = sys.modules.get("pipeline.run.lightning_cli")
+    cli_class = getattr(holder, "SinkPruneCLI", None)
+    saved = [p for p in (cli_class.checkpoints if cli_class else [])
+             if Path(p).is_file() and Path(p).stat().st_mtime >= cli_class.started]  # this run's, not an older one
+    if not saved:
+        return ("nothing was saved. Run the same command again to start over (with --checkpoint a stopped run "
+                "can resume)")
+    moved = cli_class.run_root != cli_class.configured_root
+    replaced = ("--ckpt_path", *(("--output", "-o", "--trainer.default_root_dir") if moved else ()))
+    keep, i = [], 0
+    while i < len(args):
+        if args[i].split("=", 1)[0] in replaced:
+            i += 1 if "=" in args[i] else 2
+            continue
+        keep.append(args[i])
+        i += 1
+    keep += (["--output", cli_class.run_root] if moved else []) + ["--ckpt_path", str(saved[0])]
+    program = "python cli.py" if Path(sys.argv[0]).name == "cli.py" else "sinkprune"
+    return f"checkpoint {saved[0]}; resume with: {program} {shlex.join(keep)}"
 
 
 def rank_error(exc) -> tuple[str, str, bool]:

@@ -1,6 +1,10 @@
 """The LightningCLI behind `cli.py` (imported only once a run starts, so `--help` stays fast)."""
 from __future__ import annotations
 
+import os
+import sys
+import time
+
 import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningCLI
@@ -16,11 +20,19 @@ CLEAN_ERRORS = (ValueError, OSError, RuntimeError, ArithmeticError, ArgumentErro
 SINK_STATS = "callbacks.sink_stats.SinkStatsCallback"
 PRUNE = "callbacks.prune.PruneCallback"
 QUANTIZE = "callbacks.quantize.QuantizeCallback"
+EVALUATE = "callbacks.evaluate.EvaluateExportCallback"
+CHECKPOINT = "callbacks.checkpoint.CalibrationCheckpoint"
+RUN_FOLDER_ENV = "SINKPRUNE_RUN_FOLDER"  # "<configured>\t<chosen>": ranks started later follow rank 0's choice
 
 
 class SinkPruneCLI(LightningCLI):
     result_dirs: list = []  # (field, folder, existed before the run): removed again if the run fails
-    short_flags: dict = {}  # --method / --sparsity / --n-m, applied to the recipe's PruneCallback
+    short_flags: dict = {}  # --method / --sparsity / --n-m / --overwrite / --checkpoint, applied to the recipe
+    print_config: str | None = None  # --print_config[=options]: printed once the short flags are applied
+    run_root: str | None = None  # the run folder this run writes (a version folder when the configured one was taken)
+    configured_root: str | None = None
+    checkpoints: list = []  # the last.ckpt each CalibrationCheckpoint of this run writes
+    started: float = 0.0  # when this run's checks passed (a checkpoint older than that is not this run's)
 
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("model.init_args.pretrained", "data.init_args.tokenizer")
@@ -34,11 +46,36 @@ class SinkPruneCLI(LightningCLI):
         listed = [*(config.get("callbacks") or []), *callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in listed):
             callbacks = [*callbacks, CalibrationProgressBar()]
+        config["default_root_dir"] = self._run_folder(config.get("default_root_dir") or os.getcwd(), listed)
         return super()._instantiate_trainer(config, callbacks)
+
+    def _run_folder(self, configured: str, callbacks: list) -> str:
+        """The configured run folder, or a fresh version folder when a previous run's results are in it."""
+        from pipeline.run.outputs import run_folder
+        from preflight import holds_results
+
+        rank = int(os.environ.get("LOCAL_RANK", 0)) or int(os.environ.get("RANK", 0))
+        inherited, _, chosen = os.environ.get(RUN_FOLDER_ENV, "").partition("\t")
+        if rank == 0 or inherited != configured:  # a rank without rank 0's choice makes the same one (run_folder)
+            chosen = str(run_folder(configured, lambda folder: holds_results(callbacks, folder)))
+            os.environ[RUN_FOLDER_ENV] = f"{configured}\t{chosen}"
+            if chosen != configured and rank == 0:
+                import textwrap
+
+                print(textwrap.fill(f"{configured} holds a previous run's results (kept); this run writes to {chosen} "
+                                    "(--overwrite replaces them instead)", 80, break_on_hyphens=False), file=sys.stderr)
+        SinkPruneCLI.configured_root, SinkPruneCLI.run_root = configured, chosen
+        if self.subcommand:
+            self.config[self.subcommand]["trainer"]["default_root_dir"] = chosen
+        return chosen
 
     def before_instantiate_classes(self):
         config = self.config[self.subcommand] if self.subcommand else self.config
         apply_method_flags(config, SinkPruneCLI.short_flags)
+        if SinkPruneCLI.print_config is not None:  # jsonargparse's own would print before the short flags apply
+            skip_none = "skip_null" in SinkPruneCLI.print_config
+            print(self._parser(self.subcommand).dump(config, skip_none=skip_none), end="")
+            raise SystemExit(0)
         from pipeline.run.console import quiet_libraries
 
         seed = config.get("model", {}).get("init_args", {}).get("seed", 0)
@@ -51,6 +88,11 @@ class SinkPruneCLI(LightningCLI):
         set_current("checking the inputs")
         SinkPruneCLI.result_dirs = check_run(self.model, self.datamodule, self.trainer, config.get("ckpt_path"),
                                              config.get("trainer", {}).get("max_epochs"))
+        from callbacks.checkpoint import CalibrationCheckpoint
+
+        SinkPruneCLI.started = time.time()
+        SinkPruneCLI.checkpoints = [cb.folder(self.trainer) / "last.ckpt" for cb in self.trainer.callbacks
+                                    if isinstance(cb, CalibrationCheckpoint)]
         from pipeline.run.console import log_to_run_folder
 
         log_to_run_folder(self.trainer.default_root_dir)
@@ -61,10 +103,21 @@ class SinkPruneCLI(LightningCLI):
 
 def apply_method_flags(config, flags: dict) -> None:
     """--method / --sparsity / --n-m onto the PruneCallback of trainer.callbacks (a SinkStatsCallback is added
-    before it for a sink_* method when the recipe has none); --quantize / --group-size: add_quantize."""
+    before it for a sink_* method when the recipe has none); --quantize / --group-size: add_quantize; --overwrite
+    onto every callback that writes a result folder; --checkpoint adds a CalibrationCheckpoint (<run folder>/checkpoints)
+    unless there is one."""
+    flags = dict(flags)
+    callbacks = config["trainer"].get("callbacks") or []
+    if flags.pop("overwrite", False):
+        for cb in callbacks:
+            if getattr(cb, "class_path", None) in (SINK_STATS, EVALUATE):
+                cb.init_args = cb.init_args or Namespace()
+                cb.init_args.overwrite = True
+    if flags.pop("checkpoint", False) and not any(getattr(cb, "class_path", None) == CHECKPOINT for cb in callbacks):
+        callbacks.append(Namespace(class_path=CHECKPOINT, init_args=Namespace(dirpath=None, every_n_batches=1)))
+        config["trainer"]["callbacks"] = callbacks
     if not flags:
         return
-    callbacks = config["trainer"].get("callbacks") or []
     index = next((i for i, cb in enumerate(callbacks) if getattr(cb, "class_path", None) == PRUNE), None)
     if index is None:
         raise ValueError(f"--{'/--'.join(k.replace('_', '-') for k in flags)}: this recipe has no PruneCallback; "

@@ -127,6 +127,20 @@ def run_outputs(trainer) -> list[tuple[str, Path, bool]]:
     return outs
 
 
+def holds_results(callbacks, folder) -> bool:
+    """Whether a previous run's results fill a result folder this run would write under `folder` as its run
+    folder (a default location, not an explicit output_dir) and overwrite does not cover it: the run then goes
+    to a fresh version folder (outputs.run_folder)."""
+    from types import SimpleNamespace
+
+    def outputs(root):
+        return run_outputs(SimpleNamespace(default_root_dir=str(root), callbacks=callbacks))
+
+    here, elsewhere = outputs(folder), outputs(Path(folder) / "elsewhere")
+    return any(path != moved and not overwrite and path.is_dir() and any(path.iterdir())
+               for (_, path, overwrite), (_, moved, _) in zip(here, elsewhere))
+
+
 def check_checkpoint_dirs(trainer, inputs: dict[str, Path]) -> None:
     """CalibrationCheckpoint folders: outside every input, writable.  The one input they may hold is the
     resume checkpoint itself, which the resumed run replaces (atomically) with its own later state."""
@@ -135,10 +149,11 @@ def check_checkpoint_dirs(trainer, inputs: dict[str, Path]) -> None:
     others = {k: v for k, v in inputs.items() if k != "ckpt_path"}
     for cb in trainer.callbacks:
         if isinstance(cb, CalibrationCheckpoint):
-            check_not_input("CalibrationCheckpoint.dirpath", cb.dirpath, others)
-            if "ckpt_path" in inputs and Path(cb.dirpath).expanduser().resolve() != inputs["ckpt_path"].resolve().parent:
-                check_not_input("CalibrationCheckpoint.dirpath", cb.dirpath, {"ckpt_path": inputs["ckpt_path"]})
-            check_writable("CalibrationCheckpoint.dirpath", cb.dirpath)
+            folder = cb.folder(trainer)
+            check_not_input("CalibrationCheckpoint.dirpath", folder, others)
+            if "ckpt_path" in inputs and folder.resolve() != inputs["ckpt_path"].resolve().parent:
+                check_not_input("CalibrationCheckpoint.dirpath", folder, {"ckpt_path": inputs["ckpt_path"]})
+            check_writable("CalibrationCheckpoint.dirpath", folder)
 
 
 def output_bytes(folder: Path | None, save_model: bool) -> int:

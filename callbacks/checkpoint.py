@@ -3,7 +3,8 @@
 Lightning's ModelCheckpoint counts optimizer steps, and calibration takes none, so it never fires here.
 This saves `trainer.save_checkpoint` (which holds every callback's `state_dict`: sink records, statistic
 sums, which (sample, timestep) pairs were already added) to a temp file and renames it into place.
-Resume with `python cli.py fit --config ... --ckpt_path <dirpath>/last.ckpt`.  The callbacks skip pairs
+`sinkprune fit ... --checkpoint` adds one (dirpath: <run folder>/checkpoints); resume with the same command and
+`--ckpt_path <dirpath>/last.ckpt` (a stopped run prints the exact command).  The callbacks skip pairs
 they have already counted, so a resumed run adds every pair exactly once, in the same order, and gives
 bit-identical masks however Lightning replays the interrupted epoch.
 """
@@ -16,10 +17,11 @@ from lightning.pytorch.callbacks import Callback
 
 
 class CalibrationCheckpoint(Callback):
-    def __init__(self, dirpath: str, every_n_batches: int = 1):
+    def __init__(self, dirpath: str | None = None, every_n_batches: int = 1):
+        """dirpath: where last.ckpt goes (default <trainer.default_root_dir>/checkpoints)."""
         if every_n_batches < 1:
             raise ValueError(f"CalibrationCheckpoint.every_n_batches={every_n_batches} must be >= 1")
-        self.dirpath = Path(dirpath)
+        self.dirpath = Path(dirpath) if dirpath else None
         self.every_n_batches = every_n_batches
         self.epoch, self.batches = 0, 0  # batches fully counted in that epoch
         self._resume_at: tuple[int, int] | None = None
@@ -44,11 +46,15 @@ class CalibrationCheckpoint(Callback):
         if self.batches % self.every_n_batches == 0:
             self.save(trainer)
 
+    def folder(self, trainer) -> Path:
+        return (self.dirpath or Path(trainer.default_root_dir) / "checkpoints").expanduser()
+
     def save(self, trainer) -> Path:
-        target = self.dirpath / "last.ckpt"
-        tmp = self.dirpath / f".last.ckpt.tmp-{os.getpid()}"
+        folder = self.folder(trainer)
+        target = folder / "last.ckpt"
+        tmp = folder / f".last.ckpt.tmp-{os.getpid()}"
         if trainer.is_global_zero:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, target)

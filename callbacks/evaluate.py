@@ -95,8 +95,7 @@ class EvaluateExportCallback(Callback, ChecksCallbackList):
             self.dense = cached["dense"]
             self.dense_windows = cached.get("heldout_windows", {})
             self.timings["dense_cached"] = True
-            _say(f"dense scores from the cache ({dense_cache.cache_dir() / key[:12]}…; "
-                 "SINKPRUNE_NO_DENSE_CACHE=1 rescores)")
+            _say(f"dense scores from the cache ({key[:12]}; SINKPRUNE_NO_DENSE_CACHE=1 rescores)")
         if self.score_dense and "heldout" not in self.dense:
             t0 = time.time()
             with phase("scoring the dense model on held-out text"):
@@ -105,8 +104,8 @@ class EvaluateExportCallback(Callback, ChecksCallbackList):
             self.timings["dense_score_s"] = time.time() - t0
         if "heldout" in self.dense and (cached is not None or "dense_score_s" in self.timings):
             r = self.dense["heldout"]
-            _say(f"[bold]dense[/] held-out masked-diffusion NLL {r['nll']:.4f} nats/token, "
-                 f"perplexity {r['ppl']:.2f} ({r['tokens']} tokens)")
+            _say(f"[bold]dense[/] held-out NLL {r['nll']:.4f} nats/token, perplexity {r['ppl']:.2f} "
+                 f"({r['tokens']} tokens)")
         if self.tasks and self.score_dense_tasks and "tasks" not in self.dense:
             t0 = time.time()
             with phase("running lm-eval tasks on the dense model"):
@@ -177,7 +176,8 @@ class EvaluateExportCallback(Callback, ChecksCallbackList):
 
         console = Console()
         console.print(render_sparsity(report))
-        console.print(render_scores(self.dense, pruned, method, paired=(self.results or {}).get("paired", {}).get("heldout")))
+        if "heldout" in self.dense or "heldout" in pruned:  # no table of dashes when neither was scored
+            console.print(render_scores(self.dense, pruned, method, paired=(self.results or {}).get("paired", {}).get("heldout")))
         if self.tasks:
             from pipeline.evaluation.scoring import render_comparison
 

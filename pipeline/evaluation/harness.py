@@ -402,6 +402,23 @@ lm-eval's own options follow.
 """
 
 
+def quiet_git_hash() -> None:
+    """lm-eval records the working directory's git commit by running git with its stderr on the console, which
+    prints "fatal: not a git repository" anywhere outside a checkout: the same commit, asked quietly."""
+    import subprocess
+
+    import lm_eval.evaluator
+
+    def git_hash() -> str | None:
+        try:
+            done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+    lm_eval.evaluator.get_git_commit_hash = git_hash
+
+
 def main() -> None:
     """lm-eval's CLI with the `dlm` model type registered."""
     import sys
@@ -416,6 +433,7 @@ def main() -> None:
         sys.argv.extend(["--device", "cpu"])  # lm-eval's default is cuda; on a CPU-only machine that is not a choice
     from lm_eval.__main__ import cli_evaluate
 
+    quiet_git_hash()
     cli_evaluate()
 
 

@@ -79,7 +79,7 @@ def render_sparsity(report: dict, max_rows: int = 40) -> Table:
 def render_scores(dense: dict, pruned: dict, label: str, paired: dict | None = None) -> Table:
     """Held-out masked-diffusion NLL and perplexity, dense vs pruned (same masks for both); with `paired`
     (pipeline.maths.metrics.paired_difference), the NLL difference's paired standard error."""
-    table = Table(title=f"held-out masked-diffusion perplexity, dense vs pruned ({label})")
+    table = Table(title=f"held-out perplexity, dense vs pruned ({label})")
     for col in ("metric", "dense", "pruned", "delta"):
         table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=True)
     for key, name in (("nll", "NLL (nats/token)"), ("ppl", "perplexity")):

@@ -135,6 +135,9 @@ def evaluate_tasks(
     """
     import lm_eval
 
+    from pipeline.evaluation.harness import quiet_git_hash
+
+    quiet_git_hash()
     specs = [normalize_spec(t) for t in tasks]
     manager = task_manager_for([s["name"] for s in specs], include_path, include_defaults)
     lm = DiffusionLM(model=model, tokenizer=tokenizer, mask_token_id=mask_token_id, seed=seed,

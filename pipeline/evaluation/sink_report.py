@@ -290,8 +290,10 @@ def render_table(report: dict):
 
     header, rows = table_rows(report)
     table = Table(title="attention sinks along the generation trajectory")
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
+    for i, name in enumerate(header):  # values wrap between words, never inside one (no "0.…" at 80 columns)
+        words = [w for row in rows for w in row[i].split()] if i else []
+        table.add_column(name, justify="left" if i == 0 else "right", overflow="fold",
+                         min_width=max([1, *map(len, words)]))
     for row in rows:
         table.add_row(*row)
     return table
@@ -340,8 +342,11 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     from rich.console import Console
 
+    from pipeline.run.console import quiet_libraries
+
     args = parse_args(argv)
-    console = Console() if sys.stdout.isatty() else Console(width=140)  # logs: no 80-column wrapping
+    quiet_libraries(seed=None)  # transformers' "Some weights ... not used" (MiniLM's pooler) is no news to a user
+    console = Console()  # 80 columns in a file: every table wraps its words, none cuts a value
     try:
         prepare_output_dir(args.out, args.overwrite, field="--out")
     except FileExistsError as exc:
@@ -363,9 +368,9 @@ def main(argv=None) -> dict:
         heatmaps["ar_heatmap"] = (ar_heat, ar_labels, f"{args.ar}: newest query's share of attention mass per step")
     report["variance_ratio"] = variance_ratio(dlm, report["ar"])
 
-    console.print(f"DLM mode: {dlm['mode']}", soft_wrap=True)
+    console.print(f"DLM mode: {dlm['mode']}")
     if report["ar"]:
-        console.print(f"AR mode: {report['ar']['mode']}", soft_wrap=True)
+        console.print(f"AR mode: {report['ar']['mode']}")
     console.print(render_table(report))
     write_output(args.out, args.overwrite, report, heatmaps)
     console.print(f"wrote {args.out}/sinks.json and heatmaps")

@@ -82,18 +82,18 @@ def _mean_share(recs: list[dict], seqlen: int) -> list:
 
 
 def render_timestep_table(summary: dict) -> Table:
-    table = Table(title=f"attention sinks per timestep (sink-position variance across timesteps: {summary['sink_position_variance']:.2f})",
+    table = Table(title=f"attention sinks per timestep (sink position variance {summary['sink_position_variance']:.2f})",
                   caption="top-1: largest share of attention mass; pos.: modal sink position (share of windows); "
                           "entropy: normalized", caption_justify="left")
-    for col in ("t", "top-1", "×unif.", "entropy", "pos.", "same", "sinks", "sink tokens"):
-        table.add_column(col, justify="left" if col == "sink tokens" else "right", no_wrap=True)
-    for r in summary["timesteps"]:
-        kinds = ", ".join(f"{k} {v}" for k, v in list(r["dominant_kinds"].items())[:3])
-        table.add_row(
-            f"{r['t']:.2f}", f"{r['top1_share']:.3f}", f"{r['top1_share'] / summary['uniform_share']:.1f}x",
-            f"{r['normalized_entropy']:.3f}", str(r["modal_dominant_position"]), f"{r['modal_position_fraction']:.0%}",
-            f"{r['mean_sinks_per_sample']:.2f}", kinds,
-        )
+    rows = [[f"{r['t']:.2f}", f"{r['top1_share']:.3f}", f"{r['top1_share'] / summary['uniform_share']:.1f}x",
+             f"{r['normalized_entropy']:.3f}", str(r["modal_dominant_position"]), f"{r['modal_position_fraction']:.0%}",
+             f"{r['mean_sinks_per_sample']:.2f}", ", ".join(f"{k} {v}" for k, v in list(r["dominant_kinds"].items())[:3])]
+            for r in summary["timesteps"]]
+    for i, col in enumerate(("t", "top-1", "×unif.", "entropy", "pos.", "same", "sinks")):  # numbers are never cut ...
+        table.add_column(col, justify="right", no_wrap=True, min_width=max([len(col), *(len(row[i]) for row in rows)]))
+    table.add_column("sink tokens", overflow="fold")  # ... the token kinds wrap instead, at any width
+    for row in rows:
+        table.add_row(*row)
     return table
 
 

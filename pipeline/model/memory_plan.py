@@ -217,8 +217,11 @@ def render_plan(plan: dict) -> str:
         rows.append(("fix", plan["fix"]))
     if plan.get("measured_device_peak_bytes") is not None:
         rows.append(("measured", f"{gib(plan['measured_device_peak_bytes'])} peak on the device"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    import textwrap
+
+    width = max(len(k) for k, _ in rows)  # values wrap under themselves: the console is 80 columns
+    return "\n".join(textwrap.fill(v, 80, initial_indent=f"{k:<{width}}  ", subsequent_indent=" " * (width + 2),
+                                    break_long_words=False, break_on_hyphens=False) for k, v in rows)
 
 
 def parse_bytes(text: str) -> int:

@@ -28,7 +28,8 @@ def prepare_output_dir(path, overwrite: bool, field: str = "output_dir") -> Path
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise FileExistsError(
-                f"{field}={path}: output directory {path} already exists and is not empty; choose a new {field} or set overwrite: true"
+                f"{field}={path}: output directory {path} already exists and is not empty; choose a new {field}, or "
+                f"--overwrite (overwrite: true) replaces a previous run's output"
             )
         if not (path / MARKER).is_file():
             raise FileExistsError(
@@ -36,6 +37,19 @@ def prepare_output_dir(path, overwrite: bool, field: str = "output_dir") -> Path
                 f"will not replace it; choose a new {field}"
             )
     return path
+
+
+def run_folder(root, taken) -> Path:
+    """Lightning's `version_N` convention, where the run folder itself is the first run: `root` while no
+    previous run's results are in it, else `root/version_N`: the last one while it holds no results (a
+    stopped run's, or the one another rank of this run has just made), otherwise the next number.
+    `taken(folder)` says whether a folder holds results this run would write."""
+    root = Path(root).expanduser()
+    if not taken(root):
+        return root
+    numbers = sorted(int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()) if root.is_dir() else []
+    last = root / f"version_{numbers[-1]}" if numbers else root
+    return last if not taken(last) else root / f"version_{numbers[-1] + 1 if numbers else 1}"
 
 
 def _resolved(path) -> Path:

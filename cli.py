@@ -338,7 +338,7 @@ def resume_hint(args: list[str]) -> str:
     (the same arguments, in the run folder it wrote, with --ckpt_path), or how to make the run resumable."""
     import shlex
 
-    holder = sys.modules.get("pipeline.run.lightning_cli")
+    holder = sys.modules.get("lightning_cli")
     cli_class = getattr(holder, "SinkPruneCLI", None)
     saved = [p for p in (cli_class.checkpoints if cli_class else [])
              if Path(p).is_file() and Path(p).stat().st_mtime >= cli_class.started]  # this run's, not an older one

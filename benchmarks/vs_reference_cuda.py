@@ -153,16 +153,21 @@ def measured(fn, device: torch.device):
     return seconds, peak, result
 
 
-def run_floor(model, windows: torch.Tensor, timesteps: int, device: torch.device, seed: int):
-    """Plain forwards of the windows at every timestep, noised as the reference noises them (global RNG)."""
+def noised(windows: torch.Tensor, timesteps: int, device: torch.device, seed: int):
+    """[1, T] noised windows, each at every timestep, as the reference noises them (global RNG, eps 1e-3)."""
     torch.manual_seed(seed)
+    for w in windows:
+        ids = w[None].to(device)
+        for step in range(1, timesteps + 1):
+            p = (1 - 1e-3) * step / timesteps + 1e-3
+            yield torch.where(torch.rand(ids.shape, device=device) < p, torch.tensor(MASK_ID, device=device), ids)
+
+
+def run_floor(model, windows: torch.Tensor, timesteps: int, device: torch.device, seed: int):
+    """Plain forwards of the noised windows."""
     with torch.no_grad():
-        for w in windows:
-            ids = w[None].to(device)
-            for step in range(1, timesteps + 1):
-                p = (1 - 1e-3) * step / timesteps + 1e-3
-                noisy = torch.where(torch.rand(ids.shape, device=device) < p, torch.tensor(MASK_ID, device=device), ids)
-                model(input_ids=noisy, use_cache=False)
+        for noisy in noised(windows, timesteps, device, seed):
+            model(input_ids=noisy, use_cache=False)
     return None
 
 
@@ -245,24 +250,19 @@ def sink_sets_equal(model, windows: torch.Tensor, timesteps: int, device: torch.
 
     if "kernel" not in inspect.signature(AttentionMassProbe).parameters:
         return None
-    torch.manual_seed(seed)
     same = total = 0
     worst = 0.0
     with torch.no_grad():
-        for w in windows:
-            ids = w[None].to(device)
-            for step in range(1, timesteps + 1):
-                p = (1 - 1e-3) * step / timesteps + 1e-3
-                noisy = torch.where(torch.rand(ids.shape, device=device) < p, torch.tensor(MASK_ID, device=device), ids)
-                masses = {}
-                for kernel in ("triton", "chunked"):
-                    with AttentionMassProbe(kernel=kernel) as probe:
-                        model(input_ids=noisy, use_cache=False)
-                    masses[kernel] = probe.mass
-                worst = max(worst, float((masses["triton"] - masses["chunked"]).abs().max() / masses["chunked"].abs().max()))
-                sets = {k: sink_scores(m) >= 0.5 for k, m in masses.items()}
-                same += int((sets["triton"] == sets["chunked"]).all())
-                total += 1
+        for noisy in noised(windows, timesteps, device, seed):
+            masses = {}
+            for kernel in ("triton", "chunked"):
+                with AttentionMassProbe(kernel=kernel) as probe:
+                    model(input_ids=noisy, use_cache=False)
+                masses[kernel] = probe.mass
+            worst = max(worst, float((masses["triton"] - masses["chunked"]).abs().max() / masses["chunked"].abs().max()))
+            sets = {k: sink_scores(m) >= 0.5 for k, m in masses.items()}
+            same += int((sets["triton"] == sets["chunked"]).all())
+            total += 1
     return {"windows_equal": same, "windows": total, "max_rel_mass_difference": worst}
 
 

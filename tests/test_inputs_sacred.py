@@ -238,7 +238,7 @@ CASES = {
     "masks_from_unknown_layer": (_case_mask_of_unknown_layer, "names no weight of this model", BEFORE),
     "torch_dtype_typo": (_model(torch_dtype="bfloat61"), "model.torch_dtype='bfloat61'", BEFORE),
     "mask_token_outside_vocab": (_model(mask_token_id=999999), "model.mask_token_id=999999", BEFORE),
-    "sparsity_percent_string": (_simple(sparsity="50%"), "sparsity: expected a float", BEFORE),
+    "sparsity_percent_string": (_simple(sparsity="50%"), "sparsity='50%': a profile must be one of owl (or give a number, e.g. 0.5)", BEFORE),
     "heldout_samples_zero": (_data(heldout_samples=0), "data.heldout_samples=0", BEFORE),
     "sink_std_negative": (_sink(sink_std=-5), "sink_std=-5", BEFORE),
     "max_epochs_five": (_args("--trainer.max_epochs", "5"), "trainer.max_epochs=5", BEFORE),

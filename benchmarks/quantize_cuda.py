@@ -102,10 +102,12 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--timesteps", type=int, default=2)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "quantize_cuda.json"))
     args = ap.parse_args()
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = TINY if args.tiny else LLADA_8B
     if args.tiny:
         args.windows, args.seqlen = min(args.windows, 2), min(args.seqlen, 64)

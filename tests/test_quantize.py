@@ -133,6 +133,15 @@ def test_grids_map_zero_to_zero():
         assert torch.equal(q == 0, w == 0) and torch.equal(scales, group_scales(w, scheme))
 
 
+def test_tiny_float16_groups_get_a_usable_scale():
+    """float16 weights of 1e-6 (absmax / 448 underflows to 0 in float16): a positive scale, finite codes, zeros kept."""
+    w = torch.tensor([[0.0, 1e-6, -2e-6, 0.0], [0.5, 0.0, 0.0, -0.25]], dtype=torch.float16)
+    for scheme in (Scheme.parse("w4a16", group_size=2), Scheme.parse("fp8")):
+        scales, q = round_to_nearest(w, scheme)
+        assert scales.dtype == torch.float16 and bool((scales > 0).all()), scheme
+        assert bool(torch.isfinite(q).all()) and not q[w == 0].any() and q[1].count_nonzero() == 2, scheme
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"bits": 3}, r"^quantize bits=3: only 4 .* and 8 .* are supported; use bits: 4 or bits: 8$"),
     ({"scheme": "int3"}, r"^quantize scheme='int3' is unknown; choose one of w4a16, fp8$"),

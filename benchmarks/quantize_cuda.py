@@ -3,7 +3,8 @@ then saved in the compressed-tensors format and loaded back on the GPU with tran
 
     python benchmarks/quantize_cuda.py                       # H200: 4 blocks of LLaDA-8B (d 4096, 32 heads, MLP 12288,
                                                              # vocab 126464), random bf16 weights built on the GPU
-    python benchmarks/quantize_cuda.py --device cpu --tiny   # the same steps at toy size (a check that it runs)
+    python benchmarks/quantize_cuda.py --device cpu --tiny   # the same steps at toy size (a check that it runs;
+                                                             # --dtype bfloat16 as on the GPU)
 
 The model is tiny-llada's remote code (pipeline/zoo/tiny_llada) at LLaDA-8B's shapes with 4 blocks.  Windows are
 random tokens noised at each timestep (the mask token at rate t); sink scores are 1 at position 0, 0 elsewhere (random
@@ -11,7 +12,9 @@ weights grow no sinks; the arithmetic is the same).  Both methods take their sta
 (one pass each, timed apart), per sample, rows weighted by 1 − s: sink-Wanda Σ (w x)² per input, GPTQ the Hessian
 Σ (w x)(w x)ᵀ (SparseGPT's), one per distinct input (q/k/v and ff_proj/up_proj share theirs).  Then sink-Wanda's masks
 (50%), and GPTQ (w4a16, groups of 128) joint with them.  Needs compressed-tensors (and its pydantic, loguru) for the
-save and the reload; nothing else beyond torch and transformers.
+save and the reload; nothing else beyond torch and transformers.  After the reload every weight and buffer is compared
+bit for bit with the in-memory model's, and the in-memory forward is run twice (the device's own determinism), so a
+logits difference names its cause.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from pipeline.maths import sparsity as sp  # noqa: E402
 from pipeline.maths.gptq import gptq_quantize  # noqa: E402
 from pipeline.maths.quantize import Scheme  # noqa: E402
 from pipeline.model.calibration import target_linears  # noqa: E402
-from pipeline.model.loading import ZOO_DIR, dlm_forward, load_dlm  # noqa: E402
+from pipeline.model.loading import ZOO_DIR, dlm_forward, load_dlm, restore_non_persistent_buffers  # noqa: E402
 
 LLADA_8B = {"d_model": 4096, "n_heads": 32, "n_kv_heads": 32, "mlp_hidden_size": 12288, "vocab_size": 126464,
             "embedding_size": 126464, "n_layers": 4, "max_sequence_length": 4096}
@@ -57,7 +60,13 @@ def build(shape: dict, device, dtype):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.02)
-    return model
+    # Non-persistent buffers (RoPE's inv_freq) computed on the CPU, as every load computes them (the reload below
+    # too): built on the GPU they may differ in the last bit (CUDA's pow is not correctly rounded), and the saved
+    # folder's logits would then differ from the in-memory model's however exact the quantized weights are.
+    on_device = {n: b.clone() for n, b in model.named_buffers()}
+    restored = restore_non_persistent_buffers(model)
+    differ = [n for n in restored if not torch.equal(on_device[n], model.get_buffer(n))]
+    return model, differ
 
 
 def shared_inputs(model, layers: dict, ids) -> dict[str, str]:
@@ -102,16 +111,18 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--timesteps", type=int, default=2)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "quantize_cuda.json"))
     args = ap.parse_args()
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = TINY if args.tiny else LLADA_8B
     if args.tiny:
         args.windows, args.seqlen = min(args.windows, 2), min(args.seqlen, 64)
 
     t0 = time.perf_counter()
-    model = build(shape, device, dtype)
+    model, buffers_differ = build(shape, device, dtype)
     layers = target_linears(model)
     build_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
@@ -165,6 +176,7 @@ def main() -> None:
     probe = batches[0][0]
     with torch.no_grad():
         expected = dlm_forward(model, probe).logits.float()
+        repeatable = bool(torch.equal(dlm_forward(model, probe).logits.float(), expected))  # the device's own determinism
     from transformers import AutoTokenizer
 
     from pipeline.run.compressed import save_compressed
@@ -176,15 +188,16 @@ def main() -> None:
         AutoTokenizer.from_pretrained(ZOO_DIR / "tiny_llada").save_pretrained(folder)
         save_s = time.perf_counter() - t0
         disk = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         t0 = time.perf_counter()
         reloaded, _ = load_dlm(str(folder), torch_dtype="auto")  # (no device_map: it may want accelerate)
         reloaded.to(device)  # still packed: compressed-tensors decompresses on the first forward, on the device
         with torch.no_grad():
             got = dlm_forward(reloaded, probe).logits.float()
         load_s = time.perf_counter() - t0
+        state = lambda m: dict(m.named_parameters()) | dict(m.named_buffers())  # noqa: E731
+        mine, theirs = state(model), state(reloaded)
+        tensors_differ = [n for n, t in mine.items() if n not in theirs or not torch.equal(t, theirs[n].to(t.device))]
+        del reloaded
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -200,6 +213,9 @@ def main() -> None:
         "zeros_kept": zeros_kept, "save_s": save_s, "reload_and_forward_s": load_s, "safetensors_bytes": disk,
         "targeted_bf16_bytes": dense_bytes,
         "logits_equal": bool(torch.equal(got, expected)), "logits_max_abs_diff": float((got - expected).abs().max()),
+        "forward_repeatable": repeatable,
+        "tensors_equal_after_reload": not tensors_differ, "tensors_differ": tensors_differ[:8],
+        "buffers_built_on_device_differ_from_cpu": buffers_differ,
     }
     print(f"{'step':36s} {'seconds':>9s}")
     for label, value in (("forward alone (all windows)", forward_s), ("sink-Wanda statistic pass", wanda_s),
@@ -210,6 +226,8 @@ def main() -> None:
     print(f"GPTQ / sink-Wanda time: {result['gptq_vs_prune']:.1f}x; zeros kept: {zeros_kept}; "
           f"logits equal after reload: {result['logits_equal']} (max |diff| {result['logits_max_abs_diff']:.3g}); "
           f"safetensors {disk / 2**30:.2f} GiB")
+    print(f"weights and buffers bit-equal after reload: {not tensors_differ} {tensors_differ[:3]}; forward repeatable: "
+          f"{repeatable}; buffers built on {device.type} that differ from the CPU's (replaced): {buffers_differ[:3]}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")

@@ -37,9 +37,10 @@ def _hessians(model, layers, vocab, windows=2, length=24) -> dict:
     return {n: sums.get(n, torch.zeros(layers[n].in_features, layers[n].in_features, dtype=torch.float64)) for n in layers}
 
 
-def _prune_and_quantize(name: str, scheme: Scheme, gptq: bool = True):
-    """The embedded model, 50% magnitude-pruned per row, then quantized: (model, tokenizer, masks, scales)."""
-    model, tokenizer = load_dlm(name)
+def _prune_and_quantize(name: str, scheme: Scheme, gptq: bool = True, dtype: torch.dtype | None = None):
+    """The embedded model (in `dtype`, default its own), 50% magnitude-pruned per row, then quantized:
+    (model, tokenizer, masks, scales)."""
+    model, tokenizer = load_dlm(name, torch_dtype=dtype)
     model.eval()
     layers = target_linears(model)
     hessians = _hessians(model, layers, len(tokenizer)) if gptq else {}
@@ -60,16 +61,21 @@ def _logits(model, ids):
         return dlm_forward(model, ids).logits
 
 
-@pytest.mark.parametrize("name,scheme,gptq", [
-    pytest.param("tiny-llada", Scheme.parse("w4a16", group_size=64), True, marks=pytest.mark.tf5),  # 4.x-era remote code
-    ("tiny-llada-moe", Scheme.parse("w4a16", group_size=32, actorder=True), True),
-    ("minilm-dlm", Scheme.parse("fp8"), False),
+@pytest.mark.parametrize("name,scheme,gptq,dtype", [
+    pytest.param("tiny-llada", Scheme.parse("w4a16", group_size=64), True, None, marks=pytest.mark.tf5),  # 4.x-era remote code
+    ("tiny-llada-moe", Scheme.parse("w4a16", group_size=32, actorder=True), True, None),
+    ("minilm-dlm", Scheme.parse("fp8"), False, None),
+    # bf16 models: the scales are bf16, the codes times the scale rounded to bf16 once, as the library decompresses
+    pytest.param("tiny-llada", Scheme.parse("w4a16", group_size=64), True, torch.bfloat16, marks=pytest.mark.tf5),
+    pytest.param("tiny-llada", Scheme.parse("fp8"), False, torch.bfloat16, marks=pytest.mark.tf5),
 ])
-def test_saved_folder_reloads_with_the_in_memory_weights_and_logits(tmp_path, name, scheme, gptq):
+def test_saved_folder_reloads_with_the_in_memory_weights_and_logits(tmp_path, name, scheme, gptq, dtype):
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    model, tokenizer, masks, scales = _prune_and_quantize(name, scheme, gptq)
+    model, tokenizer, masks, scales = _prune_and_quantize(name, scheme, gptq, dtype)
+    if dtype is not None:
+        assert all(layer.weight.dtype == dtype and scales[n].dtype == dtype for n, layer in target_linears(model).items())
     ids = torch.randint(4, len(tokenizer), (2, 20), generator=torch.Generator().manual_seed(0))
     expected = _logits(model, ids)
     save_compressed(model, tmp_path, scales, scheme)
@@ -90,11 +96,13 @@ def test_saved_folder_reloads_with_the_in_memory_weights_and_logits(tmp_path, na
         stored = "weight" if scheme.is_float else "weight_packed"
         assert local[stored].dtype == (torch.float8_e4m3fn if scheme.is_float else torch.int32), n
         weight = compressor.decompress(local, group)["weight"]
-        assert torch.equal(weight, layer.weight), n
+        assert weight.dtype == layer.weight.dtype and torch.equal(weight, layer.weight), n
         assert not weight[masks[n]].any(), n                              # pruned weights stay exactly zero
     # 2. transformers' compressed-tensors integration: the same logits
     reloaded, _ = load_dlm(str(tmp_path), torch_dtype="auto")
     assert torch.equal(_logits(reloaded, ids), expected)
+    for n, layer in target_linears(reloaded).items():  # (decompressed by the first forward)
+        assert torch.equal(layer.weight, layers[n].weight), n
     if name == "tiny-llada":  # remote-code models keep their code files
         assert (tmp_path / "modeling_llada.py").is_file()
 
@@ -123,6 +131,15 @@ def test_grids_map_zero_to_zero():
     for scheme in (Scheme.parse("w4a16", group_size=2), Scheme.parse("fp8")):
         scales, q = round_to_nearest(w, scheme)
         assert torch.equal(q == 0, w == 0) and torch.equal(scales, group_scales(w, scheme))
+
+
+def test_tiny_float16_groups_get_a_usable_scale():
+    """float16 weights of 1e-6 (absmax / 448 underflows to 0 in float16): a positive scale, finite codes, zeros kept."""
+    w = torch.tensor([[0.0, 1e-6, -2e-6, 0.0], [0.5, 0.0, 0.0, -0.25]], dtype=torch.float16)
+    for scheme in (Scheme.parse("w4a16", group_size=2), Scheme.parse("fp8")):
+        scales, q = round_to_nearest(w, scheme)
+        assert scales.dtype == torch.float16 and bool((scales > 0).all()), scheme
+        assert bool(torch.isfinite(q).all()) and not q[w == 0].any() and q[1].count_nonzero() == 2, scheme
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -82,11 +82,12 @@ def _divisor(width: int, group_size: int) -> int:
 
 def group_scales(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """[out, groups] scales in weight's dtype: absmax / 7.5 for int4 (GPTQ's and compressed-tensors' symmetric range
-    [-8, 7]), absmax / 448 for FP8; an all-zero group gets scale 1 (its codes are 0 either way)."""
+    [-8, 7]), absmax / 448 for FP8; an all-zero group gets scale 1 (its codes are 0 either way).  No scale is below the
+    dtype's smallest normal number (a float16 group of weights under 3e-5 would otherwise get scale 0, and codes 0/0)."""
     rows, cols = weight.shape
     width = scheme.group_width(cols)
     absmax = weight.detach().float().abs().reshape(rows, cols // width, width).amax(-1)
-    scales = absmax / (FP8_MAX if scheme.is_float else (scheme.qmax - scheme.qmin) / 2)
+    scales = (absmax / (FP8_MAX if scheme.is_float else (scheme.qmax - scheme.qmin) / 2)).clamp_min(torch.finfo(weight.dtype).tiny)
     return torch.where(absmax > 0, scales, torch.ones_like(scales)).to(weight.dtype)
 
 

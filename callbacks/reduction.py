@@ -197,6 +197,9 @@ class SlotSums:
 
     def clear(self) -> None:
         self.settle()
+        if self._worker is not None:  # its thread would otherwise idle for the life of the process
+            self._worker.shutdown(wait=True)
+            self._worker = None
         self.sums.clear()
         self.folded.clear()
         self.counts.clear()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 
@@ -32,7 +33,9 @@ except ImportError:  # e.g. macOS or a CPU-only install: the probe keeps its chu
     triton = tl = None
 
 AVAILABLE = triton is not None
-INTERPRETED = AVAILABLE and bool(triton.knobs.runtime.interpret)  # kernels then run on CPU tensors (slowly)
+# kernels then run on CPU tensors (slowly); triton < 3.4 has no `knobs` and reads the variable itself
+INTERPRETED = AVAILABLE and (bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs")
+                             else os.environ.get("TRITON_INTERPRET", "0") == "1")
 # Raised at launch when a tile does not fit this GPU's shared memory or registers (e.g. float32 at head dim 256 on a
 # 99 KiB consumer card); the probe then takes the chunked path for that call.
 OutOfResources = triton.runtime.errors.OutOfResources if AVAILABLE else type("OutOfResources", (Exception,), {})

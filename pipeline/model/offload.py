@@ -126,9 +126,6 @@ class BlockOffloader:
         self.onloaded_bytes += delta
         self.peak_bytes = max(self.peak_bytes, self.device_bytes)
 
-    def reset_peak(self) -> None:
-        self.peak_bytes = self.device_bytes
-
     # --- moving -----------------------------------------------------------------------------------------------
     def prefetch(self, i: int) -> None:
         """Start copying block i to the device on a side stream (CUDA; a no-op elsewhere)."""

@@ -71,10 +71,6 @@ class PruneOutcome:
         sizes = {n: layer.weight.numel() for n, layer in self.layers.items()}
         return sum(self.targets[n] * sizes[n] for n in sizes) / max(sum(sizes.values()), 1)
 
-    def pruned_weights(self) -> dict[str, torch.Tensor]:
-        """The solver-updated weights (SparseGPT), on CPU: what a resumed or re-applied run must restore."""
-        return {n: self.layers[n].weight.detach().cpu() for n in sorted(self.updated)}
-
     def summary(self) -> dict:
         """The JSON-friendly part (no tensors, no modules): what results.json records of the pruning."""
         out = {"method": self.method, "flavor": self.flavor, "solver": self.solver, "mode": self.mode,

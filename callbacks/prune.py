@@ -125,7 +125,7 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
             trainer.fit_loop.max_epochs = len(self.t.block_layers) if self.rescored else 1
         elif self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
             trainer.fit_loop.max_epochs = len(self.t.block_layers)
-        self.sums = self.sums or SlotSums(self.reduction_slots or 8, self.mode == "oneshot")  # (resumed: the checkpoint's)
+        self.sums = self.sums or SlotSums(self.reduction_slots or 8, None if self.mode == "oneshot" else False)  # (resumed: the checkpoint's)
         self.slot_major = self._order_by_slot(trainer, pl_module)
         reapply(self.layers, self.masks, self._resumed)  # resumed: restore the layers pruned before
         self.updated, self._resumed = self.updated | set(self._resumed), {}  # (the layers hold them now)
@@ -313,6 +313,6 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         self.layer_targets = state_dict.get("layer_targets") or self.layer_targets
         self.recorded.load_state_dict(state_dict.get("recorded", {}))
         if state_dict.get("sums") is not None:
-            self.sums = SlotSums(self.reduction_slots or state_dict["sums"]["slots"], self.mode == "oneshot")
+            self.sums = SlotSums(self.reduction_slots or state_dict["sums"]["slots"], None if self.mode == "oneshot" else False)
             self.sums.load_state_dict(state_dict["sums"])
 

@@ -15,27 +15,49 @@ A key filled through `running` holds a running mean per slot (the reference's Sp
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
 
+from pipeline.model.memory_plan import totals_fit
 from pipeline.run.strategy import dist_ready
+
+SLOT_TOTALS = {"host": (True, True), "device": (False, None)}  # SINKPRUNE_SLOT_TOTALS -> (host_totals, fold_thread)
 
 
 def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist_ready() else (0, 1)
 
 
+def forced_totals() -> tuple[bool, bool | None] | None:
+    """(host_totals, fold_thread) that SINKPRUNE_SLOT_TOTALS forces, None when unset."""
+    value = os.environ.get("SINKPRUNE_SLOT_TOTALS", "").strip().lower()
+    if value and value not in SLOT_TOTALS:
+        raise ValueError(f"SINKPRUNE_SLOT_TOTALS={value!r} is not one of {', '.join(SLOT_TOTALS)}; unset it to let the "
+                         "free device memory decide where SparseGPT's float64 Hessian totals live")
+    return SLOT_TOTALS.get(value)
+
+
+def device_room(device: torch.device) -> tuple[int, int]:
+    """(bytes the device can still allocate, the largest transient seen so far: the peak above what is held now)."""
+    held = torch.cuda.memory_allocated(device)
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - held
+    return free, torch.cuda.max_memory_allocated(device) - held
+
+
 class SlotSums:
-    def __init__(self, slots: int = 8, host_totals: bool = False, fold_thread: bool | None = None):
+    def __init__(self, slots: int = 8, host_totals: bool | None = False, fold_thread: bool | None = None):
         rank, size = world()
         if slots % size:
             raise ValueError(
                 f"reduction_slots={slots} is not a multiple of world_size={size}; set the callback's "
                 f"reduction_slots to a multiple of the number of processes (e.g. {size * ((slots + size - 1) // size)})"
             )
-        self.slots, self.host_totals = slots, host_totals
+        if host_totals is None and (forced := forced_totals()) is not None:
+            host_totals, fold_thread = forced
+        self.slots, self.host_totals = slots, host_totals  # None: decided at the first fold (_place_totals)
         self.owned = [g for g in range(slots) if g % size == rank]
         self.sums: dict[str, dict[int, torch.Tensor]] = {}
         self.folded: dict[str, tuple[int, torch.Tensor | None]] = {}  # key -> (slots < this are in the total, total)
@@ -88,6 +110,14 @@ class SlotSums:
     def _finish(self, key: str, out: torch.Tensor | None) -> torch.Tensor | None:
         return out.div_(sum(self.counts[key].values())) if out is not None and key in self.counts else out
 
+    def _place_totals(self, device: torch.device) -> None:
+        """host_totals=None: the float64 totals of every key held now stay on the device when they fit its free memory."""
+        if device.type != "cuda":
+            self.host_totals = False  # (the compute device is the host: add in place)
+            return
+        need = sum(8 * next(iter(per_key.values())).numel() for per_key in self.sums.values() if per_key)
+        self.host_totals = not totals_fit(need, *device_room(device))
+
     def fold(self, keys: list[str], upto: int) -> None:
         """Single process: slots < upto of each key are complete; add them to its float64 total (slot order, as
         `total` does) and free them.  A no-op under DDP, where `total` gathers the slots from their ranks."""
@@ -99,6 +129,8 @@ class SlotSums:
             for g in range(done, upto):
                 if g not in per_key:
                     continue
+                if self.host_totals is None:
+                    self._place_totals(per_key[g].device)
                 threaded = self.fold_thread if self.fold_thread is not None else per_key[g].device.type != "cpu"
                 if self.host_totals and threaded and key not in self.counts:  # the same operations as _plus, on the thread
                     value = per_key.pop(g).cpu()  # (the device slot is freed before the next one is created)

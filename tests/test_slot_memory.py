@@ -85,14 +85,18 @@ def test_slot_major_order_keeps_each_slot_and_batch():
     assert slot_major_order(8, 4, 3) is None  # [0, 1, 2], [4, 5, 6], then 3 and 7 (one slot) would share a batch
 
 
-@pytest.mark.parametrize("mode", ["oneshot", "sequential"])
-def test_one_slot_alive_and_the_same_bits(tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode, totals", [("oneshot", "host"), ("oneshot", "device"), ("sequential", "")])
+def test_one_slot_alive_and_the_same_bits(tmp_path, monkeypatch, mode, totals):
+    """One-shot: the float64 totals folded on the device (in place, as a GPU keeps them when they fit its memory) and in
+    host memory on the worker thread (as a GPU does when they do not) give the same bits; sequential: on the device."""
+    monkeypatch.setenv("SINKPRUNE_SLOT_TOTALS", totals)
     peak = Peak(monkeypatch)
     root, code, err = _fit(tmp_path, "folded", mode)
     assert code == 0, err[-3000:]
     assert _digest(root) == MAIN_DIGESTS[mode]
     assert peak.per_layer == 1, f"{peak.per_layer} float32 slots of one layer alive at once"
-    assert peak.sums[0].host_totals == (mode == "oneshot")
+    assert peak.sums[0].host_totals == (totals == "host")
+    assert peak.sums[0].fold_thread == (True if totals == "host" else None)
     folded = (peak.all_layers, peak.bytes)
 
     # the order main used (windows 0..5): every slot alive until the solve, the same masks and weights
@@ -180,6 +184,35 @@ def test_host_totals_fold_on_a_thread_to_the_same_bits():
         resumed.fold(["h"], sid % 4)
         resumed.accumulator("h", sid, (5, 5)).add_(values[sid])
     assert torch.equal(resumed.take("h"), _plain_total(values, 4))
+
+
+def test_totals_stay_on_the_device_when_they_fit(monkeypatch):
+    """host_totals=None (one-shot) decides at the first fold: a CPU run adds in place; on a CUDA device the totals of
+    every key held then stay there when they fit its free memory after the transient peak, else go to host memory."""
+    from callbacks import reduction
+    from pipeline.model.memory_plan import HEADROOM, totals_fit
+
+    monkeypatch.delenv("SINKPRUNE_SLOT_TOTALS", raising=False)
+    sums = SlotSums(4, host_totals=None)
+    for sid in (0, 4, 1):
+        sums.fold(["a", "b"], sid % 4)
+        sums.accumulator("a", sid, (6, 6)).add_(1.0)
+        sums.accumulator("b", sid, (3,), dtype=torch.float64).add_(1.0)
+    assert sums.host_totals is False and sums.folded["a"][1].device.type == "cpu"
+    need = 8 * (36 + 3)
+    assert totals_fit(need, int((need + 100) / HEADROOM) + 1, 100) and not totals_fit(need, need, 100)
+    for room, on_host in [((10**9, 10**6), False), ((need, 0), True), ((10**9, 10**9), True)]:
+        monkeypatch.setattr(reduction, "device_room", lambda device, room=room: room)
+        cuda = SlotSums(4, host_totals=None)
+        cuda.sums = {"a": {0: torch.zeros(6, 6)}, "b": {0: torch.zeros(3, dtype=torch.float64)}}
+        cuda._place_totals(torch.device("cuda"))
+        assert cuda.host_totals is on_host, room
+    monkeypatch.setenv("SINKPRUNE_SLOT_TOTALS", "device")
+    assert SlotSums(4, host_totals=None).host_totals is False
+    assert SlotSums(4, host_totals=True).host_totals is True  # (a caller's explicit choice stands)
+    monkeypatch.setenv("SINKPRUNE_SLOT_TOTALS", "gpu")
+    with pytest.raises(ValueError, match="SINKPRUNE_SLOT_TOTALS='gpu' is not one of host, device"):
+        SlotSums(4, host_totals=None)
 
 
 def _plain_total(values, slots):

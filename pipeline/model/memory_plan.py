@@ -142,6 +142,12 @@ def statistic_bytes(inputs: list[int], cal: Calibration, devices: int) -> int:
     return sum(inputs) * 8 * (owned + 1)
 
 
+def totals_fit(totals_bytes: int, device_free: int, transient_bytes: int) -> bool:
+    """Whether float64 totals of this many bytes may live on the device: within HEADROOM of what it can still allocate,
+    leaving room for the transient peak (a forward's activations) above what is held now."""
+    return totals_bytes + transient_bytes <= device_free * HEADROOM
+
+
 def memory_plan(shape: ModelShape, cal: Calibration, *, device_free: int, cpu_free: int | None = None,
                 devices: int = 1, offload: str = "auto") -> dict:
     """The chosen offload ("none", "cpu" or "disk") and the predicted peak bytes per device and in CPU memory.

@@ -104,10 +104,39 @@ def count_expert_tokens(sums, experts: dict, names: list[str], expert_tokens: di
                 f"more if its router rarely picks it) or leave it dense with prune.ignore: ['{expert}\\.']")
 
 
-def accumulate(pruner, sums, name: str, x: torch.Tensor, routed, nb, fresh: list[bool] | None = None) -> None:
+class FiniteChecks:
+    """Whether each statistic one batch added was finite, read at the batch's end with one host synchronisation
+    (`verify`) rather than one per layer and sample; the error names the first non-finite one, in the order added."""
+
+    def __init__(self):
+        self.flags: list[torch.Tensor] = []
+        self.where: list[tuple] = []
+
+    def note(self, finite, name: str, sample_id: int, t: float) -> None:
+        if not isinstance(finite, torch.Tensor):  # a plain bool: known already
+            if not finite:
+                raise _nonfinite_input(name, sample_id, t)
+            return
+        self.flags.append(finite)
+        self.where.append((name, sample_id, t))
+
+    def verify(self) -> None:
+        flags, where, self.flags, self.where = self.flags, self.where, [], []
+        if flags and not bool(torch.stack(flags).all()):
+            raise _nonfinite_input(*where[torch.stack(flags).tolist().index(False)])
+
+
+def _nonfinite_input(name: str, sample_id: int, t: float) -> FloatingPointError:
+    return FloatingPointError(f"NaN/Inf in the input activations of {name} (sample {sample_id}, t={t}); "
+                              "check the model's dtype (fp16 overflow?) and the calibration data")
+
+
+def accumulate(pruner, sums, name: str, x: torch.Tensor, routed, nb, fresh: list[bool] | None = None,
+               checks: FiniteChecks | None = None) -> None:
     """Add each fresh sample's statistic to its slot.  Dense layers: x is [B·L, d]; experts: x is
     [n_routed, d], row r being token routed[r] of the flat [B, L] batch (and each sample also adds its
-    number of real routed tokens under "<name>#tokens")."""
+    number of real routed tokens under "<name>#tokens").  `checks`: whether each is finite is noted there (the caller
+    verifies them together), else checked at once."""
     fresh = [sid >= 0 for sid in nb.sample_ids] if fresh is None else fresh  # default: every real sample
     n_samples = len(nb.sample_ids)
     weights = pruner.weighting(nb.sink_scores, nb.attention_mask)  # [B, L] or None
@@ -124,11 +153,13 @@ def accumulate(pruner, sums, name: str, x: torch.Tensor, routed, nb, fresh: list
         wb = None if weights is None else (weights[b] if pos is None else weights[b, pos])  # [T_b]
         finite = pruner.add(sums, name, sample_id, xb, wb, None if values is None or pos is not None else values[b])
         if pos is not None:
-            real = len(pos) if nb.attention_mask is None else int((nb.attention_mask[b, pos] > 0).sum())
-            sums.add(f"{name}#tokens", sample_id, torch.tensor([real], dtype=torch.float64, device=x.device))
-        if not finite:
-            raise FloatingPointError(f"NaN/Inf in the input activations of {name} (sample {sample_id}, t={nb.t}); "
-                                     "check the model's dtype (fp16 overflow?) and the calibration data")
+            real = (torch.tensor([len(pos)], dtype=torch.float64, device=x.device) if nb.attention_mask is None  # (no sync)
+                    else (nb.attention_mask[b, pos] > 0).sum(dtype=torch.float64).reshape(1))
+            sums.add(f"{name}#tokens", sample_id, real)
+        if checks is not None:
+            checks.note(finite, name, sample_id, nb.t)
+        elif not finite:
+            raise _nonfinite_input(name, sample_id, nb.t)
 
 
 def load_masks(masks_from: str, layers: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:

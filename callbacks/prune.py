@@ -17,7 +17,7 @@ from callbacks.cached import RecordedBatches, calibrate_from_cache, solve_block_
 from callbacks.schedule import MeanSinkScores, ProbedInputs, guard_memory, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
 from callbacks.layers import Targets, accumulate, compile_patterns, count_expert_tokens, find_targets, load_masks, reapply
-from callbacks.layers import owl_targets, routed_tokens, solve_layers
+from callbacks.layers import FiniteChecks, owl_targets, routed_tokens, solve_layers
 from callbacks.shared import SharedInputs
 from pipeline.maths import sparsity as sp
 from pipeline.maths.allocation import ByGlob, Owl, Uniform, parse_sparsity
@@ -200,21 +200,23 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         fresh = [sid >= 0 and (epoch, sid, nb.step) not in self.seen for sid in nb.sample_ids]  # -1: DDP padding
         if self.slot_major and any(fresh):  # the slots before this batch's are complete
             self.sums.fold(list(self.sums.sums), min(self.sums.slot_of(s) for s, f in zip(nb.sample_ids, fresh) if f))
+        checks = FiniteChecks()  # (the batch's statistics checked with one host synchronisation)
         if any(fresh) and self.probed.handles:
             for name, x, routed in self.probed.take(names):
-                self._add(name, x, routed, nb, fresh)
+                self._add(name, x, routed, nb, fresh, checks)
         elif any(fresh):  # else: a resumed run replaying a batch that the checkpoint already counted
-            self._forward_and_accumulate(trainer, pl_module, nb, names, fresh)
+            self._forward_and_accumulate(trainer, pl_module, nb, names, fresh, checks)
+        checks.verify()
         self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids if sid >= 0)
 
-    def _add(self, name, x, routed, nb, fresh=None) -> None:
+    def _add(self, name, x, routed, nb, fresh=None, checks=None) -> None:
         if not self.shared.is_copy(name, x):  # a member of a shared-input group reads its leader's sums
-            accumulate(self.pruner, self.sums, name, x, routed, nb, fresh)
+            accumulate(self.pruner, self.sums, name, x, routed, nb, fresh, checks)
 
-    def _forward_and_accumulate(self, trainer, pl_module, nb, names, fresh) -> None:
+    def _forward_and_accumulate(self, trainer, pl_module, nb, names, fresh, checks=None) -> None:
         # sequential: the blocks after the one being calibrated are not needed yet; one-shot: none after the last target
         last = self.t.block_modules[trainer.current_epoch if self.mode == "sequential" else -1]
-        add = lambda n, x: self._add(n, x, self._routed(n), nb, fresh)  # noqa: E731
+        add = lambda n, x: self._add(n, x, self._routed(n), nb, fresh, checks)  # noqa: E731
         hooked_forward(pl_module, self.layers, names, add, nb.input_ids, nb.attention_mask, last, self.eager)
 
     @override

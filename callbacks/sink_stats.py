@@ -152,26 +152,32 @@ class SinkStatsCallback(Callback, NoisedBatchHooks):
 
     def _record(self, pl_module, nb, mass, per_layer, valid):
         stats = mass_statistics(mass, valid=valid)
+        dominant = stats["dominant_position"]
+        # what the records read, moved to host memory once per batch (not one synchronisation per sample and field)
+        host = {"mass": mass.float(), "dominant": dominant, "token": nb.input_ids.gather(1, dominant[:, None])[:, 0],
+                "top1": stats["top1_share"], "entropy": stats["normalized_entropy"],
+                "n_sinks": (nb.sink_scores > 0.5).sum(dim=1), "valid": valid,
+                "any_valid": None if valid is None else valid.any(dim=1),
+                "layer_dominant": None if per_layer is None else torch.stack([m.argmax(dim=1) for m in per_layer], dim=1)}
+        host = {k: None if v is None else v.cpu() for k, v in host.items()}
         tokenizer = getattr(pl_module, "tokenizer", None)
         for b, sample_id in enumerate(nb.sample_ids):
             if sample_id < 0:  # DDP padding
                 continue
-            if valid is not None and not valid[b].any():
+            if valid is not None and not host["any_valid"][b]:
                 continue  # all padding: no token, no attention to describe (and no weight in any statistic)
-            pos = int(stats["dominant_position"][b])
-            token = int(nb.input_ids[b, pos])
             rec = {
                 "t": nb.t,
-                "mass": mass[b].float().cpu(),
-                "valid": None if valid is None else valid[b].cpu(),
-                "dominant_position": pos,
-                "top1_share": float(stats["top1_share"][b]),
-                "entropy": float(stats["normalized_entropy"][b]),
-                "dominant_kind": token_kind(token, tokenizer, pl_module.mask_token_id),
-                "n_sinks": int((nb.sink_scores[b] > 0.5).sum()),
+                "mass": host["mass"][b].clone(),  # (its own storage: a checkpoint saves the row, not the batch)
+                "valid": None if valid is None else host["valid"][b].clone(),
+                "dominant_position": int(host["dominant"][b]),
+                "top1_share": float(host["top1"][b]),
+                "entropy": float(host["entropy"][b]),
+                "dominant_kind": token_kind(int(host["token"][b]), tokenizer, pl_module.mask_token_id),
+                "n_sinks": int(host["n_sinks"][b]),
             }
             if per_layer is not None:
-                rec["layer_dominant"] = [int(m[b].argmax()) for m in per_layer]
+                rec["layer_dominant"] = host["layer_dominant"][b].tolist()
             self.records[(sample_id, nb.step)] = rec
 
     # --- end of the calibration epoch ----------------------------------------------------------------

@@ -89,8 +89,10 @@ class Pruner:
         """Per-sample statistics of a whole [B, T, d] batch at once, when the method has a batched form."""
         return None
 
-    def add(self, sums, name: str, sample_id: int, xb: torch.Tensor, wb: torch.Tensor | None, value=None) -> bool:
-        """Add one sample's statistic (xb [T, d], wb [T] or None) to its slot; False if it is not finite."""
+    def add(self, sums, name: str, sample_id: int, xb: torch.Tensor, wb: torch.Tensor | None, value=None) -> bool | torch.Tensor:
+        """Add one sample's statistic (xb [T, d], wb [T] or None) to its slot; whether it is finite: a bool, or a 0-d
+        bool tensor on the statistic's device that the caller reads (callbacks/layers.py FiniteChecks: one host
+        synchronisation per batch, not one per layer)."""
         return True
 
     def solve(self, weight: torch.Tensor, stat: torch.Tensor | None, target: float | None) -> PruneResult:
@@ -128,7 +130,7 @@ class Wanda(Pruner):
         if value is None:
             value = self.batch_values(xb[None], None if wb is None else wb[None])[0]
         sums.add(name, sample_id, value)
-        return bool(torch.isfinite(value).all())
+        return torch.isfinite(value).all()
 
     def solve(self, weight, stat, target):
         return PruneResult(sp.select_mask(sp.wanda_scores(weight.float(), stat.to(weight.device)), target, self.n_m))
@@ -142,7 +144,7 @@ class SparseGPT(Pruner):
         d = xb.shape[-1]
         acc = sums.accumulator(name, sample_id, (d, d), device=xb.device)
         sp.add_sample_hessian_(acc, xb, wb)
-        return bool(torch.isfinite(acc.diagonal()).all())  # NaN/Inf anywhere in x reaches H_jj = Σ x_j²
+        return torch.isfinite(acc.diagonal()).all()  # NaN/Inf anywhere in x reaches H_jj = Σ x_j²
 
     def solve(self, weight, stat, target):
         new_weight, mask, info = sp.sparsegpt_prune(weight, stat.to(weight.device), sparsity=target, n_m=self.n_m,
@@ -200,7 +202,7 @@ class ReferenceSinkWanda(Wanda):
         if value is None:
             value = rf.window_norms(xb, wb)
         sums.accumulator(name, sample_id, value.shape, device=value.device).add_(value)  # float32, in order
-        return bool(torch.isfinite(value).all())
+        return torch.isfinite(value).all()
 
     def solve(self, weight, stat, target):
         metric = weight.float().abs() * stat.to(weight.device, torch.float32).reshape(1, -1)
@@ -227,7 +229,7 @@ class ReferenceSparseGPT(SparseGPT):
         d = xb.shape[-1]
         acc, seen = sums.running(name, sample_id, (d, d), device=xb.device)
         rf.add_running_hessian_(acc, seen, xb, wb)
-        return bool(torch.isfinite(acc.diagonal()).all())
+        return torch.isfinite(acc.diagonal()).all()
 
     def solve(self, weight, stat, target):
         new_weight, mask, info = rf.fasterprune(weight, stat.to(weight.device), sparsity=target, n_m=self.n_m,

@@ -2,12 +2,13 @@
 # Every GPU figure of the docs in one device call: each step under its own time limit, JSON and one log under $OUT.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh kernel vs_reference offload quantize
+#   OUT=benchmarks/results SUITE_SECONDS=540 bash benchmarks/gpu_suite.sh speed      # issue #23's calibration figures
 #   SUITE_SMOKE=1 OUT=/tmp/gpu bash benchmarks/gpu_suite.sh kernel vs_reference   # toy sizes on a CPU (the script runs)
 #   SUITE_SECONDS=550 ... # a budget for all steps together (a device call's limit)
 #
-# Steps: kernel (benchmarks/mass_kernel_cuda.py), vs_reference (benchmarks/vs_reference_cuda.py; needs a clone of the
-# reference in SINKPRUNE_REFERENCE, default .ref/sap), offload (benchmarks/offload_cuda.py), quantize
-# (benchmarks/quantize_cuda.py).  Wheels in .whl/ (packages the GPU machine lacks) are installed first, if present.
+# Steps: kernel (benchmarks/mass_kernel_cuda.py), vs_reference and speed (benchmarks/vs_reference_cuda.py; need a clone
+# of the reference in SINKPRUNE_REFERENCE, default .ref/sap; SUITE_STEP_SECONDS tells the script its limit), offload
+# (benchmarks/offload_cuda.py), quantize (benchmarks/quantize_cuda.py).  Wheels in .whl/ (packages the GPU machine lacks) are installed first, if present.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -29,7 +30,7 @@ step() {  # name, seconds, command...
   [ "$left" -lt "$limit" ] && limit=$left
   [ "$limit" -le 0 ] && { echo "== $name skipped: the suite's time is spent"; return; }
   echo "== $name ($(date +%T), limit ${limit}s): $*"
-  timeout "$limit" "$@" "${smoke[@]}" 2>&1 | grep -v -e "^loading calibration" -e "^dataset loading" -e "litlogger" \
+  SUITE_STEP_SECONDS=$limit timeout "$limit" "$@" "${smoke[@]}" 2>&1 | grep -v -e "^loading calibration" -e "^dataset loading" -e "litlogger" \
     -e "^Computing sink" -e "^Pruning layer" -e "available: " -e "Trainer.fit. stopped"
   echo "== $name exit ${PIPESTATUS[0]} ($(date +%T))"
 }
@@ -39,8 +40,14 @@ for s in "$@"; do
     kernel) step kernel 150 $PY benchmarks/mass_kernel_cuda.py --json "$OUT/mass_kernel_cuda.json" ;;
     vs_reference) step vs_reference ${VS_LIMIT:-420} $PY benchmarks/vs_reference_cuda.py --json "$OUT/vs_reference_cuda.json" \
                     ${VS_ARGS:-} ;;
+    # calibration speed (issue #23): sink Wanda default / reference-exact against the floor and the reference at
+    # T = 2048 x 16 and 4096 x 8 windows, then sink SparseGPT default one-shot and sequential at T = 2048 (medians of 3
+    # where the step's time allows: the script skips what would pass it), each with a phase breakdown
+    speed) step speed ${SPEED_LIMIT:-530} $PY benchmarks/vs_reference_cuda.py --json "$OUT/vs_reference_speed.json" \
+             --configs default reference-flavour --sparsegpt-configs default default-sequential \
+             --phases sink_wanda sink_sparsegpt --profile sink_wanda ${SPEED_ARGS:-} ;;
     offload) step offload ${OFFLOAD_LIMIT:-240} $PY benchmarks/offload_cuda.py --json "$OUT/offload_cuda.json" ${OFFLOAD_ARGS:-} ;;
     quantize) step quantize 150 $PY benchmarks/quantize_cuda.py --json "$OUT/quantize_cuda.json" ;;
-    *) echo "unknown step $s: use kernel, vs_reference, offload, quantize"; exit 2 ;;
+    *) echo "unknown step $s: use kernel, vs_reference, speed, offload, quantize"; exit 2 ;;
   esac
 done

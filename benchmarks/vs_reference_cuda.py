@@ -266,61 +266,268 @@ def sink_sets_equal(model, windows: torch.Tensor, timesteps: int, device: torch.
     return {"windows_equal": same, "windows": total, "max_rel_mass_difference": worst}
 
 
+# --- phases of one run (--phases) --------------------------------------------------------------------------------
+
+PHASES = ("setup", "noising", "probed forward", "mass kernel", "sink scores", "statistic accumulation", "slot fold",
+          "solve", "other")
+
+
+class PhaseClock:
+    """Seconds of one run spent in each phase, exclusive of the phases inside it (the mass kernel inside the probed
+    forward, the slot fold inside the statistic accumulation).  The device is synchronised at every phase boundary, so
+    each phase holds its own device work; that removes the overlap of host and device work across boundaries, so the
+    instrumented run is slower than a timed one (both are reported).  "setup" runs from the run's start to
+    PruneCallback.on_train_start (Lightning's setup, the callbacks' fit-start forwards); "other" is what no phase
+    holds (Lightning's loop and hooks, the epoch's end outside the solve)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.calls, self.stack = device, dict.fromkeys(PHASES, 0.0), dict.fromkeys(PHASES, 0), []
+        self.patches: list[tuple] = []
+        self.start = self.train_start = None
+
+    def now(self) -> float:
+        sync()
+        return time.perf_counter()
+
+    def enter(self, name: str) -> None:
+        self.stack.append([name, self.now(), 0.0])
+
+    def leave(self) -> None:
+        name, t0, inner = self.stack.pop()
+        spent = self.now() - t0
+        self.seconds[name] += spent - inner
+        self.calls[name] += 1
+        if self.stack:
+            self.stack[-1][2] += spent
+
+    def wrap(self, owner, attr: str, name: str) -> None:
+        original = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            self.enter(name)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.leave()
+
+        self.patches.append((owner, attr, original))
+        setattr(owner, attr, timed)
+
+    def wrap_generator(self, owner, attr: str, name: str) -> None:
+        """A generator function whose every next() is the phase (the noised batches are made lazily, one per step)."""
+        original = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            items = original(*args, **kwargs)
+            while True:
+                self.enter(name)
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                finally:
+                    self.leave()
+                yield item
+
+        self.patches.append((owner, attr, original))
+        setattr(owner, attr, timed)
+
+    def install(self) -> "PhaseClock":
+        import pipeline.maths.attention as attention
+        import pipeline.model.module as module
+        from callbacks.prune import PruneCallback
+        from callbacks.reduction import SlotSums
+        from callbacks.sink_stats import SinkStatsCallback
+
+        self.wrap_generator(module, "noised_batches", "noising")
+        self.wrap_generator(module, "reference_noised_batches", "noising")
+        self.wrap(SinkStatsCallback, "on_noised_batch_start", "probed forward")
+        for kernel in ("triton_attention_mass", "attention_mass"):  # (looked up in the module at every call)
+            self.wrap(attention, kernel, "mass kernel")
+        self.wrap(attention.reference, "collector_attention_mass", "mass kernel")
+        self.wrap(SinkStatsCallback, "_publish", "sink scores")
+        self.wrap(PruneCallback, "on_noised_batch", "statistic accumulation")
+        self.wrap(SlotSums, "fold", "slot fold")
+        self.wrap(PruneCallback, "_solve", "solve")
+        original = PruneCallback.on_train_start
+
+        def train_start(cb, *args, **kwargs):
+            self.train_start = self.now()
+            return original(cb, *args, **kwargs)
+
+        self.patches.append((PruneCallback, "on_train_start", original))
+        PruneCallback.on_train_start = train_start
+        self.start = self.now()
+        return self
+
+    def remove(self) -> None:
+        for owner, attr, original in reversed(self.patches):
+            setattr(owner, attr, original)
+        self.patches = []
+
+    def report(self, total: float) -> dict:
+        seconds = dict(self.seconds)
+        seconds["setup"] = (self.train_start - self.start) if self.train_start else 0.0
+        seconds["other"] = max(0.0, total - sum(v for k, v in seconds.items() if k != "other"))
+        return {"seconds": {k: round(v, 4) for k, v in seconds.items()}, "calls": dict(self.calls, setup=1),
+                "instrumented_total_s": round(total, 4)}
+
+
+def measure_phases(a, model, dense, windows, method: str, config: str, device, workdir) -> dict:
+    """One instrumented run of this project (not among the timed ones): seconds per phase."""
+    restore(model, dense)
+    clock = PhaseClock(device).install()
+    try:
+        seconds, _, _ = measured(lambda: run_project(model, windows, method, config, a.timesteps, device, a.seed, workdir),
+                                 device)
+    finally:
+        clock.remove()
+    return {"method": method, "run": config, **clock.report(seconds)}
+
+
+def profile_kernels(a, model, dense, windows, method: str, config: str, device, workdir, top: int = 15) -> dict:
+    """One run under torch.profiler: the device kernels taking the most time and their sum (how busy the device was);
+    on a CPU (a smoke run) the operators by their own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    restore(model, dense)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        seconds, _, _ = measured(lambda: run_project(model, windows, method, config, a.timesteps, device, a.seed, workdir),
+                                 device)
+    spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # microseconds
+    events = [e for e in prof.key_averages() if spent(e) > 0 and (not cuda or e.device_type.name == "CUDA")]
+    events.sort(key=spent, reverse=True)
+    return {"method": method, "run": config, "what": "device kernels" if cuda else "CPU operators (own time)",
+            "profiled_total_s": round(seconds, 4), "kernel_s": round(sum(spent(e) for e in events) / 1e6, 4),
+            "kernels": [{"name": e.key[:120], "calls": e.count, "seconds": round(spent(e) / 1e6, 5)} for e in events[:top]]}
+
+
 # --- the table ---------------------------------------------------------------------------------------------------
 
-def measure_T(a, P, model, dense, seqlen: int, nwin: int, device: torch.device, workdir: Path) -> tuple[list[dict], dict]:
+WARM: set = set()  # (job, T) warmed up in this process
+
+
+class Budget:
+    """The script's own time limit (--budget-s): a repeat, a phase run or a check is skipped when the time it took
+    before would carry the script past it, so a device call's limit leaves a finished JSON."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.perf_counter() + seconds
+
+    def allows(self, estimate: float) -> bool:
+        return self.end is None or time.perf_counter() + estimate <= self.end
+
+
+def section_rows(sec: dict) -> list[dict]:
+    """The rows of one (T, methods) section from what has run so far (medians of the runs there are)."""
+    runs, masks, floors, seqlen, nwin = sec["runs"], sec["masks"], sec["floors"], sec["T"], sec["windows"]
+    med = {job: statistics.median(s for s, _ in v) for job, v in runs.items() if v}
+    peak = {job: statistics.median(p for _, p in v) for job, v in runs.items() if v}
+    floor = ("floor", None, None)
+    rows = []
+    if floor in med:
+        rows.append({"T": seqlen, "windows": nwin, "method": None, "run": "floor", "seconds": med[floor],
+                     "peak_gib": peak[floor] / 2**30, "seconds_all": [round(s, 3) for s, _ in runs[floor]]})
+    for job in sec["jobs"]:
+        side, method, config = job
+        if side == "floor" or job not in med:
+            continue
+        ref = ("reference", method, None)
+        both = job in masks and ref in masks
+        rows.append({
+            "T": seqlen, "windows": nwin, "method": method, "run": "reference" if side == "reference" else config,
+            "seconds": med[job], "peak_gib": peak[job] / 2**30,
+            "x_reference": med[job] / med[ref] if ref in med else None, "x_floor": med[job] / med[floor] if floor in med else None,
+            "memory_x_reference": peak[job] / peak[ref] if peak.get(ref) else None,
+            "agreement": None if side == "reference" or not both else agreement(masks[job], masks[ref]),
+            "agreement_floor": floors.get(method), "seconds_all": [round(s, 3) for s, _ in runs[job]],
+        })
+    return rows
+
+
+def measure_section(a, P, model, dense, seqlen: int, nwin: int, methods: list[str], device: torch.device, workdir: Path,
+                    budget: Budget, save) -> dict:
+    """Timed runs of one T for `methods` (medians of --repeats, the reference's noise floor after the first repeat),
+    then the --phases / --profile runs and the sink-set check; `save(sec)` after every run."""
     windows = make_windows(nwin, seqlen, a.seed)
     jobs = [("floor", None, None)]
-    for method in a.methods:
-        if method == "sink_sparsegpt" and seqlen not in a.sparsegpt_seqlens:
-            continue
+    for method in methods:
         jobs.append(("reference", method, None))
         for config in a.configs if method == "sink_wanda" else a.sparsegpt_configs:
             if method == "sink_wanda" and config == "default-sequential":
                 continue  # sink Wanda is one-shot in every configuration
             jobs.append(("project", method, config))
-    runs: dict[tuple, list] = {job: [] for job in jobs}
-    masks: dict[tuple, dict] = {}
-    # one untimed warm-up of each side (CUDA context, cuBLAS, the reference's torch.compile, Triton's JIT)
-    for side, method, config in [("floor", None, None)] + [j for j in jobs if j[0] != "floor" and j[1] == a.methods[0]][:3]:
+    sec = {"T": seqlen, "windows": nwin, "methods": methods, "jobs": jobs, "runs": {job: [] for job in jobs}, "masks": {},
+           "floors": {}, "phases": [], "profile": [], "sink_sets": None}
+    # one untimed warm-up, on one window, of the floor and the first sides at this T not run yet in this process (CUDA
+    # context, cuBLAS and cuDNN plans for these shapes, the reference's torch.compile, Triton's JIT; SparseGPT: the
+    # reference's and the default one-shot, which share the solver's first calls with the sequential mode)
+    for job in [("floor", None, None)] + [j for j in jobs if j[0] != "floor"][:3 if methods == ["sink_wanda"] else 2]:
+        if (job, seqlen) in WARM:
+            continue
+        WARM.add((job, seqlen))
         restore(model, dense)
-        _one(a, P, model, windows[:1], side, method, config, device, workdir)
-    for rep in range(a.repeats):
+        _one(a, P, model, windows[:1], *job, device, workdir)
+    repeats = a.sparsegpt_repeats or a.repeats if methods == ["sink_sparsegpt"] else a.repeats
+    for rep in range(repeats):
         order = jobs[rep % len(jobs):] + jobs[:rep % len(jobs)]  # rotate, so no side always runs first
         for job in order:
-            if job[1] == "sink_sparsegpt" and rep >= (a.sparsegpt_repeats or a.repeats):
+            if not budget.allows(max((s for s, _ in sec["runs"][job]), default=0.0)):
+                print(f"  T={seqlen} rep {rep} {job}: skipped (--budget-s)", flush=True)
                 continue
             restore(model, dense)
             seconds, peak, result = measured(lambda: _one(a, P, model, windows, *job, device, workdir), device)
-            runs[job].append((seconds, peak))
+            sec["runs"][job].append((seconds, peak))
             if rep == 0 and result is not None:
-                masks[job] = result
+                sec["masks"][job] = result
             print(f"  T={seqlen} rep {rep} {job[0]:>9} {job[1] or '':>14} {job[2] or '':>18} {seconds:8.2f} s "
                   f"{peak / 2**30:6.2f} GiB", flush=True)
-    # the reference against itself with another seed: the noise floor of every agreement figure
-    floors = {}
-    for method in {m for _, m, _ in jobs if m}:
+            save(sec)
+        if rep == 0:  # after the first repeat, before the others: what a cut-short run must still hold
+            _noise_floors(a, P, model, dense, windows, methods, sec, device, workdir, budget, save)
+            _extra_runs(a, model, dense, windows, jobs, sec, device, workdir, budget, save)
+    restore(model, dense)
+    if device.type == "cuda" and "sink_wanda" in methods and budget.allows(10):
+        sec["sink_sets"] = sink_sets_equal(model, windows[: a.sink_windows], a.timesteps, device, a.seed)
+        save(sec)
+    restore(model, dense)
+    return sec
+
+
+def _noise_floors(a, P, model, dense, windows, methods, sec, device, workdir, budget, save) -> None:
+    """The reference against itself with another seed: the noise floor of every agreement figure."""
+    for method in methods:
+        ref = sec["runs"][("reference", method, None)]
+        if not ref or not budget.allows(ref[0][0]):
+            continue
         restore(model, dense)
         other, _ = _one(a, P, model, windows, "reference", method, None, device, workdir, seed=a.seed + 1)
-        floors[method] = agreement(other, masks[("reference", method, None)])
-    restore(model, dense)
-    med = {job: statistics.median(s for s, _ in v) for job, v in runs.items()}
-    peak = {job: statistics.median(p for _, p in v) for job, v in runs.items()}
-    floor_s = med[("floor", None, None)]
-    rows = [{"T": seqlen, "windows": nwin, "method": None, "run": "floor", "seconds": floor_s,
-             "peak_gib": peak[("floor", None, None)] / 2**30, "seconds_all": [round(s, 3) for s, _ in runs[("floor", None, None)]]}]
-    for side, method, config in jobs[1:]:
-        job = (side, method, config)
-        ref = ("reference", method, None)
-        rows.append({
-            "T": seqlen, "windows": nwin, "method": method, "run": "reference" if side == "reference" else config,
-            "seconds": med[job], "peak_gib": peak[job] / 2**30,
-            "x_reference": med[job] / med[ref], "x_floor": med[job] / floor_s, "memory_x_reference": peak[job] / peak[ref] if peak[ref] else None,
-            "agreement": None if side == "reference" else agreement(masks[job], masks[ref]),
-            "agreement_floor": floors[method], "seconds_all": [round(s, 3) for s, _ in runs[job]],
-        })
-    sinks = sink_sets_equal(model, windows[: a.sink_windows], a.timesteps, device, a.seed) if device.type == "cuda" else None
-    return rows, {"T": seqlen, "sink_sets": sinks}
+        sec["floors"][method] = agreement(other, sec["masks"][("reference", method, None)])
+        save(sec)
+
+
+def _extra_runs(a, model, dense, windows, jobs, sec, device, workdir, budget, save) -> None:
+    """--phases and --profile: one instrumented run of each of this project's rows of those methods."""
+    for job in jobs:
+        side, method, config = job
+        if side != "project" or method not in a.phases or not sec["runs"][job]:
+            continue
+        estimate = 2 * max(s for s, _ in sec["runs"][job])
+        if budget.allows(estimate):
+            sec["phases"].append(measure_phases(a, model, dense, windows, method, config, device, workdir))
+            print(render_phases(sec["T"], sec["phases"][-1]), flush=True)
+            save(sec)
+        if method in a.profile and budget.allows(estimate):
+            sec["profile"].append(profile_kernels(a, model, dense, windows, method, config, device, workdir))
+            save(sec)
+
+
+def render_phases(seqlen: int, ph: dict) -> str:
+    total = ph["instrumented_total_s"]
+    out = [f"  T={seqlen} phases of {ph['method']} {ph['run']} (instrumented run {total:.2f} s): " +
+           ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in ph["seconds"].items() if v > 0)]
+    return "\n".join(out)
 
 
 def _one(a, P, model, windows, side, method, config, device, workdir, seed=None):
@@ -338,10 +545,11 @@ def _ratio(x) -> str:
 
 def render_markdown(doc: dict) -> str:
     meta = doc["meta"]
-    out = [f"{meta['device']}, torch {meta['torch']}, {meta['layers']} blocks at LLaDA-8B shapes, bf16, "
+    widths = "toy widths (--tiny)" if meta.get("tiny") else "LLaDA-8B shapes"
+    out = [f"{meta['device']}, torch {meta['torch']}, {meta['layers']} blocks at {widths}, {meta['dtype'].replace('torch.', '')}, "
            f"{meta['timesteps']} timesteps, batch 1, median of {meta['repeats']} (SparseGPT rows: "
            f"{meta.get('sparsegpt_repeats', meta['repeats'])})",
-           "", "| T, windows | method | run | pruning call | x reference | x floor | peak GPU memory | x reference | "
+           "", "| T, windows | method | run | pruning call (runs) | x reference | x floor | peak GPU memory | x reference | "
            "mask agreement (reference vs itself) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         if r["run"] == "floor":
@@ -349,11 +557,27 @@ def render_markdown(doc: dict) -> str:
                        f"{r['peak_gib']:.1f} GiB | | |")
             continue
         agree = "—" if r["agreement"] is None else f"{r['agreement']:.2%}"
-        out.append(f"| {r['T']}, {r['windows']} | {r['method']} | {r['run']} | {r['seconds']:.2f} s | {r['x_reference']:.2f} | "
-                   f"{r['x_floor']:.2f} | {r['peak_gib']:.1f} GiB | {_ratio(r['memory_x_reference'])} | {agree} "
-                   f"({r['agreement_floor']:.2%}) |")
-    for s in doc.get("sink_sets", []):
-        if s["sink_sets"]:
+        noise = "—" if r["agreement_floor"] is None else f"{r['agreement_floor']:.2%}"
+        out.append(f"| {r['T']}, {r['windows']} | {r['method']} | {r['run']} | {r['seconds']:.2f} s ({len(r['seconds_all'])}) | "
+                   f"{_ratio(r['x_reference'])} | {_ratio(r['x_floor'])} | {r['peak_gib']:.1f} GiB | "
+                   f"{_ratio(r['memory_x_reference'])} | {agree} ({noise}) |")
+    phases = [(sec["T"], ph) for sec in doc.get("sections", []) for ph in sec.get("phases", [])]
+    if phases:
+        out += ["", "| T | run | " + " | ".join(PHASES) + " | instrumented total | timed (median) |",
+                "|---|---|" + "---|" * (len(PHASES) + 2)]
+        timed = {(r["T"], r["method"], r["run"]): r["seconds"] for r in doc["rows"]}
+        for T, ph in phases:
+            med = timed.get((T, ph["method"], ph["run"]))
+            out.append(f"| {T} | {ph['method']} {ph['run']} | " + " | ".join(f"{ph['seconds'].get(k, 0):.2f}" for k in PHASES)
+                       + f" | {ph['instrumented_total_s']:.2f} s | {'—' if med is None else f'{med:.2f} s'} |")
+    for sec in doc.get("sections", []):
+        for pr in sec.get("profile", []):
+            out += ["", f"T = {sec['T']}, {pr['method']} {pr['run']} under torch.profiler: {pr['kernel_s']:.2f} s of "
+                    f"{pr.get('what', 'device kernels')} in a {pr['profiled_total_s']:.2f} s run; the longest:", "",
+                    "| kernel | calls | seconds |", "|---|---|---|"]
+            out += [f"| `{k['name']}` | {k['calls']} | {k['seconds']:.3f} |" for k in pr["kernels"]]
+    for s in doc.get("sections", []):
+        if s.get("sink_sets"):
             k = s["sink_sets"]
             out.append(f"\nT = {s['T']}: sink sets (s >= 0.5) fused vs chunked probe equal in {k['windows_equal']} of "
                        f"{k['windows']} noised windows (largest mass difference {k['max_rel_mass_difference']:.1e} of the largest mass)")
@@ -362,13 +586,21 @@ def render_markdown(doc: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seqlens", type=int, nargs="+", default=[2048, 4096])
-    ap.add_argument("--windows", type=int, nargs="+", default=[16, 8], help="windows per sequence length")
-    ap.add_argument("--sparsegpt-seqlens", type=int, nargs="+", default=[2048])
+    ap.add_argument("--seqlens", type=int, nargs="+", default=None, help="default 2048 4096 (--tiny: 64 128)")
+    ap.add_argument("--windows", type=int, nargs="+", default=None, help="windows per sequence length (default 16 8; --tiny: 4 2)")
+    ap.add_argument("--sparsegpt-seqlens", type=int, nargs="+", default=None, help="default the first of --seqlens")
     ap.add_argument("--methods", nargs="+", default=["sink_wanda", "sink_sparsegpt"], choices=list(REFERENCE_FN))
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="this project's runs of sink Wanda")
     ap.add_argument("--sparsegpt-configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                     help="this project's runs of sink SparseGPT")
+    ap.add_argument("--phases", nargs="*", default=[], choices=list(REFERENCE_FN),
+                    help="one more, instrumented run of this project's rows of these methods: seconds per phase (PhaseClock)")
+    ap.add_argument("--profile", nargs="*", default=[], choices=list(REFERENCE_FN),
+                    help="one more run under torch.profiler of these methods' rows (with --phases): the longest kernels")
+    step = os.environ.get("SUITE_STEP_SECONDS")  # (benchmarks/gpu_suite.sh: this step's limit, less the exit's margin)
+    ap.add_argument("--budget-s", type=float, default=float(step) - 20 if step else None,
+                    help="the script's own time limit: repeats and extra runs that would pass it are skipped "
+                         "(default: SUITE_STEP_SECONDS - 20 under benchmarks/gpu_suite.sh, else none)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--timesteps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
@@ -383,8 +615,14 @@ def main() -> None:
     if a.markdown:
         print(render_markdown(json.loads(a.markdown.read_text())))
         return
+    a.seqlens = a.seqlens or ([64, 128] if a.tiny else [2048, 4096])
+    a.windows = a.windows or ([4, 2] if a.tiny else [16, 8])
+    a.sparsegpt_seqlens = a.sparsegpt_seqlens or a.seqlens[:1]
     if len(a.windows) != len(a.seqlens):
         sys.exit(f"--windows has {len(a.windows)} values for {len(a.seqlens)} --seqlens; give one per sequence length")
+    if missing := sorted(set(a.sparsegpt_seqlens) - set(a.seqlens)):
+        sys.exit(f"--sparsegpt-seqlens {missing} are not among --seqlens {a.seqlens}; give lengths of --seqlens")
+    budget = Budget(a.budget_s)  # (from here: the imports, the model and every run count)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --device cpu --tiny for a smoke run")
@@ -402,13 +640,33 @@ def main() -> None:
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "vs_reference_cuda"
     workdir.mkdir(parents=True, exist_ok=True)
     doc = {"meta": {"device": name, "torch": torch.__version__, "layers": a.layers, "tiny": a.tiny, "timesteps": a.timesteps,
-                    "repeats": a.repeats, "sparsegpt_repeats": a.sparsegpt_repeats or a.repeats, "seed": a.seed, "dtype": str(dtype)}, "rows": [], "sink_sets": []}
+                    "repeats": a.repeats, "sparsegpt_repeats": a.sparsegpt_repeats or a.repeats, "seed": a.seed, "dtype": str(dtype),
+                    "budget_s": a.budget_s}, "rows": [], "sections": []}
     a.json.parent.mkdir(parents=True, exist_ok=True)
-    for seqlen, nwin in zip(a.seqlens, a.windows):
-        rows, sinks = measure_T(a, P, model, dense, seqlen, nwin, device, workdir)
-        doc["rows"] += rows
-        doc["sink_sets"].append(sinks)
-        a.json.write_text(json.dumps(doc, indent=1))  # after each length: a run stopped at its time limit keeps these
+    done: list[dict] = []
+
+    def save(current: dict | None = None) -> None:
+        """The JSON after every run (written whole, then renamed): a run stopped at its time limit keeps the rest."""
+        sections = done + ([current] if current is not None else [])
+        doc["rows"] = [r for sec in sections for r in section_rows(sec)]
+        doc["sections"] = [{k: sec[k] for k in ("T", "windows", "methods", "phases", "profile", "sink_sets", "floors")}
+                           for sec in sections]
+        tmp = a.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(a.json)
+
+    # sink Wanda at every length first, then sink SparseGPT (the longest runs) where asked
+    sections = [(T, n, [m for m in a.methods if m == "sink_wanda"]) for T, n in zip(a.seqlens, a.windows)]
+    sections += [(T, n, ["sink_sparsegpt"]) for T, n in zip(a.seqlens, a.windows)
+                 if "sink_sparsegpt" in a.methods and T in a.sparsegpt_seqlens]
+    for seqlen, nwin, methods in sections:
+        if not methods:
+            continue
+        if not budget.allows(0):
+            print(f"  T={seqlen} {methods}: skipped (--budget-s)", flush=True)
+            continue
+        done.append(measure_section(a, P, model, dense, seqlen, nwin, methods, device, workdir, budget, save))
+        save()
     print(render_markdown(doc))
 
 

@@ -30,7 +30,7 @@ step() {  # name, seconds, command...
   [ "$left" -lt "$limit" ] && limit=$left
   [ "$limit" -le 0 ] && { echo "== $name skipped: the suite's time is spent"; return; }
   echo "== $name ($(date +%T), limit ${limit}s): $*"
-  SUITE_STEP_SECONDS=$limit timeout "$limit" "$@" "${smoke[@]}" 2>&1 | grep -v -e "^loading calibration" -e "^dataset loading" -e "litlogger" \
+  SUITE_STEP_SECONDS=$limit timeout "$limit" "$@" "${smoke[@]}" 2>&1 | grep --line-buffered -v -e "^loading calibration" -e "^dataset loading" -e "litlogger" \
     -e "^Computing sink" -e "^Pruning layer" -e "available: " -e "Trainer.fit. stopped"
   echo "== $name exit ${PIPESTATUS[0]} ($(date +%T))"
 }

@@ -4,6 +4,7 @@
     SINKPRUNE_REFERENCE=/tmp/sap python benchmarks/vs_reference_cuda.py --json benchmarks/results/vs_reference_cuda.json
     python benchmarks/vs_reference_cuda.py --markdown benchmarks/results/vs_reference_cuda.json      # docs table
     SINKPRUNE_REFERENCE=/tmp/sap python benchmarks/vs_reference_cuda.py --tiny --device cpu        # a CPU smoke run
+    OUT=benchmarks/results SUITE_SECONDS=540 bash benchmarks/gpu_suite.sh speed    # issue #23's run: phases, budget
 
 The model is the reference's own `model/modeling_llada.py` (imported from the clone, never vendored) at LLaDA-8B's
 shapes: d_model 4096, 32 heads, MLP 12288, vocabulary 126464, the first `--layers` (4) blocks, random bf16 weights
@@ -22,6 +23,13 @@ project's time is PruneCallback's calibration + masks), peak `torch.cuda.max_mem
 included, as on both sides), ratios to the reference and to the floor, and mask agreement with the reference next to
 its noise floor (the reference against itself with another seed).  With the fused mass kernel available, the sink
 sets (s >= 0.5) of the fused and the chunked probe are compared on the benchmark's own noised windows.
+Sink Wanda runs at every T first, then sink SparseGPT; within each, the first repeat, the noise floor and the extra
+runs come before the other repeats, and the JSON is rewritten after every run, so a run cut short keeps what it did.
+`--phases METHOD...`: one more, instrumented run of each of this project's rows of those methods, its seconds per
+phase (setup, noising, probed forward, mass kernel, sink scores, statistic accumulation, slot fold, solve, other:
+`PhaseClock`); `--profile METHOD...`: one more run of the default row under torch.profiler (the longest kernels, and
+their sum against the run's time: how busy the device was); `--budget-s`: skip what would carry the script past it
+(benchmarks/gpu_suite.sh sets it from the step's limit).
 
 Nothing here needs lm-eval, datasets, jsonargparse or gensim: the reference's `lib/data.py` imports `datasets` at
 module level, so a stand-in module is registered before it is imported (its loader is replaced by the windows).
@@ -405,7 +413,7 @@ def profile_kernels(a, model, dense, windows, method: str, config: str, device, 
 
 # --- the table ---------------------------------------------------------------------------------------------------
 
-WARM: set = set()  # (job, T) warmed up in this process
+WARM: set = set()  # (side, config, T) warmed up in this process
 
 
 class Budget:
@@ -460,13 +468,14 @@ def measure_section(a, P, model, dense, seqlen: int, nwin: int, methods: list[st
             jobs.append(("project", method, config))
     sec = {"T": seqlen, "windows": nwin, "methods": methods, "jobs": jobs, "runs": {job: [] for job in jobs}, "masks": {},
            "floors": {}, "phases": [], "profile": [], "sink_sets": None}
-    # one untimed warm-up, on one window, of the floor and the first sides at this T not run yet in this process (CUDA
-    # context, cuBLAS and cuDNN plans for these shapes, the reference's torch.compile, Triton's JIT; SparseGPT: the
-    # reference's and the default one-shot, which share the solver's first calls with the sequential mode)
+    # one untimed warm-up, on one window, of the floor and the first sides whose forward has not run at this T in this
+    # process (CUDA context, cuBLAS and cuDNN plans for these shapes, the reference's torch.compile, Triton's JIT).
+    # SparseGPT after sink Wanda at the same T: the reference's and the default one-shot share those forwards (its
+    # solver's first calls, well under a second, stay in its first run, which is counted once in a median of 3)
     for job in [("floor", None, None)] + [j for j in jobs if j[0] != "floor"][:3 if methods == ["sink_wanda"] else 2]:
-        if (job, seqlen) in WARM:
+        if (job[0], job[2], seqlen) in WARM:
             continue
-        WARM.add((job, seqlen))
+        WARM.add((job[0], job[2], seqlen))
         restore(model, dense)
         _one(a, P, model, windows[:1], *job, device, workdir)
     repeats = a.sparsegpt_repeats or a.repeats if methods == ["sink_sparsegpt"] else a.repeats
@@ -518,7 +527,7 @@ def _extra_runs(a, model, dense, windows, jobs, sec, device, workdir, budget, sa
             sec["phases"].append(measure_phases(a, model, dense, windows, method, config, device, workdir))
             print(render_phases(sec["T"], sec["phases"][-1]), flush=True)
             save(sec)
-        if method in a.profile and budget.allows(estimate):
+        if method in a.profile and config == "default" and budget.allows(estimate):
             sec["profile"].append(profile_kernels(a, model, dense, windows, method, config, device, workdir))
             save(sec)
 
@@ -596,7 +605,7 @@ def main() -> None:
     ap.add_argument("--phases", nargs="*", default=[], choices=list(REFERENCE_FN),
                     help="one more, instrumented run of this project's rows of these methods: seconds per phase (PhaseClock)")
     ap.add_argument("--profile", nargs="*", default=[], choices=list(REFERENCE_FN),
-                    help="one more run under torch.profiler of these methods' rows (with --phases): the longest kernels")
+                    help="one more run under torch.profiler of these methods' default rows (with --phases): the longest kernels")
     step = os.environ.get("SUITE_STEP_SECONDS")  # (benchmarks/gpu_suite.sh: this step's limit, less the exit's margin)
     ap.add_argument("--budget-s", type=float, default=float(step) - 20 if step else None,
                     help="the script's own time limit: repeats and extra runs that would pass it are skipped "

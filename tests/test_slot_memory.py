@@ -220,3 +220,12 @@ def _plain_total(values, slots):
     for sid in range(len(values)):
         sums.accumulator("h", sid, values[sid].shape).add_(values[sid])
     return sums.take("h")
+
+
+def test_a_bad_slot_totals_setting_is_one_line_before_calibration(tmp_path, monkeypatch):
+    monkeypatch.setenv("SINKPRUNE_SLOT_TOTALS", "gpu")
+    root, code, err = _fit(tmp_path, "bad", "oneshot")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(errors) == 1, err[-2000:]
+    assert "SINKPRUNE_SLOT_TOTALS='gpu' is not one of host, device" in errors[0]
+    assert not (root / "pruned").exists()

@@ -65,15 +65,31 @@ class SlotSums:
         # host totals of device slots: the additions run on one thread while the device goes on (None: for slots on a
         # device only; a CPU run keeps its own threads to its forwards)
         self.fold_thread, self._worker, self._pending = fold_thread, None, []
+        self._host_buffers: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype) -> host copies the thread is done with
 
     def __getstate__(self) -> dict:  # (pickled for DDP spawn: no thread)
         self.settle()
-        return {**self.__dict__, "_worker": None, "_pending": []}
+        return {**self.__dict__, "_worker": None, "_pending": [], "_host_buffers": {}}
 
     def _later(self, fn) -> None:
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-fold")
         self._pending.append(self._worker.submit(fn))
+
+    def _host_copy(self, value: torch.Tensor) -> torch.Tensor:
+        """A device slot copied to a host buffer of its shape, one the fold thread is done with where there is one:
+        fresh host memory would cost a page fault every 4 KiB of every slot."""
+        free = self._host_buffers.setdefault((tuple(value.shape), value.dtype), [])
+        buffer = free.pop() if free else torch.empty(value.shape, dtype=value.dtype)
+        return buffer.copy_(value)
+
+    def _host_add(self, out: torch.Tensor, value: torch.Tensor, first: bool) -> None:
+        """On the fold thread: out = value (first) or out += value, in float64 a few MiB at a time (one float64 copy of
+        a whole slot would be fresh memory again), then the buffer goes back for the next slot."""
+        rows = max(1, (1 << 19) // max(1, value[0].numel() if value.dim() > 1 else 1))
+        for o, v in zip(out.split(rows), value.split(rows)) if value.dim() else [(out, value)]:
+            o.copy_(v) if first else o.add_(v.double())
+        self._host_buffers[(tuple(value.shape), value.dtype)].append(value)
 
     def settle(self) -> None:
         """Wait for the host additions under way (in submission order, one thread); every reader of a total calls it."""
@@ -133,12 +149,9 @@ class SlotSums:
                     self._place_totals(per_key[g].device)
                 threaded = self.fold_thread if self.fold_thread is not None else per_key[g].device.type != "cpu"
                 if self.host_totals and threaded and key not in self.counts:  # the same operations as _plus, on the thread
-                    value = per_key.pop(g).cpu()  # (the device slot is freed before the next one is created)
-                    if out is None:
-                        out = torch.empty(value.shape, dtype=torch.float64)
-                        self._later(lambda out=out, value=value: out.copy_(value))
-                    else:
-                        self._later(lambda out=out, value=value: out.add_(value.double()))
+                    value = self._host_copy(per_key.pop(g))  # (the device slot is freed before the next one is created)
+                    first, out = out is None, torch.empty(value.shape, dtype=torch.float64) if out is None else out
+                    self._later(lambda out=out, value=value, first=first: self._host_add(out, value, first))
                 else:
                     value = per_key.pop(g)
                     out = self._plus(key, out, g, value.cpu() if self.host_totals else value)
@@ -235,6 +248,7 @@ class SlotSums:
         self.sums.clear()
         self.folded.clear()
         self.counts.clear()
+        self._host_buffers.clear()
 
     def state_dict(self) -> dict:
         self.settle()

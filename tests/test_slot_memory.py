@@ -186,6 +186,25 @@ def test_host_totals_fold_on_a_thread_to_the_same_bits():
     assert torch.equal(resumed.take("h"), _plain_total(values, 4))
 
 
+def test_host_totals_add_large_slots_in_rows_into_reused_buffers():
+    """A slot larger than one block of rows (here three blocks) is added a block of rows at a time, with the same bits as
+    one float64 addition; its host copy goes into the buffer of the slot before once the thread is done with it."""
+    g = torch.Generator().manual_seed(1)
+    values = [torch.randn(1300, 1000, generator=g) * 10.0 ** float(torch.randint(-6, 6, (), generator=g)) for _ in range(6)]
+    vectors = [torch.randn(7, generator=g, dtype=torch.float64) for _ in range(6)]
+    plain, host = SlotSums(3), SlotSums(3, host_totals=True, fold_thread=True)
+    for sums in (plain, host):
+        for sid in slot_major_order(6, 3, 1):
+            if sums is host:
+                sums.fold(["h", "v"], sid % 3)
+                sums.settle()  # (the thread done with the buffer: the next slot reuses it)
+            sums.accumulator("h", sid, values[sid].shape).add_(values[sid])
+            sums.add("v", sid, vectors[sid])
+    buffers = host._host_buffers[((1300, 1000), torch.float32)]
+    assert len(buffers) == 1 and host.folded["h"][0] == 2
+    assert torch.equal(plain.take("h"), host.take("h")) and torch.equal(plain.take("v"), host.take("v"))
+
+
 def test_totals_stay_on_the_device_when_they_fit(monkeypatch):
     """host_totals=None (one-shot) decides at the first fold: a CPU run adds in place; on a CUDA device the totals of
     every key held then stay there when they fit its free memory after the transient peak, else go to host memory."""

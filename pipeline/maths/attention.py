@@ -94,6 +94,9 @@ def _force_eager():
     return context
 
 
+UNPROBED_ATTENTION = ("eager", "flash_attention_2", "flex_attention")  # attn_implementation values that never call SDPA
+
+
 class NoAttentionSeenError(RuntimeError):
     """A probed forward made no attention call the probe could see."""
 
@@ -367,7 +370,7 @@ class AttentionMassProbe:
         raise NoAttentionSeenError(
             f"{what} has no attention the probe can see: it must call "
             "torch.nn.functional.scaled_dot_product_attention (looked up at call time) during the forward; "
-            "use attn_implementation='sdpa' (eager, flash_attention_2 and flex_attention are not probed)"
+            f"use attn_implementation='sdpa' ({', '.join(UNPROBED_ATTENTION)} are not probed)"
         )
 
     # --- installation -----------------------------------------------------------------------------

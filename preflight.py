@@ -198,6 +198,23 @@ def check_probe_sees_attention(module, trainer, folder: Path | None) -> None:
                      "torch.nn.functional.scaled_dot_product_attention; use attn_implementation: sdpa")
 
 
+def check_layers(module, prune, folder: Path | None) -> None:
+    """PruneCallback's targets, ignore and n_m against the model's layers, on its skeleton (meta device, no weights)."""
+    if prune is None or folder is None:
+        return
+    from pipeline.model.fused_experts import is_fused_experts
+    from pipeline.model.loading import model_skeleton
+
+    hp = module.hparams
+    try:
+        skeleton = model_skeleton(hp.pretrained, trust_remote_code=hp.trust_remote_code, model_class=hp.model_class)
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: PruneCallback checks it once loaded
+        return
+    if any(is_fused_experts(m) for m in skeleton.modules()):
+        return  # its experts become Linear layers only once loaded (unfused from the weights): checked then
+    prune.find_layers(skeleton)
+
+
 def check_masks_from(prune, table: dict | None) -> None:
     """Every saved mask must name a weight of the model and have its shape (headers only)."""
     if prune is None or not prune.masks_from:
@@ -288,6 +305,7 @@ def check_run(module, datamodule, trainer, ckpt_path=None, max_epochs=None) -> l
     check_not_input("trainer.default_root_dir", trainer.default_root_dir, inputs, contains_ok=True)
     table = check_model_files(module, datamodule, folder)
     check_probe_sees_attention(module, trainer, folder)
+    check_layers(module, prune, folder)
     check_masks_from(prune, table)
     check_checkpoint(ckpt_path)
     check_tasks(evaluate)

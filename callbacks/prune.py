@@ -122,7 +122,7 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
         """Find the layers once the model exists (configure_model), before any calibration work."""
-        self.t = find_targets(pl_module.model, self.targets, self.ignore, self.n_m, self.pruner.statistic and self.method)
+        self.t = self.find_layers(pl_module.model)
         if not isinstance(self.allocation, Owl):
             self.layer_targets = self.allocation.targets(self.layers)
         if isinstance(self.allocation, ByGlob):
@@ -140,6 +140,11 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         self.slot_major = self._order_by_slot(trainer, pl_module)
         reapply(self.layers, self.masks, self._resumed)  # resumed: restore the layers pruned before
         self.updated, self._resumed = self.updated | set(self._resumed), {}  # (the layers hold them now)
+
+    def find_layers(self, model) -> Targets:
+        """The targeted layers of `model` per block; a one-line error when targets/ignore or n_m do not fit it (preflight
+        runs it on the model's skeleton, before the run folder exists)."""
+        return find_targets(model, self.targets, self.ignore, self.n_m, self.pruner.statistic and self.method)
 
     def _check_offload(self, pl_module) -> None:
         """An offloaded model calibrates block by block from cached inputs (callbacks/cached.py), every method."""

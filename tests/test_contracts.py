@@ -103,6 +103,14 @@ def _quantize_after_evaluate(config):
                                            "init_args": {"scheme": "w4a16", "group_size": None}})
 
 
+def _targets_match_nothing(config):
+    config["trainer"]["callbacks"][1]["init_args"]["targets"] = ["no_such_layer"]
+
+
+def _n_m_does_not_divide(config):
+    config["trainer"]["callbacks"][1]["init_args"].update(n_m="2:5", sparsity=None)
+
+
 REFUSALS = {  # name -> (edit of a small sink_wanda run, what the one error line names)
     "probe_needs_sdpa": (_eager, "model.attn_implementation='eager'"),
     "noise_vs_flavor": (_uniform_noise_reference_exact, "model.noise='uniform'"),
@@ -110,6 +118,8 @@ REFUSALS = {  # name -> (edit of a small sink_wanda run, what the one error line
     "quantize_slots_vs_world_size": (_quantize_slots_not_a_multiple, "quantize reduction_slots=3"),
     "module_protocol": (_module_without_mask_id, "needs a LightningModule with `model` and `mask_token_id`"),
     "quantize_after_evaluate": (_quantize_after_evaluate, "QuantizeCallback is listed after EvaluateExportCallback"),
+    "targets_match_nothing": (_targets_match_nothing, "prune targets=['no_such_layer']"),
+    "n_m_does_not_divide": (_n_m_does_not_divide, "prune n_m=2:5"),
 }
 
 
@@ -137,3 +147,20 @@ def test_the_out_of_memory_line_names_the_checkpoint_of_a_default_folder(tmp_pat
     last.parent.mkdir()
     last.write_bytes(b"")
     assert f"resume with --ckpt_path {last}" in module.out_of_memory_message()
+
+
+@pytest.mark.parametrize("name", ["minilm-dlm", "tiny-llada", "tiny-llada-moe", "tiny-dream", "tiny-sdar"])
+def test_the_skeleton_has_the_loaded_model_s_layers(name):
+    """Preflight checks targets / n_m on the model built on the meta device: the same layers as the loaded model."""
+    from pipeline.model.fused_experts import is_fused_experts
+    from pipeline.model.loading import load_dlm, model_skeleton
+
+    skeleton = model_skeleton(name)
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+    prune = PruneCallback(method="wanda", sparsity=0.5)
+    loaded = prune.find_layers(load_dlm(name)[0])
+    if any(is_fused_experts(m) for m in skeleton.modules()):
+        return  # preflight leaves such a model to the check after loading
+    found = prune.find_layers(skeleton)
+    assert {n: m.in_features for n, m in found.layers.items()} == {n: m.in_features for n, m in loaded.layers.items()}
+    assert found.block_layers == loaded.block_layers

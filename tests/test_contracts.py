@@ -26,7 +26,7 @@ def test_the_project_s_objects_meet_the_declared_protocols(tmp_path):
     module, data = DLMModule("minilm-dlm"), CalibrationData(tokenizer="minilm-dlm", nsamples=2, seqlen=32)
     assert isinstance(module, p.OffloadsBlocks) and module.offloader is None  # resident until the plan offloads
     assert isinstance(module, p.ReportsMemory) and isinstance(module, p.GuardsMemory)
-    assert isinstance(module, p.ChecksContracts)
+    assert isinstance(module, p.ChecksContracts) and isinstance(module, p.NoisesAtTimesteps)
     assert isinstance(data, p.HeldoutData) and isinstance(data, p.OrdersBySlot) and isinstance(data, p.SkipsBatches)
     prune = PruneCallback(method="sparsegpt", sparsity=0.5, reduction_slots=4)
     assert isinstance(prune, p.SizesCalibrationMemory) and prune.calibration_memory() == ("hessian", 4)
@@ -47,6 +47,7 @@ def test_a_plain_module_meets_the_calibration_protocol_only():
     module = PlainModule(torch.nn.Linear(2, 2), 1, [0.5])
     assert not isinstance(module, p.OffloadsBlocks) and p.module_offloader(module) is None
     assert not isinstance(module, p.ReportsMemory) and not isinstance(module, p.GuardsMemory)
+    assert isinstance(module, p.NoisesAtTimesteps)  # (its own choice: the calibration loop is the module's)
     p.check_module(module, "PruneCallback")
 
 

@@ -20,7 +20,7 @@ is found by `isinstance`, never by probing attribute names:
 
 The message they receive is a NoisedBatch.  What the callbacks read from the module: CalibrationModule (and
 ScoresHeldout to score held-out text); optional, each found by isinstance: OffloadsBlocks (`module_offloader`),
-ReportsMemory, GuardsMemory.  From the datamodule: HeldoutData, OrdersBySlot, SkipsBatches.
+NoisesAtTimesteps, ReportsMemory, GuardsMemory.  From the datamodule: HeldoutData, OrdersBySlot, SkipsBatches.
 `check_contracts` (at setup, and in preflight) fails with one line when the run breaks a contract.
 """
 from __future__ import annotations
@@ -150,6 +150,11 @@ class OffloadsBlocks(Protocol):
 def module_offloader(pl_module):
     """The module's BlockOffloader; None for a resident model or a module that never offloads."""
     return pl_module.offloader if isinstance(pl_module, OffloadsBlocks) else None
+
+
+@runtime_checkable
+class NoisesAtTimesteps(Protocol):
+    timesteps: list  # the calibration's timesteps: each window is noised once per timestep (the progress bar's count)
 
 
 @runtime_checkable

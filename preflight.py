@@ -9,7 +9,10 @@ Every failure is one line naming the field, the problem and the fix:
   * inputs: weights files are whole (safetensors header vs size), masks_from names and shapes match the
     model's weights, mask_token_id fits the vocabulary, lm-eval task names exist, the checkpoint loads;
   * trainer: the calibration owns the epoch count, several devices need a calibration_ddp strategy, a
-    GPU accelerator needs CUDA.
+    GPU accelerator needs CUDA;
+  * contracts: every `check_contracts` of the module and the callbacks (pipeline/run/protocols.py), the probe's
+    attention, and PruneCallback's targets / n_m and QuantizeCallback's group size on the model's skeleton (its
+    modules built on the meta device from config.json).
 """
 from __future__ import annotations
 
@@ -198,10 +201,12 @@ def check_probe_sees_attention(module, trainer, folder: Path | None) -> None:
                      "torch.nn.functional.scaled_dot_product_attention; use attn_implementation: sdpa")
 
 
-def check_layers(module, prune, folder: Path | None) -> None:
-    """PruneCallback's targets, ignore and n_m against the model's layers, on its skeleton (meta device, no weights)."""
+def check_layers(module, trainer, prune, folder: Path | None) -> None:
+    """PruneCallback's targets, ignore and n_m, and QuantizeCallback's group size, against the model's layers, on its
+    skeleton (meta device, no weights)."""
     if prune is None or folder is None:
         return
+    from callbacks.quantize import QuantizeCallback
     from pipeline.model.fused_experts import is_fused_experts
     from pipeline.model.loading import model_skeleton
 
@@ -212,7 +217,10 @@ def check_layers(module, prune, folder: Path | None) -> None:
         return
     if any(is_fused_experts(m) for m in skeleton.modules()):
         return  # its experts become Linear layers only once loaded (unfused from the weights): checked then
-    prune.find_layers(skeleton)
+    pruned = prune.find_layers(skeleton).layers
+    for cb in trainer.callbacks:
+        if isinstance(cb, QuantizeCallback):
+            cb.quantized_layers(skeleton, pruned)
 
 
 def check_masks_from(prune, table: dict | None) -> None:
@@ -305,7 +313,7 @@ def check_run(module, datamodule, trainer, ckpt_path=None, max_epochs=None) -> l
     check_not_input("trainer.default_root_dir", trainer.default_root_dir, inputs, contains_ok=True)
     table = check_model_files(module, datamodule, folder)
     check_probe_sees_attention(module, trainer, folder)
-    check_layers(module, prune, folder)
+    check_layers(module, trainer, prune, folder)
     check_masks_from(prune, table)
     check_checkpoint(ckpt_path)
     check_tasks(evaluate)

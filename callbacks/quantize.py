@@ -117,22 +117,28 @@ class QuantizeCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, ChecksCont
         self.sink_aware = self._sink_aware(before)
         self.reduction_slots = run_flavor(trainer).slots(self.reduction_slots, trainer.world_size)
 
-    @override
-    def on_fit_start(self, trainer, pl_module) -> None:
-        """The pruned layers (known once the model exists); every width checked before any calibration work."""
-        fused = fused_expert_layers(pl_module.model, self.prune.layers)
+    def quantized_layers(self, model, pruned: dict) -> dict:
+        """The pruned layers it quantizes (fused MoE experts stay as they are); a one-line error for a layer it cannot
+        (tied weights, a width the group size does not divide).  Preflight runs it on the model's skeleton."""
+        fused = fused_expert_layers(model, pruned)
         if fused:
             rank_zero_warn(f"quantize: {len(fused)} layers of fused MoE experts (e.g. {fused[0]}) stay unquantized: the "
                            "checkpoint stores them as 3-D tensors, which the compressed-tensors save does not pack")
-        self.layers = {n: m for n, m in self.prune.layers.items() if n not in set(fused)}
-        tied = tied_layers(pl_module.model, self.layers)
+        layers = {n: m for n, m in pruned.items() if n not in set(fused)}
+        tied = tied_layers(model, layers)
         if tied:
             name, other = tied[0]
             raise ValueError(f"quantize: {name} shares its weight with {other} (tied layers, as a canvas model's encoder and "
                              "decoder); the compressed-tensors save cannot pack tied layers, which transformers re-ties on "
                              "load; quantize a model without tied layers or drop the QuantizeCallback")
-        for name, layer in self.layers.items():
+        for name, layer in layers.items():
             self.scheme.check_width(name, layer.in_features)
+        return layers
+
+    @override
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """The pruned layers (known once the model exists); every width checked before any calibration work."""
+        self.layers = self.quantized_layers(pl_module.model, self.prune.layers)
         if self.gptq:
             self.statistic = make_pruner("sink_sparsegpt" if self.sink_aware else "sparsegpt", 0.0)
             self.sums = self.sums or SlotSums(self.reduction_slots)

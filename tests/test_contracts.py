@@ -112,6 +112,11 @@ def _n_m_does_not_divide(config):
     config["trainer"]["callbacks"][1]["init_args"].update(n_m="2:5", sparsity=None)
 
 
+def _quantize_group_does_not_divide(config):
+    config["trainer"]["callbacks"].insert(2, {"class_path": "callbacks.quantize.QuantizeCallback",
+                                              "init_args": {"scheme": "w4a16", "group_size": 100}})
+
+
 REFUSALS = {  # name -> (edit of a small sink_wanda run, what the one error line names)
     "probe_needs_sdpa": (_eager, "model.attn_implementation='eager'"),
     "noise_vs_flavor": (_uniform_noise_reference_exact, "model.noise='uniform'"),
@@ -121,6 +126,7 @@ REFUSALS = {  # name -> (edit of a small sink_wanda run, what the one error line
     "quantize_after_evaluate": (_quantize_after_evaluate, "QuantizeCallback is listed after EvaluateExportCallback"),
     "targets_match_nothing": (_targets_match_nothing, "prune targets=['no_such_layer']"),
     "n_m_does_not_divide": (_n_m_does_not_divide, "prune n_m=2:5"),
+    "quantize_group_does_not_divide": (_quantize_group_does_not_divide, "quantize group_size=100"),
 }
 
 

@@ -206,6 +206,25 @@ def load_dlm(
     return model, tokenizer
 
 
+def model_skeleton(pretrained: str, *, trust_remote_code: bool = True, model_class: str = "auto"):
+    """The model's modules with every tensor on the meta device: its layers' names and shapes for the checks before
+    loading (preflight), no weight read or allocated.  Fused MoE experts stay fused (they unfuse from real weights)."""
+    from transformers import AutoConfig, PreTrainedModel
+
+    config = AutoConfig.from_pretrained(resolve_path(pretrained), trust_remote_code=trust_remote_code)
+    cls = _model_class(config, model_class)
+    builder = _remote_class(config, cls, trust_remote_code) or cls
+    adapt_remote_code(builder)
+    with torch.device("meta"):
+        if issubclass(builder, PreTrainedModel):
+            model = builder._from_config(config)
+        else:  # an Auto class
+            model = builder.from_config(config, trust_remote_code=trust_remote_code)
+    if is_canvas_model(model):
+        declare_decoder_layers(model)
+    return model
+
+
 def check_model_type(pretrained: str, path: str) -> None:
     """One line, before any loading, when a local checkpoint's native model_type is unknown to this transformers
     (DiffusionGemma under 4.x), instead of transformers' multi-line KeyError/ValueError."""

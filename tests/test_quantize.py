@@ -196,6 +196,27 @@ def test_fp8_on_a_torch_without_float8(monkeypatch):
         Scheme.parse("fp8")
 
 
+@pytest.mark.parametrize("quantize,flags,message", [
+    ({"bits": 3}, (), "quantize bits=3: only 4 (int4 GPTQ, scheme w4a16) and 8 (scheme fp8) are supported; use bits: 4 or bits: 8"),
+    (None, ("--quantize", "fp8"), "quantize scheme=fp8: this torch {version} has no float8_e4m3fn; install torch >= 2.1 or use scheme: w4a16"),
+])
+def test_bad_settings_stop_a_run_in_one_line_before_any_work(tmp_path, monkeypatch, quantize, flags, message):
+    """bits 3 in a recipe, --quantize fp8 on a torch without float8: one line, exit 2, no model loaded, nothing written."""
+    import pipeline.model.module as module
+
+    config = tiny_config(tmp_path / "run", method="wanda", pretrained="tiny-llada", nsamples=2, timesteps=1,
+                         prune_args={"tasks": [], "score": False}, model_args={"score_dense": False})
+    if quantize is not None:
+        config["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.quantize.QuantizeCallback", "init_args": quantize})
+    else:
+        monkeypatch.delattr(torch, "float8_e4m3fn")
+    monkeypatch.setattr(module, "load_dlm", lambda *a, **k: pytest.fail("the model was loaded before the settings were checked"))
+    code, err = run_inprocess(config, tmp_path, *flags)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and lines == ["error: " + message.format(version=torch.__version__)], err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_group_size_not_dividing_a_width_fails_before_calibration(tmp_path):
     """tiny-llada's 192-wide layers and groups of 128: one line, exit 2, before any calibration or scoring."""
     config = tiny_config(tmp_path / "run", method="wanda", pretrained="tiny-llada", nsamples=2, timesteps=1,

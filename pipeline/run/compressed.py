@@ -107,27 +107,18 @@ def save_compressed(model: torch.nn.Module, directory: Path, scales: dict[str, t
                 delattr(model, "ct_decompress_hook")
 
 
-_ABSENT = object()
-
-
 @contextmanager
 def _untied_config(model: torch.nn.Module, untie: bool):
     """While saving: `tie_word_embeddings: false` in the model's config and its text config (what config.json gets)."""
-    if not untie:
-        yield
-        return
     configs = {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: model.config)())}
-    previous = {key: c.__dict__.get("tie_word_embeddings", _ABSENT) for key, c in configs.items()}
-    for c in configs.values():
-        c.tie_word_embeddings = False
+    previous = {key: getattr(c, "tie_word_embeddings", None) for key, c in configs.items()} if untie else {}
+    for key in previous:
+        configs[key].tie_word_embeddings = False
     try:
         yield
     finally:
-        for key, c in configs.items():
-            if previous[key] is _ABSENT:
-                del c.tie_word_embeddings
-            else:
-                c.tie_word_embeddings = previous[key]
+        for key, value in previous.items():
+            configs[key].tie_word_embeddings = value
 
 
 def _unshared_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

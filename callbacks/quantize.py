@@ -19,7 +19,7 @@ from typing import Mapping
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from rich.console import Console
 from typing_extensions import override
 
 from callbacks.layers import accumulate, routed_tokens
@@ -45,6 +45,12 @@ class QuantizeOutcome:
     scales: Mapping[str, torch.Tensor]            # layer -> [out, groups] scales (CPU, the layer's dtype)
     info: Mapping[str, Mapping] = field(default_factory=dict)  # layer -> GPTQ damping, retries, loss
     timings: Mapping[str, float] = field(default_factory=dict)
+    saved_dense: frozenset[str] = frozenset()     # quantized in memory, saved dense: fused MoE experts
+
+    @property
+    def packed_scales(self) -> dict[str, torch.Tensor]:
+        """The layers saved packed, with their scales (pipeline/run/compressed.py)."""
+        return {n: s for n, s in self.scales.items() if n not in self.saved_dense}
 
     def __post_init__(self):
         object.__setattr__(self, "scales", MappingProxyType(dict(self.scales)))
@@ -87,6 +93,7 @@ class QuantizeCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, ChecksCont
         self.layers: dict[str, torch.nn.Linear] = {}
         self.statistic = None  # a SparseGPT pruner: its weighting and Hessian `add` (pipeline/maths/pruners.py)
         self.sums, self.shared, self.seen = None, SharedInputs(), set()
+        self.saved_dense: frozenset[str] = frozenset()
         self.outcome: QuantizeOutcome | None = None
 
     @override
@@ -118,19 +125,9 @@ class QuantizeCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, ChecksCont
         self.reduction_slots = run_flavor(trainer).slots(self.reduction_slots, trainer.world_size)
 
     def quantized_layers(self, model, pruned: dict) -> dict:
-        """The pruned layers it quantizes (fused MoE experts stay as they are); a one-line error for a layer it cannot
-        (tied weights, a width the group size does not divide).  Preflight runs it on the model's skeleton."""
-        fused = fused_expert_layers(model, pruned)
-        if fused:
-            rank_zero_warn(f"quantize: {len(fused)} layers of fused MoE experts (e.g. {fused[0]}) stay unquantized: the "
-                           "checkpoint stores them as 3-D tensors, which the compressed-tensors save does not pack")
-        layers = {n: m for n, m in pruned.items() if n not in set(fused)}
-        tied = tied_layers(model, layers)
-        if tied:
-            name, other = tied[0]
-            raise ValueError(f"quantize: {name} shares its weight with {other} (tied layers, as a canvas model's encoder and "
-                             "decoder); the compressed-tensors save cannot pack tied layers, which transformers re-ties on "
-                             "load; quantize a model without tied layers or drop the QuantizeCallback")
+        """The layers it quantizes: every pruned layer (fused MoE experts and tied layers included); a one-line error
+        for a width the group size does not divide.  Preflight runs it on the model's skeleton."""
+        layers = dict(pruned)
         for name, layer in layers.items():
             self.scheme.check_width(name, layer.in_features)
         return layers
@@ -139,6 +136,13 @@ class QuantizeCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, ChecksCont
     def on_fit_start(self, trainer, pl_module) -> None:
         """The pruned layers (known once the model exists); every width checked before any calibration work."""
         self.layers = self.quantized_layers(pl_module.model, self.prune.layers)
+        self.saved_dense = frozenset(fused_expert_layers(pl_module.model, self.layers))
+        if self.saved_dense and trainer.is_global_zero:  # one line at run start
+            Console(stderr=True).print(
+                f"quantize: {len(self.saved_dense)} fused MoE expert layers are quantized like the others but saved dense "
+                "(their exact quantized values): compressed-tensors packs Linear weights only, and "
+                f"{type(pl_module.model).__name__} loads its experts as fused 3-D tensors",
+                style="yellow", soft_wrap=True, markup=False)
         if self.gptq:
             self.statistic = make_pruner("sink_sparsegpt" if self.sink_aware else "sparsegpt", 0.0)
             self.sums = self.sums or SlotSums(self.reduction_slots)
@@ -203,7 +207,7 @@ class QuantizeCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, ChecksCont
         if self.sums is not None:
             self.sums.clear()
         self.outcome = QuantizeOutcome(self.scheme, "gptq" if self.gptq else "rtn", scales, info,
-                                       {"quantize_s": time.time() - t0})
+                                       {"quantize_s": time.time() - t0}, self.saved_dense)
 
     @override
     def state_dict(self) -> dict:
@@ -224,16 +228,6 @@ def fused_expert_layers(model, layers: dict) -> list[str]:
     return [n for n in layers if isinstance(parent(n, 2), UnfusedExperts)]
 
 
-def tied_layers(model, layers: dict) -> list[tuple[str, str]]:
-    """(targeted layer, another module holding the same weight Parameter)."""
-    holders: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.nn.Parameter):
-            holders.setdefault(id(weight), []).append(name)
-    return [(n, next(o for o in holders[id(m.weight)] if o != n)) for n, m in layers.items() if len(holders[id(m.weight)]) > 1]
-
-
 def quantize_outcome(trainer) -> QuantizeOutcome | None:
     """The run's QuantizeOutcome (None: nothing quantized); read in on_train_end, after QuantizeCallback's."""
     return next((cb.outcome for cb in callbacks_of(trainer, QuantizeCallback)), None)
@@ -243,4 +237,5 @@ def quantize_summary(outcome: QuantizeOutcome) -> dict:
     """results.json's "quantize" entry."""
     s = outcome.scheme
     return {"scheme": s.name, "bits": s.bits, "group_size": s.group_size, "actorder": s.actorder,
-            "algorithm": outcome.algorithm, "layers": len(outcome.scales), "gptq": dict(outcome.info)}
+            "algorithm": outcome.algorithm, "layers": len(outcome.scales), "saved_dense": len(outcome.saved_dense),
+            "gptq": dict(outcome.info)}

@@ -276,10 +276,11 @@ def empty_prompt_cache(model, batch: int):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config.get_text_config())
-    for i, layer in enumerate(model.get_decoder().layers):
+    decoder = model.get_decoder()
+    like = decoder.get_input_embeddings().weight  # (not k_proj.weight: a compressed-tensors layer has none until decompressed)
+    for i, layer in enumerate(decoder.layers):
         attn = layer.self_attn
-        weight = attn.k_proj.weight
-        empty = weight.new_zeros(batch, attn.k_proj.out_features // attn.head_dim, 0, attn.head_dim)
+        empty = like.new_zeros(batch, attn.k_proj.out_features // attn.head_dim, 0, attn.head_dim)
         cache.update(empty, empty.clone(), i)
     return cache
 

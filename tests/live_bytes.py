@@ -21,8 +21,15 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self, extra=lambda: 0):
         super().__init__()
         self.extra = extra
-        self.storages: dict[int, tuple[int, list]] = {}  # storage address -> (bytes, weak references to its tensors)
+        self.storages: dict[int, list] = {}  # storage address -> [bytes, tensors alive on it, their weak references]
         self.live = self.peak = 0
+
+    def _gone(self, key: int) -> None:
+        entry = self.storages.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.live -= self.storages.pop(key)[0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -32,12 +39,13 @@ class LiveBytes(TorchDispatchMode):
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()
-            if key in self.storages:
-                self.storages[key][1].append(weakref.ref(t))
-            elif ret.alias_info is None:
-                self.storages[key] = (storage.nbytes(), [weakref.ref(t)])
+            if key not in self.storages:
+                if ret.alias_info is not None:
+                    continue  # a view of a tensor made before the count (a weight)
+                self.storages[key] = [storage.nbytes(), 0, []]
                 self.live += storage.nbytes()
-        for key in [k for k, (_, refs) in self.storages.items() if all(r() is None for r in refs)]:
-            self.live -= self.storages.pop(key)[0]
+            entry = self.storages[key]
+            entry[1] += 1
+            entry[2].append(weakref.ref(t, lambda _, key=key: self._gone(key)))
         self.peak = max(self.peak, self.live + self.extra())
         return out

@@ -1,5 +1,7 @@
 """Block-by-block onloading: the transformer blocks' weights live in CPU memory ("cpu") or in the checkpoint's
-safetensors, memory-mapped ("disk"); the embeddings, the head and every buffer live on the compute device.
+safetensors, memory-mapped ("disk"); the embeddings, the head and every buffer live on the compute device, but for
+calibration's block passes (`block_passes`): these run blocks alone, so the head leaves the device for them and the
+embeddings once the block inputs are made (pinned CPU copies; buffers stay).
 
 A block is onloaded (its parameters' `.data` pointed at a device copy) while it runs and released after (pointed back
 at its CPU copy, the *master*); `release(i, writeback=True)` first copies the device weights into the master, so a
@@ -11,8 +13,9 @@ side stream while block i runs; on the CPU onloading moves nothing (the CPU is t
 Any forward works while blocks are offloaded: a pre-forward hook onloads a block that is not on the device and a
 post-forward hook releases it (held-out scoring, the short structural forwards at fit start).  Calibration onloads
 each block once, explicitly (callbacks/cached.py).  `peak_bytes` counts the weight bytes on the compute device
-(resident parameters and buffers + onloaded and prefetched blocks), the figure the tests bound by two blocks plus
-the embeddings and head.
+(buffers, the weights outside the blocks while there, onloaded and prefetched blocks), the figure the tests bound by
+two blocks plus the embeddings and head; `peak_in_passes` the same during the block passes (two blocks, or the
+embeddings while the block inputs are made).
 """
 from __future__ import annotations
 

@@ -169,8 +169,8 @@ class BlockOffloader:
                     continue
                 if self.device.type == "cpu":  # the CPU computes: nothing moves, the bytes are counted
                     entry[1] = None if wanted else p.data
-                elif wanted:
-                    p.data = master.to(self.device, non_blocking=True)
+                elif wanted:  # (no master: a weight that never reached the device goes there now)
+                    p.data = (master if master is not None else p.data).to(self.device, non_blocking=True)
                 else:
                     if master is None:
                         master = entry[1] = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=True)

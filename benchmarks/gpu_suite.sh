@@ -39,7 +39,7 @@ for s in "$@"; do
     kernel) step kernel 150 $PY benchmarks/mass_kernel_cuda.py --json "$OUT/mass_kernel_cuda.json" ;;
     vs_reference) step vs_reference ${VS_LIMIT:-420} $PY benchmarks/vs_reference_cuda.py --json "$OUT/vs_reference_cuda.json" \
                     ${VS_ARGS:-} ;;
-    offload) step offload ${OFFLOAD_LIMIT:-240} $PY benchmarks/offload_cuda.py --json "$OUT/offload_cuda.json" ${OFFLOAD_ARGS:-} ;;
+    offload) step offload ${OFFLOAD_LIMIT:-150} $PY benchmarks/offload_cuda.py --json "$OUT/offload_cuda.json" ${OFFLOAD_ARGS:-} ;;
     quantize) step quantize 150 $PY benchmarks/quantize_cuda.py --json "$OUT/quantize_cuda.json" ;;
     *) echo "unknown step $s: use kernel, vs_reference, offload, quantize"; exit 2 ;;
   esac

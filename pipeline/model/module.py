@@ -172,9 +172,7 @@ class DLMModule(L.LightningModule):
         if self.memory_plan["offload"] != "none":
             self.offloader = BlockOffloader(self.model, blocks, device, self.memory_plan["offload"],
                                             resolve_path(self.hparams.pretrained))
-            plan = self.memory_plan  # the cached block inputs stay on the device when they fit beside the block
-            spare = plan["device_free_bytes"] * mp.HEADROOM - plan["offload_device_peak_bytes"]
-            self.offloader.park_inputs = plan["block_input_cache_bytes"] > spare
+            self.offloader.park_inputs = self.memory_plan["block_inputs_on"] == "cpu"  # (the plan: where they fit)
             # every rank maps the same checkpoint: the blocks are not broadcast (nor could NCCL send CPU tensors)
             self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.offloader.ignored_names]
         if device.type == "cuda":

@@ -88,11 +88,10 @@ class SinkPruneCLI(LightningCLI):
         set_current("checking the inputs")
         SinkPruneCLI.result_dirs = check_run(self.model, self.datamodule, self.trainer, config.get("ckpt_path"),
                                              config.get("trainer", {}).get("max_epochs"))
-        from callbacks.checkpoint import CalibrationCheckpoint
+        from pipeline.run.protocols import WritesCheckpoints, callbacks_of
 
         SinkPruneCLI.started = time.time()
-        SinkPruneCLI.checkpoints = [cb.folder(self.trainer) / "last.ckpt" for cb in self.trainer.callbacks
-                                    if isinstance(cb, CalibrationCheckpoint)]
+        SinkPruneCLI.checkpoints = [cb.last_checkpoint(self.trainer) for cb in callbacks_of(self.trainer, WritesCheckpoints)]
         from pipeline.run.console import log_to_run_folder
 
         log_to_run_folder(self.trainer.default_root_dir)

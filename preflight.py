@@ -9,7 +9,10 @@ Every failure is one line naming the field, the problem and the fix:
   * inputs: weights files are whole (safetensors header vs size), masks_from names and shapes match the
     model's weights, mask_token_id fits the vocabulary, lm-eval task names exist, the checkpoint loads;
   * trainer: the calibration owns the epoch count, several devices need a calibration_ddp strategy, a
-    GPU accelerator needs CUDA.
+    GPU accelerator needs CUDA;
+  * contracts: every `check_contracts` of the module and the callbacks (pipeline/run/protocols.py), the probe's
+    attention, and PruneCallback's targets / n_m and QuantizeCallback's group size on the model's skeleton (its
+    modules built on the meta device from config.json).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 
 from pipeline.maths.diffusion import check_window
 from pipeline.model.loading import check_mask_id
-from pipeline.run.protocols import check_callback_list
+from pipeline.run.protocols import check_contracts
 from pipeline.run.outputs import check_not_input, check_writable, prepare_output_dir
 
 # --- small readers --------------------------------------------------------------------------------
@@ -183,6 +186,43 @@ def check_model_files(module, datamodule, folder: Path | None) -> dict | None:
     return table
 
 
+def check_probe_sees_attention(module, trainer, folder: Path | None) -> None:
+    """SinkStatsCallback's probe sees scaled_dot_product_attention only: an attention the config names as another
+    is refused here (a model that picks its own, remote code, is checked by the probe once it has loaded)."""
+    from callbacks.sink_stats import SinkStatsCallback
+    from pipeline.maths.attention import UNPROBED_ATTENTION
+
+    impl = module.hparams.attn_implementation
+    if folder is None or impl not in UNPROBED_ATTENTION or not any(isinstance(cb, SinkStatsCallback) for cb in trainer.callbacks):
+        return
+    if json.loads((folder / "config.json").read_text()).get("auto_map"):
+        return  # remote code picks its own attention (pipeline/model/loading.py)
+    raise ValueError(f"model.attn_implementation={impl!r}: SinkStatsCallback's probe sees only "
+                     "torch.nn.functional.scaled_dot_product_attention; use attn_implementation: sdpa")
+
+
+def check_layers(module, trainer, prune, folder: Path | None) -> None:
+    """PruneCallback's targets, ignore and n_m, and QuantizeCallback's group size, against the model's layers, on its
+    skeleton (meta device, no weights)."""
+    if prune is None or folder is None:
+        return
+    from callbacks.quantize import QuantizeCallback
+    from pipeline.model.fused_experts import is_fused_experts
+    from pipeline.model.loading import model_skeleton
+
+    hp = module.hparams
+    try:
+        skeleton = model_skeleton(hp.pretrained, trust_remote_code=hp.trust_remote_code, model_class=hp.model_class)
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: PruneCallback checks it once loaded
+        return
+    if any(is_fused_experts(m) for m in skeleton.modules()):
+        return  # its experts become Linear layers only once loaded (unfused from the weights): checked then
+    pruned = prune.find_layers(skeleton).layers
+    for cb in trainer.callbacks:
+        if isinstance(cb, QuantizeCallback):
+            cb.quantized_layers(skeleton, pruned)
+
+
 def check_masks_from(prune, table: dict | None) -> None:
     """Every saved mask must name a weight of the model and have its shape (headers only)."""
     if prune is None or not prune.masks_from:
@@ -259,7 +299,7 @@ def check_run(module, datamodule, trainer, ckpt_path=None, max_epochs=None) -> l
     prune = next((cb for cb in trainer.callbacks if isinstance(cb, PruneCallback)), None)
     evaluate = next((cb for cb in trainer.callbacks if isinstance(cb, EvaluateExportCallback)), None)
     check_trainer(trainer, max_epochs)
-    check_callback_list(trainer)
+    check_contracts(trainer, module)
     check_heldout(datamodule, evaluate)
     folder = local_model_folder(module.hparams.pretrained)
     inputs = run_inputs(module, datamodule, prune, ckpt_path)
@@ -272,6 +312,8 @@ def check_run(module, datamodule, trainer, ckpt_path=None, max_epochs=None) -> l
     check_checkpoint_dirs(trainer, inputs)
     check_not_input("trainer.default_root_dir", trainer.default_root_dir, inputs, contains_ok=True)
     table = check_model_files(module, datamodule, folder)
+    check_probe_sees_attention(module, trainer, folder)
+    check_layers(module, trainer, prune, folder)
     check_masks_from(prune, table)
     check_checkpoint(ckpt_path)
     check_tasks(evaluate)

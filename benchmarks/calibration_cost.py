@@ -37,7 +37,8 @@ from types import SimpleNamespace
 from pipeline.model.calibration import forward_through_blocks, last_block
 from callbacks.reduction import SlotSums
 from pipeline.maths import sparsity as sp
-from pipeline.maths.attention import AttentionMassProbe, naive_attention_mass
+from pipeline.maths.attention import AttentionMassProbe
+from tests.oracles import naive_attention_mass
 from pipeline.maths.sinks import sink_scores
 from benchmarks.bench_model import load_for_calibration
 from tests import float64_statistics as f64

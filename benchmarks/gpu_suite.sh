@@ -46,7 +46,7 @@ for s in "$@"; do
     speed) step speed ${SPEED_LIMIT:-530} $PY benchmarks/vs_reference_cuda.py --json "$OUT/vs_reference_speed.json" \
              --configs default reference-flavour --sparsegpt-configs default default-sequential \
              --phases sink_wanda sink_sparsegpt --profile sink_wanda ${SPEED_ARGS:-} ;;
-    offload) step offload ${OFFLOAD_LIMIT:-240} $PY benchmarks/offload_cuda.py --json "$OUT/offload_cuda.json" ${OFFLOAD_ARGS:-} ;;
+    offload) step offload ${OFFLOAD_LIMIT:-150} $PY benchmarks/offload_cuda.py --json "$OUT/offload_cuda.json" ${OFFLOAD_ARGS:-} ;;
     quantize) step quantize 150 $PY benchmarks/quantize_cuda.py --json "$OUT/quantize_cuda.json" ;;
     *) echo "unknown step $s: use kernel, vs_reference, speed, offload, quantize"; exit 2 ;;
   esac

@@ -41,7 +41,8 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.semi_structured_24 import cuda_median_ms  # noqa: E402  (CUDA-event medians, one definition)
 from pipeline.maths import attention_triton  # noqa: E402
-from pipeline.maths.attention import FUSED_SDPA, AttentionMassProbe, attention_mass, naive_attention_mass  # noqa: E402
+from pipeline.maths.attention import FUSED_SDPA, AttentionMassProbe, attention_mass  # noqa: E402
+from tests.oracles import naive_attention_mass  # noqa: E402
 from pipeline.maths.attention_triton import attention_mass_triton, row_logsumexp_triton  # noqa: E402
 from pipeline.maths.sinks import sink_scores  # noqa: E402
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.maths import reference  # noqa: E402
-from pipeline.maths.attention import attention_mass, naive_attention_mass  # noqa: E402
+from pipeline.maths.attention import attention_mass  # noqa: E402
+from tests.oracles import naive_attention_mass  # noqa: E402
 from benchmarks.semi_structured_24 import cuda_median_ms  # noqa: E402  (CUDA-event medians, one definition)
 
 

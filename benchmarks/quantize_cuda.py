@@ -12,9 +12,11 @@ weights grow no sinks; the arithmetic is the same).  Both methods take their sta
 (one pass each, timed apart), per sample, rows weighted by 1 − s: sink-Wanda Σ (w x)² per input, GPTQ the Hessian
 Σ (w x)(w x)ᵀ (SparseGPT's), one per distinct input (q/k/v and ff_proj/up_proj share theirs).  Then sink-Wanda's masks
 (50%), and GPTQ (w4a16, groups of 128) joint with them.  Needs compressed-tensors (and its pydantic, loguru) for the
-save and the reload; nothing else beyond torch and transformers.  After the reload every weight and buffer is compared
-bit for bit with the in-memory model's, and the in-memory forward is run twice (the device's own determinism), so a
-logits difference names its cause.
+save and the reload; nothing else beyond torch and transformers.  After the reload it prints what it compared and what
+each comparison found, so that a logits difference names its cause: every parameter and buffer bit for bit (dtype
+too), the config entries, both models' forwards run twice (the device's own determinism), and the RoPE-style buffers
+built on the device against the CPU-built ones the model uses (as every load computes them), with how far the dense
+logits move between the two.
 """
 from __future__ import annotations
 
@@ -46,7 +48,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def build(shape: dict, device, dtype):
+def build(shape: dict, device, dtype, probe_vocab: int):
+    """(model, buffer report).  Non-persistent buffers (RoPE's inv_freq) end computed on the CPU, as every load
+    computes them (the reload below too): built on the GPU they may differ in the last bit (CUDA's pow is not
+    correctly rounded).  The report says, per buffer, how far the device-built one was from the CPU-built one, and how
+    far the dense model's logits move between the two (what a reload would see if that were the only difference)."""
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(ZOO_DIR / "tiny_llada", trust_remote_code=True)
@@ -60,13 +66,37 @@ def build(shape: dict, device, dtype):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.02)
-    # Non-persistent buffers (RoPE's inv_freq) computed on the CPU, as every load computes them (the reload below
-    # too): built on the GPU they may differ in the last bit (CUDA's pow is not correctly rounded), and the saved
-    # folder's logits would then differ from the in-memory model's however exact the quantized weights are.
     on_device = {n: b.clone() for n, b in model.named_buffers()}
+    probe = torch.randint(4, probe_vocab, (1, 64), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        logits_device_buffers = dlm_forward(model, probe).logits.float()
     restored = restore_non_persistent_buffers(model)
-    differ = [n for n in restored if not torch.equal(on_device[n], model.get_buffer(n))]
-    return model, differ
+    with torch.no_grad():
+        logits_cpu_buffers = dlm_forward(model, probe).logits.float()
+    report = {"buffers": [tensor_difference(n, on_device[n], model.get_buffer(n)) for n in restored],
+              "dense_logits_max_abs_diff_device_vs_cpu_buffers": float((logits_device_buffers - logits_cpu_buffers).abs().max())}
+    return model, report
+
+
+def tensor_difference(name: str, mine: torch.Tensor, theirs: torch.Tensor | None) -> dict:
+    """What one comparison found: dtypes, devices, whether equal, the largest difference and how many elements differ."""
+    if theirs is None:
+        return {"name": name, "equal": False, "missing": True}
+    row = {"name": name, "dtype": f"{mine.dtype} / {theirs.dtype}", "device": f"{mine.device} / {theirs.device}",
+           "shape_equal": tuple(mine.shape) == tuple(theirs.shape)}
+    if not row["shape_equal"]:
+        return {**row, "equal": False}
+    a, b = mine.detach().float(), theirs.detach().to(mine.device).float()  # (on the device: no 2 GB copies to the host)
+    differ = a != b
+    return {**row, "equal": mine.dtype == theirs.dtype and not bool(differ.any()),
+            "max_abs_diff": float((a - b).abs().max()) if a.numel() else 0.0, "elements_differ": int(differ.sum())}
+
+
+def config_differences(mine, theirs) -> dict:
+    """Config entries that differ between the in-memory model and the reloaded one (quantization and paths aside)."""
+    skip = {"quantization_config", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
+    a, b = mine.config.to_dict(), theirs.config.to_dict()
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in skip and a.get(k) != b.get(k)}
 
 
 def shared_inputs(model, layers: dict, ids) -> dict[str, str]:
@@ -122,7 +152,7 @@ def main() -> None:
         args.windows, args.seqlen = min(args.windows, 2), min(args.seqlen, 64)
 
     t0 = time.perf_counter()
-    model, buffers_differ = build(shape, device, dtype)
+    model, buffer_report = build(shape, device, dtype, shape["vocab_size"])
     layers = target_linears(model)
     build_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
@@ -194,12 +224,21 @@ def main() -> None:
         with torch.no_grad():
             got = dlm_forward(reloaded, probe).logits.float()
         load_s = time.perf_counter() - t0
+        with torch.no_grad():
+            reloaded_repeatable = bool(torch.equal(dlm_forward(reloaded, probe).logits.float(), got))
         state = lambda m: dict(m.named_parameters()) | dict(m.named_buffers())  # noqa: E731
         mine, theirs = state(model), state(reloaded)
-        tensors_differ = [n for n, t in mine.items() if n not in theirs or not torch.equal(t, theirs[n].to(t.device))]
+        compared = [tensor_difference(n, t, theirs.get(n)) for n, t in mine.items()]
+        configs_differ = config_differences(model, reloaded)
+        modes_differ = [n for n, m in reloaded.named_modules() if m.training]
         del reloaded
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    tensors_differ = [c for c in compared if not c["equal"]]
+    where = (got - expected).abs().flatten().argmax().item()
+    logits = {"equal": bool(torch.equal(got, expected)), "max_abs_diff": float((got - expected).abs().max()),
+              "at_position_token": [where // got.shape[-1] % got.shape[-2], where % got.shape[-1]],
+              "in_memory_repeatable": repeatable, "reloaded_repeatable": reloaded_repeatable}
 
     dense_bytes = sum(l.weight.numel() * 2 for l in layers.values())
     result = {
@@ -212,10 +251,11 @@ def main() -> None:
         "gptq_vs_prune": (hessian_s + gptq_s) / (wanda_s + prune_solve_s),
         "zeros_kept": zeros_kept, "save_s": save_s, "reload_and_forward_s": load_s, "safetensors_bytes": disk,
         "targeted_bf16_bytes": dense_bytes,
-        "logits_equal": bool(torch.equal(got, expected)), "logits_max_abs_diff": float((got - expected).abs().max()),
+        "logits_equal": logits["equal"], "logits_max_abs_diff": logits["max_abs_diff"], "logits": logits,
         "forward_repeatable": repeatable,
-        "tensors_equal_after_reload": not tensors_differ, "tensors_differ": tensors_differ[:8],
-        "buffers_built_on_device_differ_from_cpu": buffers_differ,
+        "tensors_compared": len(compared), "tensors_equal_after_reload": not tensors_differ,
+        "tensors_differ": tensors_differ[:16], "config_differs": {k: list(map(str, v)) for k, v in configs_differ.items()},
+        "reloaded_modules_in_training_mode": modes_differ[:8], "buffers_device_vs_cpu": buffer_report,
     }
     print(f"{'step':36s} {'seconds':>9s}")
     for label, value in (("forward alone (all windows)", forward_s), ("sink-Wanda statistic pass", wanda_s),
@@ -224,13 +264,38 @@ def main() -> None:
                          ("reload on device + forward", load_s)):
         print(f"{label:36s} {value:9.2f}")
     print(f"GPTQ / sink-Wanda time: {result['gptq_vs_prune']:.1f}x; zeros kept: {zeros_kept}; "
-          f"logits equal after reload: {result['logits_equal']} (max |diff| {result['logits_max_abs_diff']:.3g}); "
           f"safetensors {disk / 2**30:.2f} GiB")
-    print(f"weights and buffers bit-equal after reload: {not tensors_differ} {tensors_differ[:3]}; forward repeatable: "
-          f"{repeatable}; buffers built on {device.type} that differ from the CPU's (replaced): {buffers_differ[:3]}")
+    print_comparison(result)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")
+
+
+def print_comparison(result: dict) -> None:
+    """What was compared after the reload, and what each comparison found (the bf16 logits difference's suspects)."""
+    logits, buffers = result["logits"], result["buffers_device_vs_cpu"]
+    print("\nreload comparison (in-memory quantized model vs the saved folder loaded back on the device):")
+    print(f"  logits: equal {logits['equal']}, max |diff| {logits['max_abs_diff']:.3g} at (position, token) "
+          f"{logits['at_position_token']}; each model's forward run twice gives the same logits: in-memory "
+          f"{logits['in_memory_repeatable']}, reloaded {logits['reloaded_repeatable']}")
+    print(f"  parameters and buffers compared: {result['tensors_compared']}, all bit-equal (dtype too): "
+          f"{result['tensors_equal_after_reload']}")
+    for row in result["tensors_differ"]:
+        print(f"    differs: {row['name']} dtype {row.get('dtype')} device {row.get('device')} "
+              f"max |diff| {row.get('max_abs_diff')} elements {row.get('elements_differ')}"
+              f"{' (missing from the reload)' if row.get('missing') else ''}")
+    print(f"  config entries that differ: {result['config_differs'] or 'none'}; reloaded modules in training mode: "
+          f"{result['reloaded_modules_in_training_mode'] or 'none'}")
+    print(f"  RoPE-style buffers built on the device vs on the CPU (the model uses the CPU's, as a load does): "
+          f"dense logits move by {buffers['dense_logits_max_abs_diff_device_vs_cpu_buffers']:.3g} between the two")
+    for row in buffers["buffers"]:
+        print(f"    {row['name']} dtype {row.get('dtype')}: equal {row['equal']}, max |diff| {row.get('max_abs_diff')}, "
+              f"{row.get('elements_differ')} elements differ")
+    if not logits["equal"]:
+        suspects = ("the reload's tensors" if result["tensors_differ"] else None,
+                    "the config" if result["config_differs"] else None,
+                    "device nondeterminism" if not (logits["in_memory_repeatable"] and logits["reloaded_repeatable"]) else None)
+        print(f"  logits differ; suspects left: {', '.join(s for s in suspects if s) or 'none of these (weights, buffers, config and the forward all match: look at the kernels each model dispatches)'}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ block (about 1.5·L² block onloads).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from callbacks.schedule import eager_stance
@@ -81,9 +83,10 @@ def _run(block, call: tuple[list, dict], hidden: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def block_calls(pl_module, input_ids, attention_mask=None, blocks=None) -> list[tuple[list, dict]]:
+def block_calls(pl_module, input_ids, attention_mask=None, blocks=None, first: bool = False) -> list[tuple[list, dict]]:
     """The (args, kwargs) each of `blocks` (default: the first only) is called with in one forward of `input_ids`;
-    the forward stops before the last of them runs.  KV caches are dropped (None) from the arguments."""
+    the forward stops before the last of them runs.  KV caches are dropped (None) from the arguments.  `first`: the
+    catch runs before the blocks' other pre-hooks (an offloader's: the last block is not onloaded to be skipped)."""
     model_blocks = [b for _, b in find_blocks(pl_module.model)]
     blocks = blocks or model_blocks[:1]
     calls: dict[int, tuple[list, dict]] = {}
@@ -94,7 +97,7 @@ def block_calls(pl_module, input_ids, attention_mask=None, blocks=None) -> list[
         if module is blocks[-1]:
             raise StopForward()
 
-    handles = [b.register_forward_pre_hook(catch, with_kwargs=True) for b in blocks]
+    handles = [b.register_forward_pre_hook(catch, with_kwargs=True, prepend=first) for b in blocks]
     try:
         forward_through_blocks(pl_module, input_ids, attention_mask)
     finally:
@@ -156,11 +159,13 @@ def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_inpu
     order, slots = _slot_major(batches, sums.slot_of if sums is not None else None)
     per_block = {id(b): names for b, names in zip(targets.block_modules, targets.block_layers)}
     last = max(i for i, b in enumerate(blocks) if id(b) in per_block)
-    with torch.no_grad(), eager_stance(eager):
-        calls = [block_calls(pl_module, nb.input_ids, nb.attention_mask, None if uniform else blocks[:last + 1])
+    with torch.no_grad(), eager_stance(eager), _passes(offloader):
+        calls = [block_calls(pl_module, nb.input_ids, nb.attention_mask, None if uniform else blocks[:last + 1],
+                             first=offloader is not None)
                  for nb in batches]
         hidden = [park(_hidden(c[0])) for c in calls]
         calls = [[_with_hidden(c, None) for c in cs] for cs in calls]  # the hidden states live in `hidden` only
+        _inputs_made(offloader)
         for i, block in enumerate(blocks[:last + 1]):
             names = per_block.get(id(block), [])
             run = lambda j: park(_run(block, calls[j][0 if uniform else i], unpark(hidden[j])))  # noqa: B023 - called in this loop
@@ -193,12 +198,25 @@ def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_inpu
 def solve_block_by_block(targets, solve, offloader) -> None:
     """No statistic (magnitude): each block's layers solved on the device, the pruned weights written back."""
     index = {id(b): i for i, b in enumerate(offloader.blocks)}
-    for block, names in zip(targets.block_modules, targets.block_layers):
-        i = index[id(block)]
-        offloader.onload(i)
-        offloader.prefetch(i + 1)
-        solve(names)
-        offloader.release(i, writeback=True)
+    with offloader.block_passes():
+        offloader.outer_on("none")
+        for block, names in zip(targets.block_modules, targets.block_layers):
+            i = index[id(block)]
+            offloader.onload(i)
+            offloader.prefetch(i + 1)
+            solve(names)
+            offloader.release(i, writeback=True)
+
+
+def _passes(offloader):
+    """Offloaded: the block passes' weights outside the blocks (BlockOffloader.block_passes): no output head."""
+    return offloader.block_passes() if offloader is not None else nullcontext()
+
+
+def _inputs_made(offloader) -> None:
+    """The block inputs are cached: the embeddings leave the device too (only blocks run from here)."""
+    if offloader is not None:
+        offloader.outer_on("none")
 
 
 def _parking(pl_module, offloader):
@@ -226,10 +244,12 @@ def mass_from_cache(pl_module, batches: list[NoisedBatch], offloader, eager: boo
     park, unpark = _parking(pl_module, offloader)
     totals: list[torch.Tensor | None] = [None] * len(batches)
     per_call: list[list[torch.Tensor]] = [[] for _ in batches]
-    with torch.no_grad(), eager_stance(eager):
-        calls = [block_calls(pl_module, nb.input_ids, nb.attention_mask, None if uniform else blocks) for nb in batches]
+    with torch.no_grad(), eager_stance(eager), _passes(offloader):
+        calls = [block_calls(pl_module, nb.input_ids, nb.attention_mask, None if uniform else blocks, first=True)
+                 for nb in batches]
         hidden = [park(_hidden(c[0])) for c in calls]
         calls = [[_with_hidden(c, None) for c in cs] for cs in calls]
+        _inputs_made(offloader)
         for i, block in enumerate(blocks):
             offloader.onload(i)
             offloader.prefetch(i + 1)

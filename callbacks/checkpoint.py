@@ -15,8 +15,10 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from pipeline.run.protocols import SkipsBatches, WritesCheckpoints
 
-class CalibrationCheckpoint(Callback):
+
+class CalibrationCheckpoint(Callback, WritesCheckpoints):
     def __init__(self, dirpath: str | None = None, every_n_batches: int = 1):
         """dirpath: where last.ckpt goes (default <trainer.default_root_dir>/checkpoints)."""
         if every_n_batches < 1:
@@ -33,10 +35,9 @@ class CalibrationCheckpoint(Callback):
         epoch, batches = self._resume_at
         self._resume_at = None
         if epoch == trainer.current_epoch and batches:
-            skip = getattr(trainer.datamodule, "skip_batches", None)
-            if skip is None:
+            if not isinstance(trainer.datamodule, SkipsBatches):
                 raise RuntimeError("resuming mid-epoch needs a datamodule with skip_batches(n), like CalibrationData")
-            skip(batches)
+            trainer.datamodule.skip_batches(batches)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.epoch, self.batches = trainer.current_epoch, 0
@@ -49,9 +50,12 @@ class CalibrationCheckpoint(Callback):
     def folder(self, trainer) -> Path:
         return (self.dirpath or Path(trainer.default_root_dir) / "checkpoints").expanduser()
 
+    def last_checkpoint(self, trainer) -> Path:
+        return self.folder(trainer) / "last.ckpt"
+
     def save(self, trainer) -> Path:
         folder = self.folder(trainer)
-        target = folder / "last.ckpt"
+        target = self.last_checkpoint(trainer)
         tmp = folder / f".last.ckpt.tmp-{os.getpid()}"
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)

@@ -14,13 +14,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from typing_extensions import override
 
-from callbacks.quantize import quantize_outcome, quantize_summary
+from callbacks.quantize import QuantizeCallback, quantize_outcome, quantize_summary
 from callbacks.reduction import gather_records
 from pipeline.run.outcome import PruneOutcome
 from pipeline.run.outputs import prepare_output_dir, run_metadata, save_pruned
 from pipeline.run.phase import phase
-from pipeline.run.protocols import (ChecksCallbackList, PublishesPruneOutcome, ScoresHeldout, check_listed_after, find_outcome,
-                                    outcome_publisher)
+from pipeline.run.protocols import (ChecksContracts, HeldoutData, PublishesPruneOutcome, ReportsMemory, SavesModel, ScoresHeldout,
+                                    check_listed_after, find_outcome, outcome_publisher)
 from pipeline.evaluation.report import sparsity_report
 from pipeline.evaluation.scoring import paired_results
 
@@ -30,7 +30,7 @@ def _say(*renderables) -> None:
     Console().print(*renderables)
 
 
-class EvaluateExportCallback(Callback, ChecksCallbackList):
+class EvaluateExportCallback(Callback, ChecksContracts, SavesModel):
     """Dense-vs-pruned held-out perplexity and lm-eval tasks; results.json, masks.safetensors and the model.
 
     Args:
@@ -54,6 +54,7 @@ class EvaluateExportCallback(Callback, ChecksCallbackList):
         self.score_dense_tasks, self.eval_kwargs = score_dense_tasks, eval_kwargs or {}
         self.cache_dense = cache_dense
         self.dense: dict = {}
+        self.dense_windows: dict = {}  # window index -> the dense model's (nll, tokens), every rank's
         self.timings: dict = {}
         self.results: dict | None = None
         self.prunes = False  # a callback publishes a PruneOutcome (found at setup)
@@ -62,13 +63,19 @@ class EvaluateExportCallback(Callback, ChecksCallbackList):
         return Path(self.output_dir or Path(trainer.default_root_dir) / "pruned").expanduser()
 
     @override
-    def check_list(self, trainer) -> None:
+    def check_contracts(self, trainer, pl_module) -> None:
         check_listed_after(trainer, self, PublishesPruneOutcome, "reads its PruneOutcome")
+        check_listed_after(trainer, self, QuantizeCallback, "scores and saves the weights it quantizes")
+        scores = self.score_dense or (self.score and outcome_publisher(trainer) is not None)
+        if scores and not isinstance(pl_module, ScoresHeldout):
+            raise ValueError(f"evaluate score / score_dense score held-out text with the module's score_heldout, which "
+                             f"{type(pl_module).__name__} lacks (ScoresHeldout in pipeline/run/protocols.py); set "
+                             "score: false and score_dense: false, or use pipeline.model.module.DLMModule")
 
     @override
     def setup(self, trainer, pl_module, stage=None) -> None:
         self.prunes = outcome_publisher(trainer) is not None
-        self.check_list(trainer)
+        self.check_contracts(trainer, pl_module)
         if self.prunes:
             prepare_output_dir(self.output_path(trainer), self.overwrite)
 
@@ -79,7 +86,7 @@ class EvaluateExportCallback(Callback, ChecksCallbackList):
             return None
         if not (self.score_dense or (self.tasks and self.score_dense_tasks)):
             return None  # nothing dense to score, so nothing to cache
-        if not (isinstance(pl_module, ScoresHeldout) and hasattr(getattr(trainer, "datamodule", None), "heldout_dataloader")):
+        if not (isinstance(pl_module, ScoresHeldout) and isinstance(trainer.datamodule, HeldoutData)):
             return None  # the key needs held-out scoring and held-out windows (a plain module has neither)
         settings = {"tasks": self.tasks if self.score_dense_tasks else [], "eval_kwargs": self.eval_kwargs,
                     "heldout": self.score_dense}
@@ -100,7 +107,7 @@ class EvaluateExportCallback(Callback, ChecksCallbackList):
             t0 = time.time()
             with phase("scoring the dense model on held-out text"):
                 self.dense["heldout"] = pl_module.score_heldout("dense: held-out text")
-            self.dense_windows = gather_records(getattr(pl_module, "heldout_windows", {}))  # every rank's windows
+            self.dense_windows = gather_records(pl_module.heldout_windows)  # every rank's windows
             self.timings["dense_score_s"] = time.time() - t0
         if "heldout" in self.dense and (cached is not None or "dense_score_s" in self.timings):
             r = self.dense["heldout"]
@@ -112,7 +119,7 @@ class EvaluateExportCallback(Callback, ChecksCallbackList):
                 self.dense["tasks"] = self._evaluate_tasks(pl_module, "dense: ")
             self.timings["dense_tasks_s"] = time.time() - t0
         if key and cached is None:
-            dense_cache.store(key, {"dense": self.dense, "heldout_windows": getattr(self, "dense_windows", {})})
+            dense_cache.store(key, {"dense": self.dense, "heldout_windows": self.dense_windows})
 
     @override
     def on_train_end(self, trainer, pl_module) -> None:
@@ -128,10 +135,10 @@ class EvaluateExportCallback(Callback, ChecksCallbackList):
             timings.update(quantized.timings)
         pruned = self._score_pruned(pl_module, timings)
         results.update({"dense": dict(self.dense), "pruned": pruned, "timings": timings, "sparsegpt": dict(outcome.solver_info)})
-        results["paired"] = paired_results(self.dense, getattr(self, "dense_windows", {}), pruned,
+        results["paired"] = paired_results(self.dense, self.dense_windows, pruned,
                                            gather_records(pl_module.heldout_windows) if self.score else {})
         results["run"] = run_metadata(trainer, pl_module, outcome.settings)
-        if hasattr(pl_module, "memory_report"):  # the plan made before the work, and the measured peaks beside it
+        if isinstance(pl_module, ReportsMemory):  # the plan made before the work, and the measured peaks beside it
             results["memory"] = pl_module.memory_report()
         from pipeline.run.console import ordered_phases, phase_timings
 
@@ -192,7 +199,7 @@ class EvaluateExportCallback(Callback, ChecksCallbackList):
 
     @override
     def state_dict(self) -> dict:
-        return {"dense": self.dense, "timings": self.timings, "dense_windows": getattr(self, "dense_windows", {})}
+        return {"dense": self.dense, "timings": self.timings, "dense_windows": self.dense_windows}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:

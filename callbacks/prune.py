@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.reduction import SlotSums
+from callbacks.reduction import SlotSums, check_slots
 from callbacks.cached import RecordedBatches, calibrate_from_cache, solve_block_by_block, uniform_block_calls
 from callbacks.schedule import MeanSinkScores, ProbedInputs, guard_memory, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
@@ -24,14 +24,15 @@ from pipeline.maths.allocation import ByGlob, Owl, Uniform, parse_sparsity
 from pipeline.model.calibration import NoisedBatch
 from pipeline.run.outcome import PruneOutcome
 from pipeline.run.phase import phase
-from pipeline.run.protocols import (ChecksCallbackList, ChoosesFlavor, DescribesCalibration, NoisedBatchHooks, PublishesPruneOutcome,
-                                    SinkScoreConsumer, check_listed_after, check_module, outcome_publisher)
+from pipeline.run.protocols import (ChecksContracts, ChoosesFlavor, DescribesCalibration, KnowsBlockCalls, NoisedBatchHooks,
+                                    OrdersBySlot, PublishesPruneOutcome, SinkScoreConsumer, SizesCalibrationMemory,
+                                    check_listed_after, check_module, module_offloader, outcome_publisher)
 from pipeline.maths.flavors import get_flavor, make_pruner
 from pipeline.maths.pruners import METHODS, check_prune_args
 
 
 class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCalibration, PublishesPruneOutcome, ChoosesFlavor,
-                    ChecksCallbackList):
+                    ChecksContracts, SizesCalibrationMemory, KnowsBlockCalls):
     """Compute and apply pruning masks from calibration; publish them as a PruneOutcome when calibration ends.
 
     Args:
@@ -86,6 +87,7 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         self.updated, self._resumed, self.expert_tokens = set(), {}, {}
         self._outcome: PruneOutcome | None = None
         self.rescored = False  # offloaded, sequential, sink scores of the partly pruned model (see _check_offload)
+        self.uniform: bool | None = None  # cached: every block called with block 0's arguments (on_fit_start)
 
     layers = property(lambda self: self.t.layers)  # name -> targeted nn.Linear
     pruned_weights = property(lambda self: {n: self.layers[n].weight.detach().cpu() for n in sorted(self.updated)})
@@ -96,7 +98,17 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         return self._outcome
 
     @override
-    def check_list(self, trainer) -> None:
+    def calibration_memory(self) -> tuple[str | None, int | None]:
+        return self.pruner.statistic, self.reduction_slots
+
+    @override
+    def blocks_called_alike(self) -> bool | None:
+        return self.uniform
+
+    @override
+    def check_contracts(self, trainer, pl_module) -> None:
+        check_module(pl_module, "PruneCallback")
+        check_slots(self.flavor.slots(self.reduction_slots, trainer.world_size), trainer.world_size, "prune reduction_slots")
         outcome_publisher(trainer)  # one pruning callback
         if self.pruner.weighting.sink_aware and not any(isinstance(cb, SinkStatsCallback) for cb in trainer.callbacks):
             raise ValueError(f"prune method={self.method} needs a SinkStatsCallback listed before PruneCallback in trainer.callbacks")
@@ -104,14 +116,13 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
 
     @override
     def setup(self, trainer, pl_module, stage=None) -> None:
-        check_module(pl_module, "PruneCallback")
-        self.check_list(trainer)
+        self.check_contracts(trainer, pl_module)
         self.reduction_slots = self.flavor.slots(self.reduction_slots, trainer.world_size)
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
         """Find the layers once the model exists (configure_model), before any calibration work."""
-        self.t = find_targets(pl_module.model, self.targets, self.ignore, self.n_m, self.pruner.statistic and self.method)
+        self.t = self.find_layers(pl_module.model)
         if not isinstance(self.allocation, Owl):
             self.layer_targets = self.allocation.targets(self.layers)
         if isinstance(self.allocation, ByGlob):
@@ -126,13 +137,20 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         elif self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
             trainer.fit_loop.max_epochs = len(self.t.block_layers)
         self.sums = self.sums or SlotSums(self.reduction_slots or 8, None if self.mode == "oneshot" else False)  # (resumed: the checkpoint's)
+        if self.sums.host_totals is None and getattr(pl_module, "offloader", None) is not None:
+            self.sums.host_totals = True  # offloaded: the memory plan keeps the float64 totals in CPU memory
         self.slot_major = self._order_by_slot(trainer, pl_module)
         reapply(self.layers, self.masks, self._resumed)  # resumed: restore the layers pruned before
         self.updated, self._resumed = self.updated | set(self._resumed), {}  # (the layers hold them now)
 
+    def find_layers(self, model) -> Targets:
+        """The targeted layers of `model` per block; a one-line error when targets/ignore or n_m do not fit it (preflight
+        runs it on the model's skeleton, before the run folder exists)."""
+        return find_targets(model, self.targets, self.ignore, self.n_m, self.pruner.statistic and self.method)
+
     def _check_offload(self, pl_module) -> None:
         """An offloaded model calibrates block by block from cached inputs (callbacks/cached.py), every method."""
-        if getattr(pl_module, "offloader", None) is None or not self.pruner.statistic or self.masks_from:
+        if module_offloader(pl_module) is None or not self.pruner.statistic or self.masks_from:
             return
         # sequential with the sink scores of the partly pruned model: one epoch per block, each ending in a mass pass
         # over every block and a pass through the pruned blocks up to this one (about 1.5·L² block onloads in all)
@@ -144,9 +162,9 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         into its total (one slot alive per layer instead of G; the same sums in the same order, the same bits)."""
         wanted = (self.pruner.statistic == "hessian" and trainer is not None and trainer.world_size == 1 and self.sums.slots > 1
                   and not (self.cached or self.masks_from) and self.flavor.noise_order != "reference")
-        order = getattr(getattr(trainer, "datamodule", None), "order_by_slot", None)  # (reference noise: the order draws it)
+        data = trainer.datamodule if trainer is not None else None  # (reference noise: the order draws it)
         # (an MoE expert's GEMM takes the tokens routed to it from the whole batch: keep each batch's windows)
-        return bool(wanted and order is not None and order(self.sums.slots, regroup=not self.t.experts))
+        return bool(wanted and isinstance(data, OrdersBySlot) and data.order_by_slot(self.sums.slots, regroup=not self.t.experts))
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:
@@ -186,7 +204,7 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
     def on_noised_batch(self, trainer, pl_module, nb: NoisedBatch) -> None:
         if self.cached:  # the work happens at the epoch's end (calibrate_from_cache)
             self.recorded.record(nb, self.pruner.inputs == "clean")
-            if getattr(pl_module, "offloader", None) is not None:  # no forward has run: the scores come at the epoch's end
+            if module_offloader(pl_module) is not None:  # no forward has run: the scores come at the epoch's end
                 epoch = trainer.current_epoch
                 self.seen.update((epoch, sid, nb.step) for sid in nb.sample_ids if sid >= 0 and not self.offset)
             elif self.offset:
@@ -231,13 +249,13 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
             return
         if self.cached:
             return self._from_cache(trainer, pl_module)
-        if not self.pruner.statistic and getattr(pl_module, "offloader", None) is not None:
+        if not self.pruner.statistic and module_offloader(pl_module) is not None:
             return solve_block_by_block(self.t, self._solve, pl_module.offloader)
         self._solve(self._active_layers(epoch) if self.pruner.statistic else list(self.layers))
 
     def _from_cache(self, trainer, pl_module) -> None:
         batches = self.recorded.noised_batches(pl_module.device)
-        offloader = getattr(pl_module, "offloader", None)
+        offloader = module_offloader(pl_module)
         if offloader is not None and self.pruner.weighting.sink_aware:  # scores from SinkStatsCallback's block pass
             sink = next(cb for cb in trainer.callbacks if isinstance(cb, SinkStatsCallback))
             if self.offset:

@@ -19,12 +19,12 @@ from typing import Mapping
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from rich.console import Console
 from typing_extensions import override
 
 from callbacks.layers import accumulate, routed_tokens
 from callbacks.prune import PruneCallback
-from callbacks.reduction import SlotSums
+from callbacks.reduction import SlotSums, check_slots
 from callbacks.schedule import hooked_forward
 from callbacks.shared import SharedInputs
 from callbacks.sink_stats import SinkStatsCallback
@@ -33,7 +33,8 @@ from pipeline.maths.flavors import make_pruner
 from pipeline.maths.quantize import Scheme, round_to_nearest
 from pipeline.model.fused_experts import UnfusedExperts
 from pipeline.run.phase import phase
-from pipeline.run.protocols import NoisedBatch, NoisedBatchHooks, SinkScoreConsumer, callbacks_of, find_outcome, run_flavor
+from pipeline.run.protocols import (ChecksContracts, NoisedBatch, NoisedBatchHooks, SavesModel, SinkScoreConsumer, callbacks_of,
+                                    find_outcome, run_flavor)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class QuantizeOutcome:
     scales: Mapping[str, torch.Tensor]            # layer -> [out, groups] scales (CPU, the layer's dtype)
     info: Mapping[str, Mapping] = field(default_factory=dict)  # layer -> GPTQ damping, retries, loss
     timings: Mapping[str, float] = field(default_factory=dict)
+    saved_dense: frozenset[str] = frozenset()     # quantized in memory, saved dense: fused MoE experts
+
+    @property
+    def packed_scales(self) -> dict[str, torch.Tensor]:
+        """The layers saved packed, with their scales (pipeline/run/compressed.py)."""
+        return {n: s for n, s in self.scales.items() if n not in self.saved_dense}
 
     def __post_init__(self):
         object.__setattr__(self, "scales", MappingProxyType(dict(self.scales)))
@@ -51,7 +58,7 @@ class QuantizeOutcome:
         object.__setattr__(self, "timings", MappingProxyType(dict(self.timings)))
 
 
-class QuantizeCallback(Callback, NoisedBatchHooks, SinkScoreConsumer):
+class QuantizeCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, ChecksContracts):
     """Quantize the pruned layers' weights in place (the pruned weights stay exactly zero).
 
     Args:
@@ -86,45 +93,56 @@ class QuantizeCallback(Callback, NoisedBatchHooks, SinkScoreConsumer):
         self.layers: dict[str, torch.nn.Linear] = {}
         self.statistic = None  # a SparseGPT pruner: its weighting and Hessian `add` (pipeline/maths/pruners.py)
         self.sums, self.shared, self.seen = None, SharedInputs(), set()
+        self.saved_dense: frozenset[str] = frozenset()
         self.outcome: QuantizeOutcome | None = None
 
     @override
-    def setup(self, trainer, pl_module, stage=None) -> None:
-        order = list(trainer.callbacks)
-        self.prune = next((cb for cb in order[:order.index(self)] if isinstance(cb, PruneCallback)), None)
-        if self.prune is None:
+    def check_contracts(self, trainer, pl_module) -> None:
+        before = trainer.callbacks[:trainer.callbacks.index(self)]
+        if not any(isinstance(cb, PruneCallback) for cb in before):
             raise ValueError("QuantizeCallback needs a PruneCallback listed before it in trainer.callbacks (method: dense "
                              "quantizes the dense model)")
-        later = [type(cb).__name__ for cb in order[:order.index(self)]]
-        if "EvaluateExportCallback" in later:
-            raise ValueError("QuantizeCallback is listed after EvaluateExportCallback in trainer.callbacks; list it before, "
-                             "so that the quantized model is the one scored and saved")
-        if self.sink_aware is None:
-            self.sink_aware = self.prune.pruner.weighting.sink_aware
-        if self.gptq and self.sink_aware and not any(isinstance(cb, SinkStatsCallback) for cb in order[:order.index(self)]):
+        if self._sink_aware(before) and self.gptq and not any(isinstance(cb, SinkStatsCallback) for cb in before):
             raise ValueError("quantize sink_aware=true needs a SinkStatsCallback listed before QuantizeCallback in trainer.callbacks")
-        if any(getattr(cb, "save_model", False) for cb in order):  # the writer must exist before any work
+        if any(isinstance(cb, SavesModel) and cb.save_model for cb in trainer.callbacks):  # the writer, before any work
             from pipeline.run.compressed import require_compressed_tensors
 
             require_compressed_tensors()
+        check_slots(run_flavor(trainer).slots(self.reduction_slots, trainer.world_size), trainer.world_size,
+                    "quantize reduction_slots")
+
+    def _sink_aware(self, before: list) -> bool:
+        """sink_aware, by default the PruneCallback's weighting."""
+        prune = next(cb for cb in before if isinstance(cb, PruneCallback))
+        return prune.pruner.weighting.sink_aware if self.sink_aware is None else self.sink_aware
+
+    @override
+    def setup(self, trainer, pl_module, stage=None) -> None:
+        self.check_contracts(trainer, pl_module)
+        before = trainer.callbacks[:trainer.callbacks.index(self)]
+        self.prune = next(cb for cb in before if isinstance(cb, PruneCallback))
+        self.sink_aware = self._sink_aware(before)
         self.reduction_slots = run_flavor(trainer).slots(self.reduction_slots, trainer.world_size)
+
+    def quantized_layers(self, model, pruned: dict) -> dict:
+        """The layers it quantizes: every pruned layer (fused MoE experts and tied layers included); a one-line error
+        for a width the group size does not divide.  Preflight runs it on the model's skeleton."""
+        layers = dict(pruned)
+        for name, layer in layers.items():
+            self.scheme.check_width(name, layer.in_features)
+        return layers
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
         """The pruned layers (known once the model exists); every width checked before any calibration work."""
-        fused = fused_expert_layers(pl_module.model, self.prune.layers)
-        if fused:
-            rank_zero_warn(f"quantize: {len(fused)} layers of fused MoE experts (e.g. {fused[0]}) stay unquantized: the "
-                           "checkpoint stores them as 3-D tensors, which the compressed-tensors save does not pack")
-        self.layers = {n: m for n, m in self.prune.layers.items() if n not in set(fused)}
-        tied = tied_layers(pl_module.model, self.layers)
-        if tied:
-            name, other = tied[0]
-            raise ValueError(f"quantize: {name} shares its weight with {other} (tied layers, as a canvas model's encoder and "
-                             "decoder); the compressed-tensors save cannot pack tied layers, which transformers re-ties on "
-                             "load; quantize a model without tied layers or drop the QuantizeCallback")
-        for name, layer in self.layers.items():
-            self.scheme.check_width(name, layer.in_features)
+        self.layers = self.quantized_layers(pl_module.model, self.prune.layers)
+        self.saved_dense = frozenset(fused_expert_layers(pl_module.model, self.layers))
+        if self.saved_dense and trainer.is_global_zero:  # one line at run start
+            Console(stderr=True).print(
+                f"quantize: {len(self.saved_dense)} fused MoE expert layers are quantized like the others but saved dense "
+                "(their exact quantized values): compressed-tensors packs Linear weights only, and "
+                f"{type(pl_module.model).__name__} loads its experts as fused 3-D tensors",
+                style="yellow", soft_wrap=True, markup=False)
         if self.gptq:
             self.statistic = make_pruner("sink_sparsegpt" if self.sink_aware else "sparsegpt", 0.0)
             self.sums = self.sums or SlotSums(self.reduction_slots)
@@ -189,7 +207,7 @@ class QuantizeCallback(Callback, NoisedBatchHooks, SinkScoreConsumer):
         if self.sums is not None:
             self.sums.clear()
         self.outcome = QuantizeOutcome(self.scheme, "gptq" if self.gptq else "rtn", scales, info,
-                                       {"quantize_s": time.time() - t0})
+                                       {"quantize_s": time.time() - t0}, self.saved_dense)
 
     @override
     def state_dict(self) -> dict:
@@ -210,16 +228,6 @@ def fused_expert_layers(model, layers: dict) -> list[str]:
     return [n for n in layers if isinstance(parent(n, 2), UnfusedExperts)]
 
 
-def tied_layers(model, layers: dict) -> list[tuple[str, str]]:
-    """(targeted layer, another module holding the same weight Parameter)."""
-    holders: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.nn.Parameter):
-            holders.setdefault(id(weight), []).append(name)
-    return [(n, next(o for o in holders[id(m.weight)] if o != n)) for n, m in layers.items() if len(holders[id(m.weight)]) > 1]
-
-
 def quantize_outcome(trainer) -> QuantizeOutcome | None:
     """The run's QuantizeOutcome (None: nothing quantized); read in on_train_end, after QuantizeCallback's."""
     return next((cb.outcome for cb in callbacks_of(trainer, QuantizeCallback)), None)
@@ -229,4 +237,5 @@ def quantize_summary(outcome: QuantizeOutcome) -> dict:
     """results.json's "quantize" entry."""
     s = outcome.scheme
     return {"scheme": s.name, "bits": s.bits, "group_size": s.group_size, "actorder": s.actorder,
-            "algorithm": outcome.algorithm, "layers": len(outcome.scales), "gptq": dict(outcome.info)}
+            "algorithm": outcome.algorithm, "layers": len(outcome.scales), "saved_dense": len(outcome.saved_dense),
+            "gptq": dict(outcome.info)}

@@ -31,6 +31,13 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist_ready() else (0, 1)
 
 
+def check_slots(slots: int, size: int, field: str = "reduction_slots") -> None:
+    """Every rank owns the same number of slots (slot g lives on rank g % world_size)."""
+    if slots % size:
+        raise ValueError(f"{field}={slots} is not a multiple of world_size={size}; set it to a multiple of the number "
+                         f"of processes (e.g. {size * ((slots + size - 1) // size)})")
+
+
 def forced_totals() -> tuple[bool, bool | None] | None:
     """(host_totals, fold_thread) that SINKPRUNE_SLOT_TOTALS forces, None when unset."""
     value = os.environ.get("SINKPRUNE_SLOT_TOTALS", "").strip().lower()
@@ -50,11 +57,7 @@ def device_room(device: torch.device) -> tuple[int, int]:
 class SlotSums:
     def __init__(self, slots: int = 8, host_totals: bool | None = False, fold_thread: bool | None = None):
         rank, size = world()
-        if slots % size:
-            raise ValueError(
-                f"reduction_slots={slots} is not a multiple of world_size={size}; set the callback's "
-                f"reduction_slots to a multiple of the number of processes (e.g. {size * ((slots + size - 1) // size)})"
-            )
+        check_slots(slots, size)
         if host_totals is None and (forced := forced_totals()) is not None:
             host_totals, fold_thread = forced
         self.slots, self.host_totals = slots, host_totals  # None: decided at the first fold (_place_totals)

@@ -11,21 +11,22 @@ import torch
 from callbacks.reduction import gather_records
 from pipeline.maths.attention import force_eager
 from pipeline.model.calibration import NoisedBatch, forward_through_blocks
+from pipeline.run.protocols import GuardsMemory
 
 
 class MeanSinkScores:
     """sample id -> [Σ_t term(s_t) (float32 [L]), number of timesteps], summed in the timesteps' order (as the
     reference).  term and the mean are the pruner's (`score_term`, `mean_score`): s and Σ/n for the reference."""
 
-    def __init__(self, pruner=None):
+    def __init__(self, pruner):
         self.sums: dict[int, list] = {}
         self.pruner = pruner  # (kept, not its methods: the callback must pickle for DDP spawn)
 
     def term(self, scores: torch.Tensor) -> torch.Tensor:
-        return self.pruner.score_term(scores) if hasattr(self.pruner, "score_term") else scores
+        return self.pruner.score_term(scores)
 
     def mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
-        return self.pruner.mean_score(total, count) if hasattr(self.pruner, "mean_score") else total / count
+        return self.pruner.mean_score(total, count)
 
     def add(self, nb: NoisedBatch, seen: set, method: str) -> None:
         if nb.sink_scores is None:
@@ -59,8 +60,7 @@ class MeanSinkScores:
 
 def guard_memory(pl_module):
     """The module's out-of-memory guard (DLMModule: one line with the plan and the fix), else nothing."""
-    guard = getattr(pl_module, "out_of_memory_guard", None)
-    return guard() if guard is not None else nullcontext()
+    return pl_module.out_of_memory_guard() if isinstance(pl_module, GuardsMemory) else nullcontext()
 
 
 @contextmanager

@@ -32,13 +32,14 @@ from callbacks.schedule import guard_memory
 from pipeline.run.phase import phase
 from pipeline.maths.attention import MASS_KERNELS, AttentionMassProbe
 from pipeline.run.outputs import AtomicDir
-from pipeline.run.protocols import NoisedBatchHooks, SinkScoreConsumer, callbacks_of, check_module, run_flavor
+from pipeline.run.protocols import (ChecksContracts, KnowsBlockCalls, NoisedBatchHooks, SinkScoreConsumer, callbacks_of, check_module,
+                                    module_offloader, run_flavor)
 from pipeline.evaluation.sink_tables import plot_heatmap, render_timestep_table, positional_warning, summarize_records
 from pipeline.maths.flavors import DEFAULT
 from pipeline.maths.sinks import mass_statistics, token_kind
 
 
-class SinkStatsCallback(Callback, NoisedBatchHooks):
+class SinkStatsCallback(Callback, NoisedBatchHooks, ChecksContracts):
     def __init__(
         self,
         sink_std: float = 2.0,
@@ -77,6 +78,9 @@ class SinkStatsCallback(Callback, NoisedBatchHooks):
         self.offload_scores: dict[tuple, torch.Tensor] = {}
 
     def setup(self, trainer, pl_module, stage=None) -> None:
+        self.check_contracts(trainer, pl_module)
+
+    def check_contracts(self, trainer, pl_module) -> None:
         check_module(pl_module, "SinkStatsCallback")
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -97,7 +101,7 @@ class SinkStatsCallback(Callback, NoisedBatchHooks):
         consumers = callbacks_of(trainer, SinkScoreConsumer)
         if consumers and not any(cb.wants_sink_scores(trainer.current_epoch) for cb in consumers):
             return  # e.g. flavor="reference" SparseGPT's clean-input block epochs
-        if getattr(pl_module, "offloader", None) is not None:
+        if module_offloader(pl_module) is not None:
             return self.deferred.record(nb, clean=False)
         valid = nb.attention_mask.bool() if nb.attention_mask is not None else None
         read = any(cb.reads_probed_forward(trainer.current_epoch) for cb in consumers)
@@ -132,7 +136,7 @@ class SinkStatsCallback(Callback, NoisedBatchHooks):
         """Offloaded model: every recorded batch's mass in one block-by-block pass, then its scores and records."""
         batches = self.deferred.noised_batches(pl_module.device)
         self.deferred, self.offload_scores = RecordedBatches(), {}
-        uniform = next((cb.uniform for cb in trainer.callbacks if hasattr(cb, "uniform")), None)  # PruneCallback's
+        uniform = next((cb.blocks_called_alike() for cb in callbacks_of(trainer, KnowsBlockCalls)), None)  # PruneCallback's
         uniform = uniform_block_calls(pl_module) if uniform is None else uniform
         masses = mass_from_cache(pl_module, batches, pl_module.offloader, True, uniform, chunk_size=self.chunk_size,
                                  reference_order=self._flavor.reference_mass,

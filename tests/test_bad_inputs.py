@@ -50,7 +50,7 @@ CASES = {
     "unknown_method": (dict(method="sink_magic"), "method='sink_magic' is unknown"),
     "seqlen_above_model_max": (dict(seqlen=1024), "exceeds the model's maximum sequence length 512"),
     "targets_match_nothing": (dict(prune_args={"targets": ["no_such_layer"]}), "match no Linear layer"),
-    "no_attention_visible": (dict(model_args={"attn_implementation": "eager"}), "no attention the probe can see"),
+    "no_attention_visible": (dict(model_args={"attn_implementation": "eager"}), "SinkStatsCallback's probe sees only"),
     "timestep_above_one": (dict(model_args={"timesteps": [0.5, 1.5]}), "every timestep must be in (0, 1]"),
     "timestep_zero": (dict(model_args={"timesteps": [0.0, 0.5]}), "every timestep must be in (0, 1]"),
     "sink_alpha_nan": (dict(sink_args={"sink_alpha": float("nan")}), "sink_alpha=nan is not finite"),

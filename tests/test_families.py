@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.maths.attention import probed_forward
+from tests.oracles import probed_forward
 from pipeline.model.calibration import find_blocks
 from pipeline.model.loading import load_dlm
 from tests.runs import run_inprocess, tiny_config

@@ -1,6 +1,7 @@
 """A plain (not editable) install carries the recipes and every embedded model: the wheel holds every tracked file
 of configs/ and the zoo folders, and, unpacked outside the checkout, runs a recipe by name."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,8 +14,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO),
+    # Built from a copy of the tracked files: a build in the checkout would leave build/ and *.egg-info behind.
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in _tracked():
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
                            "-w", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return next(out.glob("sinkprune-*.whl"))

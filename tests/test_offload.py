@@ -2,11 +2,15 @@
 (every method, both flavours, N:M, MoE), the memory plan picks offload under a device budget, and the weights counted
 on the compute device never exceed two blocks plus the embeddings and head."""
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from callbacks.reduction import SlotSums
+from pipeline.model import memory_plan as mp
+from tests.live_bytes import LiveBytes
 from tests.runs import REPO, run_cli, run_inprocess, tiny_config
 
 
@@ -64,7 +68,7 @@ def test_offload_equals_resident(tmp_path, case):
 def test_budget_makes_auto_offload_and_bounds_device_weights(tmp_path, monkeypatch):
     _, _, resident = _fit(tmp_path, "auto-free", "auto")
     assert resident["memory"]["offload"] == "none"
-    monkeypatch.setenv("SINKPRUNE_DEVICE_BUDGET", "12.5MiB")  # resident needs 13.3 MiB, offloaded 9.9
+    monkeypatch.setenv("SINKPRUNE_DEVICE_BUDGET", "12.5MiB")  # resident needs 13.4 MiB, offloaded 9.1
     masks, _, results = _fit(tmp_path, "auto-budget", "auto")
     memory = results["memory"]
     assert memory["offload"] == "cpu" and memory["device_free_bytes"] == int(12.5 * 2**20)
@@ -74,7 +78,81 @@ def test_budget_makes_auto_offload_and_bounds_device_weights(tmp_path, monkeypat
     assert blocks == 4 and counted["peak_weight_bytes_on_device"] <= rest + 2 * block
     assert counted["peak_weight_bytes_on_device"] >= rest + block  # a block was on the device while it ran
     assert rest + 2 * block < memory["model_bytes"]  # (the bound says something: the whole model is more)
+    # the block passes: the output head never on the device, the embeddings only while the block inputs are made
+    head, buffers = counted["head_bytes"], counted["buffer_bytes"]
+    assert head > 0 and counted["peak_outer_bytes_in_passes"] == rest - buffers - head
+    assert block < counted["peak_weight_bytes_in_passes"] <= buffers + max(rest - buffers - head, 2 * block)
+    # the plan's phases: the short full forwards at fit start hold the most weights, as counted
+    phases = memory["offload_phases"]
+    assert phases["full forward"] == rest + 2 * block >= counted["peak_weight_bytes_on_device"]
+    assert memory["offload_device_peak_bytes"] == max(phases.values()) and memory["block_inputs_on"] == "device"
     _same(masks, load_file(str(tmp_path / "auto-free" / "pruned" / "masks.safetensors")))
+
+
+def test_sparsegpt_hessians_of_one_block_at_a_time(tmp_path, monkeypatch):
+    """Offloaded SparseGPT: only the Hessians of the block being calibrated exist (one float32 slot per statistic, the
+    completed slots folded into float64 totals), solved and freed before the next block; the plan's figure bounds
+    the float32 slots (the device's share)."""
+    seen = []  # at every slot creation: (blocks with statistics, most float32 slots of one key, their bytes)
+    accumulator = SlotSums.accumulator
+
+    def watching(sums, key, sample_id, *args, **kwargs):
+        out = accumulator(sums, key, sample_id, *args, **kwargs)
+        slots = [t for per_key in sums.sums.values() for t in per_key.values()]
+        blocks = {re.search(r"\.blocks\.(\d+)\.", k).group(1) for k in (*sums.sums, *sums.folded)}
+        seen.append((blocks, max(len(v) for v in sums.sums.values()), sum(t.numel() * t.element_size() for t in slots)))
+        return out
+
+    monkeypatch.setattr(SlotSums, "accumulator", watching)
+    _, _, results = _fit(tmp_path, "sgpt", "cpu", method="sink_sparsegpt", batch_size=1)
+    assert [b for b, _, _ in seen if len(b) != 1] == []  # never two blocks' statistics at once
+    assert sorted({b.pop() for b, _, _ in seen}) == ["0", "1", "2", "3"]
+    assert max(n for _, n, _ in seen) == 1  # one slot per statistic: the others are folded
+    assert 0 < max(size for *_, size in seen) <= results["memory"]["statistic_device_bytes"]
+
+
+LLADA_8B = {"d_model": 4096, "n_heads": 32, "n_kv_heads": 32, "n_layers": 32, "mlp_hidden_size": 12288,
+            "vocab_size": 126464, "embedding_size": 126464, "weight_tying": False, "torch_dtype": "bfloat16"}
+
+
+def test_plan_states_the_hessian_and_solver_bytes():
+    shape = mp.shape_from_config(LLADA_8B, "llada-8b")
+    cal = mp.Calibration(statistic="hessian", windows=4, timesteps=10, seqlen=2048)
+    plan = mp.memory_plan(shape, cal, device_free=141 * 10**9, devices=1, offload="cpu")
+    entries = 3 * 4096**2 + 12288**2  # q/k/v share a Hessian, gate/up too; o; the down projection's is 12288²
+    assert plan["statistic_device_bytes"] == 4 * entries and plan["statistic_cpu_bytes"] == 8 * entries
+    assert plan["solver_bytes"] == 38 * 12288**2 + 22 * 4096 * 12288  # the down projection, the largest to solve
+    phases = plan["offload_phases"]
+    assert plan["offload_device_peak_bytes"] == phases["solve"] == 2 * shape.block_bytes + plan["solver_bytes"] + (
+        plan["block_input_cache_bytes"])  # (the block inputs fit beside it)
+    assert phases["block inputs"] < phases["full forward"] - shape.head_bytes  # no head, no block while they are made
+    table = " ".join(mp.render_plan(plan).split())  # (unwrapped)
+    assert "statistics 768.0 MiB on the device per block (float64 totals: 1.5 GiB in CPU memory)" in table
+    assert "solving the largest layer 6.4 GiB" in table
+    # DDP: a rank's owned slots stay on the device (no fold) beside the float64 totals
+    eight = mp.memory_plan(shape, cal, device_free=141 * 10**9, devices=8, offload="cpu")
+    assert eight["statistic_device_bytes"] == (4 * 1 + 8) * entries and eight["statistic_cpu_bytes"] == 0
+    # too small a device: the fix names the Hessians
+    small = mp.memory_plan(shape, cal, device_free=6 * 2**30, devices=1, offload="cpu")
+    assert not small["fits"] and "SparseGPT's Hessians need" in small["fix"]
+
+
+@pytest.mark.parametrize("method", ["sink_wanda", "sink_sparsegpt"])
+@pytest.mark.parametrize("out_features,in_features", [(96, 288), (288, 96)])
+def test_solver_workspace_counted_within_the_plan(method, out_features, in_features):
+    from pipeline.maths.flavors import get_flavor, make_pruner
+
+    pruner = make_pruner(method, 0.5, None, get_flavor("default"))
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = torch.randn(512, in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    stat = x.T @ x if pruner.statistic == "hessian" else (x * x).sum(0)
+    with LiveBytes() as count:
+        pruner.solve(weight, stat, 0.5)
+    on_device = count.peak + (8 * in_features**2 if pruner.statistic == "hessian" else 0)  # (+ the total brought over)
+    shape = mp.ModelShape("layer", 1, 0, 0, in_features, 1, in_features, [in_features], 2,
+                          linear_shapes=[(out_features, in_features)])
+    planned = mp.solver_bytes(shape, mp.Calibration(statistic=pruner.statistic))
+    assert 0.9 * planned <= on_device <= planned
 
 
 def test_two_processes_with_offload_equal_one_resident(tmp_path):
@@ -126,7 +204,9 @@ def test_plan_from_config_alone():
     assert p1["offload"] == p8["offload"] == "cpu" and p1["fits"] and p8["fits"]
     assert p1["predicted_device_peak_bytes"] < 80e9 * 0.9 < p1["resident_device_peak_bytes"]
     assert p8["block_input_cache_bytes"] * 8 == p1["block_input_cache_bytes"]  # the windows are sharded
-    sgpt = _plan("--model", "configs/plans/llada2_0_flash", "--method", "sink_sparsegpt")
+    sgpt = _plan("--model", "configs/plans/llada2_0_flash", "--method", "sink_sparsegpt")  # one Hessian slot on the GPU
+    assert sgpt.returncode == 0 and "in CPU memory); solving the largest layer" in " ".join(sgpt.stdout.split())
+    sgpt = _plan("--model", "configs/plans/llada2_0_flash", "--method", "sink_sparsegpt", "--device-memory", "24GB")
     assert sgpt.returncode == 1 and "DOES NOT FIT" in sgpt.stdout and "Hessians" in sgpt.stdout
     for bad in (["--model", "no/such-model"], ["--model", "./missing/config.json"], ["--model", "configs/plans/llada2_0_flash",
                                                                                        "--devices", "0"]):

@@ -256,5 +256,5 @@ def test_check_module_sees_submodules_as_python_312_does():
         inspect.getattr_static(module, "model")  # what 3.12's isinstance would look at
     check_module(module, "SinkStatsCallback")
     del module.model
-    with pytest.raises(TypeError, match="needs a LightningModule with `model`"):
+    with pytest.raises(ValueError, match="needs a LightningModule with `model`"):
         check_module(module, "SinkStatsCallback")

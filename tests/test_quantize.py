@@ -9,12 +9,13 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from callbacks.quantize import fused_expert_layers
 from pipeline.maths import sparsity as sp
 from pipeline.maths.gptq import gptq_quantize
 from pipeline.maths.quantize import Scheme, dequantize, group_scales, quantize_codes, round_to_nearest
 from pipeline.model.calibration import target_linears
 from pipeline.model.loading import dlm_forward, load_dlm
-from pipeline.run.compressed import save_compressed
+from pipeline.run.compressed import save_compressed, tied_twins
 from tests.runs import run_cli, run_inprocess, tiny_config
 
 pytest.importorskip("compressed_tensors", reason="the [quantize] extra (in [test]) installs compressed-tensors")
@@ -56,18 +57,37 @@ def _prune_and_quantize(name: str, scheme: Scheme, gptq: bool = True, dtype: tor
     return model, tokenizer, masks, scales
 
 
+def _on_int4_grid(weight: torch.Tensor, group_size: int) -> bool:
+    """Every group of `group_size` inputs is (code in [-8, 7]) × one scale: its largest magnitude is k·scale, k ≤ 8."""
+    w = weight.double().reshape(weight.shape[0], -1, group_size)
+    absmax = w.abs().amax(-1, keepdim=True)
+    on_grid = absmax.squeeze(-1) == 0
+    for k in range(1, 9):
+        q = w / (absmax / k)
+        on_grid |= ((q - q.round()).abs() < 1e-4).all(-1)
+    return bool(on_grid.all())
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return dlm_forward(model, ids).logits
 
 
+HAS_DIFFUSION_GEMMA = hasattr(transformers, "DiffusionGemmaForBlockDiffusion")
+needs_diffusion_gemma = pytest.mark.skipif(not HAS_DIFFUSION_GEMMA,
+                                           reason=f"transformers {transformers.__version__} has no DiffusionGemma (tiny-diffgemma)")
+
+
 @pytest.mark.parametrize("name,scheme,gptq,dtype", [
     pytest.param("tiny-llada", Scheme.parse("w4a16", group_size=64), True, None, marks=pytest.mark.tf5),  # 4.x-era remote code
-    ("tiny-llada-moe", Scheme.parse("w4a16", group_size=32, actorder=True), True, None),
-    ("minilm-dlm", Scheme.parse("fp8"), False, None),
+    pytest.param("tiny-llada-moe", Scheme.parse("w4a16", group_size=32, actorder=True), True, None, marks=pytest.mark.tf5),
+    pytest.param("minilm-dlm", Scheme.parse("fp8"), False, None, marks=pytest.mark.tf5),
     # bf16 models: the scales are bf16, the codes times the scale rounded to bf16 once, as the library decompresses
     pytest.param("tiny-llada", Scheme.parse("w4a16", group_size=64), True, torch.bfloat16, marks=pytest.mark.tf5),
     pytest.param("tiny-llada", Scheme.parse("fp8"), False, torch.bfloat16, marks=pytest.mark.tf5),
+    # transformers 5's DiffusionGemma: decoder layers tied to the encoder's, fused 3-D MoE experts, LM head tied
+    pytest.param("tiny-diffgemma", Scheme.parse("w4a16", group_size=16), True, None, marks=[pytest.mark.tf5, needs_diffusion_gemma]),
+    pytest.param("tiny-diffgemma", Scheme.parse("fp8"), False, None, marks=[pytest.mark.tf5, needs_diffusion_gemma]),
 ])
 def test_saved_folder_reloads_with_the_in_memory_weights_and_logits(tmp_path, name, scheme, gptq, dtype):
     from compressed_tensors.compressors import BaseCompressor
@@ -76,13 +96,21 @@ def test_saved_folder_reloads_with_the_in_memory_weights_and_logits(tmp_path, na
     model, tokenizer, masks, scales = _prune_and_quantize(name, scheme, gptq, dtype)
     if dtype is not None:
         assert all(layer.weight.dtype == dtype and scales[n].dtype == dtype for n, layer in target_linears(model).items())
+    layers = target_linears(model)
+    fused = set(fused_expert_layers(model, layers))   # quantized in memory, saved dense
+    packed = {n: v for n, v in scales.items() if n not in fused}
+    twins = tied_twins(model, list(packed))           # tiny-diffgemma's encoder layers: packed too, same scales
+    assert bool(fused) == bool(twins) == (name == "tiny-diffgemma")
     ids = torch.randint(4, len(tokenizer), (2, 20), generator=torch.Generator().manual_seed(0))
     expected = _logits(model, ids)
-    save_compressed(model, tmp_path, scales, scheme)
+    in_memory = {k: v.detach().clone() for k, v in model.named_parameters(remove_duplicate=False)}
+    save_compressed(model, tmp_path, packed, scheme)
     tokenizer.save_pretrained(tmp_path)
-    assert torch.equal(_logits(model, ids), expected)  # saving leaves the model as it was
+    assert torch.equal(_logits(model, ids), expected)  # saving leaves the model as it was (tied as it was)
+    assert all(model.get_submodule(t).weight is model.get_submodule(n).weight for t, n in twins.items())
 
-    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    saved_config = json.loads((tmp_path / "config.json").read_text())
+    config = saved_config["quantization_config"]
     assert config["quant_method"] == "compressed-tensors"
     assert config["format"] == ("float-quantized" if scheme.is_float else "pack-quantized")
     # 1. compressed-tensors' own decompression of the saved tensors gives each layer's weight, bit for bit
@@ -90,19 +118,26 @@ def test_saved_folder_reloads_with_the_in_memory_weights_and_logits(tmp_path, na
     group = qconfig.config_groups["group_0"]
     compressor = BaseCompressor.get_value_from_registry(qconfig.format)
     saved = load_file(str(tmp_path / "model.safetensors"))
-    layers = target_linears(model)
-    for n, layer in layers.items():
+    for n in [*packed, *twins]:
+        layer = model.get_submodule(n)
         local = {k[len(n) + 1:]: v for k, v in saved.items() if k.rsplit(".", 1)[0] == n}
         stored = "weight" if scheme.is_float else "weight_packed"
         assert local[stored].dtype == (torch.float8_e4m3fn if scheme.is_float else torch.int32), n
         weight = compressor.decompress(local, group)["weight"]
         assert weight.dtype == layer.weight.dtype and torch.equal(weight, layer.weight), n
-        assert not weight[masks[n]].any(), n                              # pruned weights stay exactly zero
-    # 2. transformers' compressed-tensors integration: the same logits
+        assert not weight[masks[twins.get(n, n)]].any(), n                # pruned weights stay exactly zero
+    for n in fused:  # a fused expert's rows in the saved 3-D tensor: its quantized weight, zeros kept
+        experts, index, proj = n.rsplit(".", 2)
+        row = saved[f"{experts}.{proj}"][int(index)]
+        assert torch.equal(row, layers[n].weight) and not row[masks[n]].any(), n
+    if twins:  # saved untied: transformers re-ties by name, which a packed layer cannot take
+        assert saved_config["tie_word_embeddings"] is False and model.config.tie_word_embeddings is True
+    # 2. transformers' compressed-tensors integration: the same logits, and every parameter (encoder's included)
     reloaded, _ = load_dlm(str(tmp_path), torch_dtype="auto")
-    assert torch.equal(_logits(reloaded, ids), expected)
-    for n, layer in target_linears(reloaded).items():  # (decompressed by the first forward)
-        assert torch.equal(layer.weight, layers[n].weight), n
+    assert torch.equal(_logits(reloaded, ids), expected)  # (the first forward decompresses every layer)
+    reloaded_params = dict(reloaded.named_parameters(remove_duplicate=False))
+    assert in_memory.keys() <= reloaded_params.keys()
+    assert all(torch.equal(reloaded_params[k], v) for k, v in in_memory.items())
     if name == "tiny-llada":  # remote-code models keep their code files
         assert (tmp_path / "modeling_llada.py").is_file()
 
@@ -161,6 +196,27 @@ def test_fp8_on_a_torch_without_float8(monkeypatch):
         Scheme.parse("fp8")
 
 
+@pytest.mark.parametrize("quantize,flags,message", [
+    ({"bits": 3}, (), "quantize bits=3: only 4 (int4 GPTQ, scheme w4a16) and 8 (scheme fp8) are supported; use bits: 4 or bits: 8"),
+    (None, ("--quantize", "fp8"), "quantize scheme=fp8: this torch {version} has no float8_e4m3fn; install torch >= 2.1 or use scheme: w4a16"),
+])
+def test_bad_settings_stop_a_run_in_one_line_before_any_work(tmp_path, monkeypatch, quantize, flags, message):
+    """bits 3 in a recipe, --quantize fp8 on a torch without float8: one line, exit 2, no model loaded, nothing written."""
+    import pipeline.model.module as module
+
+    config = tiny_config(tmp_path / "run", method="wanda", pretrained="tiny-llada", nsamples=2, timesteps=1,
+                         prune_args={"tasks": [], "score": False}, model_args={"score_dense": False})
+    if quantize is not None:
+        config["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.quantize.QuantizeCallback", "init_args": quantize})
+    else:
+        monkeypatch.delattr(torch, "float8_e4m3fn")
+    monkeypatch.setattr(module, "load_dlm", lambda *a, **k: pytest.fail("the model was loaded before the settings were checked"))
+    code, err = run_inprocess(config, tmp_path, *flags)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and lines == ["error: " + message.format(version=torch.__version__)], err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_group_size_not_dividing_a_width_fails_before_calibration(tmp_path):
     """tiny-llada's 192-wide layers and groups of 128: one line, exit 2, before any calibration or scoring."""
     config = tiny_config(tmp_path / "run", method="wanda", pretrained="tiny-llada", nsamples=2, timesteps=1,
@@ -204,19 +260,54 @@ def test_one_and_two_processes_give_identical_quantized_weights(tmp_path):
         assert not weight[mask.bool()].any() and weight[~mask.bool()].count_nonzero() > 0.9 * (~mask.bool()).sum(), n
 
 
-@pytest.mark.tf5
-@pytest.mark.skipif(not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"),
-                    reason=f"transformers {transformers.__version__} has no DiffusionGemma (tiny-diffgemma)")
-def test_tied_layers_refused_in_one_line(tmp_path):
-    """tiny-diffgemma's decoder layers share their weights with the encoder's: transformers re-ties them on load, which
-    a packed layer (no `weight`) cannot take, so the run stops with one line before calibration."""
-    config = tiny_config(tmp_path / "run", method="magnitude", pretrained="tiny-diffgemma", nsamples=2, timesteps=1,
-                         prune_args={"tasks": [], "score": False}, model_args={"score_dense": False, "noise": "uniform"})
-    code, err = run_inprocess(config, tmp_path, "--quantize", "w4a16", "--group-size", "16")
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert code == 2 and len(lines) == 1, err[-2000:]
-    assert "quantize: model.decoder.layers.0.self_attn.q_proj shares its weight with model.encoder." in lines[0]
-    assert not (tmp_path / "run" / "pruned").exists()
+@pytest.mark.parametrize("name,group_size,layers,fused,noise", [
+    pytest.param("tiny-llada-moe", 32, 56, 0, "mask", marks=pytest.mark.tf5),           # experts as per-expert Linear
+    pytest.param("tiny-diffgemma", 16, 29, 16, "uniform", marks=[pytest.mark.tf5, needs_diffusion_gemma]),  # fused 3-D
+])
+def test_moe_experts_quantized_identically_on_one_and_two_processes(tmp_path, name, group_size, layers, fused, noise):
+    """SparseGPT 50% + GPTQ int4 on the MoE models: every expert quantized on its routed tokens, the saved tensors
+    identical for 1 and 2 processes, pruned weights zero in the packed layers and in the fused expert tensors (saved
+    dense, which one line says at the start), the folder loads.  tiny-diffgemma's decoder is also tied to its encoder.
+    One window per batch: an expert's GEMM has as many rows as the batch routes to it, so its outputs' last bits depend
+    on the batch's company (tests/test_moe.py), which differs between 1 and 2 processes; alone, the windows compute
+    the same bits, and what is left to compare is the cross-rank reduction of the Hessians."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    runs = {}
+    for devices in (1, 2):
+        root = tmp_path / f"run{devices}"
+        trainer = {"devices": devices, **({"strategy": "calibration_ddp_spawn"} if devices > 1 else {})}
+        config = tiny_config(root, method="sparsegpt", pretrained=name, nsamples=4, seqlen=32, timesteps=2, batch_size=1,
+                             trainer_args=trainer, prune_args={"tasks": [], "score": False},
+                             model_args={"score_dense": False, "noise": noise})
+        proc = run_cli(config, tmp_path, "--quantize", "w4a16", "--group-size", str(group_size))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        notice = [line for line in proc.stderr.splitlines() if "fused MoE expert layers" in line]
+        assert notice == ([f"quantize: {fused} fused MoE expert layers are quantized like the others but saved dense (their "
+                           "exact quantized values): compressed-tensors packs Linear weights only, and "
+                           "DiffusionGemmaForBlockDiffusion loads its experts as fused 3-D tensors"] if fused else []), proc.stderr[-3000:]
+        runs[devices] = root / "pruned"
+    one, two = (load_file(str(runs[d] / "model" / "model.safetensors")) for d in (1, 2))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    results = json.loads((runs[1] / "results.json").read_text())["quantize"]
+    assert results["layers"] == layers and results["saved_dense"] == fused and results["algorithm"] == "gptq"
+    qconfig = QuantizationConfig.model_validate(json.loads((runs[1] / "model" / "config.json").read_text())["quantization_config"])
+    compressor = BaseCompressor.get_value_from_registry(qconfig.format)
+    masks = {n: m.bool() for n, m in load_file(str(runs[1] / "masks.safetensors")).items()}
+    saved_dense = 0
+    for n, mask in masks.items():
+        head, index, proj = n.rsplit(".", 2)
+        if f"{head}.{proj}" in one:  # a row of a fused 3-D expert tensor
+            weight, saved_dense = one[f"{head}.{proj}"][int(index)], saved_dense + 1
+        else:
+            local = {k[len(n) + 1:]: v for k, v in one.items() if k.rsplit(".", 1)[0] == n}
+            weight = compressor.decompress(local, qconfig.config_groups["group_0"])["weight"]
+        assert not weight[mask].any() and weight[~mask].count_nonzero() > 0.9 * (~mask).sum(), n
+        assert _on_int4_grid(weight, group_size), n
+    assert saved_dense == fused and sum(".experts." in n for n in masks) >= 16
+    reloaded, tokenizer = load_dlm(str(runs[1] / "model"), torch_dtype="auto")
+    assert torch.isfinite(_logits(reloaded, torch.randint(4, len(tokenizer), (1, 16)))).all()
 
 
 def test_dense_model_quantized_alone(tmp_path):

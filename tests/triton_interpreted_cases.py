@@ -17,7 +17,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipeline.maths import attention_triton as kernels  # noqa: E402
-from pipeline.maths.attention import AttentionMassProbe, attention_mass, naive_attention_mass  # noqa: E402
+from pipeline.maths.attention import AttentionMassProbe, attention_mass  # noqa: E402
+from tests.oracles import naive_attention_mass  # noqa: E402
 
 # numpy's warnings from inside the interpreter (log(0) = -inf for a fully masked row, -inf - -inf before a where) are
 # the arithmetic the kernel means; the assertions check its results

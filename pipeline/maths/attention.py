@@ -94,6 +94,9 @@ def _force_eager():
     return context
 
 
+UNPROBED_ATTENTION = ("eager", "flash_attention_2", "flex_attention")  # attn_implementation values that never call SDPA
+
+
 class NoAttentionSeenError(RuntimeError):
     """A probed forward made no attention call the probe could see."""
 
@@ -218,25 +221,6 @@ def _triton_row_logsumexp(query, key, attn_mask, is_causal, scale) -> torch.Tens
     """[B, H_q, L] log-sum-exp by the kernel's first pass: the oracle FUSED_SDPA checks an aten op's against."""
     return attention_triton.row_logsumexp_triton(_as_heads(query.detach()), _as_heads(key.detach()),
                                                  _mask_as_4d(attn_mask, query), bool(is_causal), scale)
-
-
-def naive_attention_mass(query, key, attn_mask=None, is_causal=False, scale=None, query_weights=None) -> torch.Tensor:
-    """Reference: the full [B, H, L, S] softmax in float64 with repeated key heads. For tests only."""
-    q, k = _as_heads(query).double(), _as_heads(key).double()
-    if q.shape[1] != k.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = q @ k.transpose(-1, -2) * scale
-    mask = _mask_as_4d(attn_mask, query)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
-    if is_causal:
-        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    if query_weights is not None:
-        probs = probs * query_weights.double().reshape(q.shape[0], 1, q.shape[2], 1)
-    return probs.sum(dim=(1, 2)).float()
 
 
 class AttentionMassProbe:
@@ -367,7 +351,7 @@ class AttentionMassProbe:
         raise NoAttentionSeenError(
             f"{what} has no attention the probe can see: it must call "
             "torch.nn.functional.scaled_dot_product_attention (looked up at call time) during the forward; "
-            "use attn_implementation='sdpa' (eager, flash_attention_2 and flex_attention are not probed)"
+            f"use attn_implementation='sdpa' ({', '.join(UNPROBED_ATTENTION)} are not probed)"
         )
 
     # --- installation -----------------------------------------------------------------------------
@@ -421,11 +405,3 @@ class AttentionMassProbe:
 
 
 force_eager = _force_eager  # public name: PruneCallback runs its hooked forwards under the same stance
-
-
-def probed_forward(model, *args, per_layer: bool = False, query_weights=None, chunk_size: int = 128, **kwargs):
-    """One forward under a fresh probe: returns (model output, probe), raising if no attention was seen."""
-    with AttentionMassProbe(per_layer=per_layer, query_weights=query_weights, chunk_size=chunk_size) as probe:
-        out = model(*args, **kwargs)
-    probe.require_attention(model)
-    return out, probe

@@ -66,10 +66,11 @@ class Pruner:
     inputs = "noised"             # "noised": x_t at every timestep; "clean": x_0, once per sample
     mean_scores = False           # True: the calibration epoch averages each sample's sink scores over the timesteps
     unstructured_promise = "row"  # what `solve` guarantees per layer, unstructured (pipeline/run/outcome.py PROMISES)
+    variant_capable = False       # True: `use_variant` selects the reference's Wanda variant
 
     def __init__(self, sparsity: float | None, n_m: tuple[int, int] | None, weighting: PlainWeighting | None = None,
                  blocksize: int = 128, percdamp: float = 0.01, use_variant: bool = False):
-        if use_variant and not (getattr(self, "variant_capable", False) and not n_m):
+        if use_variant and not (self.variant_capable and not n_m):
             raise ValueError("prune use_variant=true is the reference's Wanda variant: it needs method=wanda, "
                              "flavor=reference and an unstructured sparsity (no n_m)")
         self.use_variant = use_variant
@@ -109,6 +110,16 @@ class Pruner:
     def feature_sq_sums(self, stat: torch.Tensor) -> torch.Tensor:
         """Σ_t (w_t x_tj)² per input feature from the summed statistic."""
         return stat
+
+    @staticmethod
+    def score_term(scores: torch.Tensor) -> torch.Tensor:
+        """A timestep's sink scores as summed into a sample's mean over the timesteps (`mean_scores`)."""
+        return scores
+
+    @staticmethod
+    def mean_score(total: torch.Tensor, count: int) -> torch.Tensor:
+        """The mean sink scores of a sample from the sum of its `count` timesteps' score terms."""
+        return total / count
 
 
 class Dense(Pruner):
@@ -242,14 +253,6 @@ class ReferenceSinkSparseGPT(ReferenceSparseGPT):
     in the calibration epoch), then ReferenceSparseGPT with H from the clean inputs weighted by 1 − s̄.  The average
     is Σ_t score_term(s_t) / n turned into a score by mean_score (the reference: s itself and the plain mean)."""
     mean_scores = True
-
-    @staticmethod
-    def score_term(scores: torch.Tensor) -> torch.Tensor:
-        return scores
-
-    @staticmethod
-    def mean_score(total: torch.Tensor, count: int) -> torch.Tensor:
-        return total / count
 
 
 def check_prune_args(method, sparsity, n_m_text, n_m, mode, blocksize, percdamp, reduction_slots) -> None:

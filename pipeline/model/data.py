@@ -254,6 +254,8 @@ class CalibrationData(L.LightningDataModule):
         self.save_hyperparameters()
         self.calibration: WindowDataset | None = None
         self.heldout: WindowDataset | None = None
+        self.train_sampler: UnpaddedDistributedSampler | None = None  # the calibration loader's (train_dataloader)
+        self.slot_order: list[int] | None = None  # windows slot by slot (order_by_slot), None: in order
 
     @classmethod
     def from_windows(cls, windows: torch.Tensor, batch_size: int = 1) -> "CalibrationData":
@@ -310,7 +312,7 @@ class CalibrationData(L.LightningDataModule):
     def train_dataloader(self):
         loader = self._loader(self.calibration)
         self.train_sampler = loader.sampler
-        self.train_sampler.order = getattr(self, "slot_order", None)
+        self.train_sampler.order = self.slot_order
         return loader
 
     def order_by_slot(self, slots: int, regroup: bool = True) -> bool:
@@ -320,7 +322,7 @@ class CalibrationData(L.LightningDataModule):
         one_process = self.trainer is None or self.trainer.world_size == 1
         fits = self.calibration is not None and (regroup or self.hparams.batch_size == 1)
         self.slot_order = slot_major_order(len(self.calibration), slots, self.hparams.batch_size) if one_process and fits else None
-        if getattr(self, "train_sampler", None) is not None:  # a loader built already: its sampler reads it when iterated
+        if self.train_sampler is not None:  # a loader built already: its sampler reads it when iterated
             self.train_sampler.order = self.slot_order
         return self.slot_order is not None
 

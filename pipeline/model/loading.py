@@ -206,6 +206,25 @@ def load_dlm(
     return model, tokenizer
 
 
+def model_skeleton(pretrained: str, *, trust_remote_code: bool = True, model_class: str = "auto"):
+    """The model's modules with every tensor on the meta device: its layers' names and shapes for the checks before
+    loading (preflight), no weight read or allocated.  Fused MoE experts stay fused (they unfuse from real weights)."""
+    from transformers import AutoConfig, PreTrainedModel
+
+    config = AutoConfig.from_pretrained(resolve_path(pretrained), trust_remote_code=trust_remote_code)
+    cls = _model_class(config, model_class)
+    builder = _remote_class(config, cls, trust_remote_code) or cls
+    adapt_remote_code(builder)
+    with torch.device("meta"):
+        if issubclass(builder, PreTrainedModel):
+            model = builder._from_config(config)
+        else:  # an Auto class
+            model = builder.from_config(config, trust_remote_code=trust_remote_code)
+    if is_canvas_model(model):
+        declare_decoder_layers(model)
+    return model
+
+
 def check_model_type(pretrained: str, path: str) -> None:
     """One line, before any loading, when a local checkpoint's native model_type is unknown to this transformers
     (DiffusionGemma under 4.x), instead of transformers' multi-line KeyError/ValueError."""
@@ -257,10 +276,11 @@ def empty_prompt_cache(model, batch: int):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config.get_text_config())
-    for i, layer in enumerate(model.get_decoder().layers):
+    decoder = model.get_decoder()
+    like = decoder.get_input_embeddings().weight  # (not k_proj.weight: a compressed-tensors layer has none until decompressed)
+    for i, layer in enumerate(decoder.layers):
         attn = layer.self_attn
-        weight = attn.k_proj.weight
-        empty = weight.new_zeros(batch, attn.k_proj.out_features // attn.head_dim, 0, attn.head_dim)
+        empty = like.new_zeros(batch, attn.k_proj.out_features // attn.head_dim, 0, attn.head_dim)
         cache.update(empty, empty.clone(), i)
     return cache
 

@@ -5,17 +5,33 @@
 
 Predicted peak bytes on one device:
   resident ("none"):     all weights + activations + statistics of every targeted layer (one-shot)
-  offloaded (cpu/disk):  embeddings and head + 2 blocks (one running, the next prefetched) + activations
-                         + statistics of one block's layers (solved, then freed, before the next block)
+  offloaded (cpu/disk):  the largest of the run's phases (`offload_phases`), each with the cached block inputs when
+                         the plan keeps them on the device (`block_inputs_on`):
+    full forward         embeddings and head + 2 blocks (one running, the next prefetched): the short structural
+                         forwards at fit start (8 tokens) and held-out scoring
+    block inputs         embeddings (no untied head: the forward stops before the first block) + one batch's input
+    statistics pass      2 blocks + activations + one batch's block input and output + the device statistics of one
+                         block's layers (the head and embeddings are in CPU memory for the block passes)
+    solve                2 blocks + the solver's workspace for the largest layer (one layer at a time)
   activations:           one batch through one block: B·T·(4·hidden + 3·widest MLP input) values in the model's dtype,
-                         the attention-mass probe's fp32 chunk B·heads·chunk·T, the cached block input and output
+                         the statistic's float32 copy of the widest input B·T·widest, the attention-mass probe's fp32
+                         chunk B·heads·chunk·T, the cached block input and output
   statistics:            per targeted Linear, Wanda a float64 vector [in], SparseGPT a float32 Hessian [in, in] per
                          reduction slot the rank owns, plus the float64 total (from a config.json: layers fed one
-                         tensor share one statistic, as in the run; from a loaded model: one per Linear, an upper bound)
+                         tensor share one statistic, as in the run; from a loaded model: one per Linear, an upper bound).
+                         Offloaded on one process with batches of one window, the windows go slot by slot and each
+                         completed slot is folded into a float64 total in CPU memory: one float32 Hessian per
+                         statistic on the device
+  solver workspace:      counted on the CPU (tests/test_offload.py): Wanda and magnitude 16 bytes per weight (fp32
+                         scores, the weight in fp32, threshold masks, an int64 running count); SparseGPT 38 bytes per
+                         Hessian entry (the float64 total brought to the device, its scaled copies, the Cholesky
+                         factor and its inverse) + 22 per weight (the fp32 weight, its updates, the block's masks)
 In CPU memory (per process; a node holds one process per device): "cpu" keeps every block (pinned), "disk" maps them
 from the checkpoint (page cache, shared by the node's processes; a pruned block is written to a scratch file and
-mapped back: the blocks' bytes on disk per process); with offload the block inputs of every calibration batch
-and timestep are cached there: windows · timesteps · T · hidden values (of the windows this rank holds).
+mapped back: the blocks' bytes on disk per process); with offload the embeddings and head have a pinned copy there
+(they leave the device for the block passes), the block inputs of every calibration batch and timestep are cached
+there (windows · timesteps · T · hidden values of the windows this rank holds) unless they fit on the device, and
+SparseGPT's float64 totals of one block wait there (one process).
 """
 from __future__ import annotations
 
@@ -37,6 +53,8 @@ class ModelShape:
     linear_inputs: list[int] = field(default_factory=list)  # in_features of each statistic of the largest block
     dtype_bytes: int = 2
     all_blocks_bytes: int | None = None  # every block's weights (blocks differ: an MoE model's first dense ones)
+    head_bytes: int = 0              # the output head's weights when not tied to the embeddings (part of resident_bytes)
+    linear_shapes: list[tuple[int, int]] = field(default_factory=list)  # (out, in) of each Linear inside the blocks
 
     @property
     def model_bytes(self) -> int:
@@ -100,9 +118,13 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
     tied = bool(_first(config, "tie_word_embeddings", "weight_tying", default=False))
     resident_params = vocab * hidden * (1 if tied else 2) + hidden
     dtype_bytes = DTYPE_BYTES.get(dtype, 2)
+    attention_shapes = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (hidden, heads * head_dim)]
+    mlps = ([expert_mlp] if experts else []) + ([mlp] if dense_first or not experts else [])
+    shapes = attention_shapes + [s for m in mlps for s in ((m, hidden), (hidden, m))]
     return ModelShape(name, int(layers), int((max(block_params, dense_params) + 2 * hidden) * dtype_bytes),
                       int(resident_params * dtype_bytes), int(hidden), int(heads), int(widest), [int(i) for i in inputs],
-                      dtype_bytes, int(all_blocks * dtype_bytes))
+                      dtype_bytes, int(all_blocks * dtype_bytes), 0 if tied else int(vocab * hidden * dtype_bytes),
+                      [(int(o), int(i)) for o, i in shapes])
 
 
 def shape_from_model(model, blocks, name: str = "model") -> ModelShape:
@@ -121,13 +143,19 @@ def shape_from_model(model, blocks, name: str = "model") -> ModelShape:
     heads = _first(vars(config) if config is not None else {}, "num_attention_heads", "n_heads", default=1)
     param = next(model.parameters())
     resident = nbytes(p for p in model.parameters() if id(p) not in block_ids) + nbytes(model.buffers())
+    from pipeline.model.offload import _untied_head
+
+    head = _untied_head(model)
+    shapes = {tuple(m.weight.shape) for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)}
     return ModelShape(name, len(blocks), max(sizes, default=0), resident, int(hidden), int(heads),
-                      max(inputs, default=int(hidden)), inputs, param.element_size())
+                      max(inputs, default=int(hidden)), inputs, param.element_size(),
+                      head_bytes=nbytes(p for p in model.parameters() if id(p) in head), linear_shapes=sorted(shapes))
 
 
 def activation_bytes(shape: ModelShape, cal: Calibration) -> int:
     tokens = cal.batch_size * cal.seqlen
     values = tokens * (4 * shape.hidden + 3 * shape.widest_input) * shape.dtype_bytes
+    values += tokens * shape.widest_input * 4 if cal.statistic else 0  # the statistic's float32 copy of a layer input
     probe = cal.batch_size * shape.heads * min(cal.chunk_size, cal.seqlen) * cal.seqlen * 4 * 2  # scores + exp, fp32
     return int(values + probe)
 
@@ -148,6 +176,43 @@ def totals_fit(totals_bytes: int, device_free: int, transient_bytes: int) -> boo
     return totals_bytes + transient_bytes <= device_free * HEADROOM
 
 
+def offloaded_statistic_bytes(inputs: list[int], cal: Calibration, devices: int) -> tuple[int, int]:
+    """(on the device, in CPU memory) for one block's statistics with offload: one process with batches of one window
+    goes slot by slot and folds each completed SparseGPT slot into a float64 total in CPU memory (one float32 slot
+    per statistic alive); otherwise (DDP, or a batch spanning slots) the slots stay on the device (`statistic_bytes`)."""
+    if cal.statistic == "hessian" and devices == 1 and cal.batch_size == 1:
+        entries = sum(i * i for i in inputs)
+        return entries * 4, entries * 8
+    return statistic_bytes(inputs, cal, devices), 0
+
+
+# the solver's device workspace (counted on the CPU, tests/test_offload.py: an upper bound within a few percent when
+# in >= out; over by up to a third for out >> in): bytes per weight of the layer being solved, per Hessian entry
+WORKSPACE_PER_WEIGHT = {"hessian": 22, None: 16}
+WORKSPACE_PER_HESSIAN_ENTRY = 38
+
+
+def solver_bytes(shape: ModelShape, cal: Calibration) -> int:
+    """Device workspace of solving one layer, the largest (one layer is solved at a time)."""
+    shapes = shape.linear_shapes or [(shape.hidden, shape.widest_input)]
+    if cal.statistic == "hessian":
+        return max(WORKSPACE_PER_HESSIAN_ENTRY * i * i + WORKSPACE_PER_WEIGHT["hessian"] * o * i for o, i in shapes)
+    return max(WORKSPACE_PER_WEIGHT[None] * o * i for o, i in shapes)
+
+
+def offload_phases(shape: ModelShape, cal: Calibration, devices: int, cache_on_device: int = 0) -> dict[str, int]:
+    """Predicted device bytes of each phase of an offloaded run (see the module's docstring)."""
+    act = activation_bytes(shape, cal)
+    blocks = 2 * shape.block_bytes  # (+ the buffers, which stay: a few KiB of RoPE tables)
+    one_input = cal.batch_size * cal.seqlen * shape.hidden * shape.dtype_bytes
+    stats, _ = offloaded_statistic_bytes(shape.linear_inputs, cal, devices)
+    return {"full forward": shape.resident_bytes + 2 * shape.block_bytes,
+            "block inputs": shape.resident_bytes - shape.head_bytes + one_input + cache_on_device,
+            "statistics pass": blocks + act + 2 * one_input + stats + cache_on_device,
+            # (under DDP the slots of the block's other layers wait on the device while one is solved)
+            "solve": blocks + solver_bytes(shape, cal) + (stats if devices > 1 else 0) + cache_on_device}
+
+
 def memory_plan(shape: ModelShape, cal: Calibration, *, device_free: int, cpu_free: int | None = None,
                 devices: int = 1, offload: str = "auto") -> dict:
     """The chosen offload ("none", "cpu" or "disk") and the predicted peak bytes per device and in CPU memory.
@@ -156,24 +221,33 @@ def memory_plan(shape: ModelShape, cal: Calibration, *, device_free: int, cpu_fr
     act = activation_bytes(shape, cal)
     all_inputs = shape.linear_inputs * shape.blocks  # (an upper bound when blocks differ)
     resident_peak = shape.model_bytes + act + statistic_bytes(all_inputs, cal, devices)
-    batch_hidden = 2 * cal.batch_size * cal.seqlen * shape.hidden * shape.dtype_bytes  # a block's input and output
-    offload_peak = shape.resident_bytes + 2 * shape.block_bytes + act + batch_hidden + statistic_bytes(shape.linear_inputs, cal, devices)
     windows_here = math.ceil(cal.windows / devices)
     cache = windows_here * cal.timesteps * cal.seqlen * shape.hidden * shape.dtype_bytes
     blocks_bytes = shape.model_bytes - shape.resident_bytes
     budget = int(device_free * HEADROOM)
+    # the cached block inputs stay on the device when every phase fits with them, else they wait in CPU memory
+    phases = offload_phases(shape, cal, devices, cache)
+    inputs_on = "device" if max(phases.values()) <= budget else "cpu"
+    if inputs_on == "cpu":
+        phases = offload_phases(shape, cal, devices)
+    offload_peak = max(phases.values())
+    hessians_device, hessians_cpu = offloaded_statistic_bytes(shape.linear_inputs, cal, devices)
+    # CPU memory with offload, besides the blocks: the cache when it waits there, the pinned copy of the embeddings
+    # and head, SparseGPT's float64 totals of one block
+    offload_cpu = (cache if inputs_on == "cpu" else 0) + shape.resident_bytes + hessians_cpu
     if offload == "auto":  # (the processes of one node share its CPU memory: `devices` of them, at most)
         if resident_peak <= budget:
             offload = "none"
-        elif cpu_free is None or devices * (blocks_bytes + cache) <= cpu_free * HEADROOM:
+        elif cpu_free is None or devices * (blocks_bytes + offload_cpu) <= cpu_free * HEADROOM:
             offload = "cpu"
         else:
             offload = "disk"
     device_peak = resident_peak if offload == "none" else offload_peak
-    cpu_peak = {"none": 0, "cpu": blocks_bytes + cache, "disk": cache}[offload]
+    cpu_peak = {"none": 0, "cpu": blocks_bytes + offload_cpu, "disk": offload_cpu}[offload]
     scratch = blocks_bytes if offload == "disk" else 0  # the pruned blocks, written to a temporary file and mapped
     fits = device_peak <= budget and (cpu_free is None or devices * cpu_peak <= cpu_free)
-    stats_here = statistic_bytes(shape.linear_inputs if offload != "none" else all_inputs, cal, devices)
+    stats_here = (statistic_bytes(all_inputs, cal, devices) if offload == "none" else
+                  max(hessians_device, solver_bytes(shape, cal) if cal.statistic == "hessian" else 0))
     return {"fix": None if fits else plan_fix(offload, device_peak > budget, stats_here, act, cal),
             "model": shape.name, "model_bytes": shape.model_bytes, "block_bytes": shape.block_bytes,
             "resident_bytes": shape.resident_bytes, "blocks": shape.blocks, "devices": devices,
@@ -181,7 +255,9 @@ def memory_plan(shape: ModelShape, cal: Calibration, *, device_free: int, cpu_fr
             "offload": offload, "predicted_device_peak_bytes": int(device_peak),
             "predicted_cpu_bytes": int(cpu_peak), "predicted_scratch_disk_bytes": int(scratch), "resident_device_peak_bytes": int(resident_peak),
             "offload_device_peak_bytes": int(offload_peak), "activation_bytes": act, "block_input_cache_bytes": int(cache),
-            "fits": bool(fits), "calibration": asdict(cal)}
+            "block_inputs_on": inputs_on, "offload_phases": {k: int(v) for k, v in phases.items()},
+            "solver_bytes": solver_bytes(shape, cal), "statistic_device_bytes": int(hessians_device),
+            "statistic_cpu_bytes": int(hessians_cpu), "fits": bool(fits), "calibration": asdict(cal)}
 
 
 def plan_fix(offload: str, device_short: bool, stats: int, act: int, cal: Calibration) -> str:
@@ -191,7 +267,7 @@ def plan_fix(offload: str, device_short: bool, stats: int, act: int, cal: Calibr
     if offload == "none":
         return "model.offload: cpu (blocks onloaded one at a time)"
     if cal.statistic == "hessian" and stats >= act:
-        return (f"one block's SparseGPT Hessians need {gib(stats)}: more devices (trainer.devices; the reduction slots "
+        return (f"SparseGPT's Hessians need {gib(stats)} (one block's, or the largest layer's solve): more devices (trainer.devices; the reduction slots "
                 "spread over them), fewer prune reduction_slots, or method sink_wanda")
     return "a smaller data.init_args.batch_size or data.init_args.seqlen"
 
@@ -214,6 +290,11 @@ def render_plan(plan: dict) -> str:
             ("plan", f"offload={plan['offload']}" + ("" if plan["fits"] else "  (DOES NOT FIT)")),
             ("device peak", f"{gib(plan['predicted_device_peak_bytes'])} per device (resident would be "
                             f"{gib(plan['resident_device_peak_bytes'])}, offloaded {gib(plan['offload_device_peak_bytes'])})"),
+            *([("phases", ", ".join(f"{k} {gib(v)}" for k, v in plan["offload_phases"].items())
+                         + f"; block inputs on the {plan['block_inputs_on']}")] if plan["offload"] != "none" else []),
+            *([("statistics", f"{gib(plan['statistic_device_bytes'])} on the device per block"
+                              + (f" (float64 totals: {gib(plan['statistic_cpu_bytes'])} in CPU memory)" if plan["statistic_cpu_bytes"] else "")
+                              + f"; solving the largest layer {gib(plan['solver_bytes'])}")] if plan["offload"] != "none" else []),
             ("CPU memory", f"{gib(plan['predicted_cpu_bytes'])} per process (block-input cache {gib(plan['block_input_cache_bytes'])})"
                            + (f", {gib(plan['predicted_cpu_bytes'] * plan['devices'])} for {plan['devices']} on one node"
                               if plan["devices"] > 1 else ""))]

@@ -22,7 +22,7 @@ from pipeline.model.loading import check_mask_id, dlm_forward, load_dlm, resolve
 from pipeline.model import memory_plan as mp
 from pipeline.model.offload import OFFLOADS, BlockOffloader
 from pipeline.run.phase import current, set_current
-from pipeline.run.protocols import run_flavor
+from pipeline.run.protocols import SizesCalibrationMemory, WritesCheckpoints, callbacks_of, run_flavor
 from pipeline.maths.metrics import MaskedDiffusionPerplexity, elbo_nll
 
 
@@ -172,9 +172,7 @@ class DLMModule(L.LightningModule):
         if self.memory_plan["offload"] != "none":
             self.offloader = BlockOffloader(self.model, blocks, device, self.memory_plan["offload"],
                                             resolve_path(self.hparams.pretrained))
-            plan = self.memory_plan  # the cached block inputs stay on the device when they fit beside the block
-            spare = plan["device_free_bytes"] * mp.HEADROOM - plan["offload_device_peak_bytes"]
-            self.offloader.park_inputs = plan["block_input_cache_bytes"] > spare
+            self.offloader.park_inputs = self.memory_plan["block_inputs_on"] == "cpu"  # (the plan: where they fit)
             # every rank maps the same checkpoint: the blocks are not broadcast (nor could NCCL send CPU tensors)
             self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.offloader.ignored_names]
         if device.type == "cuda":
@@ -190,10 +188,9 @@ class DLMModule(L.LightningModule):
         hp = getattr(dm, "hparams", {})
         cal.windows, cal.seqlen, cal.batch_size = (hp.get(k, d) for k, d in
                                                    (("nsamples", cal.windows), ("seqlen", cal.seqlen), ("batch_size", 1)))
-        prune = next((cb for cb in (self.trainer.callbacks if self._trainer is not None else []) if hasattr(cb, "pruner")), None)
-        if prune is not None:
-            cal.statistic = prune.pruner.statistic
-            cal.reduction_slots = getattr(prune, "reduction_slots", None) or cal.reduction_slots
+        for cb in callbacks_of(self.trainer, SizesCalibrationMemory) if self._trainer is not None else []:
+            statistic, slots = cb.calibration_memory()
+            cal.statistic, cal.reduction_slots = statistic, slots or cal.reduction_slots
         return cal
 
     def memory_report(self) -> dict:
@@ -225,8 +222,8 @@ class DLMModule(L.LightningModule):
         if cal.statistic == "hessian":
             fixes.append("more devices or fewer PruneCallback reduction_slots (SparseGPT's Hessian slots)")
         fixes.append("PruneCallback mode: sequential" if offload == "none" else "a shorter data.init_args.seqlen")
-        checkpoint = next((cb for cb in self.trainer.callbacks if hasattr(cb, "every_n_batches") and hasattr(cb, "dirpath")), None)
-        last = checkpoint.dirpath / "last.ckpt" if checkpoint is not None else None
+        checkpoint = next(iter(callbacks_of(self.trainer, WritesCheckpoints)), None)
+        last = checkpoint.last_checkpoint(self.trainer) if checkpoint is not None else None
         resume = (f"resume with --ckpt_path {last}" if last is not None and last.is_file() else
                   "add a CalibrationCheckpoint to trainer.callbacks to resume instead of starting over")
         return (f"CUDA out of memory while {current()}: plan offload={offload} predicted a peak of "
@@ -249,9 +246,14 @@ class DLMModule(L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        self.check_contracts(self.trainer, self)
         self.noise_order = run_flavor(self.trainer).noise_order
-        if self.noise_order == "reference" and self.hparams.noise != "mask":
-            raise ValueError(f"model.noise={self.hparams.noise!r}: flavor {run_flavor(self.trainer).name} replays the "
+
+    def check_contracts(self, trainer, pl_module) -> None:
+        """The run's flavour against the noise (at setup, and in preflight before the run folder exists)."""
+        flavor = run_flavor(trainer)
+        if flavor.noise_order == "reference" and self.hparams.noise != "mask":
+            raise ValueError(f"model.noise={self.hparams.noise!r}: flavor {flavor.name} replays the "
                              "reference's noise, which is mask noise; use noise: mask or flavor reference")
 
     @override

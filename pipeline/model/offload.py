@@ -1,5 +1,7 @@
 """Block-by-block onloading: the transformer blocks' weights live in CPU memory ("cpu") or in the checkpoint's
-safetensors, memory-mapped ("disk"); the embeddings, the head and every buffer live on the compute device.
+safetensors, memory-mapped ("disk"); the embeddings, the head and every buffer live on the compute device, but for
+calibration's block passes (`block_passes`): these run blocks alone, so the head leaves the device for them and the
+embeddings once the block inputs are made (pinned CPU copies; buffers stay).
 
 A block is onloaded (its parameters' `.data` pointed at a device copy) while it runs and released after (pointed back
 at its CPU copy, the *master*); `release(i, writeback=True)` first copies the device weights into the master, so a
@@ -11,14 +13,16 @@ side stream while block i runs; on the CPU onloading moves nothing (the CPU is t
 Any forward works while blocks are offloaded: a pre-forward hook onloads a block that is not on the device and a
 post-forward hook releases it (held-out scoring, the short structural forwards at fit start).  Calibration onloads
 each block once, explicitly (callbacks/cached.py).  `peak_bytes` counts the weight bytes on the compute device
-(resident parameters and buffers + onloaded and prefetched blocks), the figure the tests bound by two blocks plus
-the embeddings and head.
+(buffers, the weights outside the blocks while there, onloaded and prefetched blocks), the figure the tests bound by
+two blocks plus the embeddings and head; `peak_in_passes` the same during the block passes (two blocks, or the
+embeddings while the block inputs are made).
 """
 from __future__ import annotations
 
 import json
 import mmap
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -92,8 +96,16 @@ class BlockOffloader:
                 block._apply = lambda fn, recurse=True, block=block: block  # Lightning's .to(device) skips the block
         self.block_bytes = [tensor_bytes(m for _, m in entries) for entries in self.params]
         offloaded = {id(p) for entries in self.params for p, _ in entries}
-        self.resident_bytes = tensor_bytes(p for p in model.parameters() if id(p) not in offloaded) + tensor_bytes(model.buffers())
         self.ignored_names = [n for n, p in model.named_parameters() if id(p) in offloaded]  # not broadcast by DDP
+        # the other weights (embeddings, head, final norm) stay on the device but for the block passes (block_passes)
+        self.outer: list[list] = [[p, None] for p in model.parameters() if id(p) not in offloaded]  # [param, CPU master]
+        self.head_ids = _untied_head(model)
+        self.buffer_bytes = tensor_bytes(model.buffers())
+        self.outer_bytes = tensor_bytes(p for p, _ in self.outer)
+        self.head_bytes = tensor_bytes(p for p, _ in self.outer if id(p) in self.head_ids)
+        self.resident_bytes = self.outer_bytes + self.buffer_bytes  # (embeddings and head: resident outside the passes)
+        self.outer_on_device = self.outer_bytes
+        self.in_passes, self.peak_in_passes, self.peak_outer_in_passes = False, 0, 0
         self.loaded: dict[int, bool] = {}     # block index -> onloaded by a forward hook (released by the hook)
         self.prefetched: dict[int, tuple] = {}
         self.onloaded_bytes = self.peak_bytes = 0
@@ -120,11 +132,52 @@ class BlockOffloader:
     # --- counting ---------------------------------------------------------------------------------------------
     @property
     def device_bytes(self) -> int:
-        return self.resident_bytes + self.onloaded_bytes
+        return self.buffer_bytes + self.outer_on_device + self.onloaded_bytes
 
-    def _count(self, delta: int) -> None:
+    def _count(self, delta: int = 0) -> None:
         self.onloaded_bytes += delta
         self.peak_bytes = max(self.peak_bytes, self.device_bytes)
+        if self.in_passes:
+            self.peak_in_passes = max(self.peak_in_passes, self.device_bytes)
+            self.peak_outer_in_passes = max(self.peak_outer_in_passes, self.outer_on_device)
+
+    # --- the weights outside the blocks -----------------------------------------------------------------------
+    @contextmanager
+    def block_passes(self):
+        """The block-by-block passes of calibration: the output head leaves the device for their whole length (no
+        pass runs it), the other weights outside the blocks stay only while the block inputs are made
+        (`outer_on("inputs")`, then `outer_on("none")`); all of them are back on the device afterwards."""
+        self.release_all()  # (a forward stopped inside a block at fit start may have left it, and the next, here)
+        self.in_passes = True
+        self.outer_on("inputs")
+        try:
+            yield
+        finally:
+            self.in_passes = False
+            self.outer_on("all")
+
+    def outer_on(self, which: str) -> None:
+        """Which weights outside the blocks are on the device: "all", "inputs" (all but an untied output head: what
+        a forward needs before the first block) or "none".  Never modified by pruning, they are copied to their CPU
+        masters (pinned, made once) when they leave, and back when they return."""
+        with torch.no_grad():
+            for entry in self.outer:
+                p, master = entry
+                wanted = which == "all" or (which == "inputs" and id(p) not in self.head_ids)
+                there = p.data.device.type != "cpu" if self.device.type != "cpu" else master is None
+                if wanted == there:
+                    continue
+                if self.device.type == "cpu":  # the CPU computes: nothing moves, the bytes are counted
+                    entry[1] = None if wanted else p.data
+                elif wanted:  # (no master: a weight that never reached the device goes there now)
+                    p.data = (master if master is not None else p.data).to(self.device, non_blocking=True)
+                else:
+                    if master is None:
+                        master = entry[1] = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=True)
+                    master.copy_(p.data)
+                    p.data = master
+                self.outer_on_device += (1 if wanted else -1) * p.numel() * p.element_size()
+        self._count()
 
     # --- moving -----------------------------------------------------------------------------------------------
     def prefetch(self, i: int) -> None:
@@ -218,5 +271,19 @@ class BlockOffloader:
             self.release(i)
 
     def report(self) -> dict:
-        return {"mode": self.mode, "blocks": len(self.blocks), "block_inputs_on": "cpu" if self.park_inputs else "device", "block_bytes": max(self.block_bytes, default=0),
-                "resident_bytes": self.resident_bytes, "peak_weight_bytes_on_device": self.peak_bytes, "onloads": self.onloads}
+        return {"mode": self.mode, "blocks": len(self.blocks), "block_inputs_on": "cpu" if self.park_inputs else "device",
+                "block_bytes": max(self.block_bytes, default=0), "resident_bytes": self.resident_bytes,
+                "buffer_bytes": self.buffer_bytes, "head_bytes": self.head_bytes,
+                "peak_weight_bytes_on_device": self.peak_bytes, "peak_weight_bytes_in_passes": self.peak_in_passes,
+                "peak_outer_bytes_in_passes": self.peak_outer_in_passes, "onloads": self.onloads}
+
+
+def _untied_head(model: torch.nn.Module) -> set[int]:
+    """ids of the output head's parameters, unless they are the input embedding's too (tied)."""
+    get_head, get_embedding = (getattr(model, k, None) for k in ("get_output_embeddings", "get_input_embeddings"))
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return set()
+    embedding = get_embedding() if callable(get_embedding) else None
+    tied = {id(p) for p in embedding.parameters()} if embedding is not None else set()
+    return {id(p) for p in head.parameters()} - tied

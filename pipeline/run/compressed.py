@@ -27,7 +27,7 @@ def require_compressed_tensors(field: str = "quantize") -> None:
                           "(or pip install compressed-tensors), or set save_model: false") from None
 
 
-def quantization_config(model: torch.nn.Module, layers: list[str], scheme: Scheme):
+def quantization_config(model: torch.nn.Module, modules: list[torch.nn.Module], scheme: Scheme):
     """compressed-tensors' QuantizationConfig: every Linear, except the model's other Linear layers (listed in ignore)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
@@ -37,7 +37,7 @@ def quantization_config(model: torch.nn.Module, layers: list[str], scheme: Schem
         strategy = "channel" if scheme.group_size is None else "group"
         args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy=strategy, group_size=scheme.group_size,
                                 dynamic=False, actorder="weight" if scheme.actorder else None)
-    chosen = {id(model.get_submodule(name)) for name in layers}  # by identity: a tied layer has two names
+    chosen = {id(m) for m in modules}  # by identity: a module shared by two parents has two names
     ignore = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) not in chosen]
     group = QuantizationScheme(targets=["Linear"], weights=args, format=format_name(scheme))
     return QuantizationConfig(config_groups={"group_0": group}, ignore=ignore, quantization_status="frozen",
@@ -48,35 +48,88 @@ def format_name(scheme: Scheme) -> str:
     return "float-quantized" if scheme.is_float else "pack-quantized"
 
 
+def tied_twins(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """{other module: quantized layer} for the modules holding a quantized layer's weight Parameter under another
+    name (DiffusionGemma's encoder layers share their weights with the decoder's)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter):
+            holders.setdefault(id(weight), []).append(name)
+    twins = {}
+    for name in names:
+        module = model.get_submodule(name)
+        for other in holders.get(id(module.weight), []):
+            if other != name and model.get_submodule(other) is not module:
+                twins.setdefault(other, name)
+    return twins
+
+
 def save_compressed(model: torch.nn.Module, directory: Path, scales: dict[str, torch.Tensor], scheme: Scheme) -> None:
     """model.save_pretrained(directory) in the compressed-tensors format; the model is left as it was.  Runs on one
-    rank (the library's own distributed compression would wait for the others: `as_single_threaded`)."""
+    rank (the library's own distributed compression would wait for the others: `as_single_threaded`).
+
+    A layer whose weight another module shares (tied twins) is packed under both names with the same scales, and
+    the checkpoint is saved untied (`tie_word_embeddings: false`, every shared tensor written once per name):
+    transformers re-ties weights by name when it loads, which a packed layer (`weight_packed`, no `weight`) cannot
+    take, so a tied quantized checkpoint would not load."""
     from compressed_tensors.compressors import ModelCompressor, decompress_module
     from compressed_tensors.offload import as_single_threaded
     from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
 
-    config = quantization_config(model, list(scales), scheme)
-    modules = {name: model.get_submodule(name) for name in scales}  # (a layer tied into two places: its own name)
-    with as_single_threaded(), _quiet_progress():
+    twins = tied_twins(model, list(scales))
+    owner = {**{n: n for n in scales}, **twins}                     # module name -> the layer whose scales it takes
+    modules = {name: model.get_submodule(name) for name in owner}
+    weights = {name: module.weight for name, module in modules.items()}  # the Parameters, re-tied afterwards
+    config = quantization_config(model, list(modules.values()), scheme)
+    with as_single_threaded(), _quiet_progress(), _untied_config(model, bool(twins)):
         apply_quantization_config(model, config, show_progress=False)
         try:
             with torch.no_grad():
-                for name, scale in scales.items():
-                    module = modules[name]
+                for name, module in modules.items():
+                    scale = scales[owner[name]]
                     module.weight_scale.data = scale.to(module.weight.device, module.weight.dtype).reshape(module.weight_scale.shape)
             compressor = ModelCompressor.from_pretrained_model(model)
             compressor.compress_model(model)
-            model.save_pretrained(directory, safe_serialization=True)
+            state = _unshared_state_dict(model) if twins else None
+            model.save_pretrained(directory, safe_serialization=True, state_dict=state)
             compressor.update_config(str(directory))
-        finally:  # back to plain Linear layers holding the same dequantized weights
+        finally:  # back to plain Linear layers holding the same dequantized weights (tied as before)
             for module in model.modules():
                 if getattr(module, "quantization_status", None) == QuantizationStatus.COMPRESSED:
                     decompress_module(module, leave_decompressed=False)
                 elif getattr(module, "quantization_scheme", None) is not None:
                     _clear_quantization(module)
+            for name, module in modules.items():
+                module.weight = weights[name]
             if hasattr(model, "ct_decompress_hook"):
                 model.ct_decompress_hook.remove()
                 delattr(model, "ct_decompress_hook")
+
+
+@contextmanager
+def _untied_config(model: torch.nn.Module, untie: bool):
+    """While saving: `tie_word_embeddings: false` in the model's config and its text config (what config.json gets)."""
+    configs = {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: model.config)())}
+    previous = {key: getattr(c, "tie_word_embeddings", None) for key, c in configs.items()} if untie else {}
+    for key in previous:
+        configs[key].tie_word_embeddings = False
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            configs[key].tie_word_embeddings = value
+
+
+def _unshared_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every tensor that shares storage with an earlier one cloned, so that save_pretrained
+    writes each name (it would otherwise drop the copies it knows as tied)."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr())
+        state[name] = tensor.clone() if key in seen else tensor
+        seen.add(key)
+    return state
 
 
 def _clear_quantization(module) -> None:

@@ -126,7 +126,7 @@ def save_model(model, tokenizer, directory: Path, quantized=None) -> None:
     if quantized is not None:
         from pipeline.run.compressed import save_compressed
 
-        save_compressed(model, directory, quantized.scales, quantized.scheme)
+        save_compressed(model, directory, quantized.packed_scales, quantized.scheme)
     else:
         model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from lightning.pytorch.callbacks.progress import ProgressBar
 from typing_extensions import override
 
-from pipeline.run.protocols import DescribesCalibration, callbacks_of
+from pipeline.run.protocols import DescribesCalibration, NoisesAtTimesteps, callbacks_of
 
 
 def calibration_description(trainer) -> str:
@@ -50,7 +50,7 @@ class CalibrationProgressBar(ProgressBar):
         from pipeline.run.console import _console
 
         loader = trainer.train_dataloader
-        timesteps = len(getattr(pl_module, "timesteps", None) or [None])
+        timesteps = len(pl_module.timesteps) if isinstance(pl_module, NoisesAtTimesteps) else 1
         windows = len(loader.sampler) if getattr(loader, "sampler", None) is not None else len(loader.dataset)
         self._per_batch, self._total = (loader.batch_size or 1) * timesteps, windows * timesteps
         unit = "windows × timesteps" if timesteps > 1 else "windows"

@@ -9,16 +9,24 @@ is found by `isinstance`, never by probing attribute names:
                           the probed forward's activations (else the probe may stop at the last attention call)
     DescribesCalibration  names the calibration epochs for the progress bar ("calibration block 3/6")
     PublishesPruneOutcome publishes a PruneOutcome (pipeline/run/outcome.py) when calibration ends
-    ChecksCallbackList    checks its place in trainer.callbacks (at setup, and in preflight before the run folder exists)
+    ChecksContracts       checks the run against its contracts: its place in trainer.callbacks, the module it reads,
+                          settings against the world size (at setup, and in preflight before the run folder exists)
     ChoosesFlavor         chooses the run's flavour (pipeline/maths/flavors.py), which the module's noise and
                           SinkStatsCallback's operations follow (`run_flavor`)
+    SizesCalibrationMemory  names the statistic it keeps per layer and its reduction slots (the module's memory plan)
+    WritesCheckpoints     writes a checkpoint the run can resume from (the out-of-memory line names it)
+    SavesModel            saves the model (a quantizing run needs the compressed-tensors writer before any work)
+    KnowsBlockCalls       knows whether every block takes block 0's arguments (found for its block-by-block passes)
 
-The message they receive is a NoisedBatch.  What the callbacks read from the module: CalibrationModule (and ScoresHeldout to score held-out text).
-`check_callbacks` is run by the callbacks at setup and fails with one line when the list breaks a contract.
+The message they receive is a NoisedBatch.  What the callbacks read from the module: CalibrationModule (and
+ScoresHeldout to score held-out text); optional, each found by isinstance: OffloadsBlocks (`module_offloader`),
+NoisesAtTimesteps, ReportsMemory, GuardsMemory.  From the datamodule: HeldoutData, OrdersBySlot, SkipsBatches.
+`check_contracts` (at setup, and in preflight) fails with one line when the run breaks a contract.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -96,14 +104,86 @@ class PublishesPruneOutcome(Protocol):
 
 
 @runtime_checkable
-class ChecksCallbackList(Protocol):
-    def check_list(self, trainer) -> None:
-        """One-line error if trainer.callbacks breaks this callback's contracts (order, company)."""
+class ChecksContracts(Protocol):
+    def check_contracts(self, trainer, pl_module) -> None:
+        """One-line error if the run breaks this object's contracts: its place and company in trainer.callbacks, the
+        module it reads, its settings against the world size.  Reads no weights (the model is not loaded yet)."""
 
 
-def check_callback_list(trainer) -> None:
-    for cb in callbacks_of(trainer, ChecksCallbackList):
-        cb.check_list(trainer)
+def check_contracts(trainer, pl_module) -> None:
+    """Every contract of the module and the callbacks (preflight runs it before the run folder exists)."""
+    for owner in (pl_module, *trainer.callbacks):
+        if isinstance(owner, ChecksContracts):
+            owner.check_contracts(trainer, pl_module)
+
+
+@runtime_checkable
+class SizesCalibrationMemory(Protocol):
+    def calibration_memory(self) -> tuple[str | None, int | None]:
+        """(the statistic kept per targeted layer, e.g. "hessian", or None; its reduction slots, None: the default)."""
+
+
+@runtime_checkable
+class WritesCheckpoints(Protocol):
+    def last_checkpoint(self, trainer) -> Path:
+        """The checkpoint a stopped run resumes from (it may not exist yet)."""
+
+
+@runtime_checkable
+class SavesModel(Protocol):
+    save_model: bool
+
+
+@runtime_checkable
+class KnowsBlockCalls(Protocol):
+    def blocks_called_alike(self) -> bool | None:
+        """Whether every block is called with block 0's arguments (callbacks/cached.py's uniform_block_calls), found
+        for its own block-by-block passes; None when it has not looked."""
+
+
+# --- what the callbacks may read from the module and the datamodule, when they offer it --------------------
+@runtime_checkable
+class OffloadsBlocks(Protocol):
+    offloader: object  # pipeline/model/offload.py's BlockOffloader, or None while the blocks stay on the device
+
+
+def module_offloader(pl_module):
+    """The module's BlockOffloader; None for a resident model or a module that never offloads."""
+    return pl_module.offloader if isinstance(pl_module, OffloadsBlocks) else None
+
+
+@runtime_checkable
+class NoisesAtTimesteps(Protocol):
+    timesteps: list  # the calibration's timesteps: each window is noised once per timestep (the progress bar's count)
+
+
+@runtime_checkable
+class ReportsMemory(Protocol):
+    def memory_report(self) -> dict:
+        """The memory plan with the measured peaks beside it (results.json `memory`)."""
+
+
+@runtime_checkable
+class GuardsMemory(Protocol):
+    def out_of_memory_guard(self):
+        """A context manager that turns a device out-of-memory error into one line with the fix."""
+
+
+@runtime_checkable
+class HeldoutData(Protocol):
+    def heldout_dataloader(self): ...
+
+
+@runtime_checkable
+class OrdersBySlot(Protocol):
+    def order_by_slot(self, slots: int, regroup: bool = True) -> bool:
+        """Calibration windows slot by slot for `slots` reduction slots; True when the order is taken."""
+
+
+@runtime_checkable
+class SkipsBatches(Protocol):
+    def skip_batches(self, n: int) -> None:
+        """Resume: the next calibration epoch starts after its first n batches."""
 
 
 @runtime_checkable
@@ -157,5 +237,5 @@ def check_module(pl_module, who: str) -> None:
     # hasattr, not isinstance(pl_module, CalibrationModule): from Python 3.12 isinstance reads a protocol's data members
     # with inspect.getattr_static, which never sees an nn.Module's submodules (they live in `_modules`)
     if not all(hasattr(pl_module, name) for name in CalibrationModule.__annotations__):
-        raise TypeError(f"{who} needs a LightningModule with `model` and `mask_token_id` (CalibrationModule in "
+        raise ValueError(f"{who} needs a LightningModule with `model` and `mask_token_id` (CalibrationModule in "
                         f"pipeline/run/protocols.py); {type(pl_module).__name__} lacks them: use pipeline.model.module.DLMModule")

@@ -498,7 +498,10 @@ def measure_section(a, P, model, dense, seqlen: int, nwin: int, methods: list[st
             _extra_runs(a, model, dense, windows, jobs, sec, device, workdir, budget, save)
     restore(model, dense)
     if device.type == "cuda" and "sink_wanda" in methods and budget.allows(10):
-        sec["sink_sets"] = sink_sets_equal(model, windows[: a.sink_windows], a.timesteps, device, a.seed)
+        try:
+            sec["sink_sets"] = sink_sets_equal(model, windows[: a.sink_windows], a.timesteps, device, a.seed)
+        except Exception as exc:  # noqa: BLE001 - noted; the sections after it still run
+            sec.setdefault("errors", []).append(f"sink sets: {exc!r}"[:500])
         save(sec)
     restore(model, dense)
     return sec
@@ -523,12 +526,17 @@ def _extra_runs(a, model, dense, windows, jobs, sec, device, workdir, budget, sa
         if side != "project" or method not in a.phases or not sec["runs"][job]:
             continue
         estimate = 2 * max(s for s, _ in sec["runs"][job])
-        if budget.allows(estimate):
-            sec["phases"].append(measure_phases(a, model, dense, windows, method, config, device, workdir))
-            print(render_phases(sec["T"], sec["phases"][-1]), flush=True)
-            save(sec)
-        if method in a.profile and config == "default" and budget.allows(estimate):
-            sec["profile"].append(profile_kernels(a, model, dense, windows, method, config, device, workdir))
+        try:  # (a failing extra run is noted; the timed rows after it still run)
+            if budget.allows(estimate):
+                sec["phases"].append(measure_phases(a, model, dense, windows, method, config, device, workdir))
+                print(render_phases(sec["T"], sec["phases"][-1]), flush=True)
+                save(sec)
+            if method in a.profile and config == "default" and budget.allows(estimate):
+                sec["profile"].append(profile_kernels(a, model, dense, windows, method, config, device, workdir))
+                save(sec)
+        except Exception as exc:  # noqa: BLE001
+            sec.setdefault("errors", []).append(f"{method} {config}: {exc!r}"[:500])
+            print(f"  T={sec['T']} extra run of {method} {config} failed: {exc!r}", flush=True)
             save(sec)
 
 
@@ -586,6 +594,8 @@ def render_markdown(doc: dict) -> str:
                     "| kernel | calls | seconds |", "|---|---|---|"]
             out += [f"| `{k['name']}` | {k['calls']} | {k['seconds']:.3f} |" for k in pr["kernels"]]
     for s in doc.get("sections", []):
+        for error in s.get("errors") or []:
+            out.append(f"\nT = {s['T']}: failed: {error}")
         if s.get("sink_sets"):
             k = s["sink_sets"]
             out.append(f"\nT = {s['T']}: sink sets (s >= 0.5) fused vs chunked probe equal in {k['windows_equal']} of "
@@ -658,8 +668,8 @@ def main() -> None:
         """The JSON after every run (written whole, then renamed): a run stopped at its time limit keeps the rest."""
         sections = done + ([current] if current is not None else [])
         doc["rows"] = [r for sec in sections for r in section_rows(sec)]
-        doc["sections"] = [{k: sec[k] for k in ("T", "windows", "methods", "phases", "profile", "sink_sets", "floors")}
-                           for sec in sections]
+        doc["sections"] = [{k: sec.get(k) for k in ("T", "windows", "methods", "phases", "profile", "sink_sets", "floors",
+                                                    "errors")} for sec in sections]
         tmp = a.json.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         tmp.replace(a.json)

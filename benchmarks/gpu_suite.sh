@@ -44,7 +44,7 @@ for s in "$@"; do
     # T = 2048 x 16 and 4096 x 8 windows, then sink SparseGPT default one-shot and sequential at T = 2048 (medians of 3
     # where the step's time allows: the script skips what would pass it), each with a phase breakdown
     speed) step speed ${SPEED_LIMIT:-530} $PY benchmarks/vs_reference_cuda.py --json "$OUT/vs_reference_speed.json" \
-             --configs default reference-flavour --sparsegpt-configs default default-sequential \
+             --configs default reference-flavour --sparsegpt-configs default default-sequential default-host-totals \
              --phases sink_wanda sink_sparsegpt --profile sink_wanda ${SPEED_ARGS:-} ;;
     offload) step offload ${OFFLOAD_LIMIT:-150} $PY benchmarks/offload_cuda.py --json "$OUT/offload_cuda.json" ${OFFLOAD_ARGS:-} ;;
     quantize) step quantize 150 $PY benchmarks/quantize_cuda.py --json "$OUT/quantize_cuda.json" ;;

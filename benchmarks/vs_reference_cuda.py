@@ -17,6 +17,8 @@ dense model.  Rows, per T (default T = 2048 with 16 windows and T = 4096 with 8)
   default             this project, default flavour (SinkStatsCallback + PruneCallback, one-shot)
   reference-flavour   this project, flavor=reference (the reference's operations; sequential SparseGPT)
   default-sequential  this project, default flavour, sequential SparseGPT (the LLaDA-8B recipes' mode)
+  default-host-totals the default row with one-shot SparseGPT's float64 totals forced into host memory
+                      (SINKPRUNE_SLOT_TOTALS=host: the least device memory, the fold on the CPU)
 
 Reported: the median over `--repeats` of the pruning call's seconds (synchronised; model building excluded; this
 project's time is PruneCallback's calibration + masks), peak `torch.cuda.max_memory_allocated` (the model's weights
@@ -61,7 +63,8 @@ COMMON = dict(block_type="llama", rope=True, rope_theta=500000.0, layer_norm_typ
 REFERENCE_FN = {"sink_wanda": "prune_sink", "sink_sparsegpt": "prune_sink_sparsegpt"}
 # (flavor, SparseGPT mode); sink Wanda is one-shot in every configuration
 CONFIGS = {"default": ("default", "oneshot"), "reference-flavour": ("reference", "sequential"),
-           "default-sequential": ("default", "sequential")}
+           "default-sequential": ("default", "sequential"), "default-host-totals": ("default", "oneshot")}
+SLOT_TOTALS = {"default-host-totals": "host"}  # SINKPRUNE_SLOT_TOTALS for that row (one-shot's float64 totals in host memory)
 
 
 def reference_dir() -> Path:
@@ -225,7 +228,14 @@ def run_project(model, windows: torch.Tensor, method: str, config: str, timestep
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[SinkStatsCallback(record=False, heatmap=False), prune, done], default_root_dir=str(workdir))
     # the project's own loader: in one process SparseGPT's windows arrive slot by slot (one Hessian slot alive)
-    trainer.fit(module, datamodule=CalibrationData.from_windows(windows, batch_size=1))
+    forced = SLOT_TOTALS.get(config)
+    if forced:
+        os.environ["SINKPRUNE_SLOT_TOTALS"] = forced
+    try:
+        trainer.fit(module, datamodule=CalibrationData.from_windows(windows, batch_size=1))
+    finally:
+        if forced:
+            os.environ.pop("SINKPRUNE_SLOT_TOTALS")
     model.to(device)  # the strategy's teardown moved the module to the CPU
     return {n: m.to(torch.bool).cpu() for n, m in prune.masks.items()}, done.at
 
@@ -463,8 +473,8 @@ def measure_section(a, P, model, dense, seqlen: int, nwin: int, methods: list[st
     for method in methods:
         jobs.append(("reference", method, None))
         for config in a.configs if method == "sink_wanda" else a.sparsegpt_configs:
-            if method == "sink_wanda" and config == "default-sequential":
-                continue  # sink Wanda is one-shot in every configuration
+            if method == "sink_wanda" and config in ("default-sequential", "default-host-totals"):
+                continue  # sink Wanda is one-shot in every configuration and keeps no Hessian
             jobs.append(("project", method, config))
     sec = {"T": seqlen, "windows": nwin, "methods": methods, "jobs": jobs, "runs": {job: [] for job in jobs}, "masks": {},
            "floors": {}, "phases": [], "profile": [], "sink_sets": None}

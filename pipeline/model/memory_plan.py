@@ -271,8 +271,10 @@ def plan_fix(offload: str, device_short: bool, stats: int, act: int, cal: Calibr
     if offload == "none":
         return "model.offload: cpu (blocks onloaded one at a time)"
     if cal.statistic == "hessian" and stats >= act:
-        return (f"SparseGPT's Hessians need {gib(stats)} (one block's, or the largest layer's solve): more devices (trainer.devices; the reduction slots "
-                "spread over them), fewer prune reduction_slots, or method sink_wanda")
+        # (batches of one window fold each slot at once: one float32 slot per statistic on any number of devices)
+        spread = ("data.init_args.batch_size: 1 (one slot at a time), more devices (trainer.devices; the reduction slots "
+                  "spread over them), fewer prune reduction_slots, " if cal.batch_size > 1 else "a device with more memory ")
+        return f"SparseGPT's Hessians need {gib(stats)} (one block's, or the largest layer's solve): {spread}or method sink_wanda"
     return "a smaller data.init_args.batch_size or data.init_args.seqlen"
 
 

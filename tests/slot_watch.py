@@ -5,7 +5,8 @@ device) and the float64 totals kept in host memory, sampled at every slot creati
     SlotWatch(path)   writes path/rank<r>.json at the end of the fit:
         host_totals             whether the totals were in host memory
         peak_device_bytes       the most bytes of slots alive at once, the one being folded included
-        float64_on_device       float64 tensors seen among the slots (a total on the device would be one)
+        float64_on_device       float64 matrices seen among the slots (a Hessian total on the device would be one; an
+                                MoE expert's token count is a float64 scalar slot by design)
         peak_total_bytes        the most bytes of float64 totals at once
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ class SlotWatch(Callback):
         c = self.counts
         c["host_totals"] = sums.host_totals
         c["peak_device_bytes"] = max(c["peak_device_bytes"], sum(t.numel() * t.element_size() for t in slots))
-        c["float64_on_device"] += sum(t.dtype == torch.float64 for t in slots)
+        c["float64_on_device"] += sum(t.dtype == torch.float64 and t.dim() == 2 for t in slots)
         c["peak_total_bytes"] = max(c["peak_total_bytes"], sum(t.numel() * t.element_size() for t in totals))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:

@@ -237,15 +237,16 @@ def test_bad_offload_inputs_are_one_line(tmp_path, monkeypatch, offload, budget,
     assert not (tmp_path / "bad").exists()
 
 
-def test_two_processes_with_offloaded_sparsegpt_equal_one_and_keep_totals_off_the_device(tmp_path):
+@pytest.mark.parametrize("pretrained", ["tiny-llada", "tiny-llada-moe"])
+def test_two_processes_with_offloaded_sparsegpt_equal_one_and_keep_totals_off_the_device(tmp_path, pretrained):
     """DDP + offload, sink-SparseGPT (batches of one window): each rank's completed slots are folded, round by round,
     into float64 totals in host memory on every rank, in slot order: the masks and weights of 1 process offloaded and
     of 1 resident, bit for bit; on the device only float32 slots (one per statistic and the one being broadcast)."""
-    kwargs = dict(method="sink_sparsegpt", batch_size=1)
+    kwargs = dict(method="sink_sparsegpt", batch_size=1, pretrained=pretrained)
     masks, weights, _ = _fit(tmp_path, "none", "none", **kwargs)
     m1, w1, r1 = _fit(tmp_path, "one", "cpu", **kwargs)
     root = tmp_path / "two"
-    config = tiny_config(root, method="sink_sparsegpt", pretrained="tiny-llada", nsamples=4, seqlen=32, timesteps=2,
+    config = tiny_config(root, method="sink_sparsegpt", pretrained=pretrained, nsamples=4, seqlen=32, timesteps=2,
                          batch_size=1, prune_args={"score": False}, model_args={"offload": "cpu", "score_dense": False},
                          trainer_args={"devices": 2, "strategy": "calibration_ddp_spawn"})
     config["trainer"]["callbacks"].append({"class_path": "tests.slot_watch.SlotWatch",

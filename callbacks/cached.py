@@ -23,6 +23,7 @@ from contextlib import nullcontext
 
 import torch
 
+from callbacks.reduction import all_ranks, world
 from callbacks.schedule import eager_stance
 from pipeline.model.calibration import NoisedBatch, StopForward, find_blocks, forward_through_blocks, mask_window
 
@@ -157,6 +158,8 @@ def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_inpu
     blocks = [b for _, b in find_blocks(pl_module.model)]
     park, unpark = _parking(pl_module, offloader)
     order, slots = _slot_major(batches, sums.slot_of if sums is not None else None)
+    major = not slots or slots[0] is not None  # (a rank without batches agrees)
+    major = all_ranks(major) if sums is not None and sums.across_ranks else major
     per_block = {id(b): names for b, names in zip(targets.block_modules, targets.block_layers)}
     last = max(i for i, b in enumerate(blocks) if id(b) in per_block)
     with torch.no_grad(), eager_stance(eager), _passes(offloader):
@@ -172,8 +175,10 @@ def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_inpu
             if offloader is not None:
                 offloader.onload(i)
                 offloader.prefetch(i + 1)
-            for pos, j in enumerate(order if names or not sequential else ()):
+            fold = _folds(sums, [key(n) for n in names], major)
+            for j in order if names or not sequential else ():
                 nb = batches[j]
+                fold(slots[j])  # the rounds of slots before this batch's are complete
                 handles = [targets.layers[n].register_forward_hook(
                     lambda m, inp, out, n=n, nb=nb: on_input(n, inp[0].detach(), nb)) for n in names]
                 try:
@@ -183,8 +188,7 @@ def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_inpu
                         h.remove()
                 if not sequential:
                     hidden[j] = out
-                if names and slots[j] is not None and (pos + 1 == len(order) or slots[order[pos + 1]] != slots[j]):
-                    sums.fold([key(n) for n in names], slots[j] + 1)
+            fold(None)
             if names and (sequential or offloader is not None):
                 solve(names)
             for j in range(len(batches)) if sequential and i < last else ():
@@ -193,6 +197,24 @@ def calibrate_from_cache(pl_module, targets, batches: list[NoisedBatch], on_inpu
                 offloader.release(i, writeback=bool(names))
     if not sequential and offloader is None:
         solve(list(targets.layers))
+
+
+def _folds(sums, keys: list[str], major: bool):
+    """fold(slot): fold the keys' slots of every round before `slot`'s, fold(None): of every round.  A round is
+    world_size consecutive slots, one per rank (each rank's batches go slot by slot, so its slot of a round is complete
+    when its next round starts); every rank folds the same rounds in the same order, whichever of its slots held
+    batches (under DDP a fold may be a collective).  Nothing when the batches do not go slot by slot."""
+    if sums is None or not keys or not major:
+        return lambda slot: None
+    size, done = world()[1], [0]
+
+    def fold(slot: int | None) -> None:
+        upto = sums.slots if slot is None else slot - slot % size
+        while done[0] < upto:
+            done[0] += size
+            sums.fold(keys, done[0])
+
+    return fold
 
 
 def solve_block_by_block(targets, solve, offloader) -> None:

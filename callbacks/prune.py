@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.reduction import SlotSums, check_slots
+from callbacks.reduction import SlotSums, check_slots, forced_totals
 from callbacks.cached import RecordedBatches, calibrate_from_cache, solve_block_by_block, uniform_block_calls
 from callbacks.schedule import MeanSinkScores, ProbedInputs, guard_memory, hooked_forward
 from callbacks.sink_stats import SinkStatsCallback
@@ -137,8 +137,8 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         elif self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
             trainer.fit_loop.max_epochs = len(self.t.block_layers)
         self.sums = self.sums or SlotSums(self.reduction_slots or 8, None if self.mode == "oneshot" else False)  # (resumed: the checkpoint's)
-        if self.sums.host_totals is None and getattr(pl_module, "offloader", None) is not None:
-            self.sums.host_totals = True  # offloaded: the memory plan keeps the float64 totals in CPU memory
+        if getattr(pl_module, "offloader", None) is not None and forced_totals() is None:
+            self.sums.host_totals = True  # offloaded (any mode, any world size): the plan keeps the totals in CPU memory
         self.slot_major = self._order_by_slot(trainer, pl_module)
         reapply(self.layers, self.masks, self._resumed)  # resumed: restore the layers pruned before
         self.updated, self._resumed = self.updated | set(self._resumed), {}  # (the layers hold them now)

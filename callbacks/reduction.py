@@ -27,8 +27,26 @@ from pipeline.run.strategy import dist_ready
 SLOT_TOTALS = {"host": (True, True), "device": (False, None)}  # SINKPRUNE_SLOT_TOTALS -> (host_totals, fold_thread)
 
 
+MAX_DIMS = 4  # of a statistic broadcast by `_fold_across_ranks`
+FOLD_DTYPES = [torch.float32, torch.float64, torch.int64, torch.bfloat16, torch.float16]
+
+
 def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist_ready() else (0, 1)
+
+
+def comm_device() -> torch.device:
+    """Where the process group's collectives take their tensors: the rank's GPU under NCCL, else host memory."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_ranks(flag: bool) -> bool:
+    """Whether `flag` holds on every rank (collective under DDP)."""
+    if not dist_ready():
+        return flag
+    value = torch.tensor([int(flag)], device=comm_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def check_slots(slots: int, size: int, field: str = "reduction_slots") -> None:
@@ -137,10 +155,18 @@ class SlotSums:
         need = sum(8 * next(iter(per_key.values())).numel() for per_key in self.sums.values() if per_key)
         self.host_totals = not totals_fit(need, *device_room(device))
 
+    @property
+    def across_ranks(self) -> bool:
+        """DDP with the float64 totals in host memory: completed slots are folded collectively (`_fold_across_ranks`)."""
+        return dist_ready() and self.host_totals is True
+
     def fold(self, keys: list[str], upto: int) -> None:
-        """Single process: slots < upto of each key are complete; add them to its float64 total (slot order, as
-        `total` does) and free them.  A no-op under DDP, where `total` gathers the slots from their ranks."""
+        """Slots < upto of each key are complete; add them to its float64 total (slot order, as `total` does) and free
+        them.  Under DDP a collective when the totals live in host memory (every rank calls it with the same keys and
+        `upto`), else a no-op: `total` gathers the slots from their ranks."""
         if dist_ready():
+            if self.host_totals is True:
+                self._fold_across_ranks(keys, upto)
             return
         for key in dict.fromkeys(keys):
             done, out = self.folded.get(key, (0, None))
@@ -150,14 +176,48 @@ class SlotSums:
                     continue
                 if self.host_totals is None:
                     self._place_totals(per_key[g].device)
-                threaded = self.fold_thread if self.fold_thread is not None else per_key[g].device.type != "cpu"
-                if self.host_totals and threaded and key not in self.counts:  # the same operations as _plus, on the thread
-                    value = self._host_copy(per_key.pop(g))  # (the device slot is freed before the next one is created)
-                    first, out = out is None, torch.empty(value.shape, dtype=torch.float64) if out is None else out
-                    self._later(lambda out=out, value=value, first=first: self._host_add(out, value, first))
-                else:
-                    value = per_key.pop(g)
-                    out = self._plus(key, out, g, value.cpu() if self.host_totals else value)
+                out = self._fold_slot(key, out, g, per_key.pop(g))  # (the slot is freed before the next one is made)
+            self.folded[key] = (max(done, upto), out)
+
+    def _fold_slot(self, key: str, out: torch.Tensor | None, g: int, value: torch.Tensor) -> torch.Tensor:
+        """out + slot g's term (`value`), where the totals live: host totals of device slots on the fold thread."""
+        threaded = self.fold_thread if self.fold_thread is not None else value.device.type != "cpu"
+        if self.host_totals and threaded and key not in self.counts:  # the same operations as _plus, on the thread
+            value = self._host_copy(value)
+            first, out = out is None, torch.empty(value.shape, dtype=torch.float64) if out is None else out
+            self._later(lambda out=out, value=value, first=first: self._host_add(out, value, first))
+            return out
+        return self._plus(key, out, g, value.cpu() if self.host_totals else value)
+
+    def _fold_across_ranks(self, keys: list[str], upto: int) -> None:
+        """DDP, host totals: each slot < upto is broadcast by its owner (a header first: samples, dtype, shape; 0 when
+        it holds none) and every rank adds it to its own float64 total in host memory, in slot order: the additions of
+        `total`, so the same bits on every rank and world size.  On the device: the owned slots not yet folded and
+        the one slot being broadcast."""
+        size, device = dist.get_world_size(), comm_device()
+        for key in dict.fromkeys(keys):
+            done, out = self.folded.get(key, (0, None))
+            per_key = self.sums.get(key, {})
+            for g in range(done, upto):
+                mine = per_key.pop(g, None)
+                header = torch.full((2 + MAX_DIMS,), -1, dtype=torch.int64)
+                header[0] = 0
+                if mine is not None:
+                    header[0] = -self.counts[key][g] if key in self.counts else 1
+                    header[1] = FOLD_DTYPES.index(mine.dtype)
+                    header[2:2 + mine.dim()] = torch.tensor(mine.shape, dtype=torch.int64)
+                header = header.to(device)
+                dist.broadcast(header, src=g % size)
+                n, code, *dims = header.tolist()
+                if not n:
+                    continue
+                buf = mine.to(device) if mine is not None else torch.empty(
+                    [d for d in dims if d >= 0], dtype=FOLD_DTYPES[code], device=device)
+                del mine
+                dist.broadcast(buf, src=g % size)
+                if n < 0:  # a running mean of -n samples: its term is -n · mean
+                    self.counts.setdefault(key, {})[g] = -n
+                out = self._fold_slot(key, out, g, buf)
             self.folded[key] = (max(done, upto), out)
 
     def accumulator(self, key: str, sample_id: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -188,7 +248,9 @@ class SlotSums:
     def total(self, key: str, like: torch.Tensor | None = None) -> torch.Tensor | None:
         """Σ over slots in slot order; identical on every rank.  Collective: call on all ranks."""
         per_key = self.sums.get(key, {})
-        if not dist_ready():
+        if self.across_ranks:  # the slots not folded yet are folded now; the total is the host one
+            self.fold([key], self.slots)
+        if not dist_ready() or self.across_ranks:
             return self._local_total(key, copy=True)
         size = dist.get_world_size()
         template = next(iter(per_key.values()), like)
@@ -224,7 +286,9 @@ class SlotSums:
 
     def take(self, key: str) -> torch.Tensor | None:
         """total(key), then the key's slots are freed (collective)."""
-        out = self.total(key) if dist_ready() else self._local_total(key, copy=False)
+        if self.across_ranks:
+            self.fold([key], self.slots)
+        out = self.total(key) if dist_ready() and not self.across_ranks else self._local_total(key, copy=False)
         self.sums.pop(key, None)
         self.folded.pop(key, None)
         self.counts.pop(key, None)

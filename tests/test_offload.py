@@ -129,9 +129,14 @@ def test_plan_states_the_hessian_and_solver_bytes():
     table = " ".join(mp.render_plan(plan).split())  # (unwrapped)
     assert "statistics 768.0 MiB on the device per block (float64 totals: 1.5 GiB in CPU memory)" in table
     assert "solving the largest layer 6.4 GiB" in table
-    # DDP: a rank's owned slots stay on the device (no fold) beside the float64 totals
+    # DDP: folded round by round into host totals on every rank; one float32 slot per statistic + the one crossing
     eight = mp.memory_plan(shape, cal, device_free=141 * 10**9, devices=8, offload="cpu")
-    assert eight["statistic_device_bytes"] == (4 * 1 + 8) * entries and eight["statistic_cpu_bytes"] == 0
+    assert eight["statistic_device_bytes"] == 4 * (entries + 12288**2) and eight["statistic_cpu_bytes"] == 8 * entries
+    assert eight["offload_phases"]["solve"] == 2 * shape.block_bytes + plan["solver_bytes"] + eight["block_input_cache_bytes"]
+    # batches spanning slots: the owned slots wait on the device (2 of 8 on 4 ranks), the totals in host memory
+    spanning = mp.memory_plan(shape, mp.Calibration(statistic="hessian", windows=4, batch_size=2), device_free=141 * 10**9,
+                              devices=4, offload="cpu")
+    assert spanning["statistic_device_bytes"] == 4 * (2 * entries + 12288**2)
     # too small a device: the fix names the Hessians
     small = mp.memory_plan(shape, cal, device_free=6 * 2**30, devices=1, offload="cpu")
     assert not small["fits"] and "SparseGPT's Hessians need" in small["fix"]
@@ -206,6 +211,11 @@ def test_plan_from_config_alone():
     assert p8["block_input_cache_bytes"] * 8 == p1["block_input_cache_bytes"]  # the windows are sharded
     sgpt = _plan("--model", "configs/plans/llada2_0_flash", "--method", "sink_sparsegpt")  # one Hessian slot on the GPU
     assert sgpt.returncode == 0 and "in CPU memory); solving the largest layer" in " ".join(sgpt.stdout.split())
+    # 8 GPUs fit when 1 does: the float64 totals wait in CPU memory on every rank, as in one process
+    one, eight = (json.loads(_plan("--model", "configs/plans/llada2_0_flash", "--method", "sink_sparsegpt", "--devices", d,
+                                   "--json").stdout) for d in ("1", "8"))
+    assert one["fits"] and eight["fits"] and eight["predicted_device_peak_bytes"] <= one["predicted_device_peak_bytes"]
+    assert round(eight["predicted_device_peak_bytes"] / 2**30, 1) == 32.2 and eight["statistic_cpu_bytes"] == one["statistic_cpu_bytes"]
     sgpt = _plan("--model", "configs/plans/llada2_0_flash", "--method", "sink_sparsegpt", "--device-memory", "24GB")
     assert sgpt.returncode == 1 and "DOES NOT FIT" in sgpt.stdout and "Hessians" in sgpt.stdout
     for bad in (["--model", "no/such-model"], ["--model", "./missing/config.json"], ["--model", "configs/plans/llada2_0_flash",
@@ -225,3 +235,33 @@ def test_bad_offload_inputs_are_one_line(tmp_path, monkeypatch, offload, budget,
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and expected in lines[0], err[-2000:]
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("pretrained", ["tiny-llada", "tiny-llada-moe"])
+def test_two_processes_with_offloaded_sparsegpt_equal_one_and_keep_totals_off_the_device(tmp_path, pretrained):
+    """DDP + offload, sink-SparseGPT (batches of one window): each rank's completed slots are folded, round by round,
+    into float64 totals in host memory on every rank, in slot order: the masks and weights of 1 process offloaded and
+    of 1 resident, bit for bit; on the device only float32 slots (one per statistic and the one being broadcast)."""
+    kwargs = dict(method="sink_sparsegpt", batch_size=1, pretrained=pretrained)
+    masks, weights, _ = _fit(tmp_path, "none", "none", **kwargs)
+    m1, w1, r1 = _fit(tmp_path, "one", "cpu", **kwargs)
+    root = tmp_path / "two"
+    config = tiny_config(root, method="sink_sparsegpt", pretrained=pretrained, nsamples=4, seqlen=32, timesteps=2,
+                         batch_size=1, prune_args={"score": False}, model_args={"offload": "cpu", "score_dense": False},
+                         trainer_args={"devices": 2, "strategy": "calibration_ddp_spawn"})
+    config["trainer"]["callbacks"].append({"class_path": "tests.slot_watch.SlotWatch",
+                                           "init_args": {"path": str(tmp_path / "watch")}})
+    proc = run_cli(config, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m2, w2 = load_file(str(root / "pruned" / "masks.safetensors")), load_file(str(root / "pruned" / "model" / "model.safetensors"))
+    for a, b in ((masks, m1), (masks, m2), (weights, w1), (weights, w2)):
+        _same(a, b)
+    r2 = json.loads((root / "pruned" / "results.json").read_text())
+    assert r2["run"]["world_size"] == 2 and r2["memory"]["offload"] == "cpu"
+    # counted on each rank: no float64 tensor among what lives on the device; the totals of one block in host memory
+    entries = r2["memory"]["statistic_cpu_bytes"] // 8  # the Hessian entries of one block (the plan's count)
+    for rank in (0, 1):
+        counted = json.loads((tmp_path / "watch" / f"rank{rank}.json").read_text())
+        assert counted["host_totals"] is True and counted["float64_on_device"] == 0
+        assert 0 < counted["peak_device_bytes"] <= r2["memory"]["statistic_device_bytes"] < 8 * entries
+        assert 0 < counted["peak_total_bytes"] <= r2["memory"]["statistic_cpu_bytes"]

@@ -19,9 +19,9 @@ Predicted peak bytes on one device:
   statistics:            per targeted Linear, Wanda a float64 vector [in], SparseGPT a float32 Hessian [in, in] per
                          reduction slot the rank owns, plus the float64 total (from a config.json: layers fed one
                          tensor share one statistic, as in the run; from a loaded model: one per Linear, an upper bound).
-                         Offloaded on one process with batches of one window, the windows go slot by slot and each
-                         completed slot is folded into a float64 total in CPU memory: one float32 Hessian per
-                         statistic on the device
+                         Offloaded with batches of one window, the windows go slot by slot and each completed slot
+                         is folded into a float64 total in CPU memory (under DDP round by round, each slot broadcast
+                         by its owner): one float32 Hessian per statistic on the device (+ the one crossing)
   solver workspace:      counted on the CPU (tests/test_offload.py): Wanda and magnitude 16 bytes per weight (fp32
                          scores, the weight in fp32, threshold masks, an int64 running count); SparseGPT 38 bytes per
                          Hessian entry (the float64 total brought to the device, its scaled copies, the Cholesky
@@ -31,7 +31,7 @@ from the checkpoint (page cache, shared by the node's processes; a pruned block 
 mapped back: the blocks' bytes on disk per process); with offload the embeddings and head have a pinned copy there
 (they leave the device for the block passes), the block inputs of every calibration batch and timestep are cached
 there (windows · timesteps · T · hidden values of the windows this rank holds) unless they fit on the device, and
-SparseGPT's float64 totals of one block wait there (one process).
+SparseGPT's float64 totals of one block wait there (on every rank).
 """
 from __future__ import annotations
 
@@ -177,13 +177,17 @@ def totals_fit(totals_bytes: int, device_free: int, transient_bytes: int) -> boo
 
 
 def offloaded_statistic_bytes(inputs: list[int], cal: Calibration, devices: int) -> tuple[int, int]:
-    """(on the device, in CPU memory) for one block's statistics with offload: one process with batches of one window
-    goes slot by slot and folds each completed SparseGPT slot into a float64 total in CPU memory (one float32 slot
-    per statistic alive); otherwise (DDP, or a batch spanning slots) the slots stay on the device (`statistic_bytes`)."""
-    if cal.statistic == "hessian" and devices == 1 and cal.batch_size == 1:
-        entries = sum(i * i for i in inputs)
-        return entries * 4, entries * 8
-    return statistic_bytes(inputs, cal, devices), 0
+    """(on the device, in CPU memory) for one block's SparseGPT statistics with offload.  Batches of one window go slot
+    by slot and each completed slot is folded into a float64 total in CPU memory: one float32 slot per statistic
+    alive.  Under DDP every rank's slots of a round are folded together, each broadcast by its owner (one more
+    float32 slot, the largest, on the device while it crosses; every rank holds the totals in its CPU memory); with
+    batches spanning slots the rank's owned slots wait on the device until the solve folds them.  One process with
+    such batches adds its slots on the device at the solve (`statistic_bytes`)."""
+    if cal.statistic != "hessian" or (devices == 1 and cal.batch_size > 1):
+        return statistic_bytes(inputs, cal, devices), 0
+    entries, largest = sum(i * i for i in inputs), max(inputs, default=0) ** 2
+    alive = 1 if cal.batch_size == 1 else math.ceil(cal.reduction_slots / devices)
+    return 4 * (entries * alive + (largest if devices > 1 else 0)), 8 * entries
 
 
 # the solver's device workspace (counted on the CPU, tests/test_offload.py: an upper bound within a few percent when
@@ -209,8 +213,8 @@ def offload_phases(shape: ModelShape, cal: Calibration, devices: int, cache_on_d
     return {"full forward": shape.resident_bytes + 2 * shape.block_bytes,
             "block inputs": shape.resident_bytes - shape.head_bytes + one_input + cache_on_device,
             "statistics pass": blocks + act + 2 * one_input + stats + cache_on_device,
-            # (under DDP the slots of the block's other layers wait on the device while one is solved)
-            "solve": blocks + solver_bytes(shape, cal) + (stats if devices > 1 else 0) + cache_on_device}
+            # (under DDP with batches spanning slots, the slots of the block's other layers wait while one is solved)
+            "solve": blocks + solver_bytes(shape, cal) + (stats if devices > 1 and cal.batch_size > 1 else 0) + cache_on_device}
 
 
 def memory_plan(shape: ModelShape, cal: Calibration, *, device_free: int, cpu_free: int | None = None,
@@ -267,8 +271,10 @@ def plan_fix(offload: str, device_short: bool, stats: int, act: int, cal: Calibr
     if offload == "none":
         return "model.offload: cpu (blocks onloaded one at a time)"
     if cal.statistic == "hessian" and stats >= act:
-        return (f"SparseGPT's Hessians need {gib(stats)} (one block's, or the largest layer's solve): more devices (trainer.devices; the reduction slots "
-                "spread over them), fewer prune reduction_slots, or method sink_wanda")
+        # (batches of one window fold each slot at once: one float32 slot per statistic on any number of devices)
+        spread = ("data.init_args.batch_size: 1 (one slot at a time), more devices (trainer.devices; the reduction slots "
+                  "spread over them), fewer prune reduction_slots, " if cal.batch_size > 1 else "a device with more memory ")
+        return f"SparseGPT's Hessians need {gib(stats)} (one block's, or the largest layer's solve): {spread}or method sink_wanda"
     return "a smaller data.init_args.batch_size or data.init_args.seqlen"
 
 

@@ -137,7 +137,7 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         elif self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
             trainer.fit_loop.max_epochs = len(self.t.block_layers)
         self.sums = self.sums or SlotSums(self.reduction_slots or 8, None if self.mode == "oneshot" else False)  # (resumed: the checkpoint's)
-        if getattr(pl_module, "offloader", None) is not None and forced_totals() is None:
+        if module_offloader(pl_module) is not None and forced_totals() is None:
             self.sums.host_totals = True  # offloaded (any mode, any world size): the plan keeps the totals in CPU memory
         self.slot_major = self._order_by_slot(trainer, pl_module)
         reapply(self.layers, self.masks, self._resumed)  # resumed: restore the layers pruned before

@@ -251,6 +251,8 @@ def short_flags(args: list[str]) -> tuple[list[str], dict]:
             flags["n_m"] = value
         else:
             flags[key] = value
+    if "sparsity" in flags and "n_m" in flags:
+        raise ValueError("--sparsity and --n-m: two targets for one run (unstructured and N:M); give one")
     return out, flags
 
 
@@ -355,8 +357,17 @@ def resume_hint(args: list[str]) -> str:
         keep.append(args[i])
         i += 1
     keep += (["--output", cli_class.run_root] if moved else []) + ["--ckpt_path", str(saved[0])]
-    program = "python cli.py" if Path(sys.argv[0]).name == "cli.py" else "sinkprune"
-    return f"checkpoint {saved[0]}; resume with: {program} {shlex.join(keep)}"
+    return f"checkpoint {saved[0]}; resume with: {invoked_as()} {shlex.join(keep)}"
+
+
+def invoked_as() -> str:
+    """The program as the user typed it: `python <path>/cli.py` as given, else the console script `sinkprune`."""
+    import shlex
+
+    program = sys.argv[0] if sys.argv else ""
+    if Path(program).name == "cli.py":
+        return f"python {shlex.quote(program)}"
+    return "sinkprune"
 
 
 def rank_error(exc) -> tuple[str, str, bool]:

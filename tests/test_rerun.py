@@ -145,3 +145,12 @@ def test_sink_table_wraps_words_and_never_cuts_a_value():
     lines = text.getvalue().splitlines()
     assert max(map(len, lines)) <= 80 and "…" not in text.getvalue()
     assert all(value in text.getvalue() for value in ("0.10", "0.346", "44.2x", "0.771", "117", "50%", "1.25", "342.43"))
+
+
+def test_resume_command_names_the_program_as_invoked(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["/opt/tools/sink prune/cli.py", "fit"])
+    assert cli.invoked_as() == "python '/opt/tools/sink prune/cli.py'"
+    monkeypatch.setattr("sys.argv", ["../cli.py", "fit"])
+    assert cli.invoked_as() == "python ../cli.py"
+    monkeypatch.setattr("sys.argv", ["/work/venv/bin/sinkprune", "fit"])
+    assert cli.invoked_as() == "sinkprune"

@@ -457,8 +457,11 @@ def plan(args: list[str]) -> int:
         shape = mp.shape_from_config(config, a.model)
         cal = mp.Calibration(statistic=STATISTICS[a.method], windows=a.windows, timesteps=a.timesteps, seqlen=a.seqlen,
                              batch_size=a.batch_size)
-        result = mp.memory_plan(shape, cal, device_free=mp.parse_bytes(a.device_memory), devices=a.devices,
-                                cpu_free=None if a.cpu_memory is None else mp.parse_bytes(a.cpu_memory), offload=a.offload)
+        result = mp.memory_plan(shape, cal, device_free=_plan_size("--device-memory", a.device_memory), devices=a.devices,
+                                cpu_free=None if a.cpu_memory is None else _plan_size("--cpu-memory", a.cpu_memory),
+                                offload=a.offload)
+        if result["fix"]:  # printed here: name plan's own flags, not the fit options
+            result["fix"] = plan_flags(result["fix"])
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -466,9 +469,24 @@ def plan(args: list[str]) -> int:
     return 0 if result["fits"] else 1
 
 
+def plan_flags(fix: str) -> str:
+    """A plan's fix clause with the fit options it names replaced by plan's own flags."""
+    for option, flag in (("data.init_args.batch_size", "--batch-size"), ("data.init_args.seqlen", "--seqlen"),
+                         ("trainer.devices", "--devices"), ("model.offload: ", "--offload ")):
+        fix = fix.replace(option, flag)
+    return fix
+
+
 def _config_file(model: str) -> str:
-    """A config.json path, a folder holding one, or a hub id whose config.json is in the local Hugging Face cache."""
+    """A config.json path, a folder holding one (configs/... also among the package's configs), an embedded model
+    name (resolved as loading does), or a hub id whose config.json is in the local Hugging Face cache."""
+    from pipeline.model.loading import EMBEDDED, resolve_path
+
+    if model in EMBEDDED:
+        return str(Path(resolve_path(model)) / "config.json")
     path = Path(model).expanduser()
+    if not path.exists() and path.parts[:1] == ("configs",):
+        path = CONFIG_DIR.joinpath(*path.parts[1:])  # the help's example, from any working directory
     if path.is_file():
         return str(path)
     if (path / "config.json").is_file():
@@ -482,8 +500,24 @@ def _config_file(model: str) -> str:
     if model.startswith((".", "/", "~")) or model.endswith(".json") or path.exists():
         raise FileNotFoundError(f"plan --model {model}: no such config.json (nor a folder holding one); give the path "
                                 "of the model's config.json")
+    if model.count("/") != 1:
+        raise FileNotFoundError(f"plan --model {model}: not an embedded model, a local folder or a hub id; give one "
+                                f"of {', '.join(EMBEDDED)}, a folder holding config.json, or its path")
     raise FileNotFoundError(f"plan --model {model}: not in the local Hugging Face cache (offline); fetch its config "
                             f"(huggingface-cli download {model} config.json) or give the path of its config.json")
+
+
+def _plan_size(flag: str, text: str) -> int:
+    """A plan --*-memory size; a bare number below 1 MiB is a forgotten unit (80 means 80GB, not 80 bytes)."""
+    from pipeline.model.memory_plan import parse_bytes
+
+    try:
+        size = parse_bytes(text)
+    except ValueError as exc:
+        raise ValueError(f"plan {flag} {text}: {exc}") from None
+    if size < 2**20 and text.strip().replace(".", "", 1).isdigit():
+        raise ValueError(f"plan {flag} {text}: {size} bytes (a bare number is bytes); give a unit, e.g. {text.strip()}GB")
+    return size
 
 
 if __name__ == "__main__":

@@ -198,7 +198,36 @@ def check_config_files(args: list[str]) -> list[str]:
             raise ValueError(f"--config {value}{where}: invalid YAML ({problem}); fix the syntax there") from None
         if isinstance(loaded, dict) and loaded.get("ckpt_path"):
             check_checkpoint(loaded["ckpt_path"])
+        args[i + 1] = with_packaged_pieces(path, loaded)
     return args
+
+
+def with_packaged_pieces(path: Path, loaded) -> str:
+    """A recipe copied out of configs/ names its pieces (model/minilm_dlm.yaml) relative to configs/: a relative
+    piece not found next to the YAML file is taken from the package's configs/.  Returns the file's path, or, when
+    a piece came from the package, the recipe as a YAML string with every relative piece made absolute (the file
+    itself is not written)."""
+    import yaml
+
+    here, borrowed = path.resolve().parent, []
+
+    def resolve(value):
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if not isinstance(value, str) or not value.endswith((".yaml", ".yml")) or Path(value).is_absolute():
+            return value
+        if (here / value).is_file():
+            return str(here / value)
+        if (CONFIG_DIR / value).is_file():
+            borrowed.append(value)
+            return str(CONFIG_DIR / value)
+        raise FileNotFoundError(f"--config {path}: its piece {value} is neither next to it ({here}) nor among the "
+                                f"package's configs; copy the piece there or give its absolute path")
+
+    resolved = resolve(loaded) if isinstance(loaded, dict) else loaded
+    return yaml.safe_dump(resolved, sort_keys=False) if borrowed else str(path)
 
 
 SHORT_FLAGS = {"--method": "method", "--sparsity": "sparsity", "--n-m": "n_m", "--nm": "n_m",

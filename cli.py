@@ -223,6 +223,8 @@ def with_packaged_pieces(path: Path, loaded) -> str:
         if (CONFIG_DIR / value).is_file():
             borrowed.append(value)
             return str(CONFIG_DIR / value)
+        if Path(value).is_file():  # a path from the working directory: left as written
+            return value
         raise FileNotFoundError(f"--config {path}: its piece {value} is neither next to it ({here}) nor among the "
                                 f"package's configs; copy the piece there or give its absolute path")
 

@@ -198,7 +198,38 @@ def check_config_files(args: list[str]) -> list[str]:
             raise ValueError(f"--config {value}{where}: invalid YAML ({problem}); fix the syntax there") from None
         if isinstance(loaded, dict) and loaded.get("ckpt_path"):
             check_checkpoint(loaded["ckpt_path"])
+        args[i + 1] = with_packaged_pieces(path, loaded)
     return args
+
+
+def with_packaged_pieces(path: Path, loaded) -> str:
+    """A recipe copied out of configs/ names its pieces (model/minilm_dlm.yaml) relative to configs/: a relative
+    piece not found next to the YAML file is taken from the package's configs/.  Returns the file's path, or, when
+    a piece came from the package, the recipe as a YAML string with every relative piece made absolute (the file
+    itself is not written)."""
+    import yaml
+
+    here, borrowed = path.resolve().parent, []
+
+    def resolve(value):
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if not isinstance(value, str) or not value.endswith((".yaml", ".yml")) or Path(value).is_absolute():
+            return value
+        if (here / value).is_file():
+            return str(here / value)
+        if (CONFIG_DIR / value).is_file():
+            borrowed.append(value)
+            return str(CONFIG_DIR / value)
+        if Path(value).is_file():  # a path from the working directory: left as written
+            return value
+        raise FileNotFoundError(f"--config {path}: its piece {value} is neither next to it ({here}) nor among the "
+                                f"package's configs; copy the piece there or give its absolute path")
+
+    resolved = resolve(loaded) if isinstance(loaded, dict) else loaded
+    return yaml.safe_dump(resolved, sort_keys=False) if borrowed else str(path)
 
 
 SHORT_FLAGS = {"--method": "method", "--sparsity": "sparsity", "--n-m": "n_m", "--nm": "n_m",
@@ -251,6 +282,8 @@ def short_flags(args: list[str]) -> tuple[list[str], dict]:
             flags["n_m"] = value
         else:
             flags[key] = value
+    if "sparsity" in flags and "n_m" in flags:
+        raise ValueError("--sparsity and --n-m: two targets for one run (unstructured and N:M); give one")
     return out, flags
 
 
@@ -355,8 +388,17 @@ def resume_hint(args: list[str]) -> str:
         keep.append(args[i])
         i += 1
     keep += (["--output", cli_class.run_root] if moved else []) + ["--ckpt_path", str(saved[0])]
-    program = "python cli.py" if Path(sys.argv[0]).name == "cli.py" else "sinkprune"
-    return f"checkpoint {saved[0]}; resume with: {program} {shlex.join(keep)}"
+    return f"checkpoint {saved[0]}; resume with: {invoked_as()} {shlex.join(keep)}"
+
+
+def invoked_as() -> str:
+    """The program as the user typed it: `python <path>/cli.py` as given, else the console script `sinkprune`."""
+    import shlex
+
+    program = sys.argv[0] if sys.argv else ""
+    if Path(program).name == "cli.py":
+        return f"python {shlex.quote(program)}"
+    return "sinkprune"
 
 
 def rank_error(exc) -> tuple[str, str, bool]:
@@ -446,8 +488,11 @@ def plan(args: list[str]) -> int:
         shape = mp.shape_from_config(config, a.model)
         cal = mp.Calibration(statistic=STATISTICS[a.method], windows=a.windows, timesteps=a.timesteps, seqlen=a.seqlen,
                              batch_size=a.batch_size)
-        result = mp.memory_plan(shape, cal, device_free=mp.parse_bytes(a.device_memory), devices=a.devices,
-                                cpu_free=None if a.cpu_memory is None else mp.parse_bytes(a.cpu_memory), offload=a.offload)
+        result = mp.memory_plan(shape, cal, device_free=_plan_size("--device-memory", a.device_memory), devices=a.devices,
+                                cpu_free=None if a.cpu_memory is None else _plan_size("--cpu-memory", a.cpu_memory),
+                                offload=a.offload)
+        if result["fix"]:  # printed here: name plan's own flags, not the fit options
+            result["fix"] = plan_flags(result["fix"])
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -455,9 +500,24 @@ def plan(args: list[str]) -> int:
     return 0 if result["fits"] else 1
 
 
+def plan_flags(fix: str) -> str:
+    """A plan's fix clause with the fit options it names replaced by plan's own flags."""
+    for option, flag in (("data.init_args.batch_size", "--batch-size"), ("data.init_args.seqlen", "--seqlen"),
+                         ("trainer.devices", "--devices"), ("model.offload: ", "--offload ")):
+        fix = fix.replace(option, flag)
+    return fix
+
+
 def _config_file(model: str) -> str:
-    """A config.json path, a folder holding one, or a hub id whose config.json is in the local Hugging Face cache."""
+    """A config.json path, a folder holding one (configs/... also among the package's configs), an embedded model
+    name (resolved as loading does), or a hub id whose config.json is in the local Hugging Face cache."""
+    from pipeline.model.loading import EMBEDDED, resolve_path
+
+    if model in EMBEDDED:
+        return str(Path(resolve_path(model)) / "config.json")
     path = Path(model).expanduser()
+    if not path.exists() and path.parts[:1] == ("configs",):
+        path = CONFIG_DIR.joinpath(*path.parts[1:])  # the help's example, from any working directory
     if path.is_file():
         return str(path)
     if (path / "config.json").is_file():
@@ -471,8 +531,24 @@ def _config_file(model: str) -> str:
     if model.startswith((".", "/", "~")) or model.endswith(".json") or path.exists():
         raise FileNotFoundError(f"plan --model {model}: no such config.json (nor a folder holding one); give the path "
                                 "of the model's config.json")
+    if model.count("/") != 1:
+        raise FileNotFoundError(f"plan --model {model}: not an embedded model, a local folder or a hub id; give one "
+                                f"of {', '.join(EMBEDDED)}, a folder holding config.json, or its path")
     raise FileNotFoundError(f"plan --model {model}: not in the local Hugging Face cache (offline); fetch its config "
                             f"(huggingface-cli download {model} config.json) or give the path of its config.json")
+
+
+def _plan_size(flag: str, text: str) -> int:
+    """A plan --*-memory size; a bare number below 1 MiB is a forgotten unit (80 means 80GB, not 80 bytes)."""
+    from pipeline.model.memory_plan import parse_bytes
+
+    try:
+        size = parse_bytes(text)
+    except ValueError as exc:
+        raise ValueError(f"plan {flag} {text}: {exc}") from None
+    if size < 2**20 and text.strip().replace(".", "", 1).isdigit():
+        raise ValueError(f"plan {flag} {text}: {size} bytes (a bare number is bytes); give a unit, e.g. {text.strip()}GB")
+    return size
 
 
 if __name__ == "__main__":

@@ -97,6 +97,10 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
     def prune_outcome(self) -> PruneOutcome | None:
         return self._outcome
 
+    @property
+    def sink_aware(self) -> bool:  # a sink_* method: its statistics are weighted by 1 - sink score
+        return self.pruner.weighting.sink_aware
+
     @override
     def calibration_memory(self) -> tuple[str | None, int | None]:
         return self.pruner.statistic, self.reduction_slots

@@ -203,8 +203,14 @@ class SinkStatsCallback(Callback, NoisedBatchHooks, ChecksContracts):
                     labels = [f"t={row['t']:.2f}" for row in self.summary["timesteps"]]
                     plot_heatmap(heat, tmp / "sink_heatmap.png", title="attention mass (mean over samples)", ylabels=labels)
             Console().print(render_timestep_table(self.summary))
-            if self.summary["positional_sink"]:
+            if self.summary["positional_sink"] and self._sink_aware_consumer(trainer):
                 Console(stderr=True).print(positional_warning(self.summary["positional_sink"]), style="yellow")
+
+    @staticmethod
+    def _sink_aware_consumer(trainer) -> bool:
+        """Whether a callback weights by the sink scores (sink_* pruning, sink-aware GPTQ): only then does the
+        positional-sink warning (sink-aware pruning acts like the AR recipe) apply."""
+        return any(getattr(cb, "sink_aware", False) for cb in callbacks_of(trainer, SinkScoreConsumer))
 
     def output_path(self, trainer) -> Path:
         return Path(self.output_dir or Path(trainer.default_root_dir) / "sinks").expanduser()

@@ -112,3 +112,13 @@ def test_unknown_config_key(tmp_path):
     config["model"]["init_args"]["sede"] = 1
     code, err = run_inprocess(config, tmp_path)
     assert code != 0 and "sede" in err
+
+
+def test_sparsity_and_n_m_together_are_refused(capsys):
+    import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["fit", "--config", "tiny_sink50", "--sparsity", "0.6", "--n-m", "2:4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: --sparsity and --n-m:") and err[0].endswith("give one")

@@ -235,6 +235,24 @@ def test_generate_until_cuts_at_stop_strings(minilm_tokenizer):
 
 
 # ------------------------------------------------------------------------------------- offline tasks
+def test_the_harness_finds_the_package_tasks_from_any_folder(tmp_path, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    from pipeline.evaluation.harness import with_package_tasks
+
+    tasks = Path(TASK_DIR).resolve()
+    monkeypatch.chdir(tmp_path)  # outside the repository root: configs/tasks is not here
+    run = ["--model", "dlm", "--tasks", "wiki_cloze_offline"]
+    assert with_package_tasks(run, tasks) == [*run, "--include_path", str(tasks)]
+    relative = with_package_tasks([*run, "--include_path", "configs/tasks", "--limit", "4"], tasks)
+    assert relative == [*run, "--include_path", str(tasks), "--limit", "4"]
+    assert with_package_tasks([*run, "--include_path=configs/tasks"], tasks) == [*run, "--include_path", str(tasks)]
+    own = [*run, "--include_path", str(tmp_path)]
+    assert with_package_tasks(own, tasks) == own  # the user's own folder, as given
+    manager = TaskManager(include_path=relative[relative.index("--include_path") + 1], include_defaults=False)
+    assert "wiki_cloze_offline" in manager.all_tasks
+
+
 def test_offline_task_yamls_load_and_build_docs():
     from lm_eval.tasks import TaskManager
 

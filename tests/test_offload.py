@@ -225,6 +225,26 @@ def test_plan_from_config_alone():
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: plan --"), proc.stderr
 
 
+def test_plan_takes_what_fit_takes_from_any_folder(tmp_path):
+    import subprocess
+    import sys
+
+    def plan(*args):
+        return subprocess.run([sys.executable, str(REPO / "cli.py"), "plan", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+
+    tiny = plan("--model", "tiny-llada", "--json")  # an embedded name, as fit resolves it
+    assert tiny.returncode == 0 and json.loads(tiny.stdout)["blocks"] == 4, tiny.stderr  # its 4 layers
+    example = plan("--model", "configs/plans/llada2_0_flash", "--json")  # --help's example, outside the repo root
+    assert example.returncode == 0 and json.loads(example.stdout)["fits"], example.stderr
+    short = plan("--model", "tiny-llada", "--device-memory", "1MiB", "--seqlen", "4096", "--batch-size", "64")
+    fix = [line for line in short.stdout.splitlines() if line.startswith("fix")]
+    assert short.returncode == 1 and len(fix) == 1 and "--batch-size" in fix[0] and "data.init_args" not in fix[0], short.stdout
+    bare = plan("--model", "tiny-llada", "--device-memory", "80")
+    assert bare.returncode == 2 and bare.stderr.strip().splitlines() == [
+        "error: plan --device-memory 80: 80 bytes (a bare number is bytes); give a unit, e.g. 80GB"]
+
+
 @pytest.mark.parametrize("offload,budget,expected", [("gpu", None, "model.offload='gpu': use one of auto, none, cpu, disk"),
                                                      ("auto", "lots", "SINKPRUNE_DEVICE_BUDGET=lots: 'lots' is not a size")])
 def test_bad_offload_inputs_are_one_line(tmp_path, monkeypatch, offload, budget, expected):

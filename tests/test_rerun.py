@@ -145,3 +145,32 @@ def test_sink_table_wraps_words_and_never_cuts_a_value():
     lines = text.getvalue().splitlines()
     assert max(map(len, lines)) <= 80 and "…" not in text.getvalue()
     assert all(value in text.getvalue() for value in ("0.10", "0.346", "44.2x", "0.771", "117", "50%", "1.25", "342.43"))
+
+
+def test_resume_command_names_the_program_as_invoked(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["/opt/tools/sink prune/cli.py", "fit"])
+    assert cli.invoked_as() == "python '/opt/tools/sink prune/cli.py'"
+    monkeypatch.setattr("sys.argv", ["../cli.py", "fit"])
+    assert cli.invoked_as() == "python ../cli.py"
+    monkeypatch.setattr("sys.argv", ["/work/venv/bin/sinkprune", "fit"])
+    assert cli.invoked_as() == "sinkprune"
+
+
+def test_a_copied_recipe_takes_its_pieces_from_the_package(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "my.yaml"
+    mine.write_text((cli.CONFIG_DIR / "tiny_sink50.yaml").read_text())
+    before = mine.read_bytes()
+    code, out, err = _main("fit", "--config", "my.yaml", "--print_config")
+    assert code == 0, err[-2000:]
+    config = yaml.safe_load(out)
+    assert config["model"]["init_args"]["pretrained"] == "minilm-dlm"
+    assert [cb["class_path"].rsplit(".", 1)[1] for cb in config["trainer"]["callbacks"]] == [
+        "SinkStatsCallback", "PruneCallback", "EvaluateExportCallback"]
+    assert mine.read_bytes() == before  # the user's file is not written
+
+    mine.write_text(before.decode().replace("model/minilm_dlm.yaml", "model/no_such_piece.yaml"))
+    code, _, err = _main("fit", "--config", "my.yaml")
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: --config my.yaml: its piece model/no_such_piece.yaml is neither next to it ({tmp_path}) nor among the "
+        "package's configs; copy the piece there or give its absolute path"]

@@ -7,7 +7,7 @@ In Python, wrap a model already in memory (no reload):
 
 From the shell, run lm-eval's own CLI through this module (it registers `dlm` first; lm-eval 0.4.13 has
 no plugin entry points, so a bare `lm_eval --model dlm` cannot see a model type defined outside its
-package).  From the repository root, with the offline task YAMLs of configs/tasks:
+package).  From any folder (the package's offline task YAMLs, configs/tasks, are always on the include path):
 
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     python -m pipeline.evaluation.harness --model dlm --model_args pretrained=minilm-dlm,mc_num=8 \\
@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import lm_eval.models  # noqa: F401  fills lm-eval's lazy model registry before `dlm` joins it
 import torch
@@ -391,7 +392,7 @@ EVAL_HELP = """sinkprune-eval: lm-eval's command line with the `dlm` model type 
   --model dlm --model_args pretrained=NAME[,mc_num=128,cfg=0.0,batch_size=32,dtype=bfloat16,...]
       NAME: an embedded model (minilm-dlm, tiny-llada), a saved sinkprune run (RUN/pruned/model), a folder
       or a hub id (GSAI-ML/LLaDA-8B-Base).  mc_num: Monte Carlo draws per loglikelihood request.
-  offline tasks (no network; add --include_path {tasks}):
+  offline tasks (no network; {tasks} is always included):
       {names}
   example:
       HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 sinkprune-eval --model dlm --model_args pretrained=minilm-dlm,mc_num=8 \\
@@ -419,18 +420,35 @@ def quiet_git_hash() -> None:
     lm_eval.evaluator.get_git_commit_hash = git_hash
 
 
+def with_package_tasks(argv: list[str], tasks: Path) -> list[str]:
+    """The package's offline tasks (configs/tasks) from any working directory, as `fit` finds them: added when no
+    --include_path is given, and standing in for a relative configs/tasks that is not there (run outside the repo
+    root).  Another folder of the user's own tasks is left as given (lm-eval takes one)."""
+    given = next((i for i, a in enumerate(argv) if a == "--include_path" or a.startswith("--include_path=")), None)
+    if given is None:
+        return [*argv, "--include_path", str(tasks)]
+    flag, eq, value = argv[given].partition("=")
+    value = value if eq else (argv[given + 1] if given + 1 < len(argv) else "")
+    path = Path(value).expanduser()
+    if path.exists() or path.parts[:2] != ("configs", "tasks"):
+        return argv
+    packaged = tasks.joinpath(*path.parts[2:])
+    return [*argv[:given], "--include_path", str(packaged), *argv[given + (1 if eq else 2):]]
+
+
 def main() -> None:
     """lm-eval's CLI with the `dlm` model type registered."""
     import sys
-    from pathlib import Path
 
     argv = sys.argv[1:]
+    tasks = Path(__file__).resolve().parents[2] / "configs" / "tasks"
     if any(a in ("-h", "--help") for a in argv):
-        tasks = Path(__file__).resolve().parents[2] / "configs" / "tasks"
         names = ", ".join(sorted(p.stem for p in tasks.glob("*.yaml")))
         print(EVAL_HELP.format(tasks=tasks, names=names))
     elif not any(a == "--device" or a.startswith("--device=") for a in argv) and not torch.cuda.is_available():
         sys.argv.extend(["--device", "cpu"])  # lm-eval's default is cuda; on a CPU-only machine that is not a choice
+    if argv and not any(a in ("-h", "--help") for a in argv):
+        sys.argv[1:] = with_package_tasks(sys.argv[1:], tasks)
     from lm_eval.__main__ import cli_evaluate
 
     quiet_git_hash()

@@ -136,10 +136,10 @@ def current_umask() -> int:
 
 
 def honour_umask(folder: Path) -> None:
-    """Give every file under `folder` the mode a plain open() would (0644 under umask 022): safetensors writes
+    """Give `folder` and everything under it the mode a plain open() would (0644 under umask 022): safetensors writes
     its files 0600, which would keep a shared cluster's group from reading the masks and the model."""
     mask = current_umask()
-    for path in folder.rglob("*"):
+    for path in [folder, *folder.rglob("*")]:
         if path.is_symlink():
             continue
         if path.is_dir():

@@ -170,7 +170,7 @@ class EvaluateExportCallback(Callback, ChecksContracts, SavesModel):
         dense = sum(p.numel() * p.element_size() for p in params)  # quantized in place, still in the model's dtype
         dtype = str(pl_module.model.dtype).removeprefix("torch.")
         Console(highlight=False).print(quantize_line(results["quantize"], results["sparsity_report"], mask_zeros, saved,
-                                                     dense, dtype), markup=False, soft_wrap=True)
+                                                     dense, dtype), markup=False)
 
     def _score_pruned(self, pl_module, timings: dict) -> dict:
         pruned = {}

@@ -117,15 +117,29 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
+def progress_seconds() -> float:
+    """SINKPRUNE_PROGRESS_SECONDS: the most seconds between two plain progress lines (default 30, 0: every update)."""
+    value = os.environ.get("SINKPRUNE_PROGRESS_SECONDS", "").strip() or "30"
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"SINKPRUNE_PROGRESS_SECONDS={value!r} is not a number of seconds >= 0; set e.g. 30, or 0 "
+                         "for a line at every update")
+    return seconds
+
+
 class LineProgress:
     """Progress as plain lines for a console that is not a terminal (a batch job's log file), where rich's live
     bar would show nothing until the phase ends: a line when a task starts, then at most one every
-    SINKPRUNE_PROGRESS_SECONDS (default 30; 0 = every update) with done/total, elapsed and ETA, and one at the end.
+    SINKPRUNE_PROGRESS_SECONDS (default 30; 0 = every update) with done/total, elapsed time and ETA, and one at the end
+    ("calibration: 4/8 windows × timesteps in 0:00:12, ETA 0:00:12").
     The subset of rich.progress.Progress that this package calls."""
 
     def __init__(self, console, unit: str = ""):
         self.console, self.unit = console, unit
-        self.every = float(os.environ.get("SINKPRUNE_PROGRESS_SECONDS", "30") or 30)
+        self.every = progress_seconds()
         self._tasks: list[dict] = []
 
     def __enter__(self):
@@ -163,13 +177,12 @@ class LineProgress:
         state["said"] = now = time.time()
         done, total, elapsed = state["completed"], state["total"], now - state["start"]
         count = f"{done}/{total} {self.unit}" if total is not None else f"{done} {self.unit}" if done else ""
-        line = f"{state['description']}: {count.rstrip()}, " if count else f"{state['description']}: "
-        line += f"elapsed {_clock(elapsed)}"
+        line = f"{state['description']}: " + (f"{count.rstrip()} in {_clock(elapsed)}" if count else _clock(elapsed))
         if final:
             line += ", done"
         elif total and done:
             line += f", ETA {_clock(elapsed / done * (total - done))}"
-        self.console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
+        self.console.print(line, markup=False, highlight=False, emoji=False)  # longer than the console: wrapped
 
 
 def _clock(seconds: float) -> str:

@@ -145,7 +145,7 @@ class EvaluateExportCallback(Callback, ChecksContracts, SavesModel):
         results["phase_timings"] = ordered_phases(phase_timings(), timings)
         self.results = results
         if trainer.is_global_zero:
-            self._print(report, pruned, outcome.method)
+            self._print(report, pruned, outcome.method, quantized.scheme.name if quantized is not None else None)
             self._save(trainer, pl_module, results, outcome, quantized)
         if trainer.world_size > 1:
             trainer.strategy.barrier("prune_saved")
@@ -156,7 +156,21 @@ class EvaluateExportCallback(Callback, ChecksContracts, SavesModel):
             save_pruned(out, results, outcome.masks, pl_module.model if self.save_model else None,
                         getattr(pl_module, "tokenizer", None), self.overwrite, quantized)
         _say(f"saved pruned model, masks and results to [bold]{out}[/]")
+        if quantized is not None:
+            self._say_quantized(results, outcome, pl_module, out / "model" if self.save_model else None)
         self._summary(results["phase_timings"])
+
+    def _say_quantized(self, results: dict, outcome: PruneOutcome, pl_module, model_dir) -> None:
+        """The scheme, the saved size beside the dense one, and the zeros quantization added (pipeline/evaluation/report.py)."""
+        from pipeline.evaluation.report import quantize_line
+
+        mask_zeros = sum(int(m.sum()) for m in outcome.masks.values())
+        saved = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) if model_dir is not None else None
+        params = {p.data_ptr(): p for p in pl_module.model.parameters()}.values()  # tied weights once
+        dense = sum(p.numel() * p.element_size() for p in params)  # quantized in place, still in the model's dtype
+        dtype = str(pl_module.model.dtype).removeprefix("torch.")
+        Console(highlight=False).print(quantize_line(results["quantize"], results["sparsity_report"], mask_zeros, saved,
+                                                     dense, dtype), markup=False)
 
     def _score_pruned(self, pl_module, timings: dict) -> dict:
         pruned = {}
@@ -178,18 +192,19 @@ class EvaluateExportCallback(Callback, ChecksContracts, SavesModel):
 
         Console().print(render_timings(phases))
 
-    def _print(self, report: dict, pruned: dict, method: str) -> None:
+    def _print(self, report: dict, pruned: dict, method: str, quantized: str | None = None) -> None:
         from pipeline.evaluation.report import render_scores, render_sparsity
 
         console = Console()
         console.print(render_sparsity(report))
         if "heldout" in self.dense or "heldout" in pruned:  # no table of dashes when neither was scored
-            console.print(render_scores(self.dense, pruned, method, paired=(self.results or {}).get("paired", {}).get("heldout")))
+            console.print(render_scores(self.dense, pruned, method, paired=(self.results or {}).get("paired", {}).get("heldout"),
+                                        quantized=quantized))
         if self.tasks:
             from pipeline.evaluation.scoring import render_comparison
 
             console.print(render_comparison(self.dense.get("tasks", {}), pruned.get("tasks", {}),
-                                            title=f"benchmarks, dense vs pruned ({method})"))
+                                            title=f"benchmarks, dense vs pruned{f' + {quantized}' if quantized else ''} ({method})"))
 
     def _evaluate_tasks(self, pl_module, label: str = "") -> dict:
         from pipeline.evaluation.scoring import evaluate_tasks

@@ -332,3 +332,25 @@ def test_dense_model_quantized_alone(tmp_path):
         assert local["weight"].dtype == torch.float8_e4m3fn, n
         weight = compressor.decompress(local, qconfig.config_groups["group_0"])["weight"]
         assert torch.equal(weight, round_to_nearest(layer.weight.detach(), Scheme.parse("fp8"))[1]), n
+
+
+def test_console_names_the_quantization_and_its_size(tmp_path):
+    """`--quantize w4a16`: the tables read "dense vs pruned + w4a16", and one line names the scheme, the layers, the
+    saved size beside the dense one, and the zeros rounding added beyond the masks (why total sparsity exceeds 50%)."""
+    root = tmp_path / "run"
+    config = tiny_config(root, method="sink_wanda", nsamples=4, seqlen=32, timesteps=2, pretrained="tiny-llada",
+                         prune_args={"tasks": []})
+    proc = run_cli(config, tmp_path, "--quantize", "w4a16", "--group-size", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = " ".join((proc.stdout + proc.stderr).split())  # rich wraps lines at 80 columns
+    assert "dense vs pruned + w4a16 (sink_wanda)" in console
+    line = console[console.index("quantized: "):]
+    saved = sum(f.stat().st_size for f in (root / "pruned" / "model").glob("*.safetensors"))
+    assert line.startswith("quantized: w4a16 GPTQ int4, group 64, 28 layers; saved in compressed-tensors format, "
+                           f"{saved / 2**20:.1f} MiB (dense float32 "), line[:300]
+    results = json.loads((root / "pruned" / "results.json").read_text())
+    masked = sum(int(m.sum()) for m in load_file(str(root / "pruned" / "masks.safetensors")).values())
+    layers = results["sparsity_report"]["layers"]
+    extra = (sum(r["zeros"] for r in layers) - masked) / sum(r["shape"][0] * r["shape"][1] for r in layers)
+    assert extra > 0 and f"; {extra:.2%} of the weights outside the masks round to 0, so the total sparsity " \
+                         f"({results['sparsity_report']['total_sparsity']:.2%}) is above the pruned share" in line, line[:300]

@@ -1,6 +1,8 @@
 """Tables for people and dicts for JSON: the sparsity report and the dense-vs-pruned scores."""
 from __future__ import annotations
 
+import math
+
 from rich.table import Table
 
 
@@ -76,10 +78,36 @@ def render_sparsity(report: dict, max_rows: int = 40) -> Table:
     return table
 
 
-def render_scores(dense: dict, pruned: dict, label: str, paired: dict | None = None) -> Table:
-    """Held-out masked-diffusion NLL and perplexity, dense vs pruned (same masks for both); with `paired`
-    (pipeline.maths.metrics.paired_difference), the NLL difference's paired standard error."""
-    table = Table(title=f"held-out perplexity, dense vs pruned ({label})")
+def quantize_line(summary: dict, report: dict, mask_zeros: int, saved_bytes: int | None = None,
+                  dense_bytes: int | None = None, dense_dtype: str = "") -> str:
+    """One console line for a quantized run: the scheme (results.json's "quantize"), the sizes once saved, and
+    the zeros beyond the masks (weights that round to code 0), which lift the sparsity table's total above the
+    target."""
+    scheme = summary["scheme"]
+    if scheme == "w4a16":
+        grid = f"int4, group {summary['group_size']}" if summary["group_size"] else "int4, per channel"
+    else:
+        grid = "float8 e4m3, per channel"
+    line = f"quantized: {scheme} {summary['algorithm'].upper()} {grid}, {summary['layers']} layers"
+    if summary.get("saved_dense"):
+        line += f" ({summary['saved_dense']} fused expert layers saved dense)"
+    if saved_bytes is not None:
+        line += f"; saved in compressed-tensors format, {saved_bytes / 2**20:.1f} MiB"
+        if dense_bytes:
+            line += f" (dense {dense_dtype} {dense_bytes / 2**20:.1f} MiB)"
+    total = sum(r["zeros"] for r in report["layers"]), sum(math.prod(r["shape"]) for r in report["layers"])
+    extra = total[0] - mask_zeros
+    if extra > 0:
+        line += (f"; {extra / max(total[1], 1):.2%} of the weights outside the masks round to 0, so the total "
+                 f"sparsity ({report['total_sparsity']:.2%}) is above the pruned share")
+    return line
+
+
+def render_scores(dense: dict, pruned: dict, label: str, paired: dict | None = None, quantized: str | None = None) -> Table:
+    """Held-out masked-diffusion NLL and perplexity, dense vs pruned (same masks for both; `quantized`: the scheme
+    the pruned weights are also quantized to); with `paired` (pipeline.maths.metrics.paired_difference), the NLL
+    difference's paired standard error."""
+    table = Table(title=f"held-out perplexity, dense vs pruned{f' + {quantized}' if quantized else ''} ({label})")
     for col in ("metric", "dense", "pruned", "delta"):
         table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=True)
     for key, name in (("nll", "NLL (nats/token)"), ("ppl", "perplexity")):

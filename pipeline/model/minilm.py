@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.run.outputs import honour_umask
+
 ZOO = Path(__file__).resolve().parents[1] / "zoo"  # the shipped deltas (data files; pipeline/zoo trains them)
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -186,6 +188,7 @@ def materialize(name: str = "minilm-dlm", force: bool = False) -> Path:
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
         if (variant.here / "README.md").exists():
             shutil.copy(variant.here / "README.md", tmp / "README.md")
+        honour_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 would hide a shared cache from the group
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

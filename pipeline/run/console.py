@@ -117,10 +117,93 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
+def progress_seconds() -> float:
+    """SINKPRUNE_PROGRESS_SECONDS: the most seconds between two plain progress lines (default 30, 0: every update)."""
+    value = os.environ.get("SINKPRUNE_PROGRESS_SECONDS", "").strip() or "30"
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"SINKPRUNE_PROGRESS_SECONDS={value!r} is not a number of seconds >= 0; set e.g. 30, or 0 "
+                         "for a line at every update")
+    return seconds
+
+
+class LineProgress:
+    """Progress as plain lines for a console that is not a terminal (a batch job's log file), where rich's live
+    bar would show nothing until the phase ends: a line when a task starts, then at most one every
+    SINKPRUNE_PROGRESS_SECONDS (default 30; 0 = every update) with done/total, elapsed time and ETA, and one at the end
+    ("calibration: 4/8 windows × timesteps in 0:00:12, ETA 0:00:12").
+    The subset of rich.progress.Progress that this package calls."""
+
+    def __init__(self, console, unit: str = ""):
+        self.console, self.unit = console, unit
+        self.every = progress_seconds()
+        self._tasks: list[dict] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        pass
+
+    def add_task(self, description: str, total: int | None = None) -> int:
+        now = time.time()
+        self._tasks.append({"description": description, "total": total, "completed": 0, "start": now, "said": now,
+                            "open": True})
+        self._say(self._tasks[-1], final=False)
+        return len(self._tasks) - 1
+
+    def advance(self, task: int, advance: int = 1) -> None:
+        self.update(task, completed=self._tasks[task]["completed"] + advance)
+
+    def update(self, task: int, completed: int) -> None:
+        state = self._tasks[task]
+        state["completed"] = completed
+        if time.time() - state["said"] >= self.every:
+            self._say(state, final=False)
+
+    def stop(self) -> None:
+        for state in self._tasks:
+            if state["open"]:
+                self._say(state, final=True)
+                state["open"] = False
+
+    def _say(self, state: dict, final: bool) -> None:
+        state["said"] = now = time.time()
+        done, total, elapsed = state["completed"], state["total"], now - state["start"]
+        count = f"{done}/{total} {self.unit}" if total is not None else f"{done} {self.unit}" if done else ""
+        line = f"{state['description']}: " + (f"{count.rstrip()} in {_clock(elapsed)}" if count else _clock(elapsed))
+        if final:
+            line += ", done"
+        elif total and done:
+            line += f", ETA {_clock(elapsed / done * (total - done))}"
+        self.console.print(line, markup=False, highlight=False, emoji=False)  # longer than the console: wrapped
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_display(*columns, unit: str = "", transient: bool = False):
+    """A rich live Progress with `columns` on a terminal; LineProgress (plain lines) when stderr is a file or pipe."""
+    from rich.progress import Progress
+
+    console = _console()
+    if not console.is_terminal:
+        return LineProgress(console, unit)
+    return Progress(*columns, console=console, transient=transient)
+
+
 def track(iterable, description: str, total: int | None = None, unit: str = "items", record: bool = True):
-    """A rich progress bar (phase, items, elapsed, ETA) on rank zero; the phase's time goes to phase_timings()
+    """A progress bar (phase, items, elapsed, ETA) on rank zero; the phase's time goes to phase_timings()
     unless record=False (the caller records it)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     start = time.time()
     if total is None:
@@ -133,7 +216,7 @@ def track(iterable, description: str, total: int | None = None, unit: str = "ite
         return
     columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn(unit),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=_console(), transient=False) as progress:
+    with progress_display(*columns, unit=unit) as progress:
         task = progress.add_task(description, total=total)
         for item in iterable:
             yield item
@@ -145,14 +228,14 @@ def track(iterable, description: str, total: int | None = None, unit: str = "ite
 @contextmanager
 def status(message: str, when=lambda: True):
     """A spinner with `message` and the elapsed time on rank zero while a step without countable items runs
-    (only if when())."""
+    (only if when()); plain start and end lines when the console is not a terminal."""
     if not is_rank_zero() or not when():
         yield
         return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_console(),
-                  transient=True) as progress:
+    with progress_display(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                          transient=True) as progress:
         progress.add_task(message, total=None)
         yield
 

@@ -110,6 +110,7 @@ class AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        honour_umask(self.tmp)
         backup = None
         if self.target.exists():
             backup = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -118,6 +119,33 @@ class AtomicDir:
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
         return False
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only set it, and another
+    thread creating a file in between would get the temporary value)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(folder: Path) -> None:
+    """Give `folder` and everything under it the mode a plain open() would (0644 under umask 022): safetensors writes
+    its files 0600, which would keep a shared cluster's group from reading the masks and the model."""
+    mask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o777 & ~mask)
+        else:
+            path.chmod((0o666 | path.stat().st_mode & 0o111) & ~mask)
 
 
 def save_model(model, tokenizer, directory: Path, quantized=None) -> None:

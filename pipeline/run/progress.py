@@ -2,7 +2,8 @@
 (windows × timesteps) done of the epoch's total, elapsed time and ETA, on rank zero.
 
 SinkPruneCLI puts it in place of Lightning's default bar ("Epoch 0/0 … it/s"), unless the trainer has
-enable_progress_bar=False or the recipe lists a progress bar of its own.
+enable_progress_bar=False or the recipe lists a progress bar of its own.  On a console that is not a terminal
+(a batch job's log file) it prints plain lines instead (console.LineProgress).
 """
 from __future__ import annotations
 
@@ -44,19 +45,18 @@ class CalibrationProgressBar(ProgressBar):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if not self.is_enabled:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from pipeline.run.console import _console
+        from pipeline.run.console import progress_display
 
         loader = trainer.train_dataloader
         timesteps = len(pl_module.timesteps) if isinstance(pl_module, NoisesAtTimesteps) else 1
         windows = len(loader.sampler) if getattr(loader, "sampler", None) is not None else len(loader.dataset)
         self._per_batch, self._total = (loader.batch_size or 1) * timesteps, windows * timesteps
         unit = "windows × timesteps" if timesteps > 1 else "windows"
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-                                  TextColumn(unit), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                  console=_console(), transient=False)
+        self._progress = progress_display(TextColumn("{task.description}"), BarColumn(bar_width=20),
+                                          MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), TextColumn("ETA"),
+                                          TimeRemainingColumn(), unit=unit)
         self._progress.start()
         self._task = self._progress.add_task(calibration_description(trainer), total=self._total)
 

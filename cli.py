@@ -330,7 +330,7 @@ methods (--method):
   wanda, sparsegpt, magnitude   the usual baselines
 
 recipes (--config NAME, from configs/ of the package; or your own YAML file):
-{listing("offline, CPU, about 25 s each:", tiny)}
+{listing("offline, CPU, about 30 s each:", tiny)}
 {listing('transformers 5 only (pip install "transformers>=5.24,<6"):', tf5)}
 {listing("GPU, real models:", big)}
 

@@ -47,10 +47,22 @@ def _on_signal(signum, frame):
     raise RunInterrupted(signum)
 
 
-def remove_partial_outputs() -> None:
-    """A failed run leaves nothing: result folders it created go, and so do its temp folders."""
+def remove_partial_outputs(run_folder: bool = True) -> None:
+    """A failed run leaves nothing: result folders it created go, and so do its temp folders; run_folder: also the run
+    folder it created, when nothing but run.log is in it (a refused run; a checkpoint or a result keeps it)."""
     holder = sys.modules.get("lightning_cli")
     cli_class = getattr(holder, "SinkPruneCLI", None)
+    root = Path(cli_class.run_root).expanduser() if cli_class is not None and cli_class.run_root else None
+    if run_folder and root is not None and not cli_class.run_root_existed and root.is_dir() \
+            and all(p == root / "run.log" or p.is_dir() for p in root.rglob("*")):
+        from pipeline.run.console import close_run_log
+
+        close_run_log()
+        shutil.rmtree(root, ignore_errors=True)
+        for parent in root.absolute().parents:  # the empty folders above it that this run made
+            if cli_class.run_root_base is None or parent == cli_class.run_root_base or any(parent.iterdir()):
+                break
+            parent.rmdir()
     for _field, folder, existed in (cli_class.result_dirs if cli_class else []):
         if not existed and folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
@@ -76,6 +88,7 @@ def _run(args: list[str], from_argv: bool) -> list[str]:
     from lightning_cli import SinkPruneCLI
 
     SinkPruneCLI.short_flags, SinkPruneCLI.print_config, SinkPruneCLI.checkpoints = flags, print_config, []
+    SinkPruneCLI.run_root, SinkPruneCLI.run_root_existed = None, True  # (set when this run picks its folder)
     SinkPruneCLI(DLMModule, CalibrationData, subclass_mode_model=True, subclass_mode_data=True,
                  trainer_defaults=TRAINER_DEFAULTS, save_config_callback=None, parser_kwargs={"exit_on_error": False},
                  args=None if from_argv else args)
@@ -125,7 +138,7 @@ def main(args=None):
         print(f"error: rank {exc.error_index}: {message if clean else f'{kind}: {message}'}", file=sys.stderr)
         sys.exit(2 if clean else 1)
     except BaseException:
-        remove_partial_outputs()
+        remove_partial_outputs(run_folder=False)  # (its run.log may say why)
         raise
     finally:
         for s, h in handlers.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError, Namespace
@@ -30,6 +31,8 @@ class SinkPruneCLI(LightningCLI):
     short_flags: dict = {}  # --method / --sparsity / --n-m / --overwrite / --checkpoint, applied to the recipe
     print_config: str | None = None  # --print_config[=options]: printed once the short flags are applied
     run_root: str | None = None  # the run folder this run writes (a version folder when the configured one was taken)
+    run_root_existed: bool = True  # whether it was there before this run (a refused run removes one it made)
+    run_root_base: Path | None = None  # its nearest folder that was there before this run
     configured_root: str | None = None
     checkpoints: list = []  # the last.ckpt each CalibrationCheckpoint of this run writes
     started: float = 0.0  # when this run's checks passed (a checkpoint older than that is not this run's)
@@ -65,6 +68,8 @@ class SinkPruneCLI(LightningCLI):
                 print(textwrap.fill(f"{configured} holds a previous run's results (kept); this run writes to {chosen} "
                                     "(--overwrite replaces them instead)", 80, break_on_hyphens=False), file=sys.stderr)
         SinkPruneCLI.configured_root, SinkPruneCLI.run_root = configured, chosen
+        SinkPruneCLI.run_root_existed = Path(chosen).expanduser().exists()
+        SinkPruneCLI.run_root_base = next(p for p in Path(chosen).expanduser().absolute().parents if p.exists())
         if self.subcommand:
             self.config[self.subcommand]["trainer"]["default_root_dir"] = chosen
         return chosen

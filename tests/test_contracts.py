@@ -117,7 +117,17 @@ def _quantize_group_does_not_divide(config):
                                               "init_args": {"scheme": "w4a16", "group_size": 100}})
 
 
+def _hub_dataset_offline(config):  # (the tests run with HF_DATASETS_OFFLINE=1: found out once the data loads)
+    config["data"]["init_args"]["dataset"] = "wikitext2"
+
+
+def _mask_id_outside_the_vocabulary(config):  # (found out once the model is loaded)
+    config["model"]["init_args"]["mask_token_id"] = 10**6
+
+
 REFUSALS = {  # name -> (edit of a small sink_wanda run, what the one error line names)
+    "hub_dataset_offline": (_hub_dataset_offline, "data.dataset=wikitext2"),
+    "mask_id_outside_the_vocabulary": (_mask_id_outside_the_vocabulary, "model.mask_token_id=1000000"),
     "probe_needs_sdpa": (_eager, "model.attn_implementation='eager'"),
     "noise_vs_flavor": (_uniform_noise_reference_exact, "model.noise='uniform'"),
     "slots_vs_world_size": (_slots_not_a_multiple, "prune reduction_slots=3"),

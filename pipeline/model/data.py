@@ -38,7 +38,12 @@ def load_texts(source: str, split: str) -> list[str]:
 
         spec = HUB_SOURCES[source]
         kwargs = {"data_files": spec["data_files"]} if "data_files" in spec else {}
-        ds = load_dataset(spec["path"], spec["name"], split=spec[split], **kwargs)
+        try:
+            ds = load_dataset(spec["path"], spec["name"], split=spec[split], **kwargs)
+        except ConnectionError as exc:  # offline (HF_DATASETS_OFFLINE=1) or the Hub unreachable, and not cached
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConnectionError(f"data.dataset={source}: {first}; run once with network access to cache it, or use "
+                                  "wiki-embedded or a local text/JSON file") from None
         if source == "wikitext2":  # the reference joins wikitext lines into one document
             return ["\n\n".join(ds[spec["field"]])]
         return list(ds[spec["field"]][:20000])

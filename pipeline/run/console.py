@@ -72,6 +72,17 @@ def quiet_libraries(seed: int | None = 0) -> None:
         logging.getLogger("lightning.fabric.utilities.seed").setLevel(level or logging.ERROR)
 
 
+def close_run_log() -> None:
+    """Stop writing run.log (a refused run's folder is about to go)."""
+    while _log_handler:
+        handler = _log_handler.pop()
+        for name in (*NOISY_LOGGERS, "py.warnings"):
+            logger = logging.getLogger(name)
+            if handler in logger.handlers:
+                logger.removeHandler(handler)
+        handler.close()
+
+
 def log_to_run_folder(root: str | Path) -> Path | None:
     """Library warnings and log records (INFO and up) to <root>/run.log, not the console."""
     target = (Path(root) / "run.log").resolve()

@@ -10,6 +10,7 @@ run removes the result folders it created.  Tracebacks: `SINKPRUNE_TRACEBACK=1` 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -47,22 +48,28 @@ def _on_signal(signum, frame):
     raise RunInterrupted(signum)
 
 
+BEFORE_THE_WORK = ("starting", "parsing the config", "checking the inputs", "loading the model")  # (phase names)
+
+
 def remove_partial_outputs(run_folder: bool = True) -> None:
     """A failed run leaves nothing: result folders it created go, and so do its temp folders; run_folder: also the run
     folder it created, when nothing but run.log is in it (a refused run; a checkpoint or a result keeps it)."""
     holder = sys.modules.get("lightning_cli")
     cli_class = getattr(holder, "SinkPruneCLI", None)
     root = Path(cli_class.run_root).expanduser() if cli_class is not None and cli_class.run_root else None
-    if run_folder and root is not None and not cli_class.run_root_existed and root.is_dir() \
+    refused = current() in BEFORE_THE_WORK  # (a run that failed later keeps its run.log: it may say why)
+    rank_zero = not (int(os.environ.get("LOCAL_RANK", 0)) or int(os.environ.get("RANK", 0)))
+    if run_folder and refused and rank_zero and root is not None and not cli_class.run_root_existed and root.is_dir() \
             and all(p == root / "run.log" or p.is_dir() for p in root.rglob("*")):
         from pipeline.run.console import close_run_log
 
         close_run_log()
         shutil.rmtree(root, ignore_errors=True)
-        for parent in root.absolute().parents:  # the empty folders above it that this run made
-            if cli_class.run_root_base is None or parent == cli_class.run_root_base or any(parent.iterdir()):
-                break
-            parent.rmdir()
+        with contextlib.suppress(OSError):
+            for parent in root.absolute().parents:  # the empty folders above it that this run made
+                if cli_class.run_root_base is None or parent == cli_class.run_root_base or any(parent.iterdir()):
+                    break
+                parent.rmdir()
     for _field, folder, existed in (cli_class.result_dirs if cli_class else []):
         if not existed and folder.exists():
             shutil.rmtree(folder, ignore_errors=True)

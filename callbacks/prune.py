@@ -97,8 +97,8 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
     def prune_outcome(self) -> PruneOutcome | None:
         return self._outcome
 
-    @property
-    def sink_aware(self) -> bool:  # a sink_* method: its statistics are weighted by 1 - sink score
+    @override
+    def weights_by_sink_scores(self) -> bool:  # a sink_* method
         return self.pruner.weighting.sink_aware
 
     @override
@@ -141,7 +141,9 @@ class PruneCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, DescribesCali
         elif self.mode == "sequential" and self.pruner.statistic and not self.masks_from:
             trainer.fit_loop.max_epochs = len(self.t.block_layers)
         self.sums = self.sums or SlotSums(self.reduction_slots or 8, None if self.mode == "oneshot" else False)  # (resumed: the checkpoint's)
-        if module_offloader(pl_module) is not None and forced_totals() is None:
+        if (forced := forced_totals()) is not None:  # SINKPRUNE_SLOT_TOTALS, in any mode
+            self.sums.host_totals, self.sums.fold_thread = forced
+        elif module_offloader(pl_module) is not None:
             self.sums.host_totals = True  # offloaded (any mode, any world size): the plan keeps the totals in CPU memory
         self.slot_major = self._order_by_slot(trainer, pl_module)
         reapply(self.layers, self.masks, self._resumed)  # resumed: restore the layers pruned before

@@ -153,6 +153,10 @@ class QuantizeCallback(Callback, NoisedBatchHooks, SinkScoreConsumer, ChecksCont
         return bool(self.gptq and self.sink_aware and epoch == 0)
 
     @override
+    def weights_by_sink_scores(self) -> bool:  # sink-aware GPTQ (round-to-nearest reads no statistic)
+        return bool(self.gptq and self.sink_aware)
+
+    @override
     def reads_probed_forward(self, epoch: int) -> bool:  # its own hooked forward reads the layer inputs
         return False
 

@@ -210,7 +210,7 @@ class SinkStatsCallback(Callback, NoisedBatchHooks, ChecksContracts):
     def _sink_aware_consumer(trainer) -> bool:
         """Whether a callback weights by the sink scores (sink_* pruning, sink-aware GPTQ): only then does the
         positional-sink warning (sink-aware pruning acts like the AR recipe) apply."""
-        return any(getattr(cb, "sink_aware", False) for cb in callbacks_of(trainer, SinkScoreConsumer))
+        return any(cb.weights_by_sink_scores() for cb in callbacks_of(trainer, SinkScoreConsumer))
 
     def output_path(self, trainer) -> Path:
         return Path(self.output_dir or Path(trainer.default_root_dir) / "sinks").expanduser()

@@ -154,6 +154,21 @@ def test_a_refused_run_leaves_no_run_folder(name, tmp_path):
     assert not root.exists(), sorted(str(q.relative_to(root)) for q in root.rglob("*"))
 
 
+class FailsWhileCalibrating(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        raise ValueError("a failure in the middle of calibration")
+
+
+def test_a_run_that_fails_while_calibrating_keeps_its_run_log(tmp_path):
+    """Only a refusal (before the work) takes the run folder away; later, run.log may say why the run failed."""
+    root = tmp_path / "run"
+    config = tiny_config(root, method="sink_wanda", nsamples=2, seqlen=32, timesteps=2)
+    config["trainer"]["callbacks"].append({"class_path": "tests.test_contracts.FailsWhileCalibrating"})
+    code, err = run_inprocess(config, tmp_path)
+    assert code == 2 and "a failure in the middle of calibration" in err, err[-2000:]
+    assert (root / "run.log").is_file()
+
+
 def test_the_out_of_memory_line_names_the_checkpoint_of_a_default_folder(tmp_path):
     """CalibrationCheckpoint without dirpath (what --checkpoint adds): the resume hint names <run folder>/checkpoints."""
     checkpoint = CalibrationCheckpoint()

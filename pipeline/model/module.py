@@ -243,6 +243,7 @@ class DLMModule(L.LightningModule):
         # Fit may put modules in train mode; calibration must see the inference network (no dropout).
         # on_train_start also runs when resuming mid-epoch, where on_train_epoch_start does not.
         self.model.eval()
+        set_current("calibrating")  # the work has begun (cli.py: a failure from here on is not a refusal)
 
     @override
     def setup(self, stage: str) -> None:

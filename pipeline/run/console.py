@@ -86,16 +86,9 @@ def close_run_log() -> None:
 def log_to_run_folder(root: str | Path) -> Path | None:
     """Library warnings and log records (INFO and up) to <root>/run.log, not the console."""
     target = (Path(root) / "run.log").resolve()
-    if _log_handler:
-        old = _log_handler.pop()
-        if Path(old.baseFilename) == target:
-            _log_handler.append(old)
-            return target
-        for name in (*NOISY_LOGGERS, "py.warnings"):  # an earlier run in this process: its run.log is closed
-            logger = logging.getLogger(name)
-            if old in logger.handlers:
-                logger.removeHandler(old)
-        old.close()
+    if _log_handler and Path(_log_handler[-1].baseFilename) == target:
+        return target
+    close_run_log()  # an earlier run in this process: its run.log is closed
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(Path(root) / "run.log", mode="w", encoding="utf-8")

@@ -89,6 +89,10 @@ class SinkScoreConsumer(Protocol):
         """True: the callback reads activations of the probed forward, so the probe must run every block."""
         return True
 
+    def weights_by_sink_scores(self) -> bool:
+        """True: its statistics are weighted by 1 - sink score (only then does the positional-sink warning apply)."""
+        return True
+
 
 @runtime_checkable
 class DescribesCalibration(Protocol):
